@@ -1,0 +1,13 @@
+"""tramontane: run Mistral and Llama-shaped models, exactly and fast."""
+
+from .args import PRESETS, ModelArgs, MoeArgs, preset
+from .cache import KVCache
+from .errors import CheckpointError, ConfigError, TensorMismatchError, TokenizerError
+from .loading import load_model, read_model_args, save_model
+from .model import Transformer
+
+__all__ = [
+    "PRESETS", "CheckpointError", "ConfigError", "ModelArgs", "MoeArgs", "TensorMismatchError",
+    "TokenizerError", "preset", "load_model", "read_model_args", "save_model", "Transformer", "KVCache",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,293 @@
+"""Model hyper-parameters: one dataclass, filled from `params.json`, `config.json` or GGUF metadata.
+
+Example:
+    >>> args = ModelArgs.from_params({"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128,
+    ...     "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 100})
+    >>> args.rope_theta  # a params.json without rope_theta is an original v0.1 file
+    10000.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# Keys of a Hugging Face config.json that say nothing about the weights' shapes or maths.
+_HF_IGNORED = {
+    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+    "transformers_version", "use_cache", "initializer_range", "attention_dropout", "output_router_logits",
+    "router_aux_loss_coef", "router_jitter_noise", "pretraining_tp", "_name_or_path", "max_window_layers",
+    "use_sliding_window", "is_llama_config", "rope_interleaved", "auto_map", "quantization_config",
+    "hidden_act", "attention_bias", "mlp_bias", "rope_scaling", "rope_parameters", "rope_theta",
+    "hidden_size", "num_hidden_layers", "head_dim", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "vocab_size", "sliding_window", "max_position_embeddings",
+    "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "layer_types", "id2label", "label2id",
+    "return_dict", "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder",
+    "tokenizer_class", "problem_type", "bad_words_ids", "num_beams", "temperature", "top_p", "top_k",
+}
+_HF_ARCHITECTURES = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral", "LlamaForCausalLM": "llama"}
+_PARAMS_IGNORED = {"max_batch_size", "model_type", "quantization", "lora", "vision_encoder", "_sliding_window"}
+
+
+@dataclass
+class MoeArgs:
+    """Sparse mixture-of-experts shape: each token goes to `num_experts_per_tok` of `num_experts`."""
+
+    num_experts: int
+    num_experts_per_tok: int
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"moe: need 1 <= num_experts_per_tok <= num_experts, got "
+                f"num_experts={self.num_experts}, num_experts_per_tok={self.num_experts_per_tok}"
+            )
+
+
+@dataclass
+class ModelArgs:
+    """Shape and maths of a Llama-shaped transformer (Mistral, Mixtral, Llama, SmolLM2, ...).
+
+    `sliding_window=None` means full causal attention; `max_seq_len=None` means no context limit
+    is known (a sliding-window model then serves any length).
+    """
+
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    max_seq_len: int | None = None
+    tied_embeddings: bool = False
+    moe: MoeArgs | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer or None, got {self.max_seq_len!r}")
+        if isinstance(self.moe, dict):
+            self.moe = MoeArgs(**self.moe)
+
+    # ------------------------------------------------------------------ native params.json
+    @classmethod
+    def from_params(cls, params: dict[str, Any], source: str | Path = "params.json") -> ModelArgs:
+        """Build from the dict of a Mistral-native `params.json`."""
+        required = ("dim", "n_layers", "hidden_dim", "n_heads", "norm_eps", "vocab_size")
+        missing = [k for k in required if k not in params]
+        if missing:
+            raise ConfigError(source, f"missing required field(s) {', '.join(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(params) - known - _PARAMS_IGNORED)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown field(s) {', '.join(unknown)}", stacklevel=2)
+        moe = params.get("moe")
+        try:
+            return cls(
+                dim=params["dim"],
+                n_layers=params["n_layers"],
+                head_dim=params.get("head_dim") or params["dim"] // params["n_heads"],
+                hidden_dim=params["hidden_dim"],
+                n_heads=params["n_heads"],
+                n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+                norm_eps=float(params["norm_eps"]),
+                vocab_size=params["vocab_size"],
+                # The original Mistral 7B v0.1 params.json has no rope_theta: it means 1e4, not 1e6.
+                rope_theta=float(params.get("rope_theta") or 10000.0),
+                sliding_window=params.get("sliding_window"),
+                max_seq_len=params.get("max_seq_len"),
+                tied_embeddings=bool(params.get("tied_embeddings", False)),
+                moe=MoeArgs(**_moe_fields(moe, source)) if moe else None,
+                extra={k: params[k] for k in _PARAMS_IGNORED if k in params},
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(source, str(e)) from e
+
+    @classmethod
+    def from_params_json(cls, path: str | Path) -> ModelArgs:
+        return cls.from_params(_read_json(path), path)
+
+    def to_params(self) -> dict[str, Any]:
+        """The dict to write as a native `params.json`."""
+        out: dict[str, Any] = {
+            "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim, "hidden_dim": self.hidden_dim,
+            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "norm_eps": self.norm_eps,
+            "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
+        }
+        if self.sliding_window is not None:
+            out["sliding_window"] = self.sliding_window
+        if self.max_seq_len is not None:
+            out["max_seq_len"] = self.max_seq_len
+        if self.tied_embeddings:
+            out["tied_embeddings"] = True
+        if self.moe is not None:
+            out["moe"] = dataclasses.asdict(self.moe)
+        return out
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], source: str | Path = "config.json") -> ModelArgs:
+        """Build from the dict of a Hugging Face `config.json` (Mistral, Mixtral or Llama)."""
+        archs = config.get("architectures") or []
+        family = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
+        if family is None and config.get("model_type") in _HF_ARCHITECTURES.values():
+            family = config["model_type"]
+        if family is None:
+            raise ConfigError(
+                source,
+                f"unsupported architecture {archs or config.get('model_type')!r}; "
+                f"supported: {', '.join(_HF_ARCHITECTURES)}",
+            )
+        for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"):
+            if key not in config:
+                raise ConfigError(source, f"missing required field {key}")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(source, f"hidden_act {config['hidden_act']!r} is not supported (only silu)")
+        for key in ("attention_bias", "mlp_bias"):
+            if config.get(key):
+                raise ConfigError(source, f"{key}=true is not supported (Llama-shaped models have no biases)")
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(source, f"rope scaling {rope_type!r} is not supported")
+        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        unknown = sorted(set(config) - _HF_IGNORED)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown field(s) {', '.join(unknown)}", stacklevel=2)
+        n_heads = config["num_attention_heads"]
+        window = config.get("sliding_window") if family != "llama" else None
+        if config.get("use_sliding_window") is False and family != "mistral":
+            window = None
+        moe = None
+        if family == "mixtral" or config.get("num_local_experts"):
+            moe = MoeArgs(config.get("num_local_experts", 8), config.get("num_experts_per_tok", 2))
+        try:
+            return cls(
+                dim=config["hidden_size"],
+                n_layers=config["num_hidden_layers"],
+                head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+                hidden_dim=config["intermediate_size"],
+                n_heads=n_heads,
+                n_kv_heads=config.get("num_key_value_heads") or n_heads,
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                vocab_size=config["vocab_size"],
+                rope_theta=float(theta),
+                sliding_window=window,
+                max_seq_len=config.get("max_position_embeddings"),
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                moe=moe,
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(source, str(e)) from e
+
+    @classmethod
+    def from_hf_config_json(cls, path: str | Path) -> ModelArgs:
+        return cls.from_hf_config(_read_json(path), path)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The dict to write as a Hugging Face `config.json` that transformers loads unchanged."""
+        if self.moe is not None:
+            arch, model_type = "MixtralForCausalLM", "mixtral"
+        elif self.tied_embeddings and self.sliding_window is None:
+            arch, model_type = "LlamaForCausalLM", "llama"
+        else:
+            arch, model_type = "MistralForCausalLM", "mistral"
+        out: dict[str, Any] = {
+            "architectures": [arch], "model_type": model_type, "hidden_act": "silu",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "rms_norm_eps": self.norm_eps, "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len or 32768,
+            "tie_word_embeddings": self.tied_embeddings,
+        }
+        if model_type != "llama":
+            out["sliding_window"] = self.sliding_window
+        if self.moe is not None:
+            out["num_local_experts"] = self.moe.num_experts
+            out["num_experts_per_tok"] = self.moe.num_experts_per_tok
+        return out
+
+    @property
+    def n_params(self) -> int:
+        """Number of weights (embeddings counted once when tied)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * self.dim * self.hidden_dim
+        if self.moe is not None:
+            ffn = ffn * self.moe.num_experts + self.dim * self.moe.num_experts
+        per_layer = attn + ffn + 2 * self.dim
+        heads = self.vocab_size * self.dim * (1 if self.tied_embeddings else 2)
+        return self.n_layers * per_layer + heads + self.dim
+
+
+def _moe_fields(moe: Any, source: str | Path) -> dict[str, int]:
+    if not isinstance(moe, dict) or "num_experts" not in moe or "num_experts_per_tok" not in moe:
+        raise ConfigError(source, f"moe must hold num_experts and num_experts_per_tok, got {moe!r}")
+    return {"num_experts": moe["num_experts"], "num_experts_per_tok": moe["num_experts_per_tok"]}
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, f"invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(path, "expected a JSON object at the top level")
+    return data
+
+
+def _mistral_7b(**changes: Any) -> ModelArgs:
+    base = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                     norm_eps=1e-5, vocab_size=32000, rope_theta=1e4, sliding_window=4096, max_seq_len=32768)
+    return dataclasses.replace(base, **changes)
+
+
+def _mistral_22b(**changes: Any) -> ModelArgs:
+    base = ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+                     norm_eps=1e-5, vocab_size=32768, rope_theta=1e6, max_seq_len=32768)
+    return dataclasses.replace(base, **changes)
+
+
+PRESETS: dict[str, ModelArgs] = {
+    "mistral-7b-v0.1": _mistral_7b(),
+    "mistral-7b-v0.2": _mistral_7b(rope_theta=1e6, sliding_window=None),
+    "mistral-7b-v0.3": _mistral_7b(rope_theta=1e6, sliding_window=None, vocab_size=32768),
+    "mixtral-8x7b": _mistral_7b(rope_theta=1e6, sliding_window=None, moe=MoeArgs(8, 2)),
+    "mixtral-8x22b": _mistral_22b(max_seq_len=65536, moe=MoeArgs(8, 2)),
+    "codestral-22b": _mistral_22b(),
+}
+
+
+def preset(name: str) -> ModelArgs:
+    """The published shape called `name` (see `PRESETS`); a fresh copy each call."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

@@ -1,0 +1,122 @@
+"""The building blocks of a Llama-shaped transformer. Parameter names follow Mistral's native checkpoints."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs, MoeArgs
+from .cache import StepMeta
+from .rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as the reference implementations do.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary embeddings, over the KV cache when there is one."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, meta: StepMeta, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
+        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        keys, values = meta.layer_kv(layer, k.transpose(1, 2), v.transpose(1, 2))  # [B, kv_heads, K, head_dim]
+        out = attend(q.transpose(1, 2), keys, values, meta.mask, meta.is_causal)  # [B, heads, T, head_dim]
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, H, T, D] over k, v [B, KV, K, D], H a multiple of KV.
+
+    With a mask, the `H // KV` query heads that share a key head are stacked along the query axis,
+    so keys and values are never repeated in memory.
+    """
+    B, H, T, D = q.shape
+    kv = k.shape[1]
+    rep = H // kv
+    if mask is None:
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(B, kv, rep * T, D)  # heads kv*rep + r -> group kv, rows (r, t)
+    if T > 1:
+        mask = mask.unsqueeze(2).expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, kv, rep * T, D]
+    return out.view(B, H, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoeFeedForward(nn.Module):
+    """Mixtral's sparse mixture of experts: each token goes to its top-k experts, weighted by a softmax
+    over those k router logits."""
+
+    def __init__(self, dim: int, hidden_dim: int, moe: MoeArgs) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(moe.num_experts))
+        self.top_k = moe.num_experts_per_tok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, dim]
+        logits, chosen = torch.topk(self.gate(flat), self.top_k, dim=-1)  # [N, k]
+        weights = torch.softmax(logits.float(), dim=-1).type_as(x)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            expert_out = self.experts[e](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, expert_out)
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: nn.Module
+        if args.moe is not None:
+            self.feed_forward = MoeFeedForward(args.dim, args.hidden_dim, args.moe)
+        else:
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, meta: StepMeta, layer: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, meta, layer)
+        return h + self.feed_forward(self.ffn_norm(h))

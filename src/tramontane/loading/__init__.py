@@ -1,0 +1,96 @@
+"""Load a model from whatever checkpoint the user has: a native folder, a Hugging Face folder or a GGUF file.
+
+The format is decided by what the path holds (params.json, config.json, the GGUF magic), never by its name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..args import ModelArgs
+from ..errors import CheckpointError
+from ..model import Transformer
+from . import hf, native
+from .common import build_model
+
+GGUF_MAGIC = b"GGUF"
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """'native', 'hf' or 'gguf' for what `path` holds; CheckpointError if it is none of them."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, "no such file or folder")
+    if p.is_file():
+        with p.open("rb") as f:
+            if f.read(4) == GGUF_MAGIC:
+                return "gguf"
+        raise CheckpointError(p, "not a GGUF file (bad magic); give a model folder or a .gguf file")
+    if native.is_native_folder(p):
+        return "native"
+    if hf.is_hf_folder(p):
+        return "hf"
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    raise CheckpointError(p, "no params.json (Mistral native) or config.json (Hugging Face) in this folder")
+
+
+def read_model_args(path: str | Path) -> ModelArgs:
+    """The hyper-parameters of a checkpoint, without loading its weights."""
+    p = Path(path)
+    fmt = checkpoint_format(p)
+    if fmt == "native":
+        return native.read_args(p)
+    if fmt == "hf":
+        return hf.read_args(p)
+    from .gguf import read_gguf_args
+
+    return read_gguf_args(_gguf_file(p))
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    progress: bool = False,
+) -> Transformer:
+    """Load a model for inference.
+
+    Example:
+        >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
+
+    Raises:
+        CheckpointError: the path holds no usable checkpoint; the message names the file and problem.
+    """
+    p = Path(path)
+    fmt = checkpoint_format(p)
+    if fmt == "native":
+        args = native.read_args(p)
+        return build_model(args, native.iter_tensors(p), p, dtype, device, progress)
+    if fmt == "hf":
+        args = hf.read_args(p)
+        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress)
+    from .gguf import load_gguf_state_dict
+
+    file = _gguf_file(p)
+    args, tensors = load_gguf_state_dict(file, dtype=dtype, device=device)
+    return build_model(args, ((k, v, file) for k, v in tensors.items()), file, dtype, device, progress)
+
+
+def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dtype | None = None) -> None:
+    """Write `model` as a native ('native') or Hugging Face ('hf') folder."""
+    state = model.state_dict()
+    if to == "native":
+        native.save(Path(folder), model.args, state, dtype)
+    elif to == "hf":
+        hf.save(Path(folder), model.args, state, dtype)
+    else:
+        raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
+
+
+def _gguf_file(p: Path) -> Path:
+    return p if p.is_file() else sorted(p.glob("*.gguf"))[0]

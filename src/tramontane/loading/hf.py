@@ -1,0 +1,151 @@
+"""Hugging Face folders: `config.json` plus `model.safetensors` or index-sharded safetensors.
+
+Hugging Face stores wq/wk with each head's rows permuted for "rotate half" rotary embeddings; these
+functions map names through an explicit table and undo (or redo) that permutation, so the model only
+sees Mistral's native layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..args import ModelArgs
+from ..errors import CheckpointError, TensorMismatchError
+from .common import iter_safetensors
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+_PER_LAYER = {
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
+    "mlp.gate.weight": "feed_forward.gate.weight",  # transformers >= 5 in memory
+}
+_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def permute_hf_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of one head go from rotate-half order (0..D/2-1 | D/2..D-1) to interleaved pairs."""
+    rows, dim = w.shape
+    head_dim = rows // n_heads
+    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def permute_native_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, dim = w.shape
+    head_dim = rows // n_heads
+    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def read_args(folder: Path) -> ModelArgs:
+    return ModelArgs.from_hf_config_json(folder / "config.json")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(index, f"invalid index file ({e})") from e
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f, "listed in model.safetensors.index.json but missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(folder.glob("*.bin")):
+        raise CheckpointError(folder, "only pickle .bin weights found; convert them to safetensors first")
+    raise CheckpointError(folder, "no model.safetensors or model.safetensors.index.json")
+
+
+def to_internal(name: str, tensor: torch.Tensor, args: ModelArgs, source: Path) -> list[tuple[str, torch.Tensor]]:
+    """Map one Hugging Face tensor to internal name(s); q/k are un-permuted, fused experts split."""
+    if name in _GLOBAL:
+        if name == "lm_head.weight" and args.tied_embeddings:
+            return []  # some tied checkpoints store the shared matrix twice
+        return [(_GLOBAL[name], tensor)]
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        raise TensorMismatchError(source, f"unexpected tensor {name!r}")
+    layer, rest = m.groups()
+    prefix = f"layers.{layer}."
+    if rest.endswith("rotary_emb.inv_freq"):
+        return []  # a cached buffer, recomputed from rope_theta
+    if rest == "self_attn.q_proj.weight":
+        return [(prefix + "attention.wq.weight", permute_hf_to_native(tensor, args.n_heads))]
+    if rest == "self_attn.k_proj.weight":
+        return [(prefix + "attention.wk.weight", permute_hf_to_native(tensor, args.n_kv_heads))]
+    if rest in _PER_LAYER:
+        return [(prefix + _PER_LAYER[rest], tensor)]
+    e = _EXPERT.fullmatch(rest)
+    if e is not None:
+        return [(f"{prefix}feed_forward.experts.{e.group(1)}.{e.group(2)}.weight", tensor)]
+    if rest == "mlp.experts.gate_up_proj":  # [E, 2 * hidden, dim], gate rows first
+        out = []
+        for i, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
+            out += [(f"{prefix}feed_forward.experts.{i}.w1.weight", gate),
+                    (f"{prefix}feed_forward.experts.{i}.w3.weight", up)]
+        return out
+    if rest == "mlp.experts.down_proj":  # [E, dim, hidden]
+        return [(f"{prefix}feed_forward.experts.{i}.w2.weight", t) for i, t in enumerate(tensor)]
+    raise TensorMismatchError(source, f"unexpected tensor {name!r}")
+
+
+def iter_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for file in weight_files(folder):
+        for name, tensor in iter_safetensors(file):
+            for internal, t in to_internal(name, tensor, args, file):
+                yield internal, t, file
+
+
+def to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """Map one internal tensor to its Hugging Face name (q/k re-permuted)."""
+    reverse = {v: k for k, v in _GLOBAL.items()}
+    if name in reverse:
+        return reverse[name], tensor
+    _, layer, rest = name.split(".", 2)
+    prefix = f"model.layers.{layer}."
+    if rest == "attention.wq.weight":
+        return prefix + "self_attn.q_proj.weight", permute_native_to_hf(tensor, args.n_heads)
+    if rest == "attention.wk.weight":
+        return prefix + "self_attn.k_proj.weight", permute_native_to_hf(tensor, args.n_kv_heads)
+    if rest.startswith("feed_forward.experts."):
+        _, _, expert, w, _ = rest.split(".")
+        return f"{prefix}block_sparse_moe.experts.{expert}.{w}.weight", tensor
+    if rest == "feed_forward.gate.weight":
+        return prefix + "block_sparse_moe.gate.weight", tensor
+    reverse_layer = {v: k for k, v in _PER_LAYER.items() if not k.startswith(("mlp.gate.", "block_sparse"))}
+    return prefix + reverse_layer[rest], tensor
+
+
+def save(folder: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Write `config.json` and `model.safetensors` that transformers loads unchanged."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = args.to_hf_config()
+    out_dtype = dtype or next(iter(state_dict.values())).dtype
+    config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = dict(to_hf(k, v.to(out_dtype), args) for k, v in state_dict.items())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})

@@ -1,0 +1,56 @@
+"""Mistral-native folders: `params.json` plus `consolidated.safetensors` or `consolidated[.NN].pth`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..args import ModelArgs
+from ..errors import CheckpointError, TensorMismatchError
+from .common import iter_safetensors, load_pth
+
+
+def is_native_folder(path: Path) -> bool:
+    return (path / "params.json").is_file()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's weight files: one safetensors file, or one or more `.pth` shards."""
+    safetensors = sorted(folder.glob("consolidated*.safetensors"))
+    if safetensors:
+        return safetensors
+    pth = sorted(folder.glob("consolidated*.pth"))
+    if pth:
+        return pth
+    raise CheckpointError(folder, "no consolidated.safetensors or consolidated.NN.pth weight file")
+
+
+def read_args(folder: Path) -> ModelArgs:
+    return ModelArgs.from_params_json(folder / "params.json")
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Internal-name tensors of a native folder. Shards split the keys; a key in two shards is an error
+    (tensor-parallel shards, as Meta's Llama releases have, are not supported)."""
+    seen: dict[str, Path] = {}
+    for file in weight_files(folder):
+        pairs = iter_safetensors(file) if file.suffix == ".safetensors" else load_pth(file).items()
+        for name, tensor in pairs:
+            if name in seen:
+                raise TensorMismatchError(
+                    file, f"tensor {name!r} also appears in {seen[name].name}: tensor-parallel shards are not supported"
+                )
+            seen[name] = file
+            yield name, tensor, file
+
+
+def save(folder: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Write `params.json` and `consolidated.safetensors`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+    tensors = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(folder / "consolidated.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,73 @@
+"""The transformer: embeddings, blocks, final norm, output head.
+
+Example:
+    >>> model = Transformer(args)                       # plain causal forward from position 0
+    >>> logits = model(tokens)                          # [batch, seq, vocab]
+    >>> cache = KVCache.create(args, batch_size=1, capacity=256)
+    >>> logits = model(tokens, positions, cache=cache)  # incremental, see cache.py
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .cache import KVCache, step_meta
+from .layers import Block, RMSNorm
+from .rope import rotary_angles
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied models (SmolLM2, small Llamas) project with the embedding matrix and own no `output`.
+        self.output = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (fp32) for `tokens` [B, T] at `positions` [B, T].
+
+        Without a cache and positions this is the causal forward from position 0. With a cache,
+        positions are required; `rows` [B] picks the cache rows (default rows 0..B-1). `last_only`
+        computes logits for the last position only ([B, 1, vocab]), which is all a prefill needs.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when a cache is given")
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        elif positions.shape != tokens.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+        meta = step_meta(positions, self.args.sliding_window, cache, rows)
+        freqs_cis = rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, meta, i)
+        meta.commit()
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()

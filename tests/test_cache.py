@@ -1,0 +1,109 @@
+"""The rolling-buffer KV cache gives exactly what a full causal forward gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tramontane import KVCache, load_model
+
+LENGTH = 40  # five times the tiny sliding window
+
+
+def prompt(seed: int, n: int = LENGTH) -> torch.Tensor:
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run_incremental(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed `tokens` [1, T] through the cache in chunks of `chunk`, then one by one; logits [1, T, V]."""
+    args = model.args
+    capacity = args.sliding_window or tokens.shape[1]
+    cache = KVCache.create(args, batch_size=1, capacity=capacity)
+    out = []
+    T = tokens.shape[1]
+    prefill = T // 2
+    for start in range(0, prefill, chunk):
+        end = min(start + chunk, prefill)
+        pos = torch.arange(start, end)[None]
+        out.append(model(tokens[:, start:end], pos, cache=cache))
+    for t in range(prefill, T):
+        out.append(model(tokens[:, t : t + 1], torch.tensor([[t]]), cache=cache))
+    assert cache.capacity == capacity  # memory stays flat however long the sequence
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [1, 3, 8, 13])
+def test_incremental_matches_full_forward(tiny_name, tiny_hf, chunk):
+    _, folder = tiny_hf(tiny_name)
+    model = load_model(folder)
+    tokens = prompt(2)
+    full = model(tokens)
+    torch.testing.assert_close(run_incremental(model, tokens, chunk), full, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_rows_at_different_positions_decode_together(tiny_name, tiny_hf):
+    _, folder = tiny_hf(tiny_name)
+    model = load_model(folder)
+    args = model.args
+    lengths = [11, 4, 17]
+    seqs = [prompt(10 + i, n + 6) for i, n in enumerate(lengths)]
+    cache = KVCache.create(args, batch_size=4, capacity=args.sliding_window or 32)
+    # Prefill each sequence into its own row (row 3 stays unused), in reversed row order.
+    for row, (seq, n) in reversed(list(enumerate(zip(seqs, lengths)))):
+        model(seq[:, :n], torch.arange(n)[None], cache=cache, rows=torch.tensor([row]))
+    got = []
+    for step in range(6):
+        toks = torch.stack([s[0, n + step] for s, n in zip(seqs, lengths)])[:, None]
+        pos = torch.tensor([[n + step] for n in lengths])
+        got.append(model(toks, pos, cache=cache))
+    got_t = torch.cat(got, dim=1)  # [3, 6, V]
+    for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        torch.testing.assert_close(got_t[i], model(seq)[0, n:], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_keep_compacts_rows(tiny_hf):
+    _, folder = tiny_hf("mistral-window")
+    model = load_model(folder)
+    cache = KVCache.create(model.args, batch_size=3)
+    seqs = [prompt(20 + i, 12) for i in range(3)]
+    for row, seq in enumerate(seqs):
+        model(seq[:, :10], torch.arange(10)[None], cache=cache, rows=torch.tensor([row]))
+    cache.keep(torch.tensor([2, 0]))  # drop row 1
+    toks = torch.stack([seqs[2][0, 10], seqs[0][0, 10]])[:, None]
+    out = model(toks, torch.tensor([[10], [10]]), cache=cache)
+    torch.testing.assert_close(out[0, 0], model(seqs[2][:, :11])[0, 10], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1, 0], model(seqs[0][:, :11])[0, 10], atol=1e-4, rtol=1e-4)
+    assert (cache.positions[2] == -1).all()
+
+
+@torch.no_grad()
+def test_reset_row_serves_a_new_sequence(tiny_hf):
+    _, folder = tiny_hf("mistral-nowindow")
+    model = load_model(folder)
+    cache = KVCache.create(model.args, batch_size=1, capacity=32)
+    model(prompt(1, 20), torch.arange(20)[None], cache=cache)
+    cache.reset()
+    new = prompt(2, 6)
+    out = model(new, torch.arange(6)[None], cache=cache)
+    torch.testing.assert_close(out, model(new), atol=1e-4, rtol=1e-4)
+
+
+def test_non_rolling_cache_refuses_overflow(tiny_hf):
+    _, folder = tiny_hf("mistral-nowindow")
+    model = load_model(folder)
+    cache = KVCache.create(model.args, batch_size=1, capacity=8)
+    with pytest.raises(ValueError, match="capacity 8"):
+        model(prompt(1, 9), torch.arange(9)[None], cache=cache)
+
+
+def test_cache_needs_positions_and_capacity(tiny_hf):
+    _, folder = tiny_hf("mistral-nowindow")
+    model = load_model(folder)
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache.create(model.args, batch_size=1)
+    cache = KVCache.create(model.args, batch_size=1, capacity=8)
+    with pytest.raises(ValueError, match="positions"):
+        model(prompt(1, 4), cache=cache)
