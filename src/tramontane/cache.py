@@ -128,6 +128,7 @@ class StepMeta:
     batch_index: torch.Tensor | None = None  # [B, 1] cache row of each sequence
     slots: torch.Tensor | None = None  # [B, T'] slots written (T' = min(T, capacity))
     decode: bool = False
+    fresh: bool = False  # a chunk into empty rows: nothing old to attend to
 
     def layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's `k`, `v` [B, kv_heads, T, head_dim] and return the keys/values to attend to."""
@@ -142,12 +143,14 @@ class StepMeta:
             if self.rows is None:
                 return ck[: k.shape[0]], cv[: k.shape[0]]
             return ck.index_select(0, self.rows), cv.index_select(0, self.rows)
-        if self.rows is None:
-            old_k, old_v = ck[: k.shape[0]], cv[: k.shape[0]]
+        if self.fresh:
+            keys, values = k, v
+        elif self.rows is None:
+            keys = torch.cat([ck[: k.shape[0]], k], dim=2)  # [B, kv_heads, capacity + T, head_dim]
+            values = torch.cat([cv[: k.shape[0]], v], dim=2)
         else:
-            old_k, old_v = ck.index_select(0, self.rows), cv.index_select(0, self.rows)
-        keys = torch.cat([old_k, k], dim=2)  # [B, kv_heads, capacity + T, head_dim]
-        values = torch.cat([old_v, v], dim=2)
+            keys = torch.cat([ck.index_select(0, self.rows), k], dim=2)
+            values = torch.cat([cv.index_select(0, self.rows), v], dim=2)
         _write(ck, cv, self.batch_index, self.slots, k[:, :, -written:], v[:, :, -written:])
         return keys, values
 
@@ -211,5 +214,8 @@ def step_meta(
         mask = _visible(key_positions, positions, window)
         return StepMeta(positions, mask, False, cache, rows, batch_index, slots, decode=True)
     old_positions = cache.positions[:B] if rows is None else cache.positions[rows]  # [B, capacity]
+    if int(old_positions.max()) < 0:  # empty rows (a prompt's first chunk): attend within the chunk only
+        return StepMeta(positions, _visible(positions, positions, window), False, cache, rows, batch_index,
+                        slots, fresh=True)
     mask = _visible(torch.cat([old_positions, positions], dim=1), positions, window)
     return StepMeta(positions, mask, False, cache, rows, batch_index, slots)

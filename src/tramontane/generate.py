@@ -1,0 +1,204 @@
+"""Token-level generation, layered: `prefill`/`decode_step` -> `stream` of events -> `generate` collector.
+
+Example:
+    >>> results = generate(model, [[1, 851, 349], [1, 22557]], max_tokens=16)
+    >>> results[0].tokens        # new tokens only, eos excluded
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, sample_one
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Prompt `index` produced `token` (with its log-probability under the model when asked)."""
+
+    index: int
+    token: int
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """Prompt `index` is done: reason 'stop' (eos or a stop token) or 'length' (max_tokens reached)."""
+
+    index: int
+    reason: str
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+
+
+def prefill(
+    model: Transformer, tokens: Sequence[int], cache: KVCache, row: int, chunk_size: int, start: int = 0
+) -> torch.Tensor:
+    """Run `tokens` (at positions start, start+1, ...) into cache row `row` in chunks; last logits [V]."""
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
+    rows = torch.tensor([row], device=model.device)
+    logits = None
+    for s in range(0, ids.shape[1], chunk_size):
+        chunk = ids[:, s : s + chunk_size]
+        pos = torch.arange(start + s, start + s + chunk.shape[1], device=model.device)[None]
+        logits = model(chunk, pos, cache=cache, rows=rows, last_only=True)
+    assert logits is not None
+    return logits[0, -1]
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token for each of the first B cache rows: tokens, positions [B] -> logits [B, V]."""
+    return model(tokens[:, None], positions[:, None], cache=cache)[:, 0]
+
+
+def check_request(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_tokens: int, chunk_size: int | None
+) -> None:
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab = model.args.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompts[{i}] holds token ids outside [0, {vocab})")
+    limit = model.args.max_seq_len
+    if model.args.sliding_window is None and limit is not None:
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > limit:
+            raise ValueError(
+                f"prompt of {longest} tokens plus max_tokens={max_tokens} exceeds the model's context of {limit}"
+            )
+
+
+def stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int,
+    params: SamplingParams | None = None,
+    stop_ids: Collection[int] = (),
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    logprobs: bool = False,
+) -> Iterator[Event]:
+    """Yield TokenEvents as they are produced and a FinishEvent per prompt.
+
+    All prompts decode together in one batch; each is prefilled on its own (no padding), and a prompt
+    that finishes leaves the batch at once.
+    """
+    params = params or SamplingParams()
+    check_request(model, prompts, max_tokens, chunk_size)
+    args = model.args
+    device = model.device
+    longest = max(len(p) for p in prompts) + max_tokens
+    capacity = min(args.sliding_window, longest) if args.sliding_window else longest
+    chunk = chunk_size or min(512, args.sliding_window or 512)
+    cache = KVCache.create(args, len(prompts), capacity, dtype=model.dtype, device=device)
+    generators = [torch.Generator(device=device).manual_seed(seed + i) if seed is not None else None
+                  for i in range(len(prompts))]
+    # penalty bookkeeping, only when asked for
+    seen = counts = None
+    if params.penalised:
+        seen = torch.zeros(len(prompts), args.vocab_size, dtype=torch.bool, device=device)
+        counts = torch.zeros(len(prompts), args.vocab_size, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(list(p), device=device)] = True
+
+    active = list(range(len(prompts)))  # prompt index of each cache row, rows kept contiguous
+    lengths = [len(p) for p in prompts]
+    produced = [0] * len(prompts)
+    with torch.inference_mode():
+        logits = torch.stack([prefill(model, p, cache, i, chunk) for i, p in enumerate(prompts)])
+        while active:
+            if params.greedy and not params.penalised:
+                chosen = logits.argmax(-1).tolist()
+            else:
+                chosen = [
+                    sample_one(logits[r], params, generators[i],
+                               None if seen is None else seen[i], None if counts is None else counts[i])
+                    for r, i in enumerate(active)
+                ]
+            lps = (torch.log_softmax(logits, -1).gather(-1, torch.tensor(chosen, device=device)[:, None])[:, 0].tolist()
+                   if logprobs else [None] * len(active))
+            keep: list[int] = []
+            for r, i in enumerate(active):
+                tok = chosen[r]
+                produced[i] += 1
+                if tok in stop_ids:
+                    yield FinishEvent(i, "stop")
+                    continue
+                yield TokenEvent(i, tok, lps[r])
+                if seen is not None and counts is not None:
+                    seen[i, tok] = True
+                    counts[i, tok] += 1
+                if produced[i] >= max_tokens:
+                    yield FinishEvent(i, "length")
+                    continue
+                keep.append(r)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                cache.keep(torch.tensor(keep, device=device))
+                active = [active[r] for r in keep]
+            toks = torch.tensor([chosen[r] for r in keep], device=device)
+            pos = torch.tensor([lengths[i] + produced[i] - 1 for i in active], device=device)
+            logits = decode_step(model, toks, pos, cache)
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    eos_id: int | None = None,
+    stop: Collection[int] | None = None,
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    logprobs: bool = False,
+) -> list[Generation]:
+    """Generate for a batch of token-id prompts; per prompt, the new tokens only (eos excluded).
+
+    `stop` holds extra token ids that end a sequence like `eos_id`. Temperature 0 is greedy.
+
+    Raises:
+        ValueError: an empty prompt, max_tokens < 1, a sampling parameter out of range, or a prompt
+            that does not fit in the context of a model without a sliding window.
+    """
+    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+    stop_ids = set(stop or ()) | ({eos_id} if eos_id is not None else set())
+    results = [Generation(logprobs=[] if logprobs else None) for _ in prompts]
+    for event in stream(model, prompts, max_tokens=max_tokens, params=params, stop_ids=stop_ids, seed=seed,
+                        chunk_size=chunk_size, logprobs=logprobs):
+        result = results[event.index]
+        if isinstance(event, TokenEvent):
+            result.tokens.append(event.token)
+            if result.logprobs is not None and event.logprob is not None:
+                result.logprobs.append(event.logprob)
+        else:
+            result.finish_reason = event.reason
+    return results

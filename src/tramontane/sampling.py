@@ -1,0 +1,105 @@
+"""Sampling: pure functions over logits, with an explicit `torch.Generator` for reproducibility.
+
+Order of operations for one sequence: repetition/presence/frequency penalties, temperature,
+top-k, top-p, min-p, then a draw. Temperature 0 is greedy (argmax of the penalised logits).
+
+Example:
+    >>> params = SamplingParams(temperature=0.7, top_p=0.9)
+    >>> token = sample_one(logits, params, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def apply_penalties(
+    logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, params: SamplingParams
+) -> torch.Tensor:
+    """Penalise logits [V] given `seen` [V] (bool: in the prompt or output) and output `counts` [V].
+
+    Repetition penalty (CTRL-style) applies to every token seen, prompt included: positive logits are
+    divided by it, negative ones multiplied. Presence and frequency penalties (OpenAI-style) apply to
+    generated tokens only: minus `presence` once, minus `frequency` per occurrence.
+    """
+    out = logits
+    if params.repetition_penalty != 1:
+        penalised = torch.where(out > 0, out / params.repetition_penalty, out * params.repetition_penalty)
+        out = torch.where(seen, penalised, out)
+    if params.presence_penalty or params.frequency_penalty:
+        c = counts.to(out.dtype)
+        out = out - params.presence_penalty * (c > 0).to(out.dtype) - params.frequency_penalty * c
+    return out
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: logits [V] with disallowed tokens at -inf."""
+    out = logits / params.temperature
+    if params.top_k and params.top_k < out.shape[-1]:
+        kth = torch.topk(out, params.top_k).values[-1]
+        out = out.masked_fill(out < kth, -math.inf)
+    if params.top_p < 1:
+        probs, order = torch.sort(torch.softmax(out, dim=-1), descending=True)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, -math.inf)
+    if params.min_p > 0:
+        probs = torch.softmax(out, dim=-1)
+        out = out.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    return out
+
+
+def sample_one(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> int:
+    """Draw one token id from logits [V] (fp32)."""
+    if params.penalised:
+        if seen is None or counts is None:
+            raise ValueError("penalties need the seen tokens and output counts")
+        logits = apply_penalties(logits, seen, counts, params)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

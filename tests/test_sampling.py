@@ -1,0 +1,77 @@
+"""Sampling on known distributions: allowed sets, reproducibility, penalties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tramontane.sampling import SamplingParams, apply_penalties, filter_logits, sample_one
+
+# probabilities 0.4, 0.3, 0.15, 0.1, 0.05
+PROBS = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+LOGITS = PROBS.log()
+
+
+def draws(params: SamplingParams, n: int = 400) -> set[int]:
+    g = torch.Generator().manual_seed(0)
+    return {sample_one(LOGITS, params, g) for _ in range(n)}
+
+
+@pytest.mark.parametrize(
+    ("params", "allowed"),
+    [
+        (SamplingParams(temperature=1.0), {0, 1, 2, 3, 4}),
+        (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+        (SamplingParams(temperature=1.0, top_p=0.7), {0, 1}),  # 0.4 + 0.3 reaches 0.7
+        (SamplingParams(temperature=1.0, top_p=0.71), {0, 1, 2}),
+        (SamplingParams(temperature=1.0, top_p=0.3), {0}),
+        (SamplingParams(temperature=1.0, min_p=0.3), {0, 1, 2}),  # >= 0.3 * 0.4 = 0.12
+        (SamplingParams(temperature=1.0, top_k=4, min_p=0.5), {0, 1}),
+    ],
+)
+def test_filters_allow_exactly_the_expected_tokens(params, allowed):
+    kept = {i for i, v in enumerate(filter_logits(LOGITS, params).tolist()) if v != -math.inf}
+    assert kept == allowed
+    assert draws(params) == allowed  # 400 draws see every allowed token and nothing else
+
+
+def test_temperature_zero_is_greedy():
+    assert sample_one(LOGITS, SamplingParams()) == 0
+
+
+def test_temperature_sharpens():
+    g = torch.Generator().manual_seed(1)
+    hot = [sample_one(LOGITS, SamplingParams(temperature=0.05), g) for _ in range(100)]
+    assert hot.count(0) >= 99
+
+
+def test_same_generator_state_repeats():
+    p = SamplingParams(temperature=1.0)
+    a = [sample_one(LOGITS, p, torch.Generator().manual_seed(5)) for _ in range(3)]
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert [sample_one(LOGITS, p, g1) for _ in range(20)] == [sample_one(LOGITS, p, g2) for _ in range(20)]
+    assert len(set(a)) == 1
+
+
+def test_penalties_as_specified():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    seen = torch.tensor([True, True, False, True])
+    counts = torch.tensor([0, 3, 0, 1])
+    rep = apply_penalties(logits, seen, counts, SamplingParams(repetition_penalty=2.0))
+    assert rep.tolist() == [1.0, -4.0, 1.0, 0.25]
+    pres = apply_penalties(logits, seen, counts, SamplingParams(presence_penalty=0.5))
+    assert pres.tolist() == [2.0, -2.5, 1.0, 0.0]
+    freq = apply_penalties(logits, seen, counts, SamplingParams(frequency_penalty=0.5))
+    assert freq.tolist() == [2.0, -3.5, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0), dict(top_p=1.01), dict(top_k=-2),
+     dict(min_p=-0.1), dict(repetition_penalty=0), dict(presence_penalty=float("inf"))],
+)
+def test_invalid_params_name_the_field(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)
