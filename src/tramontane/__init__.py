@@ -3,11 +3,15 @@
 from .args import PRESETS, ModelArgs, MoeArgs, preset
 from .cache import KVCache
 from .errors import CheckpointError, ConfigError, TensorMismatchError, TokenizerError
+from .generate import Generation, generate, stream
 from .loading import load_model, read_model_args, save_model
 from .model import Transformer
+from .sampling import SamplingParams
+from .textgen import chat, complete, stream_chat, stream_text
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "ModelArgs", "MoeArgs", "TensorMismatchError",
     "TokenizerError", "preset", "load_model", "read_model_args", "save_model", "Transformer", "KVCache",
+    "Generation", "generate", "stream", "SamplingParams", "chat", "complete", "stream_chat", "stream_text",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,11 +98,13 @@ def stream(
     seed: int | None = None,
     chunk_size: int | None = None,
     logprobs: bool = False,
+    stop_check: Callable[[int, int], bool] | None = None,
 ) -> Iterator[Event]:
     """Yield TokenEvents as they are produced and a FinishEvent per prompt.
 
     All prompts decode together in one batch; each is prefilled on its own (no padding), and a prompt
-    that finishes leaves the batch at once.
+    that finishes leaves the batch at once. `stop_check(index, token)`, called after each token is
+    yielded, ends that prompt with reason 'stop' when it returns True (e.g. a stop string matched).
     """
     params = params or SamplingParams()
     check_request(model, prompts, max_tokens, chunk_size)
@@ -146,6 +148,9 @@ def stream(
                     yield FinishEvent(i, "stop")
                     continue
                 yield TokenEvent(i, tok, lps[r])
+                if stop_check is not None and stop_check(i, tok):
+                    yield FinishEvent(i, "stop")
+                    continue
                 if seen is not None and counts is not None:
                     seen[i, tok] = True
                     counts[i, tok] += 1

@@ -1,0 +1,82 @@
+"""Helpers shared by the benchmarks: random checkpoints, memory readings, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tramontane import ModelArgs
+from tramontane.loading import hf, native
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"  # generated checkpoints (git-ignored)
+RESULTS = HERE / "results"
+
+# ~1.0B parameters, Mistral-shaped (GQA 16/8, head_dim 128, SwiGLU)
+MISTRAL_1B = ModelArgs(dim=2048, n_layers=16, head_dim=128, hidden_dim=7168, n_heads=16, n_kv_heads=8,
+                       norm_eps=1e-5, vocab_size=32000, rope_theta=1e6, sliding_window=4096, max_seq_len=32768)
+
+
+def random_state_dict(args: ModelArgs, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    from tramontane.loading.common import expected_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(args).items():
+        if len(shape) == 1:
+            out[name] = torch.ones(shape, dtype=dtype)
+        else:
+            out[name] = (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+    return out
+
+
+def ensure_checkpoint(name: str, args: ModelArgs, fmt: str = "native", dtype: torch.dtype = torch.float32) -> Path:
+    """A random checkpoint under benchmarks/work/, written once and reused."""
+    folder = WORK / f"{name}-{fmt}-{str(dtype).removeprefix('torch.')}"
+    marker = folder / "params.json" if fmt == "native" else folder / "config.json"
+    if not marker.is_file():
+        state = random_state_dict(args, dtype)
+        (native.save if fmt == "native" else hf.save)(folder, args, state, dtype)
+    return folder
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def save_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
+    return path
