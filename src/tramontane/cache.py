@@ -129,6 +129,7 @@ class StepMeta:
     slots: torch.Tensor | None = None  # [B, T'] slots written (T' = min(T, capacity))
     decode: bool = False
     fresh: bool = False  # a chunk into empty rows: nothing old to attend to
+    kv_len: int = 0  # decode: only slots [0, kv_len) can hold anything yet
 
     def layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's `k`, `v` [B, kv_heads, T, head_dim] and return the keys/values to attend to."""
@@ -141,8 +142,9 @@ class StepMeta:
         if self.decode:
             _write(ck, cv, self.batch_index, self.slots, k, v)
             if self.rows is None:
-                return ck[: k.shape[0]], cv[: k.shape[0]]
-            return ck.index_select(0, self.rows), cv.index_select(0, self.rows)
+                return ck[: k.shape[0], :, : self.kv_len], cv[: k.shape[0], :, : self.kv_len]
+            return (ck.index_select(0, self.rows)[:, :, : self.kv_len],
+                    cv.index_select(0, self.rows)[:, :, : self.kv_len])
         if self.fresh:
             keys, values = k, v
         elif self.rows is None:
@@ -204,15 +206,18 @@ def step_meta(
         if rows.shape != (B,):
             raise ValueError(f"rows must have shape ({B},), got {tuple(rows.shape)}")
         batch_index = rows[:, None]
-    if not cache.rolling:
-        cache.check(int(positions.max()))
+    last = int(positions.max())
+    cache.check(last)
     written = min(T, cache.capacity)
     slots = positions[:, -written:] % cache.capacity  # [B, written]
     if T == 1:
         cache.positions[batch_index, slots] = positions
-        key_positions = cache.positions[:B] if rows is None else cache.positions[rows]
+        # Position p sits in slot p % capacity, so no slot at or past last + 1 is in use yet:
+        # attention reads only what generation has filled, not the whole buffer.
+        kv_len = min(cache.capacity, last + 1)
+        key_positions = (cache.positions[:B] if rows is None else cache.positions[rows])[:, :kv_len]
         mask = _visible(key_positions, positions, window)
-        return StepMeta(positions, mask, False, cache, rows, batch_index, slots, decode=True)
+        return StepMeta(positions, mask, False, cache, rows, batch_index, slots, decode=True, kv_len=kv_len)
     old_positions = cache.positions[:B] if rows is None else cache.positions[rows]  # [B, capacity]
     if int(old_positions.max()) < 0:  # empty rows (a prompt's first chunk): attend within the chunk only
         return StepMeta(positions, _visible(positions, positions, window), False, cache, rows, batch_index,
