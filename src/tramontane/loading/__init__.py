@@ -74,11 +74,13 @@ def load_model(
     if fmt == "hf":
         args = hf.read_args(p)
         return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress)
-    from .gguf import load_gguf_state_dict
+    from .gguf import iter_gguf_tensors, open_gguf, read_gguf_args
 
     file = _gguf_file(p)
-    args, tensors = load_gguf_state_dict(file, dtype=dtype, device=device)
-    return build_model(args, ((k, v, file) for k, v in tensors.items()), file, dtype, device, progress)
+    reader = open_gguf(file)
+    args = read_gguf_args(reader)
+    tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device))
+    return build_model(args, tensors, file, dtype, device, progress)
 
 
 def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dtype | None = None) -> None:

@@ -1,0 +1,503 @@
+"""GGUF checkpoints (llama.cpp files): hyper-parameters, weights under internal names, and a writer.
+
+GGUF keeps llama.cpp's tensor names (`blk.3.attn_q.weight`) and stores shapes in ggml's reversed
+("ne") order; `gguf.GGUFReader` already hands tensors over in torch order, so a `[vocab, dim]`
+embedding is listed as `ne = [dim, vocab]` but read as `(vocab, dim)`.
+
+Rotary layout: llama.cpp's converter permutes Hugging Face's rotate-half q/k rows back into Meta's
+interleaved-pairs layout, which is tramontane's internal layout, so GGUF `attn_q`/`attn_k` are used
+as stored (`tests/test_gguf.py` checks this against transformers, which permutes them the other way,
+using `hf.permute_hf_to_native`).
+
+Example:
+    >>> args, weights = load_gguf_state_dict("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+    >>> args.dim, weights["layers.0.attention.wk.weight"].shape  # doctest: +SKIP
+    (576, torch.Size([192, 576]))
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize, quantize
+
+from ..args import ModelArgs, MoeArgs
+from ..errors import CheckpointError, ConfigError, TensorMismatchError
+from .common import expected_shapes
+
+GGUF_MAGIC = b"GGUF"
+ARCHITECTURES = ("llama", "mistral")  # newer llama.cpp writes "mistral" for native Mistral checkpoints
+
+# GGUF name -> internal name, for tensors outside the blocks and for one block's tensors.
+_TOP_LEVEL = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+_PER_LAYER = {
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "ffn_gate_inp": "feed_forward.gate",
+}
+_EXPERTS = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+_OLD_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_down|ffn_up)\.(\d+)\.weight")  # pre-2024 Mixtral files
+
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64}
+_INT_TYPES = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64}
+WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+# `{arch}.` metadata keys that read_gguf_args understands (or knows to be harmless); others are warned about.
+_KNOWN_ARCH_KEYS = {
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "expert_feed_forward_length",
+    "vocab_size", "expert_count", "expert_used_count", "tensor_data_layout",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon", "attention.sliding_window",
+    "rope.freq_base", "rope.dimension_count", "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "rope.scaling.finetuned",
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """Open a GGUF file memory-mapped; a missing, foreign, truncated or corrupt file raises CheckpointError.
+
+    Example:
+        >>> reader = open_gguf("model.gguf")  # doctest: +SKIP
+        >>> read_gguf_args(reader).n_layers  # doctest: +SKIP
+        30
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(path, f"not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader fails on bad bytes with whatever numpy raises first
+        if isinstance(e, ValueError) and "GGMLQuantizationType" in str(e):
+            raise CheckpointError(path, f"unsupported tensor type ({e})") from e
+        raise CheckpointError(path, f"truncated or corrupt GGUF file ({size} bytes): {type(e).__name__}: {e}") from e
+    if reader.byte_order != "I":
+        raise CheckpointError(path, "GGUF file has the opposite byte order to this machine; not supported")
+    return reader
+
+
+def read_gguf_metadata(source: GGUFReader | str | Path, prefix: str = "") -> dict[str, Any]:
+    """Metadata key/values whose key starts with `prefix`, as plain Python values (str, int, float, lists)."""
+    reader = _reader(source)
+    try:
+        return {
+            key: field.contents() for key, field in reader.fields.items()
+            if key.startswith(prefix) and not key.startswith("GGUF.")
+        }
+    except (UnicodeDecodeError, IndexError, ValueError) as e:
+        raise CheckpointError(_path_of(reader), f"corrupt metadata: {e}") from e
+
+
+def gguf_tensor_info(source: GGUFReader | str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF tensor name -> (ggml type name, shape in torch order), read without touching the weights."""
+    reader = _reader(source)
+    return {t.name: (t.tensor_type.name, _torch_shape(t)) for t in reader.tensors}
+
+
+def read_gguf_args(source: GGUFReader | str | Path) -> ModelArgs:
+    """Hyper-parameters from the metadata of a `llama` or `mistral` architecture GGUF file.
+
+    Raises:
+        ConfigError: unknown architecture, a missing field, or a feature tramontane lacks
+            (rope scaling, partial rotary, per-layer head counts).
+
+    Example:
+        >>> args = read_gguf_args("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+        >>> args.n_heads, args.n_kv_heads, args.tied_embeddings  # doctest: +SKIP
+        (9, 3, True)
+    """
+    reader = _reader(source)
+    path = _path_of(reader)
+    arch = _meta(reader, "general.architecture", path)
+    if arch is None:
+        raise ConfigError(path, "missing metadata field general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            path, f"unsupported architecture {arch!r} (general.architecture); supported: {', '.join(ARCHITECTURES)}"
+        )
+
+    def get_int(key: str) -> int | None:
+        value = _meta(reader, f"{arch}.{key}", path)
+        if value is None:
+            return None
+        if isinstance(value, list):
+            raise ConfigError(path, f"{arch}.{key}: per-layer values are not supported, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(path, f"{arch}.{key}: expected an integer, got {value!r}")
+        return value
+
+    def require_int(key: str) -> int:
+        value = get_int(key)
+        if value is None:
+            raise ConfigError(path, f"missing metadata field {arch}.{key}")
+        return value
+
+    def get_float(key: str) -> float | None:
+        value = _meta(reader, f"{arch}.{key}", path)
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(path, f"{arch}.{key}: expected a number, got {value!r}")
+        # GGUF stores float32: keep the shortest decimal that rounds to it (1e-05, not 9.9999997e-06).
+        return float(str(np.float32(value)))
+
+    unknown = sorted(
+        key for key in reader.fields if key.startswith(f"{arch}.") and key[len(arch) + 1:] not in _KNOWN_ARCH_KEYS
+    )
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown metadata field(s) {', '.join(unknown)}", stacklevel=2)
+
+    scaling = _meta(reader, f"{arch}.rope.scaling.type", path)
+    factor = get_float("rope.scaling.factor")
+    if scaling not in (None, "none") and not (scaling == "linear" and factor in (None, 1.0)):
+        raise ConfigError(path, f"rope scaling {scaling!r} (factor {factor}) is not supported")
+    old_factor = get_float("rope.scale_linear")
+    if old_factor not in (None, 1.0):
+        raise ConfigError(path, f"rope scaling 'linear' (factor {old_factor}) is not supported")
+
+    dim = require_int("embedding_length")
+    n_heads = require_int("attention.head_count")
+    head_dim = get_int("attention.key_length") or dim // n_heads
+    value_dim = get_int("attention.value_length") or head_dim
+    if value_dim != head_dim:
+        raise ConfigError(path, f"{arch}.attention.value_length ({value_dim}) differs from key_length ({head_dim})")
+    rotary_dim = get_int("rope.dimension_count") or head_dim
+    if rotary_dim != head_dim:
+        raise ConfigError(path, f"partial rotary ({arch}.rope.dimension_count={rotary_dim}, head_dim={head_dim})")
+    norm_eps = get_float("attention.layer_norm_rms_epsilon")
+    if norm_eps is None:
+        raise ConfigError(path, f"missing metadata field {arch}.attention.layer_norm_rms_epsilon")
+    hidden_dim = get_int("feed_forward_length") or get_int("expert_feed_forward_length")
+    if hidden_dim is None:
+        raise ConfigError(path, f"missing metadata field {arch}.feed_forward_length")
+
+    n_experts = get_int("expert_count") or 0
+    moe = None
+    if n_experts:
+        used = get_int("expert_used_count")
+        if used is None:
+            raise ConfigError(path, f"{arch}.expert_count is {n_experts} but {arch}.expert_used_count is missing")
+        moe = (n_experts, used)
+
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        return ModelArgs(
+            dim=dim,
+            n_layers=require_int("block_count"),
+            head_dim=head_dim,
+            hidden_dim=hidden_dim,
+            n_heads=n_heads,
+            n_kv_heads=get_int("attention.head_count_kv") or n_heads,
+            norm_eps=norm_eps,
+            vocab_size=_vocab_size(reader, tensors, arch, path),
+            rope_theta=get_float("rope.freq_base") or 10000.0,
+            sliding_window=get_int("attention.sliding_window"),
+            max_seq_len=get_int("context_length"),
+            tied_embeddings="output.weight" not in tensors,
+            moe=MoeArgs(*moe) if moe else None,
+        )
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from e
+
+
+def iter_gguf_tensors(
+    source: GGUFReader | str | Path,
+    args: ModelArgs | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(internal name, tensor)` one at a time, dequantized to `dtype` on `device`.
+
+    Every name, shape and tensor type is checked against `args` (read from the file when not given)
+    before the first tensor is yielded, so a bad file fails fast. Merged expert tensors
+    (`ffn_*_exps`) are split into one tensor per expert.
+
+    Raises:
+        TensorMismatchError: a tensor is missing, unknown, or has the wrong shape.
+        CheckpointError: a tensor has a type that cannot be dequantized.
+    """
+    reader = _reader(source)
+    path = _path_of(reader)
+    if args is None:
+        args = read_gguf_args(reader)
+    for tensor, names, stacked in _plan(reader, args, path):
+        value = torch.from_numpy(_to_numpy(tensor, path))
+        if not stacked:
+            yield names[0], value.to(device=device, dtype=dtype)
+            continue
+        for expert, name in enumerate(names):  # value: [n_experts, rows, cols]
+            yield name, value[expert].to(device=device, dtype=dtype, copy=True)
+        del value
+
+
+def load_gguf_state_dict(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Hyper-parameters and a state dict under tramontane's internal (Mistral-native) names.
+
+    Example:
+        >>> args, weights = load_gguf_state_dict("model.gguf", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> sorted(weights)[:2]  # doctest: +SKIP
+        ['layers.0.attention.wk.weight', 'layers.0.attention.wo.weight']
+    """
+    reader = open_gguf(path)
+    args = read_gguf_args(reader)
+    return args, dict(iter_gguf_tensors(reader, args, dtype=dtype, device=device))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_gguf(
+    path: str | Path,
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: Mapping[str, Any] | None = None,
+    qtype: str = "F32",
+) -> None:
+    """Write a `llama` architecture GGUF file from a state dict under internal names.
+
+    `qtype` is one of `WRITE_TYPES`; norms stay F32, as llama.cpp writes them, and so does any matrix
+    whose rows are not a whole number of quantization blocks. `tokenizer` holds `tokenizer.*`
+    metadata to copy in (for example `read_gguf_metadata(other, "tokenizer.")`).
+
+    Example:
+        >>> write_gguf("tiny.gguf", args, model.state_dict(), qtype="Q8_0")  # doctest: +SKIP
+    """
+    if qtype not in WRITE_TYPES:
+        raise ValueError(f"qtype must be one of {', '.join(WRITE_TYPES)}, got {qtype!r}")
+    path = Path(path)
+    expected = expected_shapes(args)
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise TensorMismatchError(path, f"state dict does not match args: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise TensorMismatchError(path, f"{name}: expected shape {shape}, got {tuple(state_dict[name].shape)}")
+
+    writer = GGUFWriter(path, "llama")
+    _add_args(writer, args)
+    if tokenizer is not None:
+        for key, value in tokenizer.items():
+            _add_value(writer, key, value)
+    target = GGMLQuantizationType[qtype]
+    if target not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        writer.add_quantization_version(2)
+
+    for gguf_name, internal in _gguf_names(args):
+        if isinstance(internal, list):
+            # experts stacked: [n_experts, rows, cols], ggml ne order [cols, rows, n_experts]
+            value = torch.stack([state_dict[n].detach().to("cpu", torch.float32) for n in internal])
+        else:
+            value = state_dict[internal].detach().to("cpu", torch.float32)
+        _add_tensor(writer, gguf_name, value.contiguous().numpy(), target)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def _add_args(writer: GGUFWriter, args: ModelArgs) -> None:
+    writer.add_block_count(args.n_layers)
+    writer.add_embedding_length(args.dim)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_key_length(args.head_dim)
+    writer.add_value_length(args.head_dim)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_vocab_size(args.vocab_size)
+    if args.max_seq_len is not None:
+        writer.add_context_length(args.max_seq_len)
+    if args.sliding_window is not None:
+        writer.add_sliding_window(args.sliding_window)
+    if args.moe is not None:
+        writer.add_expert_count(args.moe.num_experts)
+        writer.add_expert_used_count(args.moe.num_experts_per_tok)
+
+
+def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        if value >= 0:
+            writer.add_uint32(key, value)
+        else:
+            writer.add_int32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"metadata {key}: cannot write a value of type {type(value).__name__}")
+
+
+def _add_tensor(writer: GGUFWriter, name: str, value: np.ndarray, target: GGMLQuantizationType) -> None:
+    block = GGML_QUANT_SIZES[target][0]
+    if value.ndim < 2 or target == GGMLQuantizationType.F32 or value.shape[-1] % block:
+        writer.add_tensor(name, value)
+    elif target == GGMLQuantizationType.F16:
+        writer.add_tensor(name, value.astype(np.float16))
+    else:
+        writer.add_tensor(name, quantize(value, target), raw_dtype=target)
+
+
+def _gguf_names(args: ModelArgs) -> Iterator[tuple[str, str | list[str]]]:
+    """(GGUF name, internal name or the per-expert names it stacks), in the order llama.cpp writes them."""
+    yield "token_embd.weight", "tok_embeddings.weight"
+    for i in range(args.n_layers):
+        for gguf_name, internal in _PER_LAYER.items():
+            if internal.startswith("feed_forward.") and (args.moe is None) == (internal == "feed_forward.gate"):
+                continue
+            yield f"blk.{i}.{gguf_name}.weight", f"layers.{i}.{internal}.weight"
+        if args.moe is not None:
+            for gguf_name, w in _EXPERTS.items():
+                names = [f"layers.{i}.feed_forward.experts.{e}.{w}.weight" for e in range(args.moe.num_experts)]
+                yield f"blk.{i}.{gguf_name}_exps.weight", names
+    yield "output_norm.weight", "norm.weight"
+    if not args.tied_embeddings:
+        yield "output.weight", "output.weight"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _reader(source: GGUFReader | str | Path) -> GGUFReader:
+    return source if isinstance(source, GGUFReader) else open_gguf(source)
+
+
+def _path_of(reader: GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", None) or "<gguf>")
+
+
+def _meta(reader: GGUFReader, key: str, path: str) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, IndexError, ValueError) as e:
+        raise ConfigError(path, f"metadata field {key} is corrupt: {e}") from e
+
+
+def _torch_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))  # ggml ne order is innermost first
+
+
+def _vocab_size(reader: GGUFReader, tensors: dict[str, ReaderTensor], arch: str, path: str) -> int:
+    embedding = tensors.get("token_embd.weight")
+    if embedding is not None:
+        return _torch_shape(embedding)[0]
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    size = _meta(reader, f"{arch}.vocab_size", path)
+    if isinstance(size, int):
+        return size
+    raise ConfigError(path, "cannot tell the vocabulary size: no token_embd.weight, tokenizer.ggml.tokens or vocab_size")
+
+
+def _internal_names(gguf_name: str, shape: tuple[int, ...], path: str) -> tuple[list[str], tuple[int, ...]] | None:
+    """Internal name(s) of one GGUF tensor and the shape of each; None if the name is unknown.
+
+    A merged expert tensor `[n_experts, rows, cols]` gives one name per expert, each `[rows, cols]`.
+    """
+    top, _, suffix = gguf_name.partition(".")
+    if suffix == "weight" and top in _TOP_LEVEL:
+        return [f"{_TOP_LEVEL[top]}.weight"], shape
+    if top == "rope_freqs":
+        raise ConfigError(path, f"tensor {gguf_name}: rope scaling (llama3-style frequency factors) is not supported")
+    if (m := _OLD_EXPERT_TENSOR.fullmatch(gguf_name)) is not None:
+        layer, kind, expert = m.groups()
+        return [f"layers.{layer}.feed_forward.experts.{expert}.{_EXPERTS[kind]}.weight"], shape
+    if (m := _BLOCK_TENSOR.fullmatch(gguf_name)) is None:
+        return None
+    layer, kind = m.groups()
+    if kind in _PER_LAYER:
+        return [f"layers.{layer}.{_PER_LAYER[kind]}.weight"], shape
+    if kind.endswith("_exps") and kind.removesuffix("_exps") in _EXPERTS and len(shape) == 3:
+        w = _EXPERTS[kind.removesuffix("_exps")]
+        return [f"layers.{layer}.feed_forward.experts.{e}.{w}.weight" for e in range(shape[0])], shape[1:]
+    return None
+
+
+def _plan(reader: GGUFReader, args: ModelArgs, path: str) -> list[tuple[ReaderTensor, list[str], bool]]:
+    """Map every tensor to (tensor, internal names, is a stack of experts), checking names, shapes and
+    types before any weight is read."""
+    expected = expected_shapes(args)
+    plan: list[tuple[ReaderTensor, list[str], bool]] = []
+    seen: set[str] = set()
+    for tensor in reader.tensors:
+        shape = _torch_shape(tensor)
+        mapped = _internal_names(tensor.name, shape, path)
+        if mapped is None:
+            raise TensorMismatchError(path, f"unknown tensor {tensor.name} (shape {shape})")
+        names, each = mapped
+        for name in names:
+            if name not in expected:
+                raise TensorMismatchError(path, f"tensor {tensor.name} ({name}) does not fit the model's shape")
+            if name in seen:
+                raise TensorMismatchError(path, f"tensor {tensor.name}: {name} appears twice")
+            if each != expected[name]:
+                raise TensorMismatchError(
+                    path, f"tensor {tensor.name} ({name}): expected shape {expected[name]}, got {each}"
+                )
+            seen.add(name)
+        plan.append((tensor, names, each != shape))
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise TensorMismatchError(path, f"missing tensor(s) {', '.join(missing[:5])}{more}")
+    for kind in sorted({t.tensor_type for t in reader.tensors}):
+        if not _can_read(kind):
+            name = next(t.name for t in reader.tensors if t.tensor_type == kind)
+            raise CheckpointError(path, f"tensor {name}: unsupported tensor type {kind.name}")
+    return plan
+
+
+def _can_read(kind: GGMLQuantizationType) -> bool:
+    if kind in _FLOAT_TYPES:
+        return True
+    if kind in _INT_TYPES:
+        return False
+    block = np.zeros((1, GGML_QUANT_SIZES[kind][1]), dtype=np.uint8)
+    try:
+        dequantize(block, kind)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _to_numpy(tensor: ReaderTensor, path: str) -> np.ndarray:
+    """The tensor's values as a fresh float array (a copy, never a view into the memory map)."""
+    if tensor.tensor_type in _FLOAT_TYPES:
+        return np.array(tensor.data)
+    try:
+        return dequantize(tensor.data, tensor.tensor_type)
+    except (NotImplementedError, ValueError) as e:
+        raise CheckpointError(path, f"tensor {tensor.name}: cannot dequantize {tensor.tensor_type.name}: {e}") from e
