@@ -108,6 +108,19 @@ class KVCache:
         self.positions[:n] = self.positions[rows]
         self.positions[n:] = -1
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` onto row `dst` and empty `src`."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.positions[dst] = self.positions[src]
+        self.positions[src] = -1
+
+    def swap_rows(self, a: int, b: int) -> None:
+        idx = torch.tensor([b, a], device=self.k.device)
+        self.k[:, [a, b]] = self.k[:, idx]
+        self.v[:, [a, b]] = self.v[:, idx]
+        self.positions[[a, b]] = self.positions[idx]
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.positions.nbytes
 

@@ -36,7 +36,7 @@ class Completion:
     prompt_tokens: int
 
 
-class _StopMatcher:
+class StopMatcher:
     """Holds back text that might be the start of a stop string; finds the first full match."""
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -64,6 +64,28 @@ class _StopMatcher:
         return out
 
 
+class TextTracker:
+    """Turns one sequence's tokens into text pieces: incremental decoding plus stop strings."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
+        self.decoder = tokenizer.decoder()
+        self.matcher = StopMatcher(stops)
+        self.stopped = False
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        """Text to emit after `token`, and whether a stop string ended the sequence."""
+        text, hit = self.matcher.feed(self.decoder.add(token))
+        self.stopped = self.stopped or hit
+        return text, hit
+
+    def finish(self) -> str:
+        """The text still held back, once the sequence has ended for another reason."""
+        if self.stopped:
+            return ""
+        text, _ = self.matcher.feed(self.decoder.flush())
+        return text + self.matcher.flush()
+
+
 def stream_text(
     model: Transformer,
     tokenizer: Any,
@@ -78,16 +100,11 @@ def stream_text(
 ) -> Iterator[TextEvent]:
     """Stream text pieces for token-id prompts; generation ends at the tokenizer's stop ids, a stop
     string (excluded from the text) or `max_tokens`."""
-    decoders = [tokenizer.decoder() for _ in prompts]
-    matchers = [_StopMatcher(stop) for _ in prompts]
+    trackers = [TextTracker(tokenizer, stop) for _ in prompts]
     ready: dict[int, str] = {}
-    stopped: set[int] = set()
 
     def check(i: int, token: int) -> bool:
-        text, hit = matchers[i].feed(decoders[i].add(token))
-        ready[i] = text
-        if hit:
-            stopped.add(i)
+        ready[i], hit = trackers[i].feed(token)
         return hit
 
     for ev in stream(model, prompts, max_tokens=max_tokens, params=params, stop_ids=tokenizer.stop_ids, seed=seed,
@@ -95,10 +112,7 @@ def stream_text(
         if isinstance(ev, TokenEvent):
             yield TextEvent(ev.index, ready.pop(ev.index, ""), ev.token, ev.logprob)
         elif isinstance(ev, FinishEvent):
-            tail = "" if ev.index in stopped else matchers[ev.index].feed(decoders[ev.index].flush())[0]
-            if ev.index not in stopped:
-                tail += matchers[ev.index].flush()
-            yield TextEvent(ev.index, tail, finish_reason=ev.reason)
+            yield TextEvent(ev.index, trackers[ev.index].finish(), finish_reason=ev.reason)
 
 
 def _collect(events: Iterator[TextEvent], n: int, prompt_lengths: list[int], prefix: list[str]) -> list[Completion]:

@@ -1,0 +1,52 @@
+"""What a client hands the engine, and what the engine hands back."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """A piece of one request's output. The last event of a request has `finish_reason` set:
+    'stop' (eos, stop token or stop string), 'length', 'cancelled', 'timeout' or 'error' (with `error`)."""
+
+    request_id: str
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One sequence to generate. `emit` is called from the engine thread for every event, so it must
+    be quick and thread-safe (the server hands events over to its event loop)."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[EngineEvent], None]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: tuple[str, ...] = ()
+    stop_ids: frozenset[int] | None = None  # None: the tokenizer's stop ids
+    seed: int | None = None
+    logprobs: bool = False
+    timeout: float | None = None  # seconds from submission
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves the batch within one step."""
+        self.cancelled = True
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.submitted + self.timeout

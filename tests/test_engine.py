@@ -1,0 +1,161 @@
+"""The continuous-batching engine gives each request exactly what it would get alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tramontane import generate, load_model
+from tramontane.engine import Engine, EngineEvent, QueueFullError, Request
+from tramontane.sampling import SamplingParams
+
+
+class IdTokenizer:
+    """Text of token t is '<t>': enough to test text plumbing without a real vocabulary."""
+
+    stop_ids = frozenset()
+
+    class _Decoder:
+        def add(self, token: int) -> str:
+            return f"<{token}>"
+
+        def flush(self) -> str:
+            return ""
+
+    def decoder(self):
+        return self._Decoder()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: dict[str, list[EngineEvent]] = {}
+        self.done = threading.Event()
+        self.expected = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, ev: EngineEvent) -> None:
+        with self.lock:
+            self.events.setdefault(ev.request_id, []).append(ev)
+            if ev.finish_reason and sum(1 for v in self.events.values() if v[-1].finish_reason) >= self.expected:
+                self.done.set()
+
+    def tokens(self, rid: str) -> list[int]:
+        return [e.token for e in self.events[rid] if e.token is not None]
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(params=["mistral-window", "llama-tied", "mixtral"])
+def model(request, tiny_hf):
+    _, folder = tiny_hf(request.param)
+    return load_model(folder)
+
+
+def run_all(engine: Engine, requests: list[Request], sink: Collector, timeout: float = 60) -> None:
+    sink.expected = len(requests)
+    engine.start()
+    try:
+        for r in requests:
+            engine.submit(r)
+        assert sink.done.wait(timeout), "engine did not finish in time"
+    finally:
+        engine.stop()
+
+
+def test_concurrent_requests_match_generation_alone(model):
+    sink = Collector()
+    engine = Engine(model, IdTokenizer(), max_batch=4, chunk_size=5)
+    lengths = [3, 17, 9, 1, 30, 12, 5, 8, 21, 2, 14, 6]
+    reqs = [Request(prompt(i, n), max_tokens=6 + i, emit=sink) for i, n in enumerate(lengths)]
+    run_all(engine, reqs, sink)
+    for r in reqs:
+        alone = generate(model, [r.prompt], max_tokens=r.max_tokens)[0].tokens
+        assert sink.tokens(r.id) == alone
+        evs = sink.events[r.id]
+        assert evs[-1].finish_reason == "length"
+        assert "".join(e.text for e in evs) == "".join(f"<{t}>" for t in alone)
+    assert engine.active == 0 and sorted(engine._free) == [0, 1, 2, 3]
+    assert (engine.cache.positions == -1).all()
+
+
+def test_seeded_sampling_is_independent_of_batching(model):
+    sink = Collector()
+    engine = Engine(model, IdTokenizer(), max_batch=3)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    reqs = [Request(prompt(i, 4 + i), max_tokens=10, emit=sink, params=params, seed=100 + i) for i in range(5)]
+    run_all(engine, reqs, sink)
+    for i, r in enumerate(reqs):
+        # generate() seeds prompt i with seed + i
+        alone = generate(model, [r.prompt], max_tokens=10, temperature=1.0, top_p=0.9, seed=100 + i)[0].tokens
+        assert sink.tokens(r.id) == alone
+
+
+def test_stop_strings_and_stop_ids(model):
+    free = generate(model, [prompt(1, 5)], max_tokens=8)[0].tokens
+    sink = Collector()
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    by_string = Request(prompt(1, 5), max_tokens=8, emit=sink, stop_strings=(f"<{free[3]}>",))
+    by_id = Request(prompt(1, 5), max_tokens=8, emit=sink, stop_ids=frozenset({free[2]}))
+    run_all(engine, [by_string, by_id], sink)
+    first = free.index(free[3])
+    assert "".join(e.text for e in sink.events[by_string.id]) == "".join(f"<{t}>" for t in free[:first])
+    assert sink.events[by_string.id][-1].finish_reason == "stop"
+    assert sink.tokens(by_id.id) == free[: free.index(free[2])]
+    assert sink.events[by_id.id][-1].finish_reason == "stop"
+
+
+def test_cancel_frees_the_row_within_a_step(model):
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    seen: list[EngineEvent] = []
+    req = Request(prompt(1, 5), max_tokens=200, emit=seen.append)
+    engine.submit(req)
+    for _ in range(6):
+        engine.step()
+    assert engine.active == 1 and len(seen) >= 4
+    req.cancel()
+    engine.step()
+    assert engine.active == 0 and seen[-1].finish_reason == "cancelled"
+    assert sorted(engine._free) == [0, 1]
+
+
+def test_deadline_ends_request_with_error(model):
+    engine = Engine(model, IdTokenizer(), max_batch=1)
+    seen: list[EngineEvent] = []
+    req = Request(prompt(1, 5), max_tokens=200, emit=seen.append, timeout=0.05)
+    engine.submit(req)
+    engine.step()
+    time.sleep(0.06)
+    engine.step()
+    assert seen[-1].finish_reason == "timeout" and seen[-1].error
+    assert engine.active == 0
+
+
+def test_queue_bound_and_validation(model):
+    engine = Engine(model, IdTokenizer(), max_batch=1, max_queue=2, max_seq_len=64)
+    noop = lambda ev: None  # noqa: E731
+    engine.submit(Request([1], max_tokens=4, emit=noop))
+    engine.submit(Request([1], max_tokens=4, emit=noop))
+    with pytest.raises(QueueFullError):
+        engine.submit(Request([1], max_tokens=4, emit=noop))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.validate(Request([1] * 60, max_tokens=10, emit=noop))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.validate(Request([], max_tokens=10, emit=noop))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.validate(Request([1000], max_tokens=10, emit=noop))
+
+
+def test_metrics_exposition(model):
+    sink = Collector()
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    run_all(engine, [Request(prompt(i, 4), max_tokens=5, emit=sink) for i in range(3)], sink)
+    text = engine.metrics.render().decode()
+    assert "tramontane_generation_tokens_total 15.0" in text
+    assert "tramontane_prompt_tokens_total 12.0" in text
+    assert 'tramontane_requests_total{reason="length"} 3.0' in text
+    assert "tramontane_time_to_first_token_seconds_count 3.0" in text
