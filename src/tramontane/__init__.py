@@ -8,10 +8,12 @@ from .loading import load_model, read_model_args, save_model
 from .model import Transformer
 from .sampling import SamplingParams
 from .textgen import chat, complete, stream_chat, stream_text
+from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "ModelArgs", "MoeArgs", "TensorMismatchError",
     "TokenizerError", "preset", "load_model", "read_model_args", "save_model", "Transformer", "KVCache",
     "Generation", "generate", "stream", "SamplingParams", "chat", "complete", "stream_chat", "stream_text",
+    "Tokenizer", "load_tokenizer",
 ]
 __version__ = "0.1.0"

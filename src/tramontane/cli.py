@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,6 +122,120 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """The model and tokenizer named by --model (default: the embedded demo model)."""
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    path = resolve_model(a.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, progress=sys.stderr.isatty())
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
+    return model, tokenizer, path
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": a.temperature, "top_p": a.top_p}
+
+
+DEMO_PROMPTS = [
+    "The tramontane is a cold wind that",
+    "Here is a short poem about the sea:\n",
+    "def fibonacci(n):",
+]
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .textgen import complete
+
+    model, tokenizer, path = load_for_generation(a)
+    print(f"model: {path.name} ({model.args.n_params / 1e6:.0f}M parameters, {str(model.dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads)")
+    t0 = time.perf_counter()
+    results = complete(model, tokenizer, DEMO_PROMPTS, max_tokens=a.max_tokens, seed=a.seed, **sampling_kwargs(a))
+    seconds = time.perf_counter() - t0
+    n = sum(len(r.tokens) for r in results)
+    for prompt, r in zip(DEMO_PROMPTS, results):
+        print(f"\n--- {prompt!r}\n{prompt}{r.text}")
+    print(f"\n{n} tokens for {len(results)} prompts in {seconds:.2f}s: {n / seconds:.1f} tokens/s (batched)")
+    return 0
+
+
+def read_prompt_arg(a: argparse.Namespace) -> str:
+    if a.prompt is not None:
+        return str(a.prompt)
+    if sys.stdin.isatty():
+        raise CliError("no prompt: pass PROMPT or pipe text on stdin")
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text  # the newline `echo` adds is not part of the prompt
+
+
+def cmd_complete(a: argparse.Namespace) -> int:
+    from .sampling import SamplingParams
+    from .textgen import stream_text
+
+    text = read_prompt_arg(a)
+    if a.max_tokens < 1:
+        raise CliError(f"--max-tokens must be >= 1, got {a.max_tokens}")
+    model, tokenizer, _ = load_for_generation(a)
+    ids = tokenizer.encode(text, bos=True)
+    t0 = time.perf_counter()
+    first = None
+    pieces: list[str] = []
+    tokens: list[int] = []
+    reason = ""
+    for ev in stream_text(model, tokenizer, [ids], max_tokens=a.max_tokens, params=SamplingParams(**sampling_kwargs(a)),
+                          seed=a.seed, continuation=True):
+        if ev.token is not None:
+            tokens.append(ev.token)
+            first = first or time.perf_counter()
+        pieces.append(ev.text)
+        reason = ev.finish_reason or reason
+        if not a.json:
+            print(ev.text, end="", flush=True)
+    seconds = time.perf_counter() - t0
+    if a.json:
+        decode_s = time.perf_counter() - (first or t0)
+        print(json.dumps({
+            "prompt": text, "text": "".join(pieces), "tokens": tokens, "finish_reason": reason,
+            "prompt_tokens": len(ids), "completion_tokens": len(tokens), "seconds": round(seconds, 4),
+            "tokens_per_second": round(max(len(tokens) - 1, 0) / decode_s, 2) if decode_s > 0 else None,
+        }))
+    else:
+        print()
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .chat_repl import ChatSession
+
+    if a.max_tokens < 1:
+        raise CliError(f"--max-tokens must be >= 1, got {a.max_tokens}")
+    model, tokenizer, path = load_for_generation(a)
+    session = ChatSession(model, tokenizer, system=a.system, max_tokens=a.max_tokens, seed=a.seed,
+                          sampling=sampling_kwargs(a))
+    return session.run(interactive=sys.stdin.isatty(), title=path.name)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from .server import default_model_name, load_engine, run
+    except ImportError as e:
+        raise CliError(f"serve needs the server extras: pip install 'tramontane[serve]' ({e})") from e
+    path = resolve_model(a.model)
+    engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
+                                    max_queue=a.max_queue, max_seq_len=a.max_seq_len)
+    name = a.served_model_name or default_model_name(path)
+    print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
+          f"batch {a.max_batch}){'; API key required' if a.api_key else ''}", flush=True)
+    run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
+        request_timeout=a.request_timeout or None, log_level=a.log_level)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tramontane", description=__doc__)
@@ -138,6 +253,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
+    gen = argparse.ArgumentParser(add_help=False)
+    gen.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
+    gen.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+
+    d = sub.add_parser("demo", parents=[common, gen], help="complete a few fixed prompts and show the speed")
+    d.add_argument("--max-tokens", type=int, default=48, help="tokens per prompt (default 48)")
+    d.set_defaults(func=cmd_demo, temperature_default=0.0)
+
+    ch = sub.add_parser("chat", parents=[common, gen], help="interactive chat in the terminal")
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default 512)")
+    ch.set_defaults(func=cmd_chat, temperature_default=0.7)
+
+    co = sub.add_parser("complete", parents=[common, gen], help="complete one prompt (argument or stdin)")
+    co.add_argument("prompt", nargs="?", help="the text to complete (default: read stdin)")
+    co.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    co.add_argument("--json", action="store_true", help="print a JSON object with tokens, text and timing")
+    co.set_defaults(func=cmd_complete, temperature_default=0.0)
+
+    sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
+    sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: file/folder name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together; KV cache rows (default 16)")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s (default 256)")
+    sv.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's, at most 4096)")
+    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails (0: never)")
+    sv.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
+    sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    sv.set_defaults(func=cmd_serve)
+
     i = sub.add_parser("info", parents=[common], help="describe a model: architecture, size, tokenizer, chat format")
     i.add_argument("model", nargs="?", help="model path (default: the embedded demo model)")
     i.add_argument("--json", action="store_true", help="print a JSON object")
@@ -149,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = a.func
+    if getattr(a, "temperature", 0) is None:
+        a.temperature = a.temperature_default
     try:
         return func(a)
     except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as e:

@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +67,9 @@ class StopMatcher:
 class TextTracker:
     """Turns one sequence's tokens into text pieces: incremental decoding plus stop strings."""
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
-        self.decoder = tokenizer.decoder()
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = (), continuation: bool = False) -> None:
+        # A continuation keeps the leading space of its first word ("is" + " Paris"); a fresh answer drops it.
+        self.decoder = tokenizer.decoder(continuation=True) if continuation else tokenizer.decoder()
         self.matcher = StopMatcher(stops)
         self.stopped = False
 
@@ -97,10 +98,12 @@ def stream_text(
     seed: int | None = None,
     chunk_size: int | None = None,
     logprobs: bool = False,
-) -> Iterator[TextEvent]:
+    continuation: bool = False,
+) -> Generator[TextEvent, None, None]:
     """Stream text pieces for token-id prompts; generation ends at the tokenizer's stop ids, a stop
-    string (excluded from the text) or `max_tokens`."""
-    trackers = [TextTracker(tokenizer, stop) for _ in prompts]
+    string (excluded from the text) or `max_tokens`. With `continuation` the text continues the
+    prompt's (a leading space is kept), as a completion does; otherwise it starts afresh, as an answer."""
+    trackers = [TextTracker(tokenizer, stop, continuation) for _ in prompts]
     ready: dict[int, str] = {}
 
     def check(i: int, token: int) -> bool:
@@ -142,7 +145,7 @@ def complete(
     """Complete each text (BOS added); with `echo_prompt` the answer starts with the prompt."""
     prompts = [tokenizer.encode(t, bos=True) for t in texts]
     events = stream_text(model, tokenizer, prompts, max_tokens=max_tokens, params=SamplingParams(**sampling),
-                         stop=stop, seed=seed)
+                         stop=stop, seed=seed, continuation=True)
     prefix = list(texts) if echo_prompt else [""] * len(texts)
     return _collect(events, len(texts), [len(p) for p in prompts], prefix)
 

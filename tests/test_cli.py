@@ -1,0 +1,138 @@
+"""Every subcommand through the real console script, on the embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+EXE = [sys.executable, "-m", "tramontane.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "info"])
+def test_every_subcommand_has_help(command):
+    r = run(command, "--help")
+    assert r.returncode == 0 and "usage: tramontane " + command in r.stdout
+
+
+def test_demo_prints_completions_and_speed():
+    r = run("demo", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "The tramontane is a cold wind that" in r.stdout
+    assert re.search(r"\d+ tokens for 3 prompts in [\d.]+s: [\d.]+ tokens/s", r.stdout)
+
+
+def test_complete_json_and_plain_agree():
+    r = run("complete", "The capital of France is", "--max-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["completion_tokens"] == len(out["tokens"]) == 6 and out["finish_reason"] == "length"
+    assert out["text"].startswith(" Paris")
+    plain = run("complete", "--max-tokens", "6", stdin="The capital of France is\n")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == out["text"] + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["complete", "x", "--model", "/no/such/model"], 1, "--model /no/such/model: no such file or folder"),
+        (["complete", "x", "--max-tokens", "many"], 2, "invalid int value: 'many'"),
+        (["complete", "x", "--max-tokens", "0"], 1, "--max-tokens must be >= 1"),
+        (["complete", "x", "--temperature", "-1"], 1, "temperature must be >= 0"),
+        (["chat", "--top-p", "2"], 1, "top_p must be in (0, 1]"),
+        (["complete", "x", "--dtype", "float8"], 1, "--dtype float8"),
+        (["info", "/no/such/model"], 1, "no such file or folder"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_bad_arguments(args, code, message):
+    r = run(*args)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_on_demo_model():
+    r = run("info")
+    assert r.returncode == 0, r.stderr
+    assert "gguf" in r.stdout and "576" in r.stdout and "chat_format" in r.stdout
+
+
+def test_scripted_chat_from_stdin():
+    r = run("chat", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/help\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "> Hello!" in r.stdout and "/reset" in r.stdout and re.search(r"\[\d+ tokens, [\d.]+ tokens/s\]", r.stdout)
+
+
+def test_chat_in_a_terminal():
+    child = pexpect.spawn(EXE[0], [*EXE[1:], "chat", "--max-tokens", "24", "--temperature", "0"],
+                          env=ENV, encoding="utf-8", timeout=120)
+    try:
+        child.expect("/help for commands")
+        child.expect("> ")
+
+        def ask(text: str) -> str:
+            child.sendline(text)
+            child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s\]")
+            answer = child.before.split(text, 1)[-1].strip()
+            child.expect("> ")
+            return answer
+
+        first = ask("My name is Ada and I live in Lyon.")
+        with_history = ask("What is my name?")
+        child.sendline("/reset")
+        child.expect(r"\[conversation cleared\]")
+        child.expect("> ")
+        without_history = ask("What is my name?")
+        assert first and with_history and without_history
+        # greedy decoding: the same question gives another answer once the first turn is forgotten
+        assert with_history != without_history
+
+        # Ctrl-D leaves cleanly
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on():
+    child = pexpect.spawn(EXE[0], [*EXE[1:], "chat", "--max-tokens", "1000", "--system", "Answer at great length."],
+                          env=ENV, encoding="utf-8", timeout=120)
+    try:
+        child.expect("> ")
+        child.sendline("Write a long story about the wind.")
+        child.expect("the wind.\r\n")  # the echo of what we typed
+        child.expect(r"\w+ \w+ \w+")  # the answer has started; 1000 tokens take far longer than this
+        child.sendintr()
+        child.expect(r"\[interrupted, (\d+) tokens")
+        assert int(child.match.group(1)) < 1000
+        child.expect("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_twice_at_the_prompt_leaves():
+    child = pexpect.spawn(EXE[0], [*EXE[1:], "chat"], env=ENV, encoding="utf-8", timeout=120)
+    try:
+        child.expect("> ")
+        child.sendintr()
+        child.expect(r"Ctrl-C again or Ctrl-D")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
