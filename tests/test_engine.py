@@ -19,14 +19,19 @@ class IdTokenizer:
     stop_ids = frozenset()
 
     class _Decoder:
+        def __init__(self, prefix: str = "") -> None:
+            self.prefix = prefix
+
         def add(self, token: int) -> str:
-            return f"<{token}>"
+            text, self.prefix = self.prefix + f"<{token}>", ""
+            return text
 
         def flush(self) -> str:
             return ""
 
-    def decoder(self):
-        return self._Decoder()
+    def decoder(self, continuation: bool = False):
+        # a continuation keeps the leading space that a fresh answer drops
+        return self._Decoder(" " if continuation else "")
 
 
 class Collector:
@@ -107,6 +112,16 @@ def test_stop_strings_and_stop_ids(model):
     assert sink.events[by_string.id][-1].finish_reason == "stop"
     assert sink.tokens(by_id.id) == free[: free.index(free[2])]
     assert sink.events[by_id.id][-1].finish_reason == "stop"
+
+
+def test_continuation_requests_keep_the_leading_space(model):
+    sink = Collector()
+    engine = Engine(model, IdTokenizer(), max_batch=2)
+    fresh = Request(prompt(1, 5), max_tokens=3, emit=sink)
+    cont = Request(prompt(1, 5), max_tokens=3, emit=sink, continuation=True)
+    run_all(engine, [fresh, cont], sink)
+    text = {r.id: "".join(e.text for e in sink.events[r.id]) for r in (fresh, cont)}
+    assert text[cont.id] == " " + text[fresh.id] and not text[fresh.id].startswith(" ")
 
 
 def test_cancel_frees_the_row_within_a_step(model):

@@ -230,7 +230,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len)
     name = a.served_model_name or default_model_name(path)
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
-          f"batch {a.max_batch}){'; API key required' if a.api_key else ''}", flush=True)
+          f"batch {a.max_batch}, KV cache {engine.cache.nbytes() / 2**30:.2f} GiB)"
+          f"{'; API key required' if a.api_key else ''}", flush=True)
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
         request_timeout=a.request_timeout or None, log_level=a.log_level)
     return 0
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health, /metrics)")
     sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: file/folder name)")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together; KV cache rows (default 16)")
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s (default 256)")

@@ -190,7 +190,7 @@ class Engine:
             seen[torch.tensor(req.prompt, device=device)] = True
             counts = torch.zeros(vocab, dtype=torch.long, device=device)
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
-        return _Seq(req, row, TextTracker(self.tokenizer, req.stop_strings), stop_ids, gen, seen, counts)
+        return _Seq(req, row, TextTracker(self.tokenizer, req.stop_strings, req.continuation), stop_ids, gen, seen, counts)
 
     def _prefill_chunk(self) -> bool:
         if not self._prefilling:

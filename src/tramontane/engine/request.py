@@ -39,6 +39,7 @@ class Request:
     seed: int | None = None
     logprobs: bool = False
     timeout: float | None = None  # seconds from submission
+    continuation: bool = False  # the output continues the prompt's text (a completion): keep a leading space
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False

@@ -1,0 +1,401 @@
+"""The OpenAI-compatible HTTP edge: FastAPI routes over one `Engine`.
+
+Requests are parsed by pydantic, tokenized, and handed to the engine as `Request`s; the engine's events
+come back through `bridge.Submission` and are shaped by `protocol`. The event loop only awaits: the
+model runs on the engine's thread.
+
+Example:
+    >>> engine = Engine(model, tokenizer, max_batch=16)
+    >>> app = create_app(engine, tokenizer, "smollm2")  # starts the engine with the app, stops it after
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request as HTTPRequest
+from starlette.types import Receive, Scope, Send
+
+from ..engine import Engine, QueueFullError
+from ..errors import TokenizerError
+from ..tokenizer import Tokenizer
+from . import protocol as p
+from .bridge import Job, Submission, submit
+from .errors import APIError, BearerAuth, bad_request, field_of, install_error_handlers
+from .schemas import (
+    DEFAULT_COMPLETION_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationFields,
+    TokenizeRequest,
+)
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty")
+OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key (probes and scrapers)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that run `on_close` however the stream ends: finished, failed, or the client gone."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()  # a client that hung up frees its cache rows within one engine step
+
+
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    request_timeout: float | None = 600.0,
+) -> FastAPI:
+    """An OpenAI-compatible app serving `engine` under `model_name`.
+
+    The app starts the engine's thread when it starts and stops it when it shuts down. With `api_key`,
+    every path but /health and /metrics needs `Authorization: Bearer <api_key>`. Each request ends
+    with an error after `request_timeout` seconds (None: never).
+    """
+    server = OpenAIServer(engine, tokenizer, model_name, request_timeout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="tramontane", summary="OpenAI-compatible API", lifespan=lifespan)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key, open_paths=OPEN_PATHS)
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics, methods=["GET"])
+    app.add_api_route("/v1/models", server.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    return app
+
+
+class OpenAIServer:
+    """The route handlers, over one engine, its tokenizer and the served model's name."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, request_timeout: float | None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.request_timeout = request_timeout
+        self.created = p.now()
+
+    # ------------------------------------------------------------------------------------------ small routes
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok", "active": self.engine.active, "waiting": self.engine.waiting})
+
+    async def metrics(self) -> Response:
+        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tramontane",
+                "max_model_len": self.engine.max_seq_len}
+
+    async def list_models(self) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def get_model(self, model: str) -> Response:
+        self._check_model(model)
+        return JSONResponse(self._model_card())
+
+    async def tokenize(self, body: TokenizeRequest) -> Response:
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give either 'prompt' (a text) or 'messages' (a conversation)", "prompt")
+        if body.prompt is not None:
+            ids = self.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+        else:
+            ids = await self._encode_chat(body.messages or [], body.tools)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_seq_len})
+
+    async def detokenize(self, body: DetokenizeRequest) -> Response:
+        self._check_model(body.model)
+        self._check_ids(body.tokens, "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+
+    # ------------------------------------------------------------------------------------------ completions
+    async def completions(self, body: CompletionRequest, request: HTTPRequest) -> Response:
+        self._check_model(body.model)
+        if body.best_of is not None and body.best_of != body.n:
+            raise bad_request("best_of: only best_of == n is supported", "best_of")
+        prompts, echoes = await asyncio.to_thread(self._completion_prompts, body)
+        job = self._job(body, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs is not None,
+                        continuation=True)
+        sub = self._submit(prompts, job, "prompt")
+        cid, created = p.new_id("cmpl"), p.now()
+        if body.stream:
+            events = self._completion_stream(sub, cid, created, body, prompts, echoes)
+            return EventStream(events, on_close=sub.cancel)
+        choices = await self._collect(sub, request)
+        out = []
+        for index, choice in enumerate(choices):
+            prompt = prompts[index // body.n]
+            logprobs = None
+            if body.logprobs is not None:
+                tokens, lps = choice.tokens, choice.logprobs
+                if body.echo:  # prompt tokens have no logprob: only generated ones are computed
+                    tokens, lps = prompt + tokens, [*([None] * len(prompt)), *lps]
+                logprobs = p.completion_logprobs(p.TokenPieces(self.tokenizer), tokens, lps)
+            prefix = echoes[index // body.n] if body.echo else ""
+            out.append(p.completion_choice(index, prefix + choice.text, choice.finish_reason, logprobs))
+        used = p.usage(sum(map(len, prompts)), sum(len(c.tokens) for c in choices))
+        return JSONResponse(p.completion_body(cid, created, self.model_name, out, used))
+
+    def _completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """Token ids of every prompt, and the text each one echoes."""
+        prompt = body.prompt
+        if isinstance(prompt, list) and not prompt:
+            raise bad_request("prompt: must not be empty", "prompt")
+        texts: list[str] | None = None
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif isinstance(prompt[0], str):
+            texts = [str(t) for t in prompt]
+        if body.suffix is not None:
+            if texts is None:
+                raise bad_request("suffix: fill-in-the-middle needs a text prompt, not token ids", "suffix")
+            if not self.tokenizer.has_fim:
+                raise bad_request(f"suffix: the tokenizer ({self.tokenizer.name}) has no fill-in-the-middle tokens",
+                                  "suffix")
+            return [self.tokenizer.encode_fim(t, body.suffix) for t in texts], texts
+        if texts is not None:
+            return [self.tokenizer.encode(t, bos=True) for t in texts], texts
+        rows = cast(list[list[int]], prompt if isinstance(prompt[0], list) else [prompt])
+        ids = [[int(t) for t in row] for row in rows]
+        for i in ids:
+            self._check_ids(i, "prompt")
+        return ids, [self.tokenizer.decode(i) for i in ids]
+
+    async def _completion_stream(
+        self, sub: Submission, cid: str, created: int, body: CompletionRequest, prompts: list[list[int]],
+        echoes: list[str],
+    ) -> AsyncIterator[str]:
+        n, want_lp, with_usage = body.n, body.logprobs is not None, body.include_usage
+
+        def chunk(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None) -> str:
+            body_ = p.completion_body(cid, created, self.model_name, [p.completion_choice(index, text, reason, logprobs)],
+                                      None)
+            if with_usage:
+                body_["usage"] = None
+            return p.sse(body_)
+
+        offsets = [0] * len(sub.requests)
+        pieces = [p.TokenPieces(self.tokenizer) for _ in sub.requests]
+        if body.echo:
+            for index in range(len(sub.requests)):
+                prompt = prompts[index // n]
+                lp = p.completion_logprobs(pieces[index], prompt, [None] * len(prompt)) if want_lp else None
+                if lp:
+                    offsets[index] = sum(map(len, lp["tokens"]))
+                yield chunk(index, echoes[index // n], None, lp)
+        choices = [p.Choice() for _ in sub.requests]
+        async for index, event in sub.events():
+            choices[index].add(event)
+            failure = choices[index].failure(self.request_timeout)
+            if failure is not None:
+                yield p.sse(failure.body())
+                return
+            lp = None
+            if want_lp and event.token is not None:
+                lp = p.completion_logprobs(pieces[index], [event.token], [event.logprob], offsets[index])
+                offsets[index] += len(lp["tokens"][0])
+            if event.text or lp or event.finish_reason:
+                yield chunk(index, event.text, event.finish_reason, lp)
+        if with_usage:
+            used = p.usage(sum(map(len, prompts)), sum(len(c.tokens) for c in choices))
+            yield p.sse(p.usage_chunk(cid, created, self.model_name, "text_completion", used))
+        yield p.DONE
+
+    # ------------------------------------------------------------------------------------------ chat
+    async def chat_completions(self, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
+        self._check_model(body.model)
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
+        tools = self._tools(body)
+        prompt = await self._encode_chat(body.messages, tools)
+        if len(prompt) >= self.engine.max_seq_len:
+            raise bad_request(f"messages: the conversation is {len(prompt)} tokens; the context holds "
+                              f"{self.engine.max_seq_len}", "messages", "context_length_exceeded")
+        job = self._job(body, body.max_completion_tokens or body.max_tokens, body.logprobs)
+        sub = self._submit([prompt], job, "messages")
+        cid, created = p.new_id("chatcmpl"), p.now()
+        if body.stream:
+            return EventStream(self._chat_stream(sub, cid, created, body, len(prompt), tools is not None),
+                               on_close=sub.cancel)
+        choices = await self._collect(sub, request)
+        out = []
+        for index, choice in enumerate(choices):
+            message, reason = p.assistant_message(self.tokenizer, choice, tools is not None)
+            logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs)
+                        if body.logprobs else None)
+            out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
+        used = p.usage(len(prompt), sum(len(c.tokens) for c in choices))
+        return JSONResponse(p.chat_body(cid, created, self.model_name, out, used))
+
+    async def _chat_stream(
+        self, sub: Submission, cid: str, created: int, body: ChatCompletionRequest, prompt_tokens: int, tools: bool
+    ) -> AsyncIterator[str]:
+        with_usage = body.include_usage
+
+        def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
+                  logprobs: dict[str, Any] | None = None) -> str:
+            return p.sse(p.chat_chunk(cid, created, self.model_name, index, delta, finish_reason=reason,
+                                      logprobs=logprobs, with_usage=with_usage))
+
+        for index in range(len(sub.requests)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        choices = [p.Choice() for _ in sub.requests]
+        pieces = [p.TokenPieces(self.tokenizer) for _ in sub.requests]
+        held: list[list[str] | None] = [None] * len(choices)  # text after [TOOL_CALLS], until the call parses
+        async for index, event in sub.events():
+            choice = choices[index]
+            choice.add(event)
+            failure = choice.failure(self.request_timeout)
+            if failure is not None:
+                yield p.sse(failure.body())
+                return
+            if tools and held[index] is None and p.is_tool_call_start(self.tokenizer, event.token):
+                held[index] = []
+            logprobs = None
+            if body.logprobs and event.token is not None:
+                logprobs = p.chat_logprobs(pieces[index], [event.token], [event.logprob])
+            pending = held[index]
+            if pending is not None:
+                pending.append(event.text)
+            elif event.text or logprobs:
+                yield chunk(index, {"content": event.text}, logprobs=logprobs)
+            if event.finish_reason is None:
+                continue
+            reason = event.finish_reason
+            if pending is not None:
+                message, reason = p.assistant_message(self.tokenizer, choice, tools)
+                if message.get("tool_calls"):
+                    yield chunk(index, {"tool_calls": p.tool_call_deltas(message["tool_calls"])})
+                elif "".join(pending):  # not a valid call after all: hand over the text held back
+                    yield chunk(index, {"content": "".join(pending)})
+            yield chunk(index, {}, reason)
+        if with_usage:
+            used = p.usage(prompt_tokens, sum(len(c.tokens) for c in choices))
+            yield p.sse(p.usage_chunk(cid, created, self.model_name, "chat.completion.chunk", used))
+        yield p.DONE
+
+    def _tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+        """The tools to show the model: none with tool_choice 'none'. A forced choice is not enforced."""
+        tools, choice = body.tools or None, body.tool_choice
+        if choice is not None and choice != "none" and tools is None:
+            raise bad_request("tool_choice: needs tools", "tool_choice")
+        if choice == "none":
+            return None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            names = {(t.get("function") or {}).get("name") for t in tools or []}
+            if name not in names:
+                raise bad_request(f"tool_choice: no tool named {name!r} among the tools", "tool_choice")
+        return tools
+
+    async def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        messages = _text_only(messages)
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, tools)
+        except TokenizerError as e:
+            raise bad_request(f"messages: this model has no chat format ({e}); use /v1/completions",
+                              "messages") from e
+        except ValueError as e:
+            raise bad_request(str(e), field_of(str(e), ("messages", "tools")) or "messages") from e
+
+    # ------------------------------------------------------------------------------------------ shared
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise bad_request(f"{param}: token ids must lie in [0, {vocab})", param)
+
+    def _job(self, body: GenerationFields, max_tokens: int | None, logprobs: bool, continuation: bool = False) -> Job:
+        try:
+            params = body.sampling_params()
+        except ValueError as e:
+            raise bad_request(str(e), field_of(str(e), SAMPLING_FIELDS)) from e
+        return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=body.seed,
+                   logprobs=logprobs, timeout=self.request_timeout, continuation=continuation)
+
+    def _submit(self, prompts: list[list[int]], job: Job, prompt_param: str) -> Submission:
+        try:
+            return submit(self.engine, prompts, job)
+        except QueueFullError as e:
+            raise APIError(503, f"the server is busy ({e}); retry later", kind="server_error",
+                           code="queue_full") from e
+        except ValueError as e:
+            message = str(e)
+            param = field_of(message, ("prompt", "max_tokens"))
+            code = "context_length_exceeded" if "context" in message else None
+            raise bad_request(message, prompt_param if param == "prompt" else param, code) from e
+
+    async def _collect(self, sub: Submission, request: HTTPRequest) -> list[p.Choice]:
+        """Wait for every choice of a non-streamed answer; a client that hangs up cancels them."""
+        choices = [p.Choice() for _ in sub.requests]
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, sub))
+        try:
+            async for index, event in sub.events():
+                choices[index].add(event)
+        finally:
+            watcher.cancel()
+            sub.cancel()
+        failure = p.first_failure(choices, self.request_timeout)
+        if failure is not None:
+            raise failure
+        return choices
+
+
+async def _cancel_on_disconnect(request: HTTPRequest, sub: Submission) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            sub.cancel()
+            return
+
+
+def _text_only(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages whose content is a list of text parts get it joined into one string (images are refused)."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise bad_request(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                texts.append(part["text"])
+            message = {**message, "content": "\n".join(texts)}
+        out.append(message)
+    return out

@@ -1,0 +1,191 @@
+"""OpenAI's response shapes, built from engine events: plain functions and dicts, no web framework.
+
+A `Choice` collects one engine request's events; the functions below turn choices into completion
+and chat-completion bodies, streamed chunks, logprobs, usage and tool calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import EngineEvent
+from ..tokenizer import Tokenizer
+from .errors import APIError
+
+DONE = "data: [DONE]\n\n"
+TOOL_CALLS_PIECE = "[TOOL_CALLS]"  # the control token that opens a tool call in Mistral's vocabularies
+
+
+@dataclass
+class Choice:
+    """One choice's output so far: text pieces, generated token ids and their logprobs."""
+
+    pieces: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def add(self, event: EngineEvent) -> None:
+        if event.text:
+            self.pieces.append(event.text)
+        if event.token is not None:
+            self.tokens.append(event.token)
+            self.logprobs.append(event.logprob)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+            self.error = event.error
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def failure(self, timeout: float | None) -> APIError | None:
+        """The error to answer with when the engine did not finish this choice normally."""
+        if self.finish_reason == "timeout":
+            return APIError(504, f"the request did not finish within its deadline of {timeout} seconds",
+                            kind="timeout_error", code="request_timeout")
+        if self.finish_reason == "error":
+            return APIError(500, f"generation failed: {self.error}", kind="server_error")
+        if self.finish_reason == "cancelled":
+            return APIError(503, "the request was cancelled", kind="server_error", code="cancelled")
+        return None
+
+
+def first_failure(choices: list[Choice], timeout: float | None) -> APIError | None:
+    return next((f for c in choices if (f := c.failure(timeout)) is not None), None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class TokenPieces:
+    """The bytes each token of one sequence adds to its text, token after token.
+
+    As in the incremental decoder, a sentencepiece vocabulary drops the space of the first piece, so
+    the pieces joined are the sequence's text. Text that splits a character shows U+FFFD; bytes are exact.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.first = True
+
+    def next(self, token: int) -> bytes:
+        raw = self.tokenizer.token_bytes(token, first=self.first)
+        if not self.tokenizer.is_special(token):
+            self.first = False
+        return raw
+
+
+def is_tool_call_start(tokenizer: Tokenizer, token: int | None) -> bool:
+    return token is not None and tokenizer.is_special(token) and tokenizer.id_to_piece(token) == TOOL_CALLS_PIECE
+
+
+# ---------------------------------------------------------------------------------------------- logprobs
+def completion_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float | None], offset: int = 0
+                        ) -> dict[str, Any]:
+    """Legacy completions logprobs: chosen tokens only (`top_logprobs` is null), `text_offset` from `offset`."""
+    texts = [pieces.next(t).decode("utf-8", errors="replace") for t in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float | None]) -> dict[str, Any]:
+    """Chat logprobs: one entry per chosen token; alternatives (`top_logprobs`) are not computed."""
+    content = []
+    for token, logprob in zip(tokens, logprobs):
+        raw = pieces.next(token)
+        content.append({"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw),
+                        "top_logprobs": []})
+    return {"content": content}
+
+
+# ---------------------------------------------------------------------------------------------- completions
+def completion_body(
+    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, int] | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def assistant_message(tokenizer: Tokenizer, choice: Choice, tools: bool) -> tuple[dict[str, Any], str]:
+    """The assistant message of a finished choice and its finish reason ("tool_calls" when it called tools).
+
+    With `tools`, the whole output is parsed with `tokenizer.parse_tool_calls`; output that does not
+    parse into tool calls is returned as text.
+    """
+    reason = choice.finish_reason or "stop"
+    if tools:
+        parsed = tokenizer.parse_tool_calls(choice.tokens)
+        if parsed.tool_calls:
+            return {"role": "assistant", "content": parsed.content or None, "tool_calls": parsed.tool_calls}, "tool_calls"
+    return {"role": "assistant", "content": choice.text}, reason
+
+
+def tool_call_deltas(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed form of tool calls: each whole call in one delta, with its index."""
+    return [{"index": k, **call} for k, call in enumerate(tool_calls)]
+
+
+def chat_body(
+    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, int]
+) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage_}
+
+
+def chat_chunk(
+    cid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    *,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(cid: str, created: int, model: str, obj: str, usage_: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, only usage."""
+    return {"id": cid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
