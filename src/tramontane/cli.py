@@ -84,6 +84,24 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .loading import load_model, save_model
+    from .quantize import QuantConfig
+
+    src, dst = Path(a.src), Path(a.dst)
+    if not src.exists():
+        raise CliError(f"{src}: no such file or folder")
+    if dst.exists() and any(dst.iterdir()) and not a.force:
+        raise CliError(f"{dst}: folder exists and is not empty (use --force to write into it)")
+    config = QuantConfig(a.to, a.group_size)
+    t0 = time.perf_counter()
+    model = load_model(src, quantize=config, progress=not a.quiet)
+    save_model(model, dst, to="native")
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    print(f"wrote {a.to} checkpoint to {dst} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from .loading import checkpoint_format, read_model_args
 
@@ -100,6 +118,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         "rope_theta": args.rope_theta, "sliding_window": args.sliding_window, "context": args.max_seq_len,
         "tied_embeddings": args.tied_embeddings,
         "weights_dtype": str(source_dtype(path)).removeprefix("torch."),
+        "quantization": args.extra.get("quantization", {}).get("method", "none"),
         "memory_fp32_gib": round(args.n_params * 4 / 2**30, 3),
         "memory_bf16_gib": round(args.n_params * 2 / 2**30, 3),
     }
@@ -131,7 +150,8 @@ def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
         torch.set_num_threads(a.threads)
     path = resolve_model(a.model)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, progress=sys.stderr.isatty())
+    model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, quantize=a.quantize,
+                       progress=sys.stderr.isatty())
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
     return model, tokenizer, path
@@ -227,7 +247,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise CliError(f"serve needs the server extras: pip install 'tramontane[serve]' ({e})") from e
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
-                                    max_queue=a.max_queue, max_seq_len=a.max_seq_len)
+                                    max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize)
     name = a.served_model_name or default_model_name(path)
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
           f"batch {a.max_batch}, KV cache {engine.cache.nbytes() / 2**30:.2f} GiB)"
@@ -260,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                     help="quantize weights while loading (int8 per channel, int4 in groups of 32)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
 
@@ -290,8 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails (0: never)")
     sv.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    sv.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize weights while loading")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.set_defaults(func=cmd_serve)
+
+    qz = sub.add_parser("quantize", parents=[common], help="save a quantized copy (int8 or int4) as a native folder")
+    qz.add_argument("src", help="native folder, Hugging Face folder or .gguf file")
+    qz.add_argument("dst", help="output folder (loads later without quantizing again)")
+    qz.add_argument("--to", choices=["int8", "int4"], required=True, help="scheme")
+    qz.add_argument("--group-size", type=int, default=32, help="int4 group size, a multiple of 32 (default 32)")
+    qz.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    qz.add_argument("--quiet", action="store_true", help="no progress bar")
+    qz.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("info", parents=[common], help="describe a model: architecture, size, tokenizer, chat format")
     i.add_argument("model", nargs="?", help="model path (default: the embedded demo model)")

@@ -31,11 +31,12 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        """The compute dtype (that of the norms: quantization transforms leave them alone)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return self.norm.weight.device
 
     def forward(
         self,
@@ -69,5 +70,6 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()

@@ -12,6 +12,7 @@ import torch
 from ..args import ModelArgs
 from ..errors import CheckpointError
 from ..model import Transformer
+from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
 from .common import build_model
 
@@ -56,35 +57,51 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     *,
+    quantize: str | QuantConfig | None = None,
     progress: bool = False,
 ) -> Transformer:
-    """Load a model for inference.
+    """Load a model for inference, optionally quantizing its weights as they stream in.
+
+    `quantize` is "int8", "int4" (groups of 32) or a QuantConfig. A checkpoint saved quantized
+    (`tramontane quantize`) loads as it was saved, without quantizing again.
 
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
+        >>> small = load_model("SmolLM2.gguf", quantize="int8")
 
     Raises:
         CheckpointError: the path holds no usable checkpoint; the message names the file and problem.
+        ValueError: `quantize` names no known scheme or disagrees with the checkpoint's.
     """
     p = Path(path)
     fmt = checkpoint_format(p)
+    wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
     if fmt == "native":
         args = native.read_args(p)
-        return build_model(args, native.iter_tensors(p), p, dtype, device, progress)
+        saved = native.read_quantization(p, args)
+        if saved is not None and wanted is not None and saved != wanted:
+            raise ValueError(f"quantize: {p} is already quantized as {saved.method}; it cannot be loaded as {wanted.method}")
+        return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted)
     if fmt == "hf":
         args = hf.read_args(p)
-        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress)
+        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
     from .gguf import iter_gguf_tensors, open_gguf, read_gguf_args
 
     file = _gguf_file(p)
     reader = open_gguf(file)
     args = read_gguf_args(reader)
     tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device))
-    return build_model(args, tensors, file, dtype, device, progress)
+    return build_model(args, tensors, file, dtype, device, progress, wanted)
 
 
 def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dtype | None = None) -> None:
-    """Write `model` as a native ('native') or Hugging Face ('hf') folder."""
+    """Write `model` as a native ('native') or Hugging Face ('hf') folder; a quantized model only as native."""
+    quant: QuantConfig | None = getattr(model, "quantization", None)
+    if quant is not None:
+        if to != "native":
+            raise ValueError(f"to: a {quant.method} model can only be saved as a native folder, not {to!r}")
+        native.save(Path(folder), model.args, quantized_state_dict(model), dtype, quant)
+        return
     state = model.state_dict()
     if to == "native":
         native.save(Path(folder), model.args, state, dtype)

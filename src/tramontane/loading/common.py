@@ -12,6 +12,14 @@ from tqdm import tqdm
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
 from ..model import Transformer
+from ..quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantConfig,
+    quantize_model,
+    quantized_state_dict,
+    tie_quantized_head,
+)
 
 # (internal name, tensor, file it came from)
 NamedTensors = Iterable[tuple[str, torch.Tensor, Path]]
@@ -31,38 +39,77 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device | str,
     progress: bool = False,
+    quant: QuantConfig | None = None,
 ) -> Transformer:
     """Create the model on the meta device and assign each tensor as it streams in.
 
-    Each source tensor is converted to `dtype`/`device` on its own, so peak memory is the model plus
-    one tensor. Raises TensorMismatchError naming the file and tensor for an unknown, duplicate,
-    misshapen or missing tensor.
+    Each source tensor is converted on its own, so peak memory is the model plus one tensor. Float
+    parameters take `dtype`; quantized buffers keep theirs. With `quant`, the source may be a saved
+    quantized checkpoint (its tensors are assigned as they are) or a float one (each weight is
+    quantized as it arrives, so a float copy of the whole model never exists).
+
+    Raises TensorMismatchError naming the file and tensor for an unknown, duplicate, misshapen or
+    missing tensor.
     """
     with torch.device("meta"):
         model = Transformer(args)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if quant is not None:
+        quantize_model(model, quant)
+    expected = dict(quantized_state_dict(model, keep_vars=True))
+    parameters = {name for name, _ in model.named_parameters()}
+    # float weight name -> the quantized module that takes it (e.g. layers.0.attention.wq.weight -> ...wq)
+    targets: dict[str, Int8Linear | Int4Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear | Int4Linear):
+            targets[name.removesuffix(".table") + ".weight"] = module
     loaded: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(shapes), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
-    for name, tensor, source in tensors:
-        if name not in shapes:
-            raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
+    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+
+    def put(name: str, value: torch.Tensor, source: Path) -> None:
         if name in loaded:
             raise TensorMismatchError(source, f"tensor {name!r} appears more than once")
-        if tuple(tensor.shape) != shapes[name]:
+        want = expected[name]
+        if tuple(value.shape) != tuple(want.shape):
             raise TensorMismatchError(
-                source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shapes[name])}"
+                source, f"tensor {name!r} has shape {list(value.shape)}, expected {list(want.shape)}"
             )
-        if not tensor.dtype.is_floating_point:
-            raise TensorMismatchError(source, f"tensor {name!r} has non-float dtype {tensor.dtype}")
-        loaded[name] = tensor.to(device=device, dtype=dtype)
+        if want.dtype.is_floating_point != value.dtype.is_floating_point:
+            raise TensorMismatchError(source, f"tensor {name!r} has dtype {value.dtype}, expected {want.dtype}")
+        loaded[name] = value.to(device=device, dtype=dtype if name in parameters else want.dtype)
         bar.update(1)
+
+    for name, tensor, source in tensors:
+        if name in expected and not (name in targets and tensor.dtype.is_floating_point and
+                                     tensor.dim() == 2 and tensor.shape[1] == targets[name].in_features):
+            put(name, tensor, source)
+        elif name in targets:
+            module = targets[name]
+            prefix = name.removesuffix("weight")
+            shape = (module.out_features, module.in_features)
+            if tuple(tensor.shape) != shape or not tensor.dtype.is_floating_point:
+                raise TensorMismatchError(
+                    source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
+                )
+            quantized = type(module).from_float(tensor.to(device), *([module.group_size]
+                                                                     if isinstance(module, Int4Linear) else []))
+            for key, value in quantized.state_dict().items():
+                put(_quant_key(prefix, key, expected), value, source)
+        else:
+            raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
     bar.close()
-    missing = [n for n in shapes if n not in loaded]
+    missing = [n for n in expected if n not in loaded]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise TensorMismatchError(where, f"missing tensor(s) {', '.join(missing[:5])}{more}")
-    model.load_state_dict(loaded, strict=True, assign=True)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    tie_quantized_head(model)
     return model.eval()
+
+
+def _quant_key(prefix: str, key: str, expected: dict[str, torch.Tensor]) -> str:
+    """`tok_embeddings.` + `scale` is stored under `tok_embeddings.table.scale`."""
+    name = prefix + key
+    return name if name in expected else prefix + "table." + key
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
+from ..quantize import QuantConfig
 from .common import iter_safetensors, load_pth
 
 
@@ -48,9 +49,20 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
             yield name, tensor, file
 
 
-def save(folder: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
-    """Write `params.json` and `consolidated.safetensors`."""
+def read_quantization(folder: Path, args: ModelArgs) -> QuantConfig | None:
+    """The scheme a quantized native folder was saved with (its params.json `quantization`)."""
+    data = args.extra.get("quantization")
+    return None if data is None else QuantConfig.from_json(data, folder / "params.json")
+
+
+def save(folder: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+         quant: QuantConfig | None = None) -> None:
+    """Write `params.json` and `consolidated.safetensors` (float tensors cast to `dtype` when given)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
-    tensors = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state_dict.items()}
+    params = args.to_params()
+    if quant is not None:
+        params["quantization"] = quant.to_json()
+    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    tensors = {k: (v if dtype is None or not v.dtype.is_floating_point or k.endswith((".scale", ".mins"))
+                   else v.to(dtype)).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(folder / "consolidated.safetensors"), metadata={"format": "pt"})

@@ -26,10 +26,11 @@ def load_engine(
     max_batch: int = 16,
     max_queue: int = 256,
     max_seq_len: int | None = None,
+    quantize: str | None = None,
 ) -> tuple[Engine, Tokenizer]:
     """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started)."""
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
     return engine, tokenizer
 

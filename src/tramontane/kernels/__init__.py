@@ -1,0 +1,45 @@
+"""Native kernels, compiled on first use with PyTorch's extension builder and cached on disk.
+
+`qlinear()` returns the compiled module, or None (with one warning) when it cannot be built; callers
+then use plain PyTorch, which gives the same results more slowly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("qlinear.cpp")
+
+
+@functools.lru_cache(maxsize=1)
+def qlinear() -> ModuleType | None:
+    """The int8/int4 CPU matmul extension (see qlinear.cpp), built once per source and torch version."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        _ensure_ninja_on_path()
+        return load(name=f"tramontane_qlinear_{digest}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-std=c++17"], verbose=False)
+    except Exception as e:  # no compiler, no headers, no ninja: fall back, loudly once
+        warnings.warn(f"tramontane: could not build the quantized kernels ({type(e).__name__}: {e}); "
+                      "int8/int4 layers fall back to slower PyTorch code", stacklevel=2)
+        return None
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel puts it next to the interpreter."""
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    bin_dir = str(ninja.BIN_DIR)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")

@@ -1,0 +1,244 @@
+"""Weight-only quantization: a transform that swaps modules, plus metadata saved with the checkpoint.
+
+- int8: one scale per output channel, symmetric, q in [-127, 127]; w = q * scale.
+- int4: groups of `group_size` (a multiple of 32) along the input dimension, asymmetric like GGUF's
+  Q4_1: w = q * scale + min with q in [0, 15]. Packed two to a byte in blocks of 32 (see qlinear.cpp).
+
+Every linear layer of the blocks, the output head and the token embeddings are quantized (a tied head
+shares the embedding's quantized tensors); norms and the MoE router stay in full precision. The model
+code does not know: `Int8Linear`/`Int4Linear` are drop-in modules.
+
+Example:
+    >>> model = quantize_model(load_model(path), QuantConfig("int4", group_size=32))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .kernels import qlinear
+from .model import Transformer
+
+METHODS = ("int8", "int4")
+# Up to this many rows of activations the fused kernel wins; beyond, dequantize once and use a GEMM.
+SMALL_BATCH = 16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantize: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "int4" and (self.group_size < 32 or self.group_size % 32):
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        if self.method == "int4":
+            out["group_size"] = self.group_size
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, source: str | Path) -> QuantConfig:
+        if not isinstance(data, dict) or "method" not in data:
+            raise ConfigError(source, f"quantization must be an object with a method, got {data!r}")
+        try:
+            return cls(data["method"], int(data.get("group_size", 32)))
+        except ValueError as e:
+            raise ConfigError(source, f"quantization: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ int8
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q [N, K] int8, scale [N] fp32)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T with int8 q [out, in] and one fp32 scale per output channel."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Linear:
+        out_features, in_features = weight.shape
+        m = cls(in_features, out_features).to(weight.device)
+        m.weight, m.scale = quantize_int8(weight)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # [M, in]
+        ext = qlinear() if flat.device.type == "cpu" and flat.shape[0] <= SMALL_BATCH else None
+        if ext is not None:
+            y = ext.int8_linear(flat.float().contiguous(), self.weight, self.scale)
+        else:
+            y = F.linear(flat.float(), self.dequantize())
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+# ------------------------------------------------------------------------------------------ int4
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4: (packed [N, K/2] uint8, scale [N, K/G], mins [N, K/G])."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4: input size {K} is not a multiple of group_size {group_size}")
+    groups = w.float().view(N, K // group_size, group_size)
+    mins = groups.amin(dim=-1)
+    scale = ((groups.amax(dim=-1) - mins) / 15).clamp(min=1e-12)
+    q = torch.round((groups - mins[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    blocks = q.view(N, K // 32, 32)  # byte i of a block: element i (low nibble), element i + 16 (high)
+    packed = (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(N, K // 2)
+    return packed.contiguous(), scale.contiguous(), mins.contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    N, half = packed.shape
+    K = half * 2
+    blocks = packed.view(N, K // 32, 16)
+    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(N, scale.shape[1], -1).float()  # [N, groups, G]
+    return (q * scale[..., None] + mins[..., None]).view(N, K)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    mins: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"int4: input size {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float32))
+        self.register_buffer("mins", torch.empty(out_features, groups, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int) -> Int4Linear:
+        out_features, in_features = weight.shape
+        m = cls(in_features, out_features, group_size).to(weight.device)
+        m.weight, m.scale, m.mins = quantize_int4(weight, group_size)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scale, self.mins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        ext = qlinear() if flat.device.type == "cpu" and flat.shape[0] <= SMALL_BATCH else None
+        if ext is not None:
+            y = ext.int4_linear(flat.float().contiguous(), self.weight, self.scale, self.mins, self.group_size)
+        else:
+            y = F.linear(flat.float(), self.dequantize())
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+QuantLinear = Int8Linear | Int4Linear
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings read from a quantized matrix: the rows of the batch are dequantized on the fly."""
+
+    def __init__(self, table: QuantLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        flat = tokens.reshape(-1)
+        if isinstance(t, Int8Linear):
+            rows = dequantize_int8(t.weight[flat], t.scale[flat])
+        else:
+            rows = dequantize_int4(t.weight[flat], t.scale[flat], t.mins[flat])
+        return rows.to(self.dtype).view(*tokens.shape, t.in_features)
+
+
+def _empty(config: QuantConfig, in_features: int, out_features: int) -> QuantLinear:
+    if config.method == "int8":
+        return Int8Linear(in_features, out_features)
+    return Int4Linear(in_features, out_features, config.group_size)
+
+
+def _from_float(config: QuantConfig, weight: torch.Tensor) -> QuantLinear:
+    if config.method == "int8":
+        return Int8Linear.from_float(weight)
+    return Int4Linear.from_float(weight, config.group_size)
+
+
+def _linear_slots(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every linear layer to quantize: all but the MoE router."""
+    slots = []
+    for name, module in model.layers.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, nn.Linear) and not (attr == "gate" and name.endswith("feed_forward")):
+                slots.append((module, attr, child))
+    return slots
+
+
+def quantize_model(model: Transformer, config: QuantConfig) -> Transformer:
+    """Quantize `model` in place (weights are replaced one at a time) and return it.
+
+    On the meta device this only swaps in empty quantized modules, ready for `load_state_dict(assign=True)`.
+    """
+    meta = model.tok_embeddings.weight.is_meta
+    dtype = model.dtype
+    for parent, attr, linear in _linear_slots(model):
+        new = _empty(config, linear.in_features, linear.out_features) if meta else _from_float(config, linear.weight)
+        setattr(parent, attr, new.to(device=linear.weight.device) if not meta else new.to("meta"))
+    emb = model.tok_embeddings
+    if isinstance(emb, nn.Embedding):
+        table = _empty(config, emb.embedding_dim, emb.num_embeddings).to("meta") if meta \
+            else _from_float(config, emb.weight)
+        model.tok_embeddings = QuantEmbedding(table, dtype)  # type: ignore[assignment]
+    if isinstance(model.output, nn.Linear):
+        out = model.output
+        model.output = (_empty(config, out.in_features, out.out_features).to("meta") if meta  # type: ignore[assignment]
+                        else _from_float(config, out.weight))
+    model.quantization = config  # type: ignore[assignment]
+    tie_quantized_head(model)
+    return model
+
+
+def tie_quantized_head(model: Transformer) -> None:
+    """A tied model projects with the embedding's quantized table (call after loading)."""
+    if model.args.tied_embeddings and isinstance(model.tok_embeddings, QuantEmbedding):
+        model.output = model.tok_embeddings.table  # type: ignore[assignment]
+
+
+def quantized_state_dict(model: Transformer, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors to save: a tied head is not written twice."""
+    state = model.state_dict(keep_vars=keep_vars)
+    if model.args.tied_embeddings:
+        state = {k: v for k, v in state.items() if not k.startswith("output.")}
+    return state
