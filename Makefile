@@ -31,8 +31,10 @@ demo: setup
 	$(VENV)/bin/tramontane demo
 	printf 'Name three winds of the Mediterranean.\n' | $(VENV)/bin/tramontane chat --max-tokens 64
 
+# llama.cpp builds from source once (pip caches the wheel); BENCH_ARGS=--quick for a smoke run.
 bench: setup
-	$(PY) benchmarks/run.py
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

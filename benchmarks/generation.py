@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tramontane import KVCache, Transformer, load_model
+from tramontane.fuse import fuse_projections
 from tramontane.generate import decode_step, generate, prefill
 
 from common import MISTRAL_1B, ensure_checkpoint, save_result
@@ -118,7 +119,7 @@ def main() -> None:
     del ref
 
     # rolling cache: decode cost at position 100 vs 4000 with a window of 1024
-    windowed = Transformer(dataclasses.replace(model.args, sliding_window=1024, max_seq_len=None))
+    windowed = fuse_projections(Transformer(dataclasses.replace(model.args, sliding_window=1024, max_seq_len=None)))
     windowed.load_state_dict(model.state_dict())
     early, late = decode_rate_at(windowed, 100), decode_rate_at(windowed, 4000)
     rows.append({"model": "SmolLM2 shape, window 1024", "metric": "decode tok/s at 100 / 4000",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tramontane import load_model
+from tramontane.fuse import fuse_projections, unfused_state_dict
 from tramontane.loading import save_model
 from tramontane.model import Transformer
 
@@ -50,7 +51,7 @@ def test_sliding_window_changes_logits_beyond_window(tiny_hf):
     """The window test above is only meaningful if the window changes the answer."""
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder)
-    wide = Transformer(dataclasses.replace(model.args, sliding_window=None))
+    wide = fuse_projections(Transformer(dataclasses.replace(model.args, sliding_window=None)))
     wide.load_state_dict(model.state_dict())
     x = tokens()
     a, b = model(x), wide(x)
@@ -82,7 +83,7 @@ def test_hf_permutation_is_undone(tiny_hf):
     ref_model, folder = tiny_hf("mistral-window")
     q_hf = ref_model.model.layers[0].self_attn.q_proj.weight.detach()
     model = load_model(folder)
-    wq = model.layers[0].attention.wq.weight.detach()
+    wq = unfused_state_dict(model.state_dict(), model)["layers.0.attention.wq.weight"]
     torch.testing.assert_close(wq, permute_hf_to_native(q_hf, 4))
     torch.testing.assert_close(permute_native_to_hf(wq, 4), q_hf)
     assert not torch.equal(wq, q_hf)

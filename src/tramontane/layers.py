@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op on the decode path
         # Normalise in fp32 and cast back before the weight, as the reference implementations do.
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -36,12 +38,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Set by `fuse.fuse_projections`: wq, wk and wv stacked by rows, one matmul instead of three.
+        self.wqkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, meta: StepMeta, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
-        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is None:
+            q = apply_rotary(self.wq(x).view(B, T, H, D), freqs_cis)
+            k = apply_rotary(self.wk(x).view(B, T, KV, D), freqs_cis)
+            v = self.wv(x).view(B, T, KV, D)
+        else:
+            qkv = self.wqkv(x).view(B, T, H + 2 * KV, D)
+            qk = apply_rotary(qkv[:, :, : H + KV], freqs_cis)  # q and k heads rotated together
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
         keys, values = meta.layer_kv(layer, k.transpose(1, 2), v.transpose(1, 2))  # [B, kv_heads, K, head_dim]
         out = attend(q.transpose(1, 2), keys, values, meta.mask, meta.is_causal)  # [B, heads, T, head_dim]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -78,9 +88,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # set by `fuse.fuse_projections`: w1 and w3 stacked by rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class MoeFeedForward(nn.Module):

@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("qlinear.cpp")
+BUILD_FLAGS = "-O3 -std=c++17 -fopenmp"
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,10 +25,12 @@ def qlinear() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        digest = hashlib.sha256(SOURCE.read_bytes() + BUILD_FLAGS.encode() + torch.__version__.encode()).hexdigest()[:12]
         _ensure_ninja_on_path()
+        # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already
+        # loaded, so the kernels share torch's thread pool instead of starting a second one.
         return load(name=f"tramontane_qlinear_{digest}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-std=c++17"], verbose=False)
+                    extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja: fall back, loudly once
         warnings.warn(f"tramontane: could not build the quantized kernels ({type(e).__name__}: {e}); "
                       "int8/int4 layers fall back to slower PyTorch code", stacklevel=2)

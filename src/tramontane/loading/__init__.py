@@ -11,6 +11,7 @@ import torch
 
 from ..args import ModelArgs
 from ..errors import CheckpointError
+from ..fuse import unfused_state_dict
 from ..model import Transformer
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
@@ -100,9 +101,9 @@ def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dty
     if quant is not None:
         if to != "native":
             raise ValueError(f"to: a {quant.method} model can only be saved as a native folder, not {to!r}")
-        native.save(Path(folder), model.args, quantized_state_dict(model), dtype, quant)
+        native.save(Path(folder), model.args, unfused_state_dict(quantized_state_dict(model), model), dtype, quant)
         return
-    state = model.state_dict()
+    state = unfused_state_dict(model.state_dict(), model)
     if to == "native":
         native.save(Path(folder), model.args, state, dtype)
     elif to == "hf":

@@ -1,0 +1,184 @@
+"""A benchmark worker: loads one system (tramontane, llama.cpp or transformers) once, then answers timing
+commands on stdin with JSON lines on stdout, so that the orchestrator can interleave the systems.
+
+    python benchmarks/workers.py ours  PATH [--quantize int8|int4]
+    python benchmarks/workers.py llama PATH.gguf
+    python benchmarks/workers.py hf    PATH [--gguf]
+
+Commands: {"cmd": "decode", "batch": B, "n": N}, {"cmd": "prefill", "n": N}, {"cmd": "rss"}, {"cmd": "quit"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, min(vocab, 30000)) for _ in range(length)] for _ in range(batch)]
+
+
+class Ours:
+    def __init__(self, path: str, quantize: str | None) -> None:
+        import torch
+
+        import tramontane
+
+        self.torch = torch
+        self.tramontane = tramontane
+        self.model = tramontane.load_model(path, quantize=quantize)
+        self.vocab = self.model.args.vocab_size
+
+    def decode(self, batch: int, n: int) -> float:
+        ps = prompts(batch, 16, self.vocab)
+        gen = self.tramontane.generate
+        gen(self.model, ps, max_tokens=3)  # warm-up
+        t0 = time.perf_counter()
+        gen(self.model, ps, max_tokens=1)
+        t1 = time.perf_counter()
+        gen(self.model, ps, max_tokens=n + 1)
+        t2 = time.perf_counter()
+        return batch * n / max((t2 - t1) - (t1 - t0), 1e-9)
+
+    def prefill(self, n: int) -> float:
+        from tramontane import KVCache
+        from tramontane.generate import prefill
+
+        ids = prompts(1, n, self.vocab)[0]
+        cache = KVCache.create(self.model.args, 1, n + 1, dtype=self.model.dtype)
+        with self.torch.inference_mode():
+            prefill(self.model, ids[:32], cache, 0, 512)
+            cache.reset()
+            t0 = time.perf_counter()
+            prefill(self.model, ids, cache, 0, 512)
+        return n / (time.perf_counter() - t0)
+
+
+class Llama:
+    """llama.cpp through llama-cpp-python; the next token is the argmax of its logits (its sampler is slow)."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        import numpy as np
+        from llama_cpp import Llama as L
+
+        self.np = np
+        self.llm = L(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                     verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def decode(self, batch: int, n: int) -> float:
+        if batch != 1:
+            raise ValueError("llama-cpp-python's Python API decodes one sequence at a time")
+        llm, np = self.llm, self.np
+        ids = prompts(1, 16, self.vocab)[0]
+        llm.reset()
+        llm.eval(ids)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return n / (time.perf_counter() - t0)
+
+    def prefill(self, n: int) -> float:
+        ids = prompts(1, n, self.vocab)[0]
+        self.llm.reset()
+        self.llm.eval(ids[:32])
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        return n / (time.perf_counter() - t0)
+
+
+class HF:
+    def __init__(self, path: str, gguf: bool) -> None:
+        import torch
+        import transformers
+
+        self.torch = torch
+        p = Path(path)
+        kw: dict[str, Any] = {"dtype": torch.float32}
+        if gguf:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, **kw).eval()
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(p, **kw).eval()
+        self.vocab = self.model.config.vocab_size
+
+    def _gen(self, ids: Any, n: int) -> None:
+        self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def decode(self, batch: int, n: int) -> float:
+        ids = self.torch.tensor(prompts(batch, 16, self.vocab))
+        with self.torch.inference_mode():
+            self._gen(ids, 2)
+            t0 = time.perf_counter()
+            self._gen(ids, 1)
+            t1 = time.perf_counter()
+            self._gen(ids, n + 1)
+            t2 = time.perf_counter()
+        return batch * n / max((t2 - t1) - (t1 - t0), 1e-9)
+
+    def prefill(self, n: int) -> float:
+        ids = self.torch.tensor(prompts(1, n, self.vocab))
+        with self.torch.inference_mode():
+            self.model(ids[:, :32])
+            t0 = time.perf_counter()
+            self.model(ids, logits_to_keep=1)
+        return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    from common import current_rss_bytes, peak_rss_bytes
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["ours", "llama", "hf"])
+    ap.add_argument("path")
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--gguf", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.kind != "llama":
+        import torch
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+    base = current_rss_bytes()
+    t0 = time.perf_counter()
+    system: Ours | Llama | HF
+    if a.kind == "ours":
+        system = Ours(a.path, a.quantize)
+    elif a.kind == "llama":
+        import os
+
+        system = Llama(a.path, a.threads or os.cpu_count() or 1)
+    else:
+        system = HF(a.path, a.gguf)
+    print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, "base_rss": base,
+                      "rss": current_rss_bytes()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["cmd"] == "decode":
+                out: dict[str, Any] = {"tok_s": system.decode(cmd["batch"], cmd["n"])}
+            elif cmd["cmd"] == "prefill":
+                out = {"tok_s": system.prefill(cmd["n"])}
+            elif cmd["cmd"] == "rss":
+                out = {"peak_rss": peak_rss_bytes(), "base_rss": base}
+            else:
+                break
+        except Exception as e:  # report, keep serving
+            out = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Fused projections: wq/wk/wv become one `wqkv` and w1/w3 one `w13`, stacked by output rows.
+
+A decode step is a long chain of small operations, so three matmuls that read the same input cost
+more than one that reads it once. The transform works on float and quantized linears alike (all their
+tensors are split by output rows), runs after loading, and `unfused_state_dict` gives back the
+checkpoint names for saving.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import Attention, FeedForward
+from .model import Transformer
+from .quantize import Int4Linear, Int8Linear
+
+_FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
+def concat_rows(parts: list[nn.Module]) -> nn.Module:
+    """One linear whose output is the outputs of `parts` side by side."""
+    first = parts[0]
+    out_features = 0
+    for p in parts:
+        assert isinstance(p, nn.Linear | Int8Linear | Int4Linear)
+        out_features += p.out_features
+    with torch.device("meta"):
+        if isinstance(first, nn.Linear):
+            fused: nn.Module = nn.Linear(first.in_features, out_features, bias=False)
+        elif isinstance(first, Int8Linear):
+            fused = Int8Linear(first.in_features, out_features)
+        elif isinstance(first, Int4Linear):
+            fused = Int4Linear(first.in_features, out_features, first.group_size)
+        else:
+            raise TypeError(f"cannot fuse {type(first).__name__}")
+    for name, tensor in list(first.named_parameters()) + list(first.named_buffers()):
+        joined = torch.cat([getattr(p, name) for p in parts], dim=0)
+        if isinstance(tensor, nn.Parameter):
+            setattr(fused, name, nn.Parameter(joined, requires_grad=False))
+        else:
+            setattr(fused, name, joined)
+    return fused
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """Fuse every attention's q/k/v and every (expert) feed-forward's w1/w3, in place."""
+    for module in model.modules():
+        if isinstance(module, Attention) and module.wqkv is None:
+            module.wqkv = concat_rows([module.wq, module.wk, module.wv])
+            del module.wq, module.wk, module.wv
+        elif isinstance(module, FeedForward) and module.w13 is None:
+            module.w13 = concat_rows([module.w1, module.w3])
+            del module.w1, module.w3
+    return model
+
+
+def unfused_state_dict(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
+    """`state` with fused tensors split back into the checkpoint's wq/wk/wv and w1/w3."""
+    args = model.args
+    sizes = {"wqkv": [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim,
+                      args.n_kv_heads * args.head_dim],
+             "w13": [args.hidden_dim, args.hidden_dim]}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        prefix, _, rest = key.rpartition(".")
+        head, _, fused = prefix.rpartition(".")
+        if fused in _FUSED:
+            # every tensor of a linear (weight, scale, mins) has one row per output
+            for part, chunk in zip(_FUSED[fused], value.split(sizes[fused], dim=0)):
+                out[f"{head}.{part}.{rest}"] = chunk.contiguous()
+        else:
+            out[key] = value
+    return out
