@@ -107,3 +107,28 @@ def test_cache_needs_positions_and_capacity(tiny_hf):
     cache = KVCache.create(model.args, batch_size=1, capacity=8)
     with pytest.raises(ValueError, match="positions"):
         model(prompt(1, 4), cache=cache)
+
+
+@torch.no_grad()
+def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
+    """A long prompt in chunks never builds a score matrix beyond chunk x (capacity + chunk)."""
+    import torch.nn.functional as F
+
+    from tramontane.generate import generate
+
+    _, folder = tiny_hf("mistral-window")
+    model = load_model(folder)  # window 8: capacity 8
+    shapes: list[tuple[int, int]] = []
+    real = F.scaled_dot_product_attention
+
+    rep = model.args.n_heads // model.args.n_kv_heads  # query heads that share a key head are stacked
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append((q.shape[2] // rep, k.shape[2]))  # (queries per head, keys)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    generate(model, [prompt(3, 100)[0].tolist()], max_tokens=1, chunk_size=5)
+    assert len(shapes) == 20 * model.args.n_layers  # 100 tokens in chunks of 5, every layer
+    assert max(q for q, _ in shapes) <= 5
+    assert max(q * k for q, k in shapes) <= 5 * (8 + 5)

@@ -421,3 +421,19 @@ def test_write_refuses_mismatched_state(tmp_path: Path) -> None:
         write_gguf(tmp_path / "x.gguf", TINY, state)
     with pytest.raises(ValueError, match="qtype"):
         write_gguf(tmp_path / "x.gguf", TINY, random_state(TINY), qtype="Q4_K")
+
+
+def test_convert_gguf_to_native_folder(smollm2_gguf_path, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from tramontane import load_model
+
+    r = subprocess.run([sys.executable, "-m", "tramontane.cli", "convert", str(smollm2_gguf_path), str(tmp_path / "n"),
+                        "--to", "native", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    x = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "n")(x), load_model(smollm2_gguf_path)(x), atol=0, rtol=0)

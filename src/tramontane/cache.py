@@ -143,6 +143,7 @@ class StepMeta:
     decode: bool = False
     fresh: bool = False  # a chunk into empty rows: nothing old to attend to
     kv_len: int = 0  # decode: only slots [0, kv_len) can hold anything yet
+    rot: torch.Tensor | None = None  # decode: (cos, sin) per rotary pair [B, head_dim // 2, 2], for fused kernels
 
     def layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's `k`, `v` [B, kv_heads, T, head_dim] and return the keys/values to attend to."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs, MoeArgs
 from .cache import StepMeta
+from .kernels import qlinear
 from .rope import apply_rotary
 
 
@@ -44,6 +47,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, meta: StepMeta, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        fast = _decode_kernel(x, meta)
+        if self.wqkv is not None and fast is not None and meta.cache is not None and meta.slots is not None \
+                and meta.rot is not None:
+            # one call: rotary, cache write and attention for this token of every sequence
+            cache = meta.cache
+            out = fast.decode_attention(self.wqkv(x).view(B, -1), meta.rot, cache.k[layer], cache.v[layer],
+                                        meta.slots.view(-1), cache.positions[:B], meta.positions.view(-1),
+                                        cache.window or 0, meta.kv_len, H, KV)
+            return self.wo(out.view(B, 1, H * D))
         if self.wqkv is None:
             q = apply_rotary(self.wq(x).view(B, T, H, D), freqs_cis)
             k = apply_rotary(self.wk(x).view(B, T, KV, D), freqs_cis)
@@ -55,6 +67,15 @@ class Attention(nn.Module):
         keys, values = meta.layer_kv(layer, k.transpose(1, 2), v.transpose(1, 2))  # [B, kv_heads, K, head_dim]
         out = attend(q.transpose(1, 2), keys, values, meta.mask, meta.is_causal)  # [B, heads, T, head_dim]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _decode_kernel(x: torch.Tensor, meta: StepMeta) -> Any:
+    """The native kernels when this step can use the fused decode attention (fp32 CPU, rows 0..B-1)."""
+    if not meta.decode or meta.rows is not None or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if meta.cache is None or meta.cache.k.dtype != torch.float32:
+        return None
+    return qlinear()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:

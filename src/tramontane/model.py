@@ -63,6 +63,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
         meta = step_meta(positions, self.args.sliding_window, cache, rows)
         freqs_cis = rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
+        if meta.decode:
+            meta.rot = torch.view_as_real(freqs_cis[:, 0]).contiguous()
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, meta, i)

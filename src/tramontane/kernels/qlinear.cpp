@@ -15,7 +15,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -322,6 +325,100 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   return y;
 }
 
+// ---------------------------------------------------------------------------------------- decode attention
+// One decode step of attention for B sequences, one new token each, in a single call: rotary embedding
+// of q and k (Mistral's interleaved pairs), the write of k and v into the cache, and attention over the
+// first kv_len cache slots with the position mask (0 <= p <= q_pos, p > q_pos - window). Replaces a
+// dozen small tensor operations per layer, whose dispatch cost dominates decoding a small model.
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
+                               torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
+                               int64_t kv_len, int64_t n_heads, int64_t n_kv_heads) {
+  const int64_t B = qkv.size(0), KV = n_kv_heads, H = n_heads, rep = H / KV;
+  const int64_t S = kcache.size(2), D = kcache.size(3);
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() && qkv.size(1) == (H + 2 * KV) * D,
+              "qkv must be contiguous float32 [B, (H + 2 KV) D]");
+  TORCH_CHECK(kcache.scalar_type() == torch::kFloat32 && kcache.is_contiguous() && vcache.is_contiguous() &&
+                  kcache.size(1) == KV && kcache.size(0) >= B, "caches must be contiguous float32 [rows, KV, S, D]");
+  TORCH_CHECK(rot.scalar_type() == torch::kFloat32 && rot.is_contiguous() && rot.numel() == B * D,
+              "rot must be contiguous float32 [B, D/2, 2] (cos, sin)");
+  TORCH_CHECK(key_pos.scalar_type() == torch::kInt64 && key_pos.size(1) == S && key_pos.stride(1) == 1,
+              "key_pos must be int64 [B, S] with unit stride");
+  TORCH_CHECK(kv_len >= 1 && kv_len <= S, "kv_len out of range");
+  slots = slots.contiguous();
+  q_pos = q_pos.contiguous();
+  auto out = torch::empty({B, H * D}, qkv.options());
+  const float* qp = qkv.data_ptr<float>();
+  const float* rp = rot.data_ptr<float>();
+  float* kc = kcache.data_ptr<float>();
+  float* vc = vcache.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* kp = key_pos.data_ptr<int64_t>();
+  const int64_t kp_stride = key_pos.stride(0);
+  const int64_t* qpos = q_pos.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kv_len), q(D);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / KV, g = bk % KV;
+      const float* row = qp + b * (H + 2 * KV) * D;
+      const float* r = rp + b * D;  // (cos, sin) pairs
+      // rotate k of this kv head and write it with v into the cache slot
+      float* kdst = kc + ((b * KV + g) * S + sp[b]) * D;
+      float* vdst = vc + ((b * KV + g) * S + sp[b]) * D;
+      const float* ksrc = row + (H + g) * D;
+      const float* vsrc = row + (H + KV + g) * D;
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float c = r[2 * i], s = r[2 * i + 1], x0 = ksrc[2 * i], x1 = ksrc[2 * i + 1];
+        kdst[2 * i] = x0 * c - x1 * s;
+        kdst[2 * i + 1] = x0 * s + x1 * c;
+      }
+      std::memcpy(vdst, vsrc, D * sizeof(float));
+      const int64_t* pos = kp + b * kp_stride;
+      const int64_t qn = qpos[b];
+      const float* kbase = kc + (b * KV + g) * S * D;
+      const float* vbase = vc + (b * KV + g) * S * D;
+      for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+        const float* qsrc = row + h * D;
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const float c = r[2 * i], s = r[2 * i + 1], x0 = qsrc[2 * i], x1 = qsrc[2 * i + 1];
+          q[2 * i] = (x0 * c - x1 * s) * scale;
+          q[2 * i + 1] = (x0 * s + x1 * c) * scale;
+        }
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < kv_len; ++t) {
+          const int64_t p = pos[t];
+          if (p < 0 || p > qn || (window > 0 && p <= qn - window)) {
+            scores[t] = -INFINITY;
+            continue;
+          }
+          const float* kt = kbase + t * D;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < D; ++i) dot += q[i] * kt[i];
+          scores[t] = dot;
+          mx = std::max(mx, dot);
+        }
+        float denom = 0.f;
+        for (int64_t t = 0; t < kv_len; ++t) {
+          scores[t] = scores[t] == -INFINITY ? 0.f : std::exp(scores[t] - mx);
+          denom += scores[t];
+        }
+        float* o = op + b * H * D + h * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+        for (int64_t t = 0; t < kv_len; ++t) {
+          if (scores[t] == 0.f) continue;
+          const float w = scores[t] / denom;
+          const float* vt = vbase + t * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) o[i] += w * vt[i];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 std::string isa() { return g_isa == Isa::kAvx512 ? "avx512" : g_isa == Isa::kAvx2 ? "avx2" : "portable"; }
 
 void set_isa(const std::string& name) {
@@ -335,6 +432,7 @@ void set_isa(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2]");
+  m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
   m.def("isa", &isa, "the instruction set in use");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512");
 }
