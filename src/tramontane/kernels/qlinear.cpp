@@ -71,6 +71,13 @@ void int4_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* w, const
 // accumulator chains hide the latency of the multiply-adds.
 constexpr int kRows = 4;
 
+// Ask for the bytes of the next tile of rows while this one computes: rows are short (a few cache
+// lines for small models), too short for the hardware prefetcher to run ahead within a row.
+inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 // ---------------------------------------------------------------------------------------- AVX-512
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
@@ -81,6 +88,7 @@ T512 inline __m512 load_i8x16(const int8_t* p) {
 template <int R, int T>
 T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, const float* scale, float* y,
                                   int64_t N, int64_t o, int64_t m0) {
+  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -105,6 +113,11 @@ template <int R, int T>
 T512 inline void int4_tile_avx512(const float* x, int64_t K, const uint8_t* w, const float* scale,
                                   const float* mins, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t groups = K / group, blocks_per_group = group / 32;
+  if (m0 == 0 && o + 2 * R <= N) {
+    prefetch_range(w + (o + R) * (K / 2), R * K / 2);
+    prefetch_range(scale + (o + R) * groups, R * groups * 4);
+    prefetch_range(mins + (o + R) * groups, R * groups * 4);
+  }
   const __m512i low = _mm512_set1_epi32(15);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
@@ -146,6 +159,7 @@ T256 inline float hsum256(__m256 v) {
 template <int R, int T>
 T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N,
                                 int64_t o, int64_t m0) {
+  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -171,6 +185,11 @@ template <int R, int T>
 T256 inline void int4_tile_avx2(const float* x, int64_t K, const uint8_t* w, const float* scale, const float* mins,
                                 int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t groups = K / group, blocks_per_group = group / 32;
+  if (m0 == 0 && o + 2 * R <= N) {
+    prefetch_range(w + (o + R) * (K / 2), R * K / 2);
+    prefetch_range(scale + (o + R) * groups, R * groups * 4);
+    prefetch_range(mins + (o + R) * groups, R * groups * 4);
+  }
   const __m256i low = _mm256_set1_epi32(15);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
