@@ -33,7 +33,7 @@ demo: setup
 
 # llama.cpp builds from source once (pip caches the wheel); BENCH_ARGS=--quick for a smoke run.
 bench: setup
-	$(PY) -m pip install --quiet -e '.[bench]'
+	CMAKE_ARGS="$$($(PY) benchmarks/llama_cmake_args.py)" $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from tramontane import ModelArgs, load_model  # noqa: E402
 from tramontane.cli import demo_model_path  # noqa: E402
+from tramontane.fuse import unfused_state_dict  # noqa: E402
 from tramontane.loading import hf, native  # noqa: E402
 from tramontane.loading.gguf import read_gguf_metadata, write_gguf  # noqa: E402
 
@@ -134,8 +135,9 @@ def compare_systems(name: str, specs: list[tuple[str, list[str]]], n: int, round
 def smollm2(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool, str]]:
     section("SmolLM2-135M-Instruct (real weights)")
     gguf = demo_model_path()
-    state = load_model(gguf).state_dict()
-    args = load_model(gguf).args
+    model = load_model(gguf)
+    state, args = unfused_state_dict(model.state_dict(), model), model.args
+    del model
     q8 = gguf_with(state, args, "Q8_0", gguf, WORK / "smollm2-q8_0.gguf")
     q40 = gguf_with(state, args, "Q4_0", gguf, WORK / "smollm2-q4_0.gguf")
     t = ["--threads", str(threads)]
@@ -177,7 +179,9 @@ def mistral_1b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: 
         native.save(folder, args, state)
         hf.save(hf_folder, args, state)
         del state
-    state = load_model(folder).state_dict()
+    model = load_model(folder)
+    state = unfused_state_dict(model.state_dict(), model)
+    del model
     ggufs = {q: gguf_with(state, args, q, demo_model_path(), WORK / f"mistral1b-{q.lower()}.gguf")
              for q in ("F32", "Q8_0", "Q4_0")}
     del state

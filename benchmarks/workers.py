@@ -146,9 +146,16 @@ def main() -> None:
     ap.add_argument("--gguf", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
-    if a.kind != "llama":
+    # the libraries are imported before the baseline, so that RSS figures count the model, not the runtime
+    if a.kind == "llama":
+        import llama_cpp  # noqa: F401
+    else:
         import torch
 
+        import tramontane  # noqa: F401
+
+        if a.kind == "hf":
+            import transformers  # noqa: F401
         if a.threads:
             torch.set_num_threads(a.threads)
     base = current_rss_bytes()

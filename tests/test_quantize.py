@@ -77,6 +77,22 @@ def test_int4_kernel_matches_reference(ext, isa, M, N, K, G):
     torch.testing.assert_close(ext.int4_linear(x, packed, scale, mins, G), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+def test_f32_kernel_and_fast_linear_match_matmul(ext, isa, M):
+    from tramontane.fuse import FastLinear
+
+    if not available(ext, isa):
+        pytest.skip(f"this CPU has no {isa}")
+    g = torch.Generator().manual_seed(M)
+    w, x = torch.randn(70, 100, generator=g), torch.randn(M, 100, generator=g)
+    torch.testing.assert_close(ext.f32_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
+    layer = FastLinear(100, 70, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        torch.testing.assert_close(layer(x.view(M, 1, 100)), (x @ w.T).view(M, 1, 70), atol=1e-4, rtol=1e-4)
+
+
 def test_modules_use_kernel_and_fallback_alike():
     w = torch.randn(40, 64)
     for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32)):

@@ -9,11 +9,13 @@ checkpoint names for saving.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .kernels import qlinear
 from .layers import Attention, FeedForward
 from .model import Transformer
-from .quantize import Int4Linear, Int8Linear
+from .quantize import SMALL_BATCH, Int4Linear, Int8Linear
 
 _FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
@@ -41,6 +43,34 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module:
         else:
             setattr(fused, name, joined)
     return fused
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose few-row fp32 CPU products (batched decode) go to the native kernel: PyTorch's own
+    matmul reads the weights well for one row (measured faster there) but not for a handful, and every
+    batched decode step is a handful. Same parameters and state-dict names as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if 2 <= rows <= SMALL_BATCH and x.dtype == torch.float32 and self.weight.dtype == torch.float32 \
+                and x.device.type == "cpu":
+            ext = qlinear()
+            if ext is not None:
+                y = ext.f32_linear(x.reshape(rows, self.in_features).contiguous(), self.weight)
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+
+def use_fast_linears(model: Transformer) -> Transformer:
+    """Swap every plain nn.Linear for a FastLinear sharing its weight, in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.bias is None:
+                with torch.device("meta"):
+                    fast = FastLinear(child.in_features, child.out_features, bias=False)
+                fast.weight = child.weight
+                setattr(module, name, fast)
+    return model
 
 
 def fuse_projections(model: Transformer) -> Transformer:

@@ -110,6 +110,30 @@ T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, co
 }
 
 template <int R, int T>
+T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
+                                 int64_t m0) {
+  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K * 4);
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + (o + r) * K + k);
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + (m0 + t) * K + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float sum = _mm512_reduce_add_ps(acc[r][t]);
+      for (int64_t k = K16; k < K; ++k) sum += w[(o + r) * K + k] * x[(m0 + t) * K + k];
+      y[(m0 + t) * N + o + r] = sum;
+    }
+}
+
+template <int R, int T>
 T512 inline void int4_tile_avx512(const float* x, int64_t K, const uint8_t* w, const float* scale,
                                   const float* mins, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t groups = K / group, blocks_per_group = group / 32;
@@ -178,6 +202,30 @@ T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, cons
       float sum = hsum256(acc[r][t]);
       for (int64_t k = K8; k < K; ++k) sum += float(w[(o + r) * K + k]) * x[(m0 + t) * K + k];
       y[(m0 + t) * N + o + r] = sum * scale[o + r];
+    }
+}
+
+template <int R, int T>
+T256 inline void f32_tile_avx2(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
+                               int64_t m0) {
+  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K * 4);
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + (o + r) * K + k);
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * K + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float sum = hsum256(acc[r][t]);
+      for (int64_t k = K8; k < K; ++k) sum += w[(o + r) * K + k] * x[(m0 + t) * K + k];
+      y[(m0 + t) * N + o + r] = sum;
     }
 }
 
@@ -261,6 +309,16 @@ T512 void int4_rows_avx512(const float* x, int64_t M, int64_t K, const uint8_t* 
   walk(M, begin, end, DISPATCH_TILE(int4_tile_avx512, x, K, w, scale, mins, group, y, N));
 }
 
+T512 void f32_rows_avx512(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t begin,
+                          int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(f32_tile_avx512, x, K, w, y, N));
+}
+
+T256 void f32_rows_avx2(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t begin,
+                        int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(f32_tile_avx2, x, K, w, y, N));
+}
+
 T256 void int8_rows_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
                          int64_t N, int64_t begin, int64_t end) {
   walk(M, begin, end, DISPATCH_TILE(int8_tile_avx2, x, K, w, scale, y, N));
@@ -318,6 +376,26 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
     int8_rows_ref(xp, M, K, wp, sp, yp, N, begin, end);
   });
   return y;
+}
+
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(), "w must be contiguous float32 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#ifdef TRAMONTANE_X86
+  if (g_isa != Isa::kRef) {
+    at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+      if (g_isa == Isa::kAvx512) return f32_rows_avx512(xp, M, K, wp, yp, N, begin, end);
+      f32_rows_avx2(xp, M, K, wp, yp, N, begin, end);
+    });
+    return y;
+  }
+#endif
+  return torch::matmul(x, w.t());
 }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor mins, int64_t group) {
@@ -449,6 +527,7 @@ void set_isa(const std::string& name) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("f32_linear", &f32_linear, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
   m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2]");
   m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");

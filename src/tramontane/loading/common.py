@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
-from ..fuse import fuse_projections
+from ..fuse import fuse_projections, use_fast_linears
 from ..model import Transformer
 from ..quantize import (
     Int4Linear,
@@ -104,7 +104,7 @@ def build_model(
         raise TensorMismatchError(where, f"missing tensor(s) {', '.join(missing[:5])}{more}")
     model.load_state_dict(loaded, strict=False, assign=True)
     tie_quantized_head(model)
-    return fuse_projections(model).eval()
+    return use_fast_linears(fuse_projections(model)).eval()
 
 
 def _quant_key(prefix: str, key: str, expected: dict[str, torch.Tensor]) -> str:
