@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -235,6 +236,10 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if a.max_tokens < 1:
         raise CliError(f"--max-tokens must be >= 1, got {a.max_tokens}")
     model, tokenizer, path = load_for_generation(a)
+    if sys.stdin.isatty():
+        # Ctrl-C must interrupt an answer even when our parent started us with SIGINT ignored
+        # (as a shell does for background jobs); Python would otherwise keep ignoring it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     session = ChatSession(model, tokenizer, system=a.system, max_tokens=a.max_tokens, seed=a.seed,
                           sampling=sampling_kwargs(a))
     return session.run(interactive=sys.stdin.isatty(), title=path.name)

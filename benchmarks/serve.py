@@ -1,0 +1,159 @@
+"""Serving throughput: `tramontane serve` beside llama.cpp's server (llama-cpp-python[server]) on the same
+SmolLM2 GGUF, both on 127.0.0.1, driven by the same streaming OpenAI-style clients.
+
+For 1, 4, 16 and 32 concurrent clients (the two servers taking turns at each level), every client sends
+`--requests` completions of `--max-tokens` tokens at temperature 0 and the run reports aggregate output
+tokens/s and p50/p99 time to first token, then the ratios and PASS/MISS for the issue's targets.
+
+Usage: python benchmarks/serve.py [--quick] [--quantize int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tramontane.cli import demo_model_path  # noqa: E402
+
+from common import RESULTS, machine  # noqa: E402
+
+PROMPTS = [
+    "The history of the Mediterranean winds begins with",
+    "Write a short story about a lighthouse keeper who",
+    "The three most important ideas in computer science are",
+    "Once upon a time, in a village by the sea,",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, label: str, argv: list[str], port: int) -> None:
+        self.label, self.port = label, port
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{label} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{label} did not come up in 300 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(time to first token, tokens received) for one streamed completion."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+
+
+async def load(port: int, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def user(i: int) -> list[tuple[float, int]]:
+            return [await one_request(client, port, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
+                    for j in range(requests)]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(user(i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    ttfts = sorted(t for t, _ in results)
+    p99 = ttfts[min(len(ttfts) - 1, int(round(0.99 * (len(ttfts) - 1))))]
+    return {"tok_s": sum(n for _, n in results) / wall, "ttft_p50": statistics.median(ttfts), "ttft_p99": p99}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quantize", default="int4", help="tramontane's weights: int4 (default), int8 or none")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    a = ap.parse_args()
+    levels = [1, 4, 16] if a.quick else [1, 4, 16, 32]
+    gguf = str(demo_model_path())
+    threads = str(os.cpu_count() or 1)
+    ours_port, llama_port = free_port(), free_port()
+    ours_argv = [sys.executable, "-m", "tramontane.cli", "serve", "--model", gguf, "--port", str(ours_port),
+                 "--max-batch", "32", "--max-seq-len", "512", "--log-level", "warning"]
+    if a.quantize != "none":
+        ours_argv += ["--quantize", a.quantize]
+    llama_argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(llama_port),
+                  "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "2048"]
+    info = machine()
+    print(f"{info['date']}  {info['cpu']}  {info['cores']} cores; SmolLM2-135M Q4_1 GGUF; ours --quantize {a.quantize}")
+    servers = [Server(f"tramontane ({a.quantize})", ours_argv, ours_port), Server("llama.cpp server", llama_argv,
+                                                                                   llama_port)]
+    rows: list[dict[str, Any]] = []
+    try:
+        for server in servers:  # warm-up
+            asyncio.run(load(server.port, 1, 1, 8))
+        print(f"{'clients':>7}  {'server':<22} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
+        for c in levels:
+            for server in servers:
+                r = asyncio.run(load(server.port, c, a.requests, a.max_tokens))
+                rows.append({"clients": c, "server": server.label, **r})
+                print(f"{c:>7}  {server.label:<22} {r['tok_s']:8.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s",
+                      flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    ours = {r["clients"]: r for r in rows if r["server"].startswith("tramontane")}
+    peer = {r["clients"]: r for r in rows if r["server"].startswith("llama")}
+    checks = [
+        ("16 clients: >= 3x llama.cpp server", ours[16]["tok_s"] / peer[16]["tok_s"], 3.0),
+        ("16 clients: >= 4x our own single client", ours[16]["tok_s"] / ours[1]["tok_s"], 4.0),
+    ]
+    for label, ratio, target in checks:
+        print(f"{'PASS' if ratio >= target else 'MISS'}  {label}: {ratio:.2f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "serve.json"
+    out.write_text(json.dumps({"machine": info, "rows": rows,
+                               "targets": [{"target": t, "ratio": r, "pass": r >= g} for t, r, g in checks]},
+                              indent=2) + "\n")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
