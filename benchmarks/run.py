@@ -101,6 +101,16 @@ def gguf_with(src_state: dict[str, torch.Tensor], args: ModelArgs, qtype: str, t
     return out
 
 
+def quantized_folder(src: Path, method: str, name: str) -> Path:
+    """`tramontane quantize` once: the workers load the saved folder, as a deployment would."""
+    from tramontane.loading import save_model
+
+    out = WORK / f"{name}-{method}"
+    if not (out / "params.json").is_file():
+        save_model(load_model(src, quantize=method), out, to="native")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ sections
 def section(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
@@ -143,8 +153,8 @@ def smollm2(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: flo
     t = ["--threads", str(threads)]
     specs = [
         ("ours fp32", ["ours", str(gguf), *t]),
-        ("ours int8", ["ours", str(gguf), "--quantize", "int8", *t]),
-        ("ours int4", ["ours", str(gguf), "--quantize", "int4", *t]),
+        ("ours int8", ["ours", str(quantized_folder(gguf, "int8", "smollm2")), *t]),
+        ("ours int4", ["ours", str(quantized_folder(gguf, "int4", "smollm2")), *t]),
         ("llama Q8_0", ["llama", str(q8), *t]),
         ("llama Q4_1", ["llama", str(gguf), *t]),
         ("llama Q4_0", ["llama", str(q40), *t]),
@@ -188,8 +198,8 @@ def mistral_1b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: 
     t = ["--threads", str(threads)]
     specs = [
         ("ours fp32", ["ours", str(folder), *t]),
-        ("ours int8", ["ours", str(folder), "--quantize", "int8", *t]),
-        ("ours int4", ["ours", str(folder), "--quantize", "int4", *t]),
+        ("ours int8", ["ours", str(quantized_folder(folder, "int8", "mistral1b")), *t]),
+        ("ours int4", ["ours", str(quantized_folder(folder, "int4", "mistral1b")), *t]),
         ("llama F32", ["llama", str(ggufs["F32"]), *t]),
         ("llama Q8_0", ["llama", str(ggufs["Q8_0"]), *t]),
         ("llama Q4_0", ["llama", str(ggufs["Q4_0"]), *t]),
@@ -305,9 +315,15 @@ def main() -> None:
     section("targets")
     for label, ok, value in checks:
         print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
-    results["targets"] = [{"target": t, "pass": ok, "value": v} for t, ok, v in checks]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench.json"
+    # sections run separately accumulate in one file; targets are keyed by their label
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    targets = {t["target"]: t for t in merged.get("targets", [])}
+    targets.update({t: {"target": t, "pass": ok, "value": v, "date": info["date"]} for t, ok, v in checks})
+    merged.update(results)
+    merged["targets"] = list(targets.values())
+    results = merged
     out.write_text(json.dumps(results, indent=2) + "\n")
     chart(results, RESULTS / "bench.png")
     print(f"results: {out}")

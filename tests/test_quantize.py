@@ -93,6 +93,11 @@ def test_f32_kernel_and_fast_linear_match_matmul(ext, isa, M):
         torch.testing.assert_close(layer(x.view(M, 1, 100)), (x @ w.T).view(M, 1, 70), atol=1e-4, rtol=1e-4)
 
 
+def test_int4_dequantize_kernel_matches_reference(ext):
+    packed, scale, mins = quantize_int4(torch.randn(33, 192), 64)
+    torch.testing.assert_close(ext.int4_dequantize(packed, scale, mins, 64), dequantize_int4(packed, scale, mins))
+
+
 def test_modules_use_kernel_and_fallback_alike():
     w = torch.randn(40, 64)
     for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32)):

@@ -151,6 +151,9 @@ class Int4Linear(nn.Module):
         return m
 
     def dequantize(self) -> torch.Tensor:
+        ext = qlinear() if self.weight.device.type == "cpu" else None
+        if ext is not None:
+            return ext.int4_dequantize(self.weight, self.scale, self.mins, self.group_size)
         return dequantize_int4(self.weight, self.scale, self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

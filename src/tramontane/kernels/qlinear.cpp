@@ -516,6 +516,33 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
   return out;
 }
 
+// Dequantize packed int4 rows to fp32 [N, K] (for prefill, where a GEMM on fp32 weights wins).
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tensor mins, int64_t group) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
+  TORCH_CHECK(group % 32 == 0 && K % group == 0 && scale.is_contiguous() && mins.is_contiguous(), "bad int4 layout");
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = mins.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* row = wp + o * (K / 2);
+      float* dst = op + o * K;
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const float s = sp[o * groups + b * 32 / group], mn = mp[o * groups + b * 32 / group];
+#pragma omp simd
+        for (int64_t i = 0; i < 16; ++i) {
+          dst[b * 32 + i] = float(row[b * 16 + i] & 15) * s + mn;
+          dst[b * 32 + i + 16] = float(row[b * 16 + i] >> 4) * s + mn;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 std::string isa() { return g_isa == Isa::kAvx512 ? "avx512" : g_isa == Isa::kAvx2 ? "avx2" : "portable"; }
 
 void set_isa(const std::string& name) {
@@ -531,6 +558,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2]");
   m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
+  m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("isa", &isa, "the instruction set in use");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512");
 }
