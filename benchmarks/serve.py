@@ -47,14 +47,16 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, label: str, argv: list[str], port: int) -> None:
-        self.label, self.port = label, port
+        self.label, self.port, self.model = label, port, ""
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{label} exited with {self.proc.returncode}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                if r.status_code == 200:
+                    self.model = r.json()["data"][0]["id"]
                     return
             except httpx.HTTPError:
                 pass
@@ -69,9 +71,10 @@ class Server:
             self.proc.kill()
 
 
-async def one_request(client: httpx.AsyncClient, port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
+async def one_request(client: httpx.AsyncClient, port: int, model: str, prompt: str,
+                      max_tokens: int) -> tuple[float, int]:
     """(time to first token, tokens received) for one streamed completion."""
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
@@ -88,12 +91,13 @@ async def one_request(client: httpx.AsyncClient, port: int, prompt: str, max_tok
     return (ttft if ttft is not None else time.perf_counter() - t0), tokens
 
 
-async def load(port: int, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+async def load(server: Server, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    port, model = server.port, server.model
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def user(i: int) -> list[tuple[float, int]]:
-            return [await one_request(client, port, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
+            return [await one_request(client, port, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
                     for j in range(requests)]
 
         t0 = time.perf_counter()
@@ -120,7 +124,8 @@ def main() -> None:
     if a.quantize != "none":
         ours_argv += ["--quantize", a.quantize]
     llama_argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(llama_port),
-                  "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "2048"]
+                  "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "2048",
+                  "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting them off
     info = machine()
     print(f"{info['date']}  {info['cpu']}  {info['cores']} cores; SmolLM2-135M Q4_1 GGUF; ours --quantize {a.quantize}")
     servers = [Server(f"tramontane ({a.quantize})", ours_argv, ours_port), Server("llama.cpp server", llama_argv,
@@ -128,11 +133,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         for server in servers:  # warm-up
-            asyncio.run(load(server.port, 1, 1, 8))
+            asyncio.run(load(server, 1, 1, 8))
         print(f"{'clients':>7}  {'server':<22} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
         for c in levels:
             for server in servers:
-                r = asyncio.run(load(server.port, c, a.requests, a.max_tokens))
+                r = asyncio.run(load(server, c, a.requests, a.max_tokens))
                 rows.append({"clients": c, "server": server.label, **r})
                 print(f"{c:>7}  {server.label:<22} {r['tok_s']:8.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s",
                       flush=True)
