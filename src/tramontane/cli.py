@@ -68,15 +68,21 @@ def source_dtype(path: Path) -> torch.dtype:
     return torch.float32
 
 
-# ---------------------------------------------------------------------------------------------- commands
-def cmd_convert(a: argparse.Namespace) -> int:
-    from .loading import load_model, save_model
-
+def source_and_destination(a: argparse.Namespace) -> tuple[Path, Path]:
+    """SRC must exist; DST must be new or empty unless --force, so nothing is overwritten by accident."""
     src, dst = Path(a.src), Path(a.dst)
     if not src.exists():
         raise CliError(f"{src}: no such file or folder")
     if dst.exists() and any(dst.iterdir()) and not a.force:
         raise CliError(f"{dst}: folder exists and is not empty (use --force to write into it)")
+    return src, dst
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .loading import load_model, save_model
+
+    src, dst = source_and_destination(a)
     dtype = source_dtype(src) if a.dtype == "auto" else parse_dtype(a.dtype)
     t0 = time.perf_counter()
     model = load_model(src, dtype=dtype, progress=not a.quiet)
@@ -89,11 +95,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .loading import load_model, save_model
     from .quantize import QuantConfig
 
-    src, dst = Path(a.src), Path(a.dst)
-    if not src.exists():
-        raise CliError(f"{src}: no such file or folder")
-    if dst.exists() and any(dst.iterdir()) and not a.force:
-        raise CliError(f"{dst}: folder exists and is not empty (use --force to write into it)")
+    src, dst = source_and_destination(a)
     config = QuantConfig(a.to, a.group_size)
     t0 = time.perf_counter()
     model = load_model(src, quantize=config, progress=not a.quiet)
