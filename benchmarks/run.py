@@ -29,7 +29,8 @@ from tramontane import ModelArgs, load_model  # noqa: E402
 from tramontane.cli import demo_model_path  # noqa: E402
 from tramontane.fuse import unfused_state_dict  # noqa: E402
 from tramontane.loading import hf, native  # noqa: E402
-from tramontane.loading.gguf import read_gguf_metadata, write_gguf  # noqa: E402
+from tramontane.loading.gguf import read_gguf_metadata  # noqa: E402
+from tramontane.loading.gguf_write import write_gguf  # noqa: E402
 
 from common import MISTRAL_1B, RESULTS, WORK, machine, random_state_dict  # noqa: E402
 

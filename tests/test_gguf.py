@@ -22,8 +22,8 @@ from tramontane.loading.gguf import (
     open_gguf,
     read_gguf_args,
     read_gguf_metadata,
-    write_gguf,
 )
+from tramontane.loading.gguf_write import write_gguf
 from tramontane.loading.hf import permute_hf_to_native, permute_native_to_hf
 
 # transformers' parameter names -> ours, for the dense Llama layout.
