@@ -58,6 +58,29 @@ class QuantConfig:
             raise ConfigError(source, f"quantization: {e}") from e
 
 
+class _QuantLinear(nn.Module):
+    """What int8 and int4 layers share: decode-sized inputs on CPU go to the fused kernel, the rest
+    (prefill, other devices, no compiler) dequantize once and use a plain matmul."""
+
+    in_features: int
+    out_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # [M, in]
+        ext = qlinear() if flat.device.type == "cpu" and flat.shape[0] <= SMALL_BATCH else None
+        if ext is not None:
+            y = self._fused(ext, flat.float().contiguous())
+        else:
+            y = F.linear(flat.float(), self.dequantize())
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
 # ------------------------------------------------------------------------------------------ int8
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: (q [N, K] int8, scale [N] fp32)."""
@@ -71,7 +94,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_QuantLinear):
     """y = x @ (q * scale).T with int8 q [out, in] and one fp32 scale per output channel."""
 
     weight: torch.Tensor
@@ -86,21 +109,16 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Linear:
         out_features, in_features = weight.shape
-        m = cls(in_features, out_features).to(weight.device)
+        with torch.device("meta"):
+            m = cls(in_features, out_features)
         m.weight, m.scale = quantize_int8(weight)
         return m
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)  # [M, in]
-        ext = qlinear() if flat.device.type == "cpu" and flat.shape[0] <= SMALL_BATCH else None
-        if ext is not None:
-            y = ext.int8_linear(flat.float().contiguous(), self.weight, self.scale)
-        else:
-            y = F.linear(flat.float(), self.dequantize())
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+        return ext.int8_linear(flat, self.weight, self.scale)
 
 
 # ------------------------------------------------------------------------------------------ int4
@@ -126,7 +144,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tenso
     return (q * scale[..., None] + mins[..., None]).view(N, K)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantLinear):
     """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte."""
 
     weight: torch.Tensor
@@ -146,7 +164,8 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int) -> Int4Linear:
         out_features, in_features = weight.shape
-        m = cls(in_features, out_features, group_size).to(weight.device)
+        with torch.device("meta"):
+            m = cls(in_features, out_features, group_size)
         m.weight, m.scale, m.mins = quantize_int4(weight, group_size)
         return m
 
@@ -156,14 +175,8 @@ class Int4Linear(nn.Module):
             return ext.int4_dequantize(self.weight, self.scale, self.mins, self.group_size)
         return dequantize_int4(self.weight, self.scale, self.mins)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        ext = qlinear() if flat.device.type == "cpu" and flat.shape[0] <= SMALL_BATCH else None
-        if ext is not None:
-            y = ext.int4_linear(flat.float().contiguous(), self.weight, self.scale, self.mins, self.group_size)
-        else:
-            y = F.linear(flat.float(), self.dequantize())
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+        return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
 
 
 QuantLinear = Int8Linear | Int4Linear
@@ -187,13 +200,15 @@ class QuantEmbedding(nn.Module):
         return rows.to(self.dtype).view(*tokens.shape, t.in_features)
 
 
-def _empty(config: QuantConfig, in_features: int, out_features: int) -> QuantLinear:
-    if config.method == "int8":
-        return Int8Linear(in_features, out_features)
-    return Int4Linear(in_features, out_features, config.group_size)
-
-
-def _from_float(config: QuantConfig, weight: torch.Tensor) -> QuantLinear:
+def quantize_linear(config: QuantConfig, weight: torch.Tensor) -> QuantLinear:
+    """The quantized layer for a float `weight` [out, in]; for a meta weight, an empty one on meta
+    (a skeleton for `load_state_dict(assign=True)`)."""
+    out_features, in_features = weight.shape
+    if weight.is_meta:
+        with torch.device("meta"):
+            if config.method == "int8":
+                return Int8Linear(in_features, out_features)
+            return Int4Linear(in_features, out_features, config.group_size)
     if config.method == "int8":
         return Int8Linear.from_float(weight)
     return Int4Linear.from_float(weight, config.group_size)
@@ -214,20 +229,14 @@ def quantize_model(model: Transformer, config: QuantConfig) -> Transformer:
 
     On the meta device this only swaps in empty quantized modules, ready for `load_state_dict(assign=True)`.
     """
-    meta = model.tok_embeddings.weight.is_meta
     dtype = model.dtype
     for parent, attr, linear in _linear_slots(model):
-        new = _empty(config, linear.in_features, linear.out_features) if meta else _from_float(config, linear.weight)
-        setattr(parent, attr, new.to(device=linear.weight.device) if not meta else new.to("meta"))
-    emb = model.tok_embeddings
-    if isinstance(emb, nn.Embedding):
-        table = _empty(config, emb.embedding_dim, emb.num_embeddings).to("meta") if meta \
-            else _from_float(config, emb.weight)
+        setattr(parent, attr, quantize_linear(config, linear.weight))
+    if isinstance(model.tok_embeddings, nn.Embedding):
+        table = quantize_linear(config, model.tok_embeddings.weight)  # [vocab, dim], like a head
         model.tok_embeddings = QuantEmbedding(table, dtype)  # type: ignore[assignment]
     if isinstance(model.output, nn.Linear):
-        out = model.output
-        model.output = (_empty(config, out.in_features, out.out_features).to("meta") if meta  # type: ignore[assignment]
-                        else _from_float(config, out.weight))
+        model.output = quantize_linear(config, model.output.weight)  # type: ignore[assignment]
     model.quantization = config  # type: ignore[assignment]
     tie_quantized_head(model)
     return model

@@ -17,6 +17,7 @@ from ..quantize import (
     Int4Linear,
     Int8Linear,
     QuantConfig,
+    quantize_linear,
     quantize_model,
     quantized_state_dict,
     tie_quantized_head,
@@ -80,21 +81,19 @@ def build_model(
         bar.update(1)
 
     for name, tensor, source in tensors:
-        if name in expected and not (name in targets and tensor.dtype.is_floating_point and
-                                     tensor.dim() == 2 and tensor.shape[1] == targets[name].in_features):
-            put(name, tensor, source)
-        elif name in targets:
+        if name in targets and tensor.dtype.is_floating_point:  # a float weight to quantize as it arrives
             module = targets[name]
-            prefix = name.removesuffix("weight")
             shape = (module.out_features, module.in_features)
-            if tuple(tensor.shape) != shape or not tensor.dtype.is_floating_point:
+            if tuple(tensor.shape) != shape:
                 raise TensorMismatchError(
                     source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
                 )
-            quantized = type(module).from_float(tensor.to(device), *([module.group_size]
-                                                                     if isinstance(module, Int4Linear) else []))
-            for key, value in quantized.state_dict().items():
+            assert quant is not None  # targets exist only for a quantized skeleton
+            prefix = name.removesuffix("weight")
+            for key, value in quantize_linear(quant, tensor.to(device)).state_dict().items():
                 put(_quant_key(prefix, key, expected), value, source)
+        elif name in expected:  # float model tensors, or a saved quantized checkpoint's own tensors
+            put(name, tensor, source)
         else:
             raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
     bar.close()
