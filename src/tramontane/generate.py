@@ -14,7 +14,7 @@ import torch
 
 from .cache import KVCache
 from .model import Transformer
-from .sampling import SamplingParams, sample_one
+from .sampling import Penalties, SamplingParams, sample_rows, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,7 @@ def stream(
     cache = KVCache.create(args, len(prompts), capacity, dtype=model.dtype, device=device)
     generators = [torch.Generator(device=device).manual_seed(seed + i) if seed is not None else None
                   for i in range(len(prompts))]
-    # penalty bookkeeping, only when asked for
-    seen = counts = None
-    if params.penalised:
-        seen = torch.zeros(len(prompts), args.vocab_size, dtype=torch.bool, device=device)
-        counts = torch.zeros(len(prompts), args.vocab_size, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            seen[i, torch.tensor(list(p), device=device)] = True
+    penalties = [Penalties.for_prompt(p, args.vocab_size, device) if params.penalised else None for p in prompts]
 
     active = list(range(len(prompts)))  # prompt index of each cache row, rows kept contiguous
     lengths = [len(p) for p in prompts]
@@ -130,16 +124,9 @@ def stream(
     with torch.inference_mode():
         logits = torch.stack([prefill(model, p, cache, i, chunk) for i, p in enumerate(prompts)])
         while active:
-            if params.greedy and not params.penalised:
-                chosen = logits.argmax(-1).tolist()
-            else:
-                chosen = [
-                    sample_one(logits[r], params, generators[i],
-                               None if seen is None else seen[i], None if counts is None else counts[i])
-                    for r, i in enumerate(active)
-                ]
-            lps = (torch.log_softmax(logits, -1).gather(-1, torch.tensor(chosen, device=device)[:, None])[:, 0].tolist()
-                   if logprobs else [None] * len(active))
+            chosen = sample_rows(logits, [params] * len(active), [generators[i] for i in active],
+                                 [penalties[i] for i in active])
+            lps: list[float | None] = list(token_logprobs(logits, chosen)) if logprobs else [None] * len(active)
             keep: list[int] = []
             for r, i in enumerate(active):
                 tok = chosen[r]
@@ -151,9 +138,8 @@ def stream(
                 if stop_check is not None and stop_check(i, tok):
                     yield FinishEvent(i, "stop")
                     continue
-                if seen is not None and counts is not None:
-                    seen[i, tok] = True
-                    counts[i, tok] += 1
+                if (pen := penalties[i]) is not None:
+                    pen.record(tok)
                 if produced[i] >= max_tokens:
                     yield FinishEvent(i, "length")
                     continue

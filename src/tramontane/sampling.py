@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,19 +88,55 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return out
 
 
+@dataclass
+class Penalties:
+    """One sequence's state for the penalties: `seen` [V] (prompt or output), output `counts` [V]."""
+
+    seen: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def for_prompt(cls, prompt: Sequence[int], vocab_size: int, device: torch.device | str = "cpu") -> Penalties:
+        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(list(prompt), device=device)] = True
+        return cls(seen, torch.zeros(vocab_size, dtype=torch.long, device=device))
+
+    def record(self, token: int) -> None:
+        self.seen[token] = True
+        self.counts[token] += 1
+
+
 def sample_one(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None = None,
-    seen: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
+    penalties: Penalties | None = None,
 ) -> int:
     """Draw one token id from logits [V] (fp32)."""
     if params.penalised:
-        if seen is None or counts is None:
+        if penalties is None:
             raise ValueError("penalties need the seen tokens and output counts")
-        logits = apply_penalties(logits, seen, counts, params)
+        logits = apply_penalties(logits, penalties.seen, penalties.counts, params)
     if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    penalties: Sequence[Penalties | None],
+) -> list[int]:
+    """One token per row of logits [B, V], each row with its own parameters and state; a single argmax
+    when every row is plain greedy."""
+    if all(p.greedy and not p.penalised for p in params):
+        return logits.argmax(-1).tolist()
+    return [sample_one(logits[i], p, g, pen) for i, (p, g, pen) in enumerate(zip(params, generators, penalties))]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+    """Log-probability under the model (before any sampling transform) of `tokens[i]` in row i of [B, V]."""
+    picked = torch.tensor(list(tokens), device=logits.device)[:, None]
+    return torch.log_softmax(logits, -1).gather(-1, picked)[:, 0].tolist()

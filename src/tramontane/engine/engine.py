@@ -26,7 +26,7 @@ import torch
 from ..cache import KVCache
 from ..generate import decode_step
 from ..model import Transformer
-from ..sampling import sample_one
+from ..sampling import Penalties, sample_one, sample_rows, token_logprobs
 from ..textgen import TextTracker
 from .metrics import Metrics
 from .request import EngineEvent, Request
@@ -45,8 +45,7 @@ class _Seq:
     tracker: TextTracker
     stop_ids: frozenset[int]
     generator: torch.Generator | None
-    seen: torch.Tensor | None
-    counts: torch.Tensor | None
+    penalties: Penalties | None
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
@@ -184,13 +183,9 @@ class Engine:
         device = self.model.device
         vocab = self.model.args.vocab_size
         gen = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
-        seen = counts = None
-        if req.params.penalised:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            seen[torch.tensor(req.prompt, device=device)] = True
-            counts = torch.zeros(vocab, dtype=torch.long, device=device)
+        penalties = Penalties.for_prompt(req.prompt, vocab, device) if req.params.penalised else None
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
-        return _Seq(req, row, TextTracker(self.tokenizer, req.stop_strings, req.continuation), stop_ids, gen, seen, counts)
+        return _Seq(req, row, TextTracker(self.tokenizer, req.stop_strings, req.continuation), stop_ids, gen, penalties)
 
     def _prefill_chunk(self) -> bool:
         if not self._prefilling:
@@ -208,8 +203,8 @@ class Engine:
         if seq.prefilled < len(seq.req.prompt):
             return True
         self._prefilling.pop(0)
-        token = sample_one(logits, seq.req.params, seq.generator, seq.seen, seq.counts)
-        lp = float(torch.log_softmax(logits, -1)[token]) if seq.req.logprobs else None
+        token = sample_one(logits, seq.req.params, seq.generator, seq.penalties)
+        lp = token_logprobs(logits[None], [token])[0] if seq.req.logprobs else None
         if self._accept(seq, token, lp):
             self._release(seq.row)
         else:
@@ -226,14 +221,11 @@ class Engine:
         logits = decode_step(self.model, tokens, positions, self.cache)  # rows 0..B-1
         self.metrics.batch_size.set(len(batch))
         self.metrics.batch_sizes.observe(len(batch))
-        if all(s.req.params.greedy and not s.req.params.penalised for s in batch):
-            chosen = logits.argmax(-1).tolist()
-        else:
-            chosen = [sample_one(logits[i], s.req.params, s.generator, s.seen, s.counts) for i, s in enumerate(batch)]
+        chosen = sample_rows(logits, [s.req.params for s in batch], [s.generator for s in batch],
+                             [s.penalties for s in batch])
         lps: list[float | None] = [None] * len(batch)
         if any(s.req.logprobs for s in batch):
-            picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(chosen, device=device)[:, None])
-            lps = [float(x) if s.req.logprobs else None for x, s in zip(picked[:, 0].tolist(), batch)]
+            lps = [lp if s.req.logprobs else None for lp, s in zip(token_logprobs(logits, chosen), batch)]
         done = [i for i, s in enumerate(batch) if self._accept(s, chosen[i], lps[i])]
         for row in reversed(done):
             self._remove_decoding(row)
@@ -258,9 +250,8 @@ class Engine:
         if hit:
             self._finish(seq, "stop")
             return True
-        if seq.seen is not None and seq.counts is not None:
-            seq.seen[token] = True
-            seq.counts[token] += 1
+        if seq.penalties is not None:
+            seq.penalties.record(token)
         if seq.generated >= seq.req.max_tokens:
             self._finish(seq, "length")
             return True
