@@ -437,3 +437,24 @@ def test_convert_gguf_to_native_folder(smollm2_gguf_path, tmp_path):
     x = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "n")(x), load_model(smollm2_gguf_path)(x), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_q4_0_loads_as_int4_without_requantizing(tmp_path: Path) -> None:
+    from tramontane import load_model
+    from tramontane.quantize import Int4Linear, QuantEmbedding
+
+    path = tmp_path / "q4.gguf"
+    write_gguf(path, TINY, random_state(TINY), qtype="Q4_0")
+    _, floats = load_gguf_state_dict(path)  # gguf-py's own dequantization of every block
+    model = load_model(path, quantize="int4")
+    emb = model.tok_embeddings
+    assert isinstance(emb, QuantEmbedding) and isinstance(model.output, Int4Linear)
+    # the same values as the file's blocks, bit for bit (a requantization would move some)
+    assert torch.equal(emb.table.dequantize(), floats["tok_embeddings.weight"])
+    assert torch.equal(model.output.dequantize(), floats["output.weight"])
+    w2 = model.layers[1].feed_forward.w2
+    assert isinstance(w2, Int4Linear) and torch.equal(w2.dequantize(), floats["layers.1.feed_forward.w2.weight"])
+    qkv = model.layers[0].attention.wqkv.dequantize()
+    wq, wk, wv = (floats[f"layers.0.attention.{n}.weight"] for n in ("wq", "wk", "wv"))
+    assert torch.equal(qkv, torch.cat([wq, wk, wv]))

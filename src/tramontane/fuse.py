@@ -96,7 +96,7 @@ def unfused_state_dict(state: dict[str, torch.Tensor], model: Transformer) -> di
         prefix, _, rest = key.rpartition(".")
         head, _, fused = prefix.rpartition(".")
         if fused in _FUSED:
-            # every tensor of a linear (weight, scale, mins) has one row per output
+            # every tensor of a linear (weight, scale) has one row per output
             for part, chunk in zip(_FUSED[fused], value.split(sizes[fused], dim=0)):
                 out[f"{head}.{part}.{rest}"] = chunk.contiguous()
         else:

@@ -1,8 +1,10 @@
 """Weight-only quantization: a transform that swaps modules, plus metadata saved with the checkpoint.
 
 - int8: one scale per output channel, symmetric, q in [-127, 127]; w = q * scale.
-- int4: groups of `group_size` (a multiple of 32) along the input dimension, asymmetric like GGUF's
-  Q4_1: w = q * scale + min with q in [0, 15]. Packed two to a byte in blocks of 32 (see qlinear.cpp).
+- int4: groups of `group_size` (a multiple of 32) along the input dimension, symmetric like GGUF's
+  Q4_0: w = (q - 8) * scale with q in [0, 15] and a float16 scale; 4.5 bits per weight at groups of
+  32. Packed two to a byte in blocks of 32, the bytes of Q4_0 (see kernels/int4.cpp), so a Q4_0 GGUF
+  loads without requantizing.
 
 Every linear layer of the blocks, the output head and the token embeddings are quantized (a tied head
 shares the embedding's quantized tensors); norms and the MoE router stay in full precision. The model
@@ -122,34 +124,39 @@ class Int8Linear(_QuantLinear):
 
 
 # ------------------------------------------------------------------------------------------ int4
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise asymmetric int4: (packed [N, K/2] uint8, scale [N, K/G], mins [N, K/G])."""
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise symmetric int4: (packed [N, K/2] uint8, scale [N, K/G] float16).
+
+    The scale maps the group's largest-magnitude value to -8, the end of the range with one more step,
+    so that value is exact and the other side keeps 7 steps.
+    """
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4: input size {K} is not a multiple of group_size {group_size}")
     groups = w.float().view(N, K // group_size, group_size)
-    mins = groups.amin(dim=-1)
-    scale = ((groups.amax(dim=-1) - mins) / 15).clamp(min=1e-12)
-    q = torch.round((groups - mins[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed, [N, K/G]
+    scale = (extreme / -8).to(torch.float16)
+    safe = scale.float()
+    safe = torch.where(safe == 0, torch.ones_like(safe), safe)
+    q = (torch.round(groups / safe[..., None]) + 8).clamp(0, 15).to(torch.uint8)
     blocks = q.view(N, K // 32, 32)  # byte i of a block: element i (low nibble), element i + 16 (high)
     packed = (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(N, K // 2)
-    return packed.contiguous(), scale.contiguous(), mins.contiguous()
+    return packed.contiguous(), scale.contiguous()
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     N, half = packed.shape
     K = half * 2
     blocks = packed.view(N, K // 32, 16)
-    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(N, scale.shape[1], -1).float()  # [N, groups, G]
-    return (q * scale[..., None] + mins[..., None]).view(N, K)
+    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(N, scale.shape[1], -1).float() - 8  # [N, groups, G]
+    return (q * scale.float()[..., None]).view(N, K)
 
 
 class Int4Linear(_QuantLinear):
-    """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte."""
+    """y = x @ dequant(w).T with group-wise symmetric int4 weights, packed two per byte."""
 
     weight: torch.Tensor
     scale: torch.Tensor
-    mins: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
         super().__init__()
@@ -158,25 +165,24 @@ class Int4Linear(_QuantLinear):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float32))
-        self.register_buffer("mins", torch.empty(out_features, groups, dtype=torch.float32))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int) -> Int4Linear:
         out_features, in_features = weight.shape
         with torch.device("meta"):
             m = cls(in_features, out_features, group_size)
-        m.weight, m.scale, m.mins = quantize_int4(weight, group_size)
+        m.weight, m.scale = quantize_int4(weight, group_size)
         return m
 
     def dequantize(self) -> torch.Tensor:
         ext = qlinear() if self.weight.device.type == "cpu" else None
         if ext is not None:
-            return ext.int4_dequantize(self.weight, self.scale, self.mins, self.group_size)
-        return dequantize_int4(self.weight, self.scale, self.mins)
+            return ext.int4_dequantize(self.weight, self.scale, self.group_size)
+        return dequantize_int4(self.weight, self.scale)
 
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
-        return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
+        return ext.int4_linear(flat, self.weight, self.scale, self.group_size)
 
 
 QuantLinear = Int8Linear | Int4Linear
@@ -196,7 +202,7 @@ class QuantEmbedding(nn.Module):
         if isinstance(t, Int8Linear):
             rows = dequantize_int8(t.weight[flat], t.scale[flat])
         else:
-            rows = dequantize_int4(t.weight[flat], t.scale[flat], t.mins[flat])
+            rows = dequantize_int4(t.weight[flat], t.scale[flat])
         return rows.to(self.dtype).view(*tokens.shape, t.in_features)
 
 

@@ -15,21 +15,24 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("qlinear.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "qlinear.cpp", HERE / "int4.cpp"]
+HEADERS = [HERE / "common.h"]
 BUILD_FLAGS = "-O3 -std=c++17 -fopenmp"
 
 
 @functools.lru_cache(maxsize=1)
 def qlinear() -> ModuleType | None:
-    """The int8/int4 CPU matmul extension (see qlinear.cpp), built once per source and torch version."""
+    """The fp32/int8/int4 CPU kernels (see qlinear.cpp and int4.cpp), built once per source and torch version."""
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(SOURCE.read_bytes() + BUILD_FLAGS.encode() + torch.__version__.encode()).hexdigest()[:12]
+        text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+        digest = hashlib.sha256(text + BUILD_FLAGS.encode() + torch.__version__.encode()).hexdigest()[:12]
         _ensure_ninja_on_path()
         # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already
         # loaded, so the kernels share torch's thread pool instead of starting a second one.
-        return load(name=f"tramontane_qlinear_{digest}", sources=[str(SOURCE)],
+        return load(name=f"tramontane_qlinear_{digest}", sources=[str(p) for p in SOURCES],
                     extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja: fall back, loudly once
         warnings.warn(f"tramontane: could not build the quantized kernels ({type(e).__name__}: {e}); "

@@ -1,33 +1,19 @@
-// Weight-only quantized matrix multiplication for CPU decode: y[M, N] = x[M, K] @ dequant(W)[N, K]^T.
+// Weight-only quantized matrix multiplication for CPU decode: y[M, N] = x[M, K] @ dequant(W)[N, K]^T,
+// for fp32 and int8 (one scale per output channel) weights; int4 lives in int4.cpp. Plus the fused
+// decode attention and the Python bindings of every kernel.
 //
 // A decode step reads every weight once, so speed is memory bandwidth over weight bytes. These
-// kernels read int8 (per output channel scale) or int4 (32-element blocks, scale and minimum per
-// group) weights, dequantize them in registers, and multiply-accumulate with fp32 activations. Each
-// weight row is dequantized once and used for every row of x (batched decode), while it sits in L1.
-//
-// int4 layout: the row is split into blocks of 32 elements stored in 16 bytes; byte i holds element i
-// in its low nibble and element i + 16 in its high nibble. Element value = q * scale[g] + min[g] for
-// the group g (group_size a multiple of 32) that holds it.
+// kernels convert int8 weights to fp32 in registers and multiply-accumulate with fp32 activations.
+// Each weight row is converted once and used for every row of x (batched decode), while it sits in L1.
 //
 // Paths: AVX-512 and AVX2 (chosen at run time), and portable C++ elsewhere. Threads split the output
 // rows through ATen's parallel_for, so the kernels share PyTorch's thread pool.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define TRAMONTANE_X86 1
-#endif
-
 namespace {
-
-constexpr int64_t kTileM = 4;  // rows of x that share one pass over a weight row
 
 // ---------------------------------------------------------------------------------------- portable
 void int8_rows_ref(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
@@ -43,44 +29,9 @@ void int8_rows_ref(const float* x, int64_t M, int64_t K, const int8_t* w, const 
   }
 }
 
-void int4_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scale,
-                   const float* mins, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
-  const int64_t groups = K / group;
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* row = w + o * (K / 2);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      float acc = 0.f;
-      for (int64_t b = 0; b < K / 32; ++b) {
-        const int64_t g = b * 32 / group;
-        const float s = scale[o * groups + g], mn = mins[o * groups + g];
-        for (int64_t i = 0; i < 16; ++i) {
-          const uint8_t byte = row[b * 16 + i];
-          acc += (float(byte & 15) * s + mn) * xm[b * 32 + i];
-          acc += (float(byte >> 4) * s + mn) * xm[b * 32 + i + 16];
-        }
-      }
-      y[m * N + o] = acc;
-    }
-  }
-}
-
 #ifdef TRAMONTANE_X86
-// Register tiles: R weight rows x T rows of x, R * T accumulators. Each weight vector is dequantized
-// once and used T times; each x vector is loaded once and used R times; the R * T independent
-// accumulator chains hide the latency of the multiply-adds.
-constexpr int kRows = 4;
-
-// Ask for the bytes of the next tile of rows while this one computes: rows are short (a few cache
-// lines for small models), too short for the hardware prefetcher to run ahead within a row.
-inline void prefetch_range(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
 
 // ---------------------------------------------------------------------------------------- AVX-512
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-
 T512 inline __m512 load_i8x16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
@@ -133,52 +84,7 @@ T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, floa
     }
 }
 
-template <int R, int T>
-T512 inline void int4_tile_avx512(const float* x, int64_t K, const uint8_t* w, const float* scale,
-                                  const float* mins, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
-  const int64_t groups = K / group, blocks_per_group = group / 32;
-  if (m0 == 0 && o + 2 * R <= N) {
-    prefetch_range(w + (o + R) * (K / 2), R * K / 2);
-    prefetch_range(scale + (o + R) * groups, R * groups * 4);
-    prefetch_range(mins + (o + R) * groups, R * groups * 4);
-  }
-  const __m512i low = _mm512_set1_epi32(15);
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 s[R], mn[R];
-    for (int r = 0; r < R; ++r) {
-      s[r] = _mm512_set1_ps(scale[(o + r) * groups + g]);
-      mn[r] = _mm512_set1_ps(mins[(o + r) * groups + g]);
-    }
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      __m512 w0[R], w1[R];
-      for (int r = 0; r < R; ++r) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (o + r) * (K / 2) + b * 16)));
-        w0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s[r], mn[r]);
-        w1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s[r], mn[r]);
-      }
-      for (int t = 0; t < T; ++t) {
-        const float* xm = x + (m0 + t) * K + b * 32;
-        const __m512 x0 = _mm512_loadu_ps(xm), x1 = _mm512_loadu_ps(xm + 16);
-        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][t]));
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = _mm512_reduce_add_ps(acc[r][t]);
-}
-
 // ---------------------------------------------------------------------------------------- AVX2
-#define T256 __attribute__((target("avx2,fma")))
-
-T256 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int R, int T>
 T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N,
@@ -229,84 +135,9 @@ T256 inline void f32_tile_avx2(const float* x, int64_t K, const float* w, float*
     }
 }
 
-template <int R, int T>
-T256 inline void int4_tile_avx2(const float* x, int64_t K, const uint8_t* w, const float* scale, const float* mins,
-                                int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
-  const int64_t groups = K / group, blocks_per_group = group / 32;
-  if (m0 == 0 && o + 2 * R <= N) {
-    prefetch_range(w + (o + R) * (K / 2), R * K / 2);
-    prefetch_range(scale + (o + R) * groups, R * groups * 4);
-    prefetch_range(mins + (o + R) * groups, R * groups * 4);
-  }
-  const __m256i low = _mm256_set1_epi32(15);
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 s[R], mn[R];
-    for (int r = 0; r < R; ++r) {
-      s[r] = _mm256_set1_ps(scale[(o + r) * groups + g]);
-      mn[r] = _mm256_set1_ps(mins[(o + r) * groups + g]);
-    }
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      for (int half = 0; half < 2; ++half) {  // bytes 0-7 (elements 0-7, 16-23), then bytes 8-15
-        __m256 w0[R], w1[R];
-        for (int r = 0; r < R; ++r) {
-          const __m256i v =
-              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + (o + r) * (K / 2) + b * 16 + half * 8)));
-          w0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), s[r], mn[r]);
-          w1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s[r], mn[r]);
-        }
-        for (int t = 0; t < T; ++t) {
-          const float* xm = x + (m0 + t) * K + b * 32 + half * 8;
-          const __m256 x0 = _mm256_loadu_ps(xm), x1 = _mm256_loadu_ps(xm + 16);
-          for (int r = 0; r < R; ++r)
-            acc[r][t] = _mm256_fmadd_ps(w1[r], x1, _mm256_fmadd_ps(w0[r], x0, acc[r][t]));
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = hsum256(acc[r][t]);
-}
-
-// Walk output rows [begin, end) in tiles of kRows and x rows in tiles of up to kTileM.
-template <typename Tile>
-inline void walk(int64_t M, int64_t begin, int64_t end, Tile tile) {
-  for (int64_t o = begin; o < end;) {
-    const bool full = o + kRows <= end;
-    for (int64_t m0 = 0; m0 < M; m0 += kTileM) tile(o, m0, std::min(kTileM, M - m0), full);
-    o += full ? kRows : 1;
-  }
-}
-
-// Instantiate tile<R, T> for T = 1..4 and R in {kRows, 1}.
-#define DISPATCH_TILE(FN, ...)                                  \
-  [&](int64_t o, int64_t m0, int64_t tm, bool full) {           \
-    if (full) {                                                 \
-      switch (tm) {                                             \
-        case 1: return FN<kRows, 1>(__VA_ARGS__, o, m0);        \
-        case 2: return FN<kRows, 2>(__VA_ARGS__, o, m0);        \
-        case 3: return FN<kRows, 3>(__VA_ARGS__, o, m0);        \
-        default: return FN<kRows, 4>(__VA_ARGS__, o, m0);       \
-      }                                                         \
-    }                                                           \
-    switch (tm) {                                               \
-      case 1: return FN<1, 1>(__VA_ARGS__, o, m0);              \
-      case 2: return FN<1, 2>(__VA_ARGS__, o, m0);              \
-      case 3: return FN<1, 3>(__VA_ARGS__, o, m0);              \
-      default: return FN<1, 4>(__VA_ARGS__, o, m0);             \
-    }                                                           \
-  }
-
 T512 void int8_rows_avx512(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
                            int64_t N, int64_t begin, int64_t end) {
   walk(M, begin, end, DISPATCH_TILE(int8_tile_avx512, x, K, w, scale, y, N));
-}
-
-T512 void int4_rows_avx512(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scale,
-                           const float* mins, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(int4_tile_avx512, x, K, w, scale, mins, group, y, N));
 }
 
 T512 void f32_rows_avx512(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t begin,
@@ -323,38 +154,7 @@ T256 void int8_rows_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, 
                          int64_t N, int64_t begin, int64_t end) {
   walk(M, begin, end, DISPATCH_TILE(int8_tile_avx2, x, K, w, scale, y, N));
 }
-
-T256 void int4_rows_avx2(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scale,
-                         const float* mins, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(int4_tile_avx2, x, K, w, scale, mins, group, y, N));
-}
 #endif  // TRAMONTANE_X86
-
-enum class Isa { kRef, kAvx2, kAvx512 };
-
-Isa detect() {
-#ifdef TRAMONTANE_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kRef;
-}
-
-Isa g_isa = detect();
-
-int64_t grain(int64_t N) {
-  // Enough rows per task to amortise scheduling, few enough to balance the threads.
-  const int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(16, N / (threads * 8));
-}
-
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous float32 CPU tensor");
-}
 
 }  // namespace
 
@@ -370,8 +170,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
 #ifdef TRAMONTANE_X86
-    if (g_isa == Isa::kAvx512) return int8_rows_avx512(xp, M, K, wp, sp, yp, N, begin, end);
-    if (g_isa == Isa::kAvx2) return int8_rows_avx2(xp, M, K, wp, sp, yp, N, begin, end);
+    if (current_isa() == Isa::kAvx512) return int8_rows_avx512(xp, M, K, wp, sp, yp, N, begin, end);
+    if (current_isa() == Isa::kAvx2) return int8_rows_avx2(xp, M, K, wp, sp, yp, N, begin, end);
 #endif
     int8_rows_ref(xp, M, K, wp, sp, yp, N, begin, end);
   });
@@ -387,39 +187,15 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #ifdef TRAMONTANE_X86
-  if (g_isa != Isa::kRef) {
+  if (current_isa() != Isa::kRef) {
     at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-      if (g_isa == Isa::kAvx512) return f32_rows_avx512(xp, M, K, wp, yp, N, begin, end);
+      if (current_isa() == Isa::kAvx512) return f32_rows_avx512(xp, M, K, wp, yp, N, begin, end);
       f32_rows_avx2(xp, M, K, wp, yp, N, begin, end);
     });
     return y;
   }
 #endif
   return torch::matmul(x, w.t());
-}
-
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor mins, int64_t group) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
-  const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
-  check_x(x, K);
-  TORCH_CHECK(group % 32 == 0 && K % group == 0, "group size must be a multiple of 32 that divides K");
-  TORCH_CHECK(scale.numel() == N * (K / group) && mins.numel() == N * (K / group), "scale/mins must be [N, K/group]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && mins.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
-                  mins.is_contiguous(), "scale and mins must be contiguous float32");
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* mp = mins.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-#ifdef TRAMONTANE_X86
-    if (g_isa == Isa::kAvx512) return int4_rows_avx512(xp, M, K, wp, sp, mp, group, yp, N, begin, end);
-    if (g_isa == Isa::kAvx2) return int4_rows_avx2(xp, M, K, wp, sp, mp, group, yp, N, begin, end);
-#endif
-    int4_rows_ref(xp, M, K, wp, sp, mp, group, yp, N, begin, end);
-  });
-  return y;
 }
 
 // ---------------------------------------------------------------------------------------- decode attention
@@ -516,47 +292,23 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
   return out;
 }
 
-// Dequantize packed int4 rows to fp32 [N, K] (for prefill, where a GEMM on fp32 weights wins).
-torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tensor mins, int64_t group) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
-  const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
-  TORCH_CHECK(group % 32 == 0 && K % group == 0 && scale.is_contiguous() && mins.is_contiguous(), "bad int4 layout");
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* mp = mins.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const uint8_t* row = wp + o * (K / 2);
-      float* dst = op + o * K;
-      for (int64_t b = 0; b < K / 32; ++b) {
-        const float s = sp[o * groups + b * 32 / group], mn = mp[o * groups + b * 32 / group];
-#pragma omp simd
-        for (int64_t i = 0; i < 16; ++i) {
-          dst[b * 32 + i] = float(row[b * 16 + i] & 15) * s + mn;
-          dst[b * 32 + i + 16] = float(row[b * 16 + i] >> 4) * s + mn;
-        }
-      }
-    }
-  });
-  return out;
+std::string isa() {
+  const Isa i = current_isa();
+  return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "portable";
 }
 
-std::string isa() { return g_isa == Isa::kAvx512 ? "avx512" : g_isa == Isa::kAvx2 ? "avx2" : "portable"; }
-
 void set_isa(const std::string& name) {
-  const Isa best = detect();
-  if (name == "portable") g_isa = Isa::kRef;
-  else if (name == "avx2" && best != Isa::kRef) g_isa = Isa::kAvx2;
-  else if (name == "avx512" && best == Isa::kAvx512) g_isa = Isa::kAvx512;
+  const Isa best = detect_isa();
+  if (name == "portable") current_isa() = Isa::kRef;
+  else if (name == "avx2" && best != Isa::kRef) current_isa() = Isa::kAvx2;
+  else if (name == "avx512" && best == Isa::kAvx512) current_isa() = Isa::kAvx512;
   else TORCH_CHECK(false, "instruction set ", name, " is not available on this CPU");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &f32_linear, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
   m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
-  m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2]");
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]");
   m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("isa", &isa, "the instruction set in use");

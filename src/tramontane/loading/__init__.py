@@ -64,7 +64,8 @@ def load_model(
     """Load a model for inference, optionally quantizing its weights as they stream in.
 
     `quantize` is "int8", "int4" (groups of 32) or a QuantConfig. A checkpoint saved quantized
-    (`tramontane quantize`) loads as it was saved, without quantizing again.
+    (`tramontane quantize`) loads as it was saved, without quantizing again; so do the Q4_0 tensors of
+    a GGUF file loaded as "int4" (same bytes).
 
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
@@ -91,7 +92,9 @@ def load_model(
     file = _gguf_file(p)
     reader = open_gguf(file)
     args = read_gguf_args(reader)
-    tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device))
+    # Q4_0 blocks are int4 with groups of 32 already: taken as they are, not dequantized and requantized
+    keep = wanted == QuantConfig("int4", 32)
+    tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep_q4_0=keep))
     return build_model(args, tensors, file, dtype, device, progress, wanted)
 
 

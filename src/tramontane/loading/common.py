@@ -90,10 +90,10 @@ def build_model(
                 )
             assert quant is not None  # targets exist only for a quantized skeleton
             prefix = name.removesuffix("weight")
-            for key, value in quantize_linear(quant, tensor.to(device)).state_dict().items():
-                put(_quant_key(prefix, key, expected), value, source)
-        elif name in expected:  # float model tensors, or a saved quantized checkpoint's own tensors
-            put(name, tensor, source)
+            for leaf, value in quantize_linear(quant, tensor.to(device)).state_dict().items():
+                put(_stored_key(prefix + leaf, expected) or prefix + leaf, value, source)
+        elif (stored := _stored_key(name, expected)) is not None:
+            put(stored, tensor, source)  # float model tensors, or already quantized ones (saved, GGUF Q4_0)
         else:
             raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
     bar.close()
@@ -109,10 +109,13 @@ def build_model(
     return use_fast_linears(fuse_projections(model)).eval()
 
 
-def _quant_key(prefix: str, key: str, expected: dict[str, torch.Tensor]) -> str:
-    """`tok_embeddings.` + `scale` is stored under `tok_embeddings.table.scale`."""
-    name = prefix + key
-    return name if name in expected else prefix + "table." + key
+def _stored_key(name: str, expected: dict[str, torch.Tensor]) -> str | None:
+    """Where a tensor goes: its own name, or for quantized embeddings the `table.` inside them."""
+    if name in expected:
+        return name
+    owner, _, leaf = name.rpartition(".")
+    table = f"{owner}.table.{leaf}"
+    return table if table in expected else None
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -223,8 +223,13 @@ def iter_gguf_tensors(
     args: ModelArgs | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    keep_q4_0: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(internal name, tensor)` one at a time, dequantized to `dtype` on `device`.
+
+    With `keep_q4_0`, a Q4_0 matrix is not dequantized: it comes as its packed nibbles (`<name>.weight`,
+    uint8 [rows, cols / 2]) and float16 block scales (`<name>.scale`, [rows, cols / 32]), the layout of
+    tramontane's int4 with groups of 32, so loading it as int4 loses nothing.
 
     Every name, shape and tensor type is checked against `args` (read from the file when not given)
     before the first tensor is yielded, so a bad file fails fast. Merged expert tensors
@@ -239,6 +244,11 @@ def iter_gguf_tensors(
     if args is None:
         args = read_gguf_args(reader)
     for tensor, names, stacked in _plan(reader, args, path):
+        if keep_q4_0 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and not stacked:
+            packed, scale = _q4_0_parts(tensor)
+            yield names[0], packed.to(device)
+            yield names[0].removesuffix("weight") + "scale", scale.to(device)
+            continue
         value = torch.from_numpy(_to_numpy(tensor, path))
         if not stacked:
             yield names[0], value.to(device=device, dtype=dtype)
@@ -370,6 +380,19 @@ def _can_read(kind: GGMLQuantizationType) -> bool:
     except NotImplementedError:
         return False
     return True
+
+
+def _q4_0_parts(tensor: ReaderTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q4_0 matrix split into packed nibbles [rows, cols / 2] and float16 scales [rows, cols / 32].
+
+    A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes whose byte i holds element i (low
+    nibble) and element i + 16 (high nibble), value (q - 8) * scale.
+    """
+    rows, cols = _torch_shape(tensor)
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, 18)
+    scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(rows, cols // 32)
+    packed = np.ascontiguousarray(blocks[..., 2:]).reshape(rows, cols // 2)
+    return torch.from_numpy(packed), torch.from_numpy(scale)
 
 
 def _to_numpy(tensor: ReaderTensor, path: str) -> np.ndarray:

@@ -1,0 +1,117 @@
+// What the kernel files share: instruction-set choice, thread grain, argument checks and the tiling walk.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TRAMONTANE_X86 1
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define T512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+enum class Isa { kRef, kAvx2, kAvx512 };
+
+inline Isa detect_isa() {
+#ifdef TRAMONTANE_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kRef;
+}
+
+inline bool has_avx512_vnni() {
+#ifdef TRAMONTANE_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// The path in use: the best this CPU has, unless a test forces a lower one with set_isa.
+inline Isa& current_isa() {
+  static Isa isa = detect_isa();
+  return isa;
+}
+
+inline int64_t grain(int64_t N) {
+  // Enough rows per task to amortise scheduling, few enough to balance the threads.
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(16, N / (threads * 8));
+}
+
+inline void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor");
+}
+
+// Register tiles: kRows weight rows x up to kTileM rows of x, one accumulator each. Each weight vector
+// is decoded once and used for every row of x; each x vector is loaded once and used for every weight
+// row; the independent accumulator chains hide the latency of the multiply-adds.
+constexpr int kRows = 4;
+constexpr int64_t kTileM = 4;
+
+// Ask for the bytes of the next tile of rows while this one computes: rows are short (a few cache
+// lines for small models), too short for the hardware prefetcher to run ahead within a row.
+inline void prefetch_range(const void* p, int64_t bytes) {
+#ifdef TRAMONTANE_X86
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+#endif
+}
+
+#ifdef TRAMONTANE_X86
+T256 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Walk output rows [begin, end) in tiles of kRows and x rows in tiles of up to kTileM.
+template <typename Tile>
+inline void walk(int64_t M, int64_t begin, int64_t end, Tile tile) {
+  for (int64_t o = begin; o < end;) {
+    const bool full = o + kRows <= end;
+    for (int64_t m0 = 0; m0 < M; m0 += kTileM) tile(o, m0, std::min(kTileM, M - m0), full);
+    o += full ? kRows : 1;
+  }
+}
+
+// Instantiate tile<R, T> for T = 1..4 and R in {kRows, 1}.
+#define DISPATCH_TILE(FN, ...)                                  \
+  [&](int64_t o, int64_t m0, int64_t tm, bool full) {           \
+    if (full) {                                                 \
+      switch (tm) {                                             \
+        case 1: return FN<kRows, 1>(__VA_ARGS__, o, m0);        \
+        case 2: return FN<kRows, 2>(__VA_ARGS__, o, m0);        \
+        case 3: return FN<kRows, 3>(__VA_ARGS__, o, m0);        \
+        default: return FN<kRows, 4>(__VA_ARGS__, o, m0);       \
+      }                                                         \
+    }                                                           \
+    switch (tm) {                                               \
+      case 1: return FN<1, 1>(__VA_ARGS__, o, m0);              \
+      case 2: return FN<1, 2>(__VA_ARGS__, o, m0);              \
+      case 3: return FN<1, 3>(__VA_ARGS__, o, m0);              \
+      default: return FN<1, 4>(__VA_ARGS__, o, m0);             \
+    }                                                           \
+  }
+
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group);
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, int64_t group);

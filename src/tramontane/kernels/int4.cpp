@@ -1,0 +1,270 @@
+// Int4 weights times fp32 activations, through exact integer dot products.
+//
+// Weight layout (the bytes of GGUF's Q4_0 blocks, with the scales kept apart): a row is split into
+// blocks of 32 elements stored in 16 bytes; byte i holds q[i] in its low nibble and q[i + 16] in its
+// high nibble, q in 0..15, and the element is (q - 8) * scale[g], one float16 scale per group g of
+// `group` elements (a multiple of 32).
+//
+// Each call first quantizes the rows of x to int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp
+// does for its Q4_0 x Q8_0 dot products). An output is then the sum over blocks of
+// scale_w * scale_x * dot(q - 8, x_q), the dot in integer arithmetic: VNNI's dpbusd (u8 x s8 -> s32)
+// on AVX-512, maddubs + madd on AVX2. The -8 is folded in by starting each integer sum at
+// -8 * sum(x_q) (`bias`, precomputed with the quantized activations). Weight bytes are widened to
+// nibbles once per tile and reused for every row of x.
+
+#include "common.h"
+
+namespace {
+
+// Activations quantized for one call. `pairs` lays blocks 2p and 2p + 1 out as they come out of the
+// AVX-512 nibble split of their 32 weight bytes: [x_2p[0:16], x_2p+1[0:16], x_2p[16:32], x_2p+1[16:32]];
+// a last unpaired block, and every block without `pairs`, keeps its natural order.
+struct QuantizedX {
+  torch::Tensor q;      // int8 [M, K]
+  torch::Tensor scale;  // float [M, K / 32]
+  torch::Tensor bias;   // int32 [M, K / 4]: -8 times the sum of each 4 consecutive bytes of q
+  const int8_t* qp;
+  const float* sp;
+  const int32_t* bp;
+};
+
+QuantizedX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
+  const int64_t nb = K / 32, paired = pairs ? nb / 2 * 2 : 0;
+  QuantizedX out;
+  out.q = torch::empty({M, K}, torch::kInt8);
+  out.scale = torch::empty({M, nb}, torch::kFloat32);
+  out.bias = torch::empty({M, K / 4}, torch::kInt32);
+  int8_t* q = out.q.data_ptr<int8_t>();
+  float* s = out.scale.data_ptr<float>();
+  int32_t* bias = out.bias.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      s[m * nb + b] = d;
+      int8_t* dst = q + m * K + b * 32;
+      if (b < paired) {  // element i of block b sits at (i / 16) * 32 + (b % 2) * 16 + i % 16 of its pair
+        int8_t* pair = q + m * K + (b / 2) * 64 + (b % 2) * 16;
+        for (int i = 0; i < 32; ++i) pair[(i / 16) * 32 + i % 16] = int8_t(std::nearbyint(xb[i] * inv));
+      } else {
+        for (int i = 0; i < 32; ++i) dst[i] = int8_t(std::nearbyint(xb[i] * inv));
+      }
+    }
+    const int8_t* qm = q + m * K;
+    for (int64_t j = 0; j < K / 4; ++j)
+      bias[m * (K / 4) + j] = -8 * (qm[4 * j] + qm[4 * j + 1] + qm[4 * j + 2] + qm[4 * j + 3]);
+  }
+  out.qp = q;
+  out.sp = s;
+  out.bp = bias;
+  return out;
+}
+
+inline float half_to_float(uint16_t h) { return float(c10::Half(h, c10::Half::from_bits())); }
+
+// ---------------------------------------------------------------------------------------- portable
+void int4_rows_ref(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                   int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  const int64_t nb = K / 32, groups = K / group;
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = w + o * (K / 2);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xq = qx.qp + m * K;
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t dot = 0;
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t byte = row[b * 16 + i];
+          dot += (int32_t(byte & 15) - 8) * xq[b * 32 + i] + (int32_t(byte >> 4) - 8) * xq[b * 32 + i + 16];
+        }
+        acc += float(dot) * half_to_float(wscale[o * groups + b * 32 / group]) * qx.sp[m * nb + b];
+      }
+      y[m * N + o] = acc;
+    }
+  }
+}
+
+#ifdef TRAMONTANE_X86
+// ---------------------------------------------------------------------------------------- AVX-512 VNNI
+// Two blocks per step: their 32 bytes widen to 64 nibbles [low nibbles, high nibbles], and dpbusd
+// leaves block 2p's sums in lanes 0-3 and 8-11, block 2p + 1's in lanes 4-7 and 12-15. The combined
+// scales of a chunk of 16 blocks are computed once per tile and spread to those lanes by a permute.
+template <int R, int T>
+T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                                    int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
+  const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
+  if (m0 == 0 && o + 2 * R <= N) {
+    prefetch_range(w + (o + R) * row_bytes, R * row_bytes);
+    prefetch_range(wscale + (o + R) * groups, R * groups * 2);
+  }
+  const __m512i nib = _mm512_set1_epi8(15);
+  const __m256i nib256 = _mm256_set1_epi8(15);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  alignas(64) float cs[R][T][16];
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < nb; c0 += 16) {
+    const int64_t cn = std::min<int64_t>(16, nb - c0);
+    const __mmask16 live = __mmask16((1u << cn) - 1);
+    for (int r = 0; r < R; ++r) {
+      __m512 ws;
+      if (group == 32) {
+        ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, wscale + (o + r) * groups + c0));
+      } else {
+        alignas(64) float tmp[16] = {};
+        for (int64_t i = 0; i < cn; ++i) tmp[i] = _cvtsh_ss(wscale[(o + r) * groups + (c0 + i) * 32 / group]);
+        ws = _mm512_load_ps(tmp);
+      }
+      for (int t = 0; t < T; ++t)
+        _mm512_store_ps(cs[r][t], _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, qx.sp + (m0 + t) * nb + c0)));
+    }
+    const int64_t paired_end = c0 + (cn & ~int64_t(1));
+    for (int64_t b = c0; b < paired_end; b += 2) {
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (o + r) * row_bytes + b * 16));
+        wv[r] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), nib);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i xv = _mm512_loadu_si512(qx.qp + (m0 + t) * K + b * 32);
+        const __m512i bv = _mm512_loadu_si512(qx.bp + (m0 + t) * (K / 4) + b * 8);
+        for (int r = 0; r < R; ++r) {
+          const __m512i d = _mm512_dpbusd_epi32(bv, wv[r], xv);
+          const __m128 pair = _mm_castpd_ps(_mm_load_sd((const double*)&cs[r][t][b - c0]));
+          const __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[r][t]);
+        }
+      }
+    }
+    if (cn & 1) {  // the row's last block, unpaired, in natural order
+      const int64_t b = paired_end;
+      for (int r = 0; r < R; ++r) {
+        const __m128i v = _mm_loadu_si128((const __m128i*)(w + (o + r) * row_bytes + b * 16));
+        const __m256i wv = _mm256_and_si256(
+            _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1), nib256);
+        for (int t = 0; t < T; ++t) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(qx.qp + (m0 + t) * K + b * 32));
+          const __m256i bv = _mm256_loadu_si256((const __m256i*)(qx.bp + (m0 + t) * (K / 4) + b * 8));
+          const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(bv, wv, xv)),
+                                            _mm256_set1_ps(cs[r][t][b - c0]));
+          acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_zextps256_ps512(part));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+T512VNNI void int4_rows_vnni(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                             int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(int4_tile_vnni, qx, K, w, wscale, group, y, N));
+}
+
+// ---------------------------------------------------------------------------------------- AVX2
+// One block per step: 16 bytes widen to 32 nibbles in natural order; maddubs + madd sum each 4.
+template <int R, int T>
+T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                                int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
+  const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
+  if (m0 == 0 && o + 2 * R <= N) {
+    prefetch_range(w + (o + R) * row_bytes, R * row_bytes);
+    prefetch_range(wscale + (o + R) * groups, R * groups * 2);
+  }
+  const __m256i nib = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float cs[R][T][16];
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < nb; c0 += 16) {
+    const int64_t cn = std::min<int64_t>(16, nb - c0);
+    for (int r = 0; r < R; ++r)
+      for (int64_t i = 0; i < cn; ++i) {
+        const float ws = _cvtsh_ss(wscale[(o + r) * groups + (c0 + i) * 32 / group]);
+        for (int t = 0; t < T; ++t) cs[r][t][i] = ws * qx.sp[(m0 + t) * nb + c0 + i];
+      }
+    for (int64_t b = c0; b < c0 + cn; ++b) {
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r) {
+        const __m128i v = _mm_loadu_si128((const __m128i*)(w + (o + r) * row_bytes + b * 16));
+        wv[r] = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1), nib);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(qx.qp + (m0 + t) * K + b * 32));
+        const __m256i bv = _mm256_loadu_si256((const __m256i*)(qx.bp + (m0 + t) * (K / 4) + b * 8));
+        for (int r = 0; r < R; ++r) {
+          const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], xv), ones), bv);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(cs[r][t][b - c0]), acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = hsum256(acc[r][t]);
+}
+
+T256 void int4_rows_avx2(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                         int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(int4_tile_avx2, qx, K, w, wscale, group, y, N));
+}
+#endif  // TRAMONTANE_X86
+
+void check_int4(const torch::Tensor& w, const torch::Tensor& scale, int64_t group) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group size must be a multiple of 32 that divides K");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() && scale.numel() == N * (K / group),
+              "scale must be contiguous float16 [N, K/group]");
+}
+
+}  // namespace
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group) {
+  check_int4(w, scale, group);
+  const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
+  check_x(x, K);
+  const Isa path = current_isa();
+  const bool vnni = path == Isa::kAvx512 && has_avx512_vnni();
+  const QuantizedX qx = quantize_x(x.data_ptr<float>(), M, K, vnni);
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+#ifdef TRAMONTANE_X86
+    if (vnni) return int4_rows_vnni(qx, M, K, wp, sp, group, yp, N, begin, end);
+    if (path != Isa::kRef) return int4_rows_avx2(qx, M, K, wp, sp, group, yp, N, begin, end);
+#endif
+    int4_rows_ref(qx, M, K, wp, sp, group, yp, N, begin, end);
+  });
+  return y;
+}
+
+// Dequantize packed int4 rows to fp32 [N, K] (for prefill, where a GEMM on fp32 weights wins).
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, int64_t group) {
+  check_int4(w, scale, group);
+  const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* row = wp + o * (K / 2);
+      float* dst = op + o * K;
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const float s = half_to_float(sp[o * groups + b * 32 / group]);
+#pragma omp simd
+        for (int64_t i = 0; i < 16; ++i) {
+          dst[b * 32 + i] = float(int(row[b * 16 + i] & 15) - 8) * s;
+          dst[b * 32 + i + 16] = float(int(row[b * 16 + i] >> 4) - 8) * s;
+        }
+      }
+    }
+  });
+  return out;
+}
