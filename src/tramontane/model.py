@@ -16,6 +16,7 @@ from torch import nn
 from .args import ModelArgs
 from .cache import KVCache, step_meta
 from .layers import Block, RMSNorm
+from .native_decode import native_stack
 from .rope import rotary_angles
 
 
@@ -66,8 +67,14 @@ class Transformer(nn.Module):
         if meta.decode:
             meta.rot = torch.view_as_real(freqs_cis[:, 0]).contiguous()
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, meta, i)
+        if (stack := native_stack(self, meta, h)) is not None:
+            c = meta.cache
+            assert c is not None and meta.slots is not None  # native_stack checked
+            h = stack.forward(h.view(B, -1), meta.rot, c.k, c.v, meta.slots.view(-1), c.positions[:B],
+                              meta.positions.view(-1), c.window or 0, meta.kv_len).view(B, 1, -1)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, freqs_cis, meta, i)
         meta.commit()
         if last_only:
             h = h[:, -1:]

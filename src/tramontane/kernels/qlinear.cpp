@@ -305,6 +305,8 @@ void set_isa(const std::string& name) {
   else TORCH_CHECK(false, "instruction set ", name, " is not available on this CPU");
 }
 
+void bind_decode_stack(pybind11::module_& m);  // decode.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &f32_linear, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
   m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
@@ -313,4 +315,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("isa", &isa, "the instruction set in use");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512");
+  bind_decode_stack(m);
 }

@@ -1,0 +1,129 @@
+// The decode step's transformer blocks in one native call.
+//
+// Decoding one token of a small model is a long chain of small operations: per block two RMSNorms,
+// four projections, attention, a SwiGLU and two residual adds. Through Python and PyTorch's dispatcher
+// each costs microseconds of overhead, which for a 135M model is as much time as the arithmetic. A
+// DecodeStack holds references to every block's weights (no copies) and runs the whole stack for
+// B sequences x 1 token, calling the same kernels as the Python path (qlinear.cpp, int4.cpp). The
+// Python side (layers.py, model.py) stays the reference and handles everything else: prefill, MoE,
+// other dtypes and devices.
+
+#include "common.h"
+
+#include <pybind11/stl.h>
+
+#include <vector>
+
+namespace {
+
+// One projection: fp32 (kind 0), int8 per channel (1) or int4 in groups (2).
+struct Projection {
+  int64_t kind;
+  torch::Tensor w, scale;
+  int64_t group;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (kind == 1) return int8_linear(x, w, scale);
+    if (kind == 2) return int4_linear(x, w, scale, group);
+    // one row: PyTorch's matrix-vector product reads fp32 weights at full speed; more: the tiled kernel
+    return x.size(0) == 1 ? at::linear(x, w) : f32_linear(x, w);
+  }
+};
+
+struct Block {
+  torch::Tensor attention_norm, ffn_norm;
+  Projection wqkv, wo, w13, w2;
+};
+
+// out = x / sqrt(mean(x^2) + eps) * weight, row by row ([B, D]).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, float eps) {
+  const int64_t B = x.size(0), D = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = xp + b * D;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < D; ++i) ss += row[i] * row[i];
+    const float inv = 1.f / std::sqrt(ss / float(D) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) op[b * D + i] = row[i] * inv * wp[i];
+  }
+  return out;
+}
+
+// [B, 2F] (gate | up) -> silu(gate) * up, [B, F]
+torch::Tensor swiglu(const torch::Tensor& gu) {
+  const int64_t B = gu.size(0), F = gu.size(1) / 2;
+  auto out = torch::empty({B, F}, gu.options());
+  const float* g = gu.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < F; ++i) {
+      const float gate = g[b * 2 * F + i];
+      op[b * F + i] = gate / (1.f + std::exp(-gate)) * g[b * 2 * F + F + i];
+    }
+  return out;
+}
+
+void add_into(torch::Tensor& h, const torch::Tensor& delta) {
+  float* hp = h.data_ptr<float>();
+  const float* dp = delta.data_ptr<float>();
+  const int64_t n = h.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) hp[i] += dp[i];
+}
+
+class DecodeStack {
+ public:
+  DecodeStack(double eps, int64_t n_heads, int64_t n_kv_heads) : eps_(float(eps)), heads_(n_heads), kv_heads_(n_kv_heads) {}
+
+  void add_block(torch::Tensor attention_norm, torch::Tensor ffn_norm, Projection wqkv, Projection wo,
+                 Projection w13, Projection w2) {
+    blocks_.push_back({attention_norm.contiguous(), ffn_norm.contiguous(), wqkv, wo, w13, w2});
+  }
+
+  // h [B, dim] (one new token per sequence) through every block; the cache tensors are
+  // [layers, rows, kv_heads, capacity, head_dim], the other arguments as for decode_attention.
+  torch::Tensor forward(torch::Tensor h, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
+                        torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
+                        int64_t kv_len) const {
+    TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.device().is_cpu(), "h must be float32 [B, dim]");
+    TORCH_CHECK(kcache.size(0) == int64_t(blocks_.size()), "cache has ", kcache.size(0), " layers, the stack ",
+                blocks_.size());
+    h = h.contiguous().clone();
+    const int64_t B = h.size(0);
+    for (size_t l = 0; l < blocks_.size(); ++l) {
+      const Block& blk = blocks_[l];
+      auto qkv = blk.wqkv(rms_norm(h, blk.attention_norm, eps_));
+      auto attn = decode_attention(qkv, rot, kcache[l], vcache[l], slots, key_pos, q_pos, window, kv_len, heads_,
+                                   kv_heads_);
+      add_into(h, blk.wo(attn.view({B, -1})));
+      add_into(h, blk.w2(swiglu(blk.w13(rms_norm(h, blk.ffn_norm, eps_)))));
+    }
+    return h;
+  }
+
+  int64_t size() const { return int64_t(blocks_.size()); }
+
+ private:
+  float eps_;
+  int64_t heads_, kv_heads_;
+  std::vector<Block> blocks_;
+};
+
+}  // namespace
+
+void bind_decode_stack(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<Projection>(m, "Projection")
+      .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t>(), py::arg("kind"), py::arg("weight"),
+           py::arg("scale"), py::arg("group"));
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<double, int64_t, int64_t>(), py::arg("eps"), py::arg("n_heads"), py::arg("n_kv_heads"))
+      .def("add_block", &DecodeStack::add_block)
+      .def("forward", &DecodeStack::forward)
+      .def("__len__", &DecodeStack::size);
+}

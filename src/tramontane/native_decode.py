@@ -1,0 +1,86 @@
+"""The blocks of a decode step as one native call (kernels/decode.cpp), where the model allows it.
+
+Decoding a token of a small model is hundreds of tiny operations; through Python each costs more
+than its arithmetic. `Transformer.forward` hands a decode step to the native stack when it is an
+fp32 CPU step over cache rows 0..B-1 (B up to the small-batch limit) of a dense model whose
+projections are fused, as `load_model` leaves them. Everything else runs the Python blocks, which
+stay the reference: the tests check that both paths give the same logits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import nn
+
+from .cache import StepMeta
+from .kernels import qlinear
+
+if TYPE_CHECKING:
+    from .layers import Block
+    from .model import Transformer
+
+
+def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> Any | None:
+    """The model's native block stack if this step can use it, else None (built on first use and
+    rebuilt when a block's modules or weights have been replaced)."""
+    from . import quantize  # late: quantize imports the model module
+
+    if not meta.decode or meta.rows is not None or meta.cache is None or meta.rot is None or meta.slots is None:
+        return None
+    if h.dtype != torch.float32 or h.device.type != "cpu" or h.shape[0] > quantize.SMALL_BATCH:
+        return None
+    if meta.cache.k.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    key = _weights_key(model)
+    built = model.__dict__.get("_native_stack")
+    if built is None or built[0] != key:
+        built = (key, _build(model))
+        model.__dict__["_native_stack"] = built
+    return built[1]
+
+
+def _weights_key(model: Transformer) -> tuple[int, ...]:
+    ids: list[int] = []
+    for layer in cast("list[Block]", model.layers):
+        a, f = layer.attention, layer.feed_forward
+        ids += (id(layer.attention_norm.weight), id(layer.ffn_norm.weight), id(a.wqkv), id(a.wo),
+                id(getattr(f, "w13", None)), id(getattr(f, "w2", None)))
+        ids += (id(getattr(m, "weight", None)) for m in (a.wqkv, a.wo, getattr(f, "w13", None), getattr(f, "w2", None)))
+    return tuple(ids)
+
+
+def _build(model: Transformer) -> Any | None:
+    from .layers import FeedForward
+
+    ext = qlinear()
+    if ext is None:
+        return None
+    args = model.args
+    stack = ext.DecodeStack(args.norm_eps, args.n_heads, args.n_kv_heads)
+    for layer in cast("list[Block]", model.layers):
+        a, f = layer.attention, layer.feed_forward
+        if a.wqkv is None or not isinstance(f, FeedForward) or f.w13 is None:
+            return None
+        norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+        if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
+            return None
+        projections = [_projection(ext, m) for m in (a.wqkv, a.wo, f.w13, f.w2)]
+        if any(p is None for p in projections):
+            return None
+        stack.add_block(*(n.detach() for n in norms), *projections)
+    return stack
+
+
+def _projection(ext: Any, module: nn.Module) -> Any | None:
+    from .quantize import Int4Linear, Int8Linear
+
+    if isinstance(module, Int4Linear):
+        return ext.Projection(2, module.weight, module.scale, module.group_size)
+    if isinstance(module, Int8Linear):
+        return ext.Projection(1, module.weight, module.scale, 0)
+    if isinstance(module, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32 \
+            and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+        return ext.Projection(0, module.weight.detach(), torch.empty(0), 0)
+    return None
