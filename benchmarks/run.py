@@ -5,7 +5,7 @@ commands go round-robin, several rounds, so that the systems are measured interl
 machine conditions; the median of the rounds is reported. Ratios, the memory-bandwidth limit and
 PASS/MISS for each target of the speed issue are printed; JSON and a PNG chart go to benchmarks/results/.
 
-Usage: python benchmarks/run.py [--quick] [--sections smollm2,1b,quality] [--rounds N]
+Usage: python benchmarks/run.py [--quick] [--sections smollm2,1b,7b,quality] [--rounds N]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tramontane.loading import hf, native  # noqa: E402
 from tramontane.loading.gguf import read_gguf_metadata  # noqa: E402
 from tramontane.loading.gguf_write import write_gguf  # noqa: E402
 
-from common import MISTRAL_1B, RESULTS, WORK, machine, random_state_dict  # noqa: E402
+from common import MISTRAL_1B, RESULTS, WORK, machine, random_q4_0_gguf, random_state_dict  # noqa: E402
 
 
 class Worker:
@@ -118,7 +118,7 @@ def section(title: str) -> None:
 
 
 def compare_systems(name: str, specs: list[tuple[str, list[str]]], n: int, rounds: int, batch8: list[str],
-                    results: dict[str, Any]) -> dict[str, Any]:
+                    results: dict[str, Any], prefill: bool = True) -> dict[str, Any]:
     workers = []
     for label, argv in specs:
         print(f"loading {label} ...", flush=True)
@@ -127,7 +127,7 @@ def compare_systems(name: str, specs: list[tuple[str, list[str]]], n: int, round
     out["decode_b1"] = measure(workers, {"cmd": "decode", "batch": 1, "n": n}, rounds)
     b8 = [w for w in workers if w.label in batch8]
     out["decode_b8"] = measure(b8, {"cmd": "decode", "batch": 8, "n": max(n // 2, 8)}, rounds)
-    out["prefill_512"] = measure(workers, {"cmd": "prefill", "n": 512}, max(1, rounds - 1))
+    out["prefill_512"] = measure(workers, {"cmd": "prefill", "n": 512}, max(1, rounds - 1)) if prefill else {}
     out["peak_rss_gib"] = {}
     for w in workers:
         r = w.ask(cmd="rss")
@@ -139,7 +139,7 @@ def compare_systems(name: str, specs: list[tuple[str, list[str]]], n: int, round
         lab = w.label
         fmt = lambda v: f"{v:10.1f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
         print(f"{lab:<16} {out['load_s'][lab]:7.1f} {fmt(out['decode_b1'][lab])} {fmt(out['decode_b8'].get(lab))} "
-              f" {fmt(out['prefill_512'][lab])} {out['peak_rss_gib'][lab]:8.2f}")
+              f" {fmt(out['prefill_512'].get(lab))} {out['peak_rss_gib'][lab]:8.2f}")
     return out
 
 
@@ -231,6 +231,36 @@ def mistral_1b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: 
     return checks
 
 
+def mistral_7b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool, str]]:
+    section("Mistral 7B shape, int4: one random Q4_0 GGUF read by both (vocab 49152, SmolLM2's tokenizer)")
+    import dataclasses
+
+    from gguf import GGUFReader
+
+    from tramontane import preset
+
+    args = dataclasses.replace(preset("mistral-7b-v0.3"), vocab_size=49152)
+    path = random_q4_0_gguf(WORK / "mistral7b-q4_0.gguf", args, read_gguf_metadata(demo_model_path(), "tokenizer."))
+    t = ["--threads", str(threads)]
+    specs = [("ours int4", ["ours", str(path), "--quantize", "int4", *t]), ("llama Q4_0", ["llama", str(path), *t])]
+    out = compare_systems("mistral_7b", specs, n, rounds, [], results, prefill=False)
+    weights = sum(int(x.n_bytes) for x in GGUFReader(path).tensors)
+    # the decode runs hold one sequence of 16 + n + 1 positions: keys and values of every layer, fp32
+    cache = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (16 + n + 1) * 4
+    limit = gbs * 1e9 / weights
+    out["weights_gib"], out["bandwidth_limit_tok_s"] = weights / 2**30, limit
+    d = out["decode_b1"]
+    rss = out["peak_rss_gib"]["ours int4"] * 2**30
+    print(f"Q4_0 weights {weights / 2**30:.2f} GiB, bandwidth limit {limit:.1f} tok/s")
+    return [
+        ("7B b1: int4 >= 1.0x llama.cpp Q4_0", (d["ours int4"] or 0) >= (d["llama Q4_0"] or 1),
+         f"{(d['ours int4'] or 0) / (d['llama Q4_0'] or 1):.2f}x"),
+        ("7B int4: peak RSS <= 1.2x quantized weights + cache", rss <= 1.2 * (weights + cache),
+         f"{rss / (weights + cache):.2f}x"),
+        (f"7B b1 int4: fraction of bandwidth limit ({limit:.1f} tok/s)", True, f"{(d['ours int4'] or 0) / limit:.0%}"),
+    ]
+
+
 def quality(results: dict[str, Any], n_tokens: int) -> list[tuple[str, bool, str]]:
     """Perplexity and top-1 agreement with fp32, on real English text (Python's own documentation)."""
     section(f"quality on SmolLM2: {n_tokens} tokens of the Python docs (pydoc_data)")
@@ -293,7 +323,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds: a smoke run")
-    ap.add_argument("--sections", default="smollm2,1b,quality")
+    ap.add_argument("--sections", default="smollm2,1b,7b,quality")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args()
@@ -311,6 +341,8 @@ def main() -> None:
         checks += smollm2(rounds, n, a.threads, results, gbs)
     if "1b" in sections:
         checks += mistral_1b(rounds, n // 2, a.threads, results, gbs)
+    if "7b" in sections:
+        checks += mistral_7b(max(1, rounds - 1), 16, a.threads, results, gbs)
     if "quality" in sections:
         checks += quality(results, 512 if a.quick else 4096)
     section("targets")

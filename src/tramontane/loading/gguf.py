@@ -245,7 +245,7 @@ def iter_gguf_tensors(
         args = read_gguf_args(reader)
     for tensor, names, stacked in _plan(reader, args, path):
         if keep_q4_0 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and not stacked:
-            packed, scale = _q4_0_parts(tensor)
+            packed, scale = _q4_0_parts(tensor, path)
             yield names[0], packed.to(device)
             yield names[0].removesuffix("weight") + "scale", scale.to(device)
             continue
@@ -382,14 +382,21 @@ def _can_read(kind: GGMLQuantizationType) -> bool:
     return True
 
 
-def _q4_0_parts(tensor: ReaderTensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _q4_0_parts(tensor: ReaderTensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q4_0 matrix split into packed nibbles [rows, cols / 2] and float16 scales [rows, cols / 32].
 
     A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes whose byte i holds element i (low
-    nibble) and element i + 16 (high nibble), value (q - 8) * scale.
+    nibble) and element i + 16 (high nibble), value (q - 8) * scale. The bytes are read from the file
+    rather than through the reader's memory map: mapped pages would count as this process's memory
+    until the map closes, doubling the peak of loading a large model.
     """
     rows, cols = _torch_shape(tensor)
-    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, 18)
+    raw = np.empty(tensor.n_bytes, dtype=np.uint8)
+    with open(path, "rb") as f:
+        f.seek(tensor.data_offset)
+        if f.readinto(raw.data) != tensor.n_bytes:
+            raise CheckpointError(path, f"tensor {tensor.name}: file ends inside its data")
+    blocks = raw.reshape(rows, cols // 32, 18)
     scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(rows, cols // 32)
     packed = np.ascontiguousarray(blocks[..., 2:]).reshape(rows, cols // 2)
     return torch.from_numpy(packed), torch.from_numpy(scale)

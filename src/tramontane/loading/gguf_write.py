@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +47,49 @@ def write_gguf(
         if tuple(state_dict[name].shape) != shape:
             raise TensorMismatchError(path, f"{name}: expected shape {shape}, got {tuple(state_dict[name].shape)}")
 
+    target = GGMLQuantizationType[qtype]
+
+    def encoded() -> Iterator[tuple[str, np.ndarray, GGMLQuantizationType | None]]:
+        for gguf_name, internal in _gguf_names(args):
+            if isinstance(internal, list):
+                # experts stacked: [n_experts, rows, cols], ggml ne order [cols, rows, n_experts]
+                value = torch.stack([state_dict[n].detach().to("cpu", torch.float32) for n in internal])
+            else:
+                value = state_dict[internal].detach().to("cpu", torch.float32)
+            yield (gguf_name, *_encode(value.contiguous().numpy(), target))
+
+    _write(path, args, tokenizer, encoded(), quantized=target not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16))
+
+
+def write_gguf_blocks(
+    path: str | Path,
+    args: ModelArgs,
+    blocks: Callable[[str, tuple[int, ...]], tuple[np.ndarray, GGMLQuantizationType | None]],
+    tokenizer: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a `llama` GGUF whose tensors `blocks(internal name, shape)` hands over already encoded:
+    a float32 array (type None) or a quantized type's raw bytes, [rows, bytes per row]. For files too
+    large to hold as floats (the benchmark's random 7B model writes its Q4_0 blocks directly).
+    Dense models only."""
+    if args.moe is not None:
+        raise ValueError("write_gguf_blocks: mixture-of-experts models are not supported")
+    shapes = expected_shapes(args)
+    tensors = ((name, *blocks(internal, shapes[internal])) for name, internal in _gguf_names(args)
+               if isinstance(internal, str))
+    _write(Path(path), args, tokenizer, tensors, quantized=True)
+
+
+def _write(path: Path, args: ModelArgs, tokenizer: Mapping[str, Any] | None,
+           tensors: Iterable[tuple[str, np.ndarray, GGMLQuantizationType | None]], quantized: bool) -> None:
     writer = GGUFWriter(path, "llama")
     _add_args(writer, args)
     if tokenizer is not None:
         for key, value in tokenizer.items():
             _add_value(writer, key, value)
-    target = GGMLQuantizationType[qtype]
-    if target not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+    if quantized:
         writer.add_quantization_version(2)
-
-    for gguf_name, internal in _gguf_names(args):
-        if isinstance(internal, list):
-            # experts stacked: [n_experts, rows, cols], ggml ne order [cols, rows, n_experts]
-            value = torch.stack([state_dict[n].detach().to("cpu", torch.float32) for n in internal])
-        else:
-            value = state_dict[internal].detach().to("cpu", torch.float32)
-        _add_tensor(writer, gguf_name, value.contiguous().numpy(), target)
+    for name, value, raw_dtype in tensors:
+        writer.add_tensor(name, value, raw_dtype=raw_dtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -110,14 +137,13 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"metadata {key}: cannot write a value of type {type(value).__name__}")
 
 
-def _add_tensor(writer: GGUFWriter, name: str, value: np.ndarray, target: GGMLQuantizationType) -> None:
+def _encode(value: np.ndarray, target: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
     block = GGML_QUANT_SIZES[target][0]
     if value.ndim < 2 or target == GGMLQuantizationType.F32 or value.shape[-1] % block:
-        writer.add_tensor(name, value)
-    elif target == GGMLQuantizationType.F16:
-        writer.add_tensor(name, value.astype(np.float16))
-    else:
-        writer.add_tensor(name, quantize(value, target), raw_dtype=target)
+        return value, None
+    if target == GGMLQuantizationType.F16:
+        return value.astype(np.float16), None
+    return quantize(value, target), target
 
 
 def _gguf_names(args: ModelArgs) -> Iterator[tuple[str, str | list[str]]]:
