@@ -102,9 +102,11 @@ def build_model(
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise TensorMismatchError(where, f"missing tensor(s) {', '.join(missing[:5])}{more}")
     model.load_state_dict(loaded, strict=False, assign=True)
-    # Drop our references first: fusing layer by layer then frees each unfused weight as it goes,
-    # instead of holding a second copy of every projection until the end.
+    # Drop our references first (the quantized modules in `targets` hold their weights too): fusing
+    # layer by layer then frees each unfused weight as it goes, instead of holding a second copy of
+    # every projection until the end.
     loaded.clear()
+    targets.clear()
     tie_quantized_head(model)
     return use_fast_linears(fuse_projections(model)).eval()
 

@@ -387,19 +387,27 @@ def _q4_0_parts(tensor: ReaderTensor, path: str) -> tuple[torch.Tensor, torch.Te
 
     A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes whose byte i holds element i (low
     nibble) and element i + 16 (high nibble), value (q - 8) * scale. The bytes are read from the file
-    rather than through the reader's memory map: mapped pages would count as this process's memory
-    until the map closes, doubling the peak of loading a large model.
+    a few MiB at a time into one buffer, not through the reader's memory map (mapped pages count as
+    this process's memory) nor into a whole-tensor temporary (freed temporaries of every size leave
+    the heap fragmented): loading a 7B model then peaks near the size of its weights.
     """
     rows, cols = _torch_shape(tensor)
-    raw = np.empty(tensor.n_bytes, dtype=np.uint8)
+    row_bytes = cols // 32 * 18
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    scale = torch.empty(rows, cols // 32, dtype=torch.float16)
+    step = max(1, (4 << 20) // row_bytes)
+    buffer = np.empty(min(rows, step) * row_bytes, dtype=np.uint8)
     with open(path, "rb") as f:
         f.seek(tensor.data_offset)
-        if f.readinto(raw.data) != tensor.n_bytes:
-            raise CheckpointError(path, f"tensor {tensor.name}: file ends inside its data")
-    blocks = raw.reshape(rows, cols // 32, 18)
-    scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(rows, cols // 32)
-    packed = np.ascontiguousarray(blocks[..., 2:]).reshape(rows, cols // 2)
-    return torch.from_numpy(packed), torch.from_numpy(scale)
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            chunk = buffer[: n * row_bytes]
+            if f.readinto(chunk.data) != chunk.nbytes:
+                raise CheckpointError(path, f"tensor {tensor.name}: file ends inside its data")
+            blocks = torch.from_numpy(chunk).view(n, cols // 32, 18)
+            packed[r0 : r0 + n] = blocks[..., 2:].reshape(n, cols // 2)
+            scale[r0 : r0 + n] = blocks[..., :2].contiguous().view(torch.float16).view(n, cols // 32)
+    return packed, scale
 
 
 def _to_numpy(tensor: ReaderTensor, path: str) -> np.ndarray:
