@@ -440,21 +440,26 @@ def test_convert_gguf_to_native_folder(smollm2_gguf_path, tmp_path):
 
 
 @torch.no_grad()
-def test_q4_0_loads_as_int4_without_requantizing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("qtype", "method"), [("Q4_0", "int4"), ("Q4_1", "int4_asym")])
+def test_q4_blocks_load_as_int4_without_requantizing(tmp_path: Path, qtype: str, method: str) -> None:
     from tramontane import load_model
     from tramontane.quantize import Int4Linear, QuantEmbedding
 
     path = tmp_path / "q4.gguf"
-    write_gguf(path, TINY, random_state(TINY), qtype="Q4_0")
+    write_gguf(path, TINY, random_state(TINY), qtype=qtype)
     _, floats = load_gguf_state_dict(path)  # gguf-py's own dequantization of every block
-    model = load_model(path, quantize="int4")
+    model = load_model(path, quantize=method)
     emb = model.tok_embeddings
     assert isinstance(emb, QuantEmbedding) and isinstance(model.output, Int4Linear)
-    # the same values as the file's blocks, bit for bit (a requantization would move some)
-    assert torch.equal(emb.table.dequantize(), floats["tok_embeddings.weight"])
-    assert torch.equal(model.output.dequantize(), floats["output.weight"])
+    assert model.output.zero_point == (method == "int4_asym")
+    # the same values as the file's blocks (a requantization would move some); float16 products
+    # rounded alike: exact for Q4_0, within float32 rounding for Q4_1's q * scale + min
+    tol = dict(atol=0, rtol=0) if qtype == "Q4_0" else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(emb.table.dequantize(), floats["tok_embeddings.weight"], **tol)
+    torch.testing.assert_close(model.output.dequantize(), floats["output.weight"], **tol)
     w2 = model.layers[1].feed_forward.w2
-    assert isinstance(w2, Int4Linear) and torch.equal(w2.dequantize(), floats["layers.1.feed_forward.w2.weight"])
+    assert isinstance(w2, Int4Linear)
+    torch.testing.assert_close(w2.dequantize(), floats["layers.1.feed_forward.w2.weight"], **tol)
     qkv = model.layers[0].attention.wqkv.dequantize()
     wq, wk, wv = (floats[f"layers.0.attention.{n}.weight"] for n in ("wq", "wk", "wv"))
-    assert torch.equal(qkv, torch.cat([wq, wk, wv]))
+    torch.testing.assert_close(qkv, torch.cat([wq, wk, wv]), **tol)

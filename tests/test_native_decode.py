@@ -32,7 +32,7 @@ def decode_logits(model, prompts: list[list[int]], steps: int, native: bool, mon
 PROMPTS = [[5, 9, 12, 3, 7, 1, 30, 8, 2, 11], [40, 41, 42], [7] * 20]
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int4_asym"])
 @pytest.mark.parametrize("name", ["mistral-window", "llama-tied"])
 def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, monkeypatch):
     _, folder = tiny_hf(name)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, TokenizerError
+from .quantize import METHODS as QUANT_METHODS
 
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -287,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                     help="quantize weights while loading (int8 per channel, int4 in groups of 32)")
+    gen.add_argument("--quantize", choices=QUANT_METHODS, default=None,
+                     help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
+                          "Q4_0, or int4_asym with a minimum per group like Q4_1)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
 
@@ -319,14 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails (0: never)")
     sv.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    sv.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize weights while loading")
+    sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.set_defaults(func=cmd_serve)
 
-    qz = sub.add_parser("quantize", parents=[common], help="save a quantized copy (int8 or int4) as a native folder")
+    qz = sub.add_parser("quantize", parents=[common], help="save a quantized copy (int8, int4, int4_asym) as a native folder")
     qz.add_argument("src", help="native folder, Hugging Face folder or .gguf file")
     qz.add_argument("dst", help="output folder (loads later without quantizing again)")
-    qz.add_argument("--to", choices=["int8", "int4"], required=True, help="scheme")
+    qz.add_argument("--to", choices=QUANT_METHODS, required=True, help="scheme")
     qz.add_argument("--group-size", type=int, default=32, help="int4 group size, a multiple of 32 (default 32)")
     qz.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     qz.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -33,7 +33,7 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module:
         elif isinstance(first, Int8Linear):
             fused = Int8Linear(first.in_features, out_features)
         elif isinstance(first, Int4Linear):
-            fused = Int4Linear(first.in_features, out_features, first.group_size)
+            fused = Int4Linear(first.in_features, out_features, first.group_size, first.zero_point)
         else:
             raise TypeError(f"cannot fuse {type(first).__name__}")
     for name, tensor in list(first.named_parameters()) + list(first.named_buffers()):

@@ -77,7 +77,7 @@ def _projection(ext: Any, module: nn.Module) -> Any | None:
     from .quantize import Int4Linear, Int8Linear
 
     if isinstance(module, Int4Linear):
-        return ext.Projection(2, module.weight, module.scale, module.group_size)
+        return ext.Projection(2, module.weight, module.scale, module.group_size, module.mins)
     if isinstance(module, Int8Linear):
         return ext.Projection(1, module.weight, module.scale, 0)
     if isinstance(module, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32 \

@@ -5,6 +5,8 @@
   Q4_0: w = (q - 8) * scale with q in [0, 15] and a float16 scale; 4.5 bits per weight at groups of
   32. Packed two to a byte in blocks of 32, the bytes of Q4_0 (see kernels/int4.cpp), so a Q4_0 GGUF
   loads without requantizing.
+- int4_asym: the same with a float16 minimum (zero point) per group, like Q4_1: w = q * scale + min;
+  5 bits per weight, closer to the float weights, and a Q4_1 GGUF loads without requantizing.
 
 Every linear layer of the blocks, the output head and the token embeddings are quantized (a tied head
 shares the embedding's quantized tensors); norms and the MoE router stay in full precision. The model
@@ -28,7 +30,7 @@ from .errors import ConfigError
 from .kernels import qlinear
 from .model import Transformer
 
-METHODS = ("int8", "int4")
+METHODS = ("int8", "int4", "int4_asym")
 # Up to this many rows of activations the fused kernel wins; beyond, dequantize and use a GEMM.
 SMALL_BATCH = 16
 # Output rows dequantized at a time for a GEMM (measured on the 1B shape, 512 rows: 1024 rows beat
@@ -44,12 +46,12 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"quantize: method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "int4" and (self.group_size < 32 or self.group_size % 32):
+        if self.method != "int8" and (self.group_size < 32 or self.group_size % 32):
             raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
-        if self.method == "int4":
+        if self.method != "int8":
             out["group_size"] = self.group_size
         return out
 
@@ -140,41 +142,54 @@ class Int8Linear(_QuantLinear):
 
 
 # ------------------------------------------------------------------------------------------ int4
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-wise symmetric int4: (packed [N, K/2] uint8, scale [N, K/G] float16).
+def quantize_int4(
+    w: torch.Tensor, group_size: int, zero_point: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise int4: (packed [N, K/2] uint8, scale [N, K/G] float16, mins [N, K/G] float16 or None).
 
-    The scale maps the group's largest-magnitude value to -8, the end of the range with one more step,
-    so that value is exact and the other side keeps 7 steps.
+    Symmetric: the scale maps the group's largest-magnitude value to -8, the end of the range with one
+    more step, so that value is exact and the other side keeps 7 steps. With a zero point: the group's
+    [min, max] spans q = 0..15. q is rounded against the float16 scale and min actually stored.
     """
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4: input size {K} is not a multiple of group_size {group_size}")
     groups = w.float().view(N, K // group_size, group_size)
-    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed, [N, K/G]
-    scale = (extreme / -8).to(torch.float16)
-    safe = scale.float()
-    safe = torch.where(safe == 0, torch.ones_like(safe), safe)
-    q = (torch.round(groups / safe[..., None]) + 8).clamp(0, 15).to(torch.uint8)
+    if zero_point:
+        mins = groups.amin(dim=-1).to(torch.float16)
+        scale = ((groups.amax(dim=-1) - mins.float()) / 15).to(torch.float16)
+        shifted = groups - mins.float()[..., None]
+    else:
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed, [N, K/G]
+        scale, mins = (extreme / -8).to(torch.float16), None
+        shifted = groups + 8 * scale.float()[..., None]
+    step = scale.float()
+    step = torch.where(step == 0, torch.ones_like(step), step)
+    q = torch.round(shifted / step[..., None]).clamp(0, 15).to(torch.uint8)
     blocks = q.view(N, K // 32, 32)  # byte i of a block: element i (low nibble), element i + 16 (high)
     packed = (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(N, K // 2)
-    return packed.contiguous(), scale.contiguous()
+    return packed.contiguous(), scale.contiguous(), None if mins is None else mins.contiguous()
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
     N, half = packed.shape
     K = half * 2
     blocks = packed.view(N, K // 32, 16)
-    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(N, scale.shape[1], -1).float() - 8  # [N, groups, G]
-    return (q * scale.float()[..., None]).view(N, K)
+    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(N, scale.shape[1], -1).float()  # [N, groups, G]
+    if mins is None:
+        return ((q - 8) * scale.float()[..., None]).view(N, K)
+    return (q * scale.float()[..., None] + mins.float()[..., None]).view(N, K)
 
 
 class Int4Linear(_QuantLinear):
-    """y = x @ dequant(w).T with group-wise symmetric int4 weights, packed two per byte."""
+    """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte; symmetric, or with a
+    minimum per group (`zero_point`)."""
 
     weight: torch.Tensor
     scale: torch.Tensor
+    mins: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
+    def __init__(self, in_features: int, out_features: int, group_size: int, zero_point: bool = False) -> None:
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"int4: input size {in_features} is not a multiple of group_size {group_size}")
@@ -182,23 +197,32 @@ class Int4Linear(_QuantLinear):
         groups = in_features // group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
+        # a None buffer is left out of the state dict: symmetric layers save weight and scale only
+        self.register_buffer("mins", torch.empty(out_features, groups, dtype=torch.float16) if zero_point else None)
+
+    @property
+    def zero_point(self) -> bool:
+        return self.mins is not None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group_size: int) -> Int4Linear:
+    def from_float(cls, weight: torch.Tensor, group_size: int, zero_point: bool = False) -> Int4Linear:
         out_features, in_features = weight.shape
         with torch.device("meta"):
-            m = cls(in_features, out_features, group_size)
-        m.weight, m.scale = quantize_int4(weight, group_size)
+            m = cls(in_features, out_features, group_size, zero_point)
+        m.weight, m.scale, mins = quantize_int4(weight, group_size, zero_point)
+        if mins is not None:
+            m.mins = mins
         return m
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        mins = None if self.mins is None else self.mins[rows]
         ext = qlinear() if self.weight.device.type == "cpu" else None
         if ext is not None:
-            return ext.int4_dequantize(self.weight[rows], self.scale[rows], self.group_size)
-        return dequantize_int4(self.weight[rows], self.scale[rows])
+            return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size)
+        return dequantize_int4(self.weight[rows], self.scale[rows], mins)
 
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
-        return ext.int4_linear(flat, self.weight, self.scale, self.group_size)
+        return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
 
 
 QuantLinear = Int8Linear | Int4Linear
@@ -218,7 +242,7 @@ class QuantEmbedding(nn.Module):
         if isinstance(t, Int8Linear):
             rows = dequantize_int8(t.weight[flat], t.scale[flat])
         else:
-            rows = dequantize_int4(t.weight[flat], t.scale[flat])
+            rows = dequantize_int4(t.weight[flat], t.scale[flat], None if t.mins is None else t.mins[flat])
         return rows.to(self.dtype).view(*tokens.shape, t.in_features)
 
 
@@ -230,10 +254,10 @@ def quantize_linear(config: QuantConfig, weight: torch.Tensor) -> QuantLinear:
         with torch.device("meta"):
             if config.method == "int8":
                 return Int8Linear(in_features, out_features)
-            return Int4Linear(in_features, out_features, config.group_size)
+            return Int4Linear(in_features, out_features, config.group_size, config.method == "int4_asym")
     if config.method == "int8":
         return Int8Linear.from_float(weight)
-    return Int4Linear.from_float(weight, config.group_size)
+    return Int4Linear.from_float(weight, config.group_size, config.method == "int4_asym")
 
 
 def _linear_slots(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -115,8 +115,9 @@ inline void walk(int64_t M, int64_t begin, int64_t end, Tile tile) {
 
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group);
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins,
+                          int64_t group);
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
                                torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
                                int64_t kv_len, int64_t n_heads, int64_t n_kv_heads);
-torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, int64_t group);
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group);

@@ -16,15 +16,16 @@
 
 namespace {
 
-// One projection: fp32 (kind 0), int8 per channel (1) or int4 in groups (2).
+// One projection: fp32 (kind 0), int8 per channel (1) or int4 in groups (2, with or without minimums).
 struct Projection {
   int64_t kind;
   torch::Tensor w, scale;
   int64_t group;
+  c10::optional<torch::Tensor> mins;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
     if (kind == 1) return int8_linear(x, w, scale);
-    if (kind == 2) return int4_linear(x, w, scale, group);
+    if (kind == 2) return int4_linear(x, w, scale, mins, group);
     // one row: PyTorch's matrix-vector product reads fp32 weights at full speed; more: the tiled kernel
     return x.size(0) == 1 ? at::linear(x, w) : f32_linear(x, w);
   }
@@ -119,8 +120,8 @@ class DecodeStack {
 void bind_decode_stack(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<Projection>(m, "Projection")
-      .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t>(), py::arg("kind"), py::arg("weight"),
-           py::arg("scale"), py::arg("group"));
+      .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>>(), py::arg("kind"),
+           py::arg("weight"), py::arg("scale"), py::arg("group"), py::arg("mins") = py::none());
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<double, int64_t, int64_t>(), py::arg("eps"), py::arg("n_heads"), py::arg("n_kv_heads"))
       .def("add_block", &DecodeStack::add_block)

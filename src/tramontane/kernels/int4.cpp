@@ -1,16 +1,18 @@
 // Int4 weights times fp32 activations, through exact integer dot products.
 //
-// Weight layout (the bytes of GGUF's Q4_0 blocks, with the scales kept apart): a row is split into
-// blocks of 32 elements stored in 16 bytes; byte i holds q[i] in its low nibble and q[i + 16] in its
-// high nibble, q in 0..15, and the element is (q - 8) * scale[g], one float16 scale per group g of
-// `group` elements (a multiple of 32).
+// Weight layout (the bytes of GGUF's Q4_0 / Q4_1 blocks, with the scales kept apart): a row is split
+// into blocks of 32 elements stored in 16 bytes; byte i holds q[i] in its low nibble and q[i + 16] in
+// its high nibble, q in 0..15. The element is (q - 8) * scale[g] (symmetric, Q4_0), or with a minimum
+// per group q * scale[g] + min[g] (Q4_1), float16 scale and min per group g of `group` elements (a
+// multiple of 32).
 //
 // Each call first quantizes the rows of x to int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp
 // does for its Q4_0 x Q8_0 dot products). An output is then the sum over blocks of
 // scale_w * scale_x * dot(q - 8, x_q), the dot in integer arithmetic: VNNI's dpbusd (u8 x s8 -> s32)
 // on AVX-512, maddubs + madd on AVX2. The -8 is folded in by starting each integer sum at
-// -8 * sum(x_q) (`bias`, precomputed with the quantized activations). Weight bytes are widened to
-// nibbles once per tile and reused for every row of x.
+// -8 * sum(x_q) (`bias`, precomputed with the quantized activations); a minimum adds
+// min * scale_x * sum(x_q) per block, sixteen blocks per vector multiply-add. Weight bytes are widened
+// to nibbles once per tile and reused for every row of x.
 
 #include "common.h"
 
@@ -23,9 +25,11 @@ struct QuantizedX {
   torch::Tensor q;      // int8 [M, K]
   torch::Tensor scale;  // float [M, K / 32]
   torch::Tensor bias;   // int32 [M, K / 4]: -8 times the sum of each 4 consecutive bytes of q
+  torch::Tensor sum;    // float [M, K / 32]: scale * sum of q, per block (for a minimum's term)
   const int8_t* qp;
   const float* sp;
   const int32_t* bp;
+  const float* sum_p;
 };
 
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
@@ -34,9 +38,11 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
   out.q = torch::empty({M, K}, torch::kInt8);
   out.scale = torch::empty({M, nb}, torch::kFloat32);
   out.bias = torch::empty({M, K / 4}, torch::kInt32);
+  out.sum = torch::empty({M, nb}, torch::kFloat32);
   int8_t* q = out.q.data_ptr<int8_t>();
   float* s = out.scale.data_ptr<float>();
   int32_t* bias = out.bias.data_ptr<int32_t>();
+  float* sums = out.sum.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + m * K + b * 32;
@@ -45,12 +51,15 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       s[m * nb + b] = d;
       int8_t* dst = q + m * K + b * 32;
-      if (b < paired) {  // element i of block b sits at (i / 16) * 32 + (b % 2) * 16 + i % 16 of its pair
-        int8_t* pair = q + m * K + (b / 2) * 64 + (b % 2) * 16;
-        for (int i = 0; i < 32; ++i) pair[(i / 16) * 32 + i % 16] = int8_t(std::nearbyint(xb[i] * inv));
-      } else {
-        for (int i = 0; i < 32; ++i) dst[i] = int8_t(std::nearbyint(xb[i] * inv));
+      int32_t total = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int8_t v = int8_t(std::nearbyint(xb[i] * inv));
+        total += v;
+        // paired: element i of block b sits at (i / 16) * 32 + (b % 2) * 16 + i % 16 of its pair
+        if (b < paired) q[m * K + (b / 2) * 64 + (b % 2) * 16 + (i / 16) * 32 + i % 16] = v;
+        else dst[i] = v;
       }
+      sums[m * nb + b] = d * float(total);
     }
     const int8_t* qm = q + m * K;
     for (int64_t j = 0; j < K / 4; ++j)
@@ -59,6 +68,7 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, bool pairs) {
   out.qp = q;
   out.sp = s;
   out.bp = bias;
+  out.sum_p = sums;
   return out;
 }
 
@@ -66,8 +76,9 @@ inline float half_to_float(uint16_t h) { return float(c10::Half(h, c10::Half::fr
 
 // ---------------------------------------------------------------------------------------- portable
 void int4_rows_ref(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                   int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+                   const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
   const int64_t nb = K / 32, groups = K / group;
+  const int32_t offset = wmin ? 0 : 8;
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = w + o * (K / 2);
     for (int64_t m = 0; m < M; ++m) {
@@ -77,9 +88,11 @@ void int4_rows_ref(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w,
         int32_t dot = 0;
         for (int i = 0; i < 16; ++i) {
           const uint8_t byte = row[b * 16 + i];
-          dot += (int32_t(byte & 15) - 8) * xq[b * 32 + i] + (int32_t(byte >> 4) - 8) * xq[b * 32 + i + 16];
+          dot += (int32_t(byte & 15) - offset) * xq[b * 32 + i] + (int32_t(byte >> 4) - offset) * xq[b * 32 + i + 16];
         }
-        acc += float(dot) * half_to_float(wscale[o * groups + b * 32 / group]) * qx.sp[m * nb + b];
+        const int64_t g = o * groups + b * 32 / group;
+        acc += float(dot) * half_to_float(wscale[g]) * qx.sp[m * nb + b];
+        if (wmin) acc += half_to_float(wmin[g]) * qx.sum_p[m * nb + b];
       }
       y[m * N + o] = acc;
     }
@@ -93,7 +106,7 @@ void int4_rows_ref(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w,
 // scales of a chunk of 16 blocks are computed once per tile and spread to those lanes by a permute.
 template <int R, int T>
 T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                                    int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
+                                    const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
   if (m0 == 0 && o + 2 * R <= N) {
     prefetch_range(w + (o + R) * row_bytes, R * row_bytes);
@@ -106,20 +119,25 @@ T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  // the chunk's float16 scales (or minimums) of row o + r, one per block, as fp32
+  auto per_block = [&](const uint16_t* src, int r, int64_t c0, int64_t cn, __mmask16 live) T512VNNI {
+    if (group == 32) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, src + (o + r) * groups + c0));
+    alignas(64) float tmp[16] = {};
+    for (int64_t i = 0; i < cn; ++i) tmp[i] = _cvtsh_ss(src[(o + r) * groups + (c0 + i) * 32 / group]);
+    return _mm512_load_ps(tmp);
+  };
   for (int64_t c0 = 0; c0 < nb; c0 += 16) {
     const int64_t cn = std::min<int64_t>(16, nb - c0);
     const __mmask16 live = __mmask16((1u << cn) - 1);
     for (int r = 0; r < R; ++r) {
-      __m512 ws;
-      if (group == 32) {
-        ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, wscale + (o + r) * groups + c0));
-      } else {
-        alignas(64) float tmp[16] = {};
-        for (int64_t i = 0; i < cn; ++i) tmp[i] = _cvtsh_ss(wscale[(o + r) * groups + (c0 + i) * 32 / group]);
-        ws = _mm512_load_ps(tmp);
-      }
+      const __m512 ws = per_block(wscale, r, c0, cn, live);
       for (int t = 0; t < T; ++t)
         _mm512_store_ps(cs[r][t], _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, qx.sp + (m0 + t) * nb + c0)));
+      if (wmin) {  // min * scale_x * sum(x_q) for the chunk's 16 blocks at once
+        const __m512 mn = per_block(wmin, r, c0, cn, live);
+        for (int t = 0; t < T; ++t)
+          acc[r][t] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(live, qx.sum_p + (m0 + t) * nb + c0), acc[r][t]);
+      }
     }
     const int64_t paired_end = c0 + (cn & ~int64_t(1));
     for (int64_t b = c0; b < paired_end; b += 2) {
@@ -130,7 +148,7 @@ T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8
       }
       for (int t = 0; t < T; ++t) {
         const __m512i xv = _mm512_loadu_si512(qx.qp + (m0 + t) * K + b * 32);
-        const __m512i bv = _mm512_loadu_si512(qx.bp + (m0 + t) * (K / 4) + b * 8);
+        const __m512i bv = wmin ? _mm512_setzero_si512() : _mm512_loadu_si512(qx.bp + (m0 + t) * (K / 4) + b * 8);
         for (int r = 0; r < R; ++r) {
           const __m512i d = _mm512_dpbusd_epi32(bv, wv[r], xv);
           const __m128 pair = _mm_castpd_ps(_mm_load_sd((const double*)&cs[r][t][b - c0]));
@@ -147,7 +165,8 @@ T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8
             _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1), nib256);
         for (int t = 0; t < T; ++t) {
           const __m256i xv = _mm256_loadu_si256((const __m256i*)(qx.qp + (m0 + t) * K + b * 32));
-          const __m256i bv = _mm256_loadu_si256((const __m256i*)(qx.bp + (m0 + t) * (K / 4) + b * 8));
+          const __m256i bv =
+              wmin ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i*)(qx.bp + (m0 + t) * (K / 4) + b * 8));
           const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(bv, wv, xv)),
                                             _mm256_set1_ps(cs[r][t][b - c0]));
           acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_zextps256_ps512(part));
@@ -160,15 +179,15 @@ T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8
 }
 
 T512VNNI void int4_rows_vnni(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                             int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(int4_tile_vnni, qx, K, w, wscale, group, y, N));
+                             const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(int4_tile_vnni, qx, K, w, wscale, wmin, group, y, N));
 }
 
 // ---------------------------------------------------------------------------------------- AVX2
 // One block per step: 16 bytes widen to 32 nibbles in natural order; maddubs + madd sum each 4.
 template <int R, int T>
 T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                                int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
+                                const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
   if (m0 == 0 && o + 2 * R <= N) {
     prefetch_range(w + (o + R) * row_bytes, R * row_bytes);
@@ -178,14 +197,18 @@ T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* 
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float cs[R][T][16];
   __m256 acc[R][T];
+  float minterm[R][T] = {};
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t c0 = 0; c0 < nb; c0 += 16) {
     const int64_t cn = std::min<int64_t>(16, nb - c0);
     for (int r = 0; r < R; ++r)
       for (int64_t i = 0; i < cn; ++i) {
-        const float ws = _cvtsh_ss(wscale[(o + r) * groups + (c0 + i) * 32 / group]);
+        const int64_t g = (o + r) * groups + (c0 + i) * 32 / group;
+        const float ws = _cvtsh_ss(wscale[g]);
         for (int t = 0; t < T; ++t) cs[r][t][i] = ws * qx.sp[(m0 + t) * nb + c0 + i];
+        if (wmin)
+          for (int t = 0; t < T; ++t) minterm[r][t] += _cvtsh_ss(wmin[g]) * qx.sum_p[(m0 + t) * nb + c0 + i];
       }
     for (int64_t b = c0; b < c0 + cn; ++b) {
       __m256i wv[R];
@@ -195,7 +218,8 @@ T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* 
       }
       for (int t = 0; t < T; ++t) {
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(qx.qp + (m0 + t) * K + b * 32));
-        const __m256i bv = _mm256_loadu_si256((const __m256i*)(qx.bp + (m0 + t) * (K / 4) + b * 8));
+        const __m256i bv =
+            wmin ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i*)(qx.bp + (m0 + t) * (K / 4) + b * 8));
         for (int r = 0; r < R; ++r) {
           const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], xv), ones), bv);
           acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(cs[r][t][b - c0]), acc[r][t]);
@@ -204,27 +228,34 @@ T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = hsum256(acc[r][t]);
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = hsum256(acc[r][t]) + minterm[r][t];
 }
 
 T256 void int4_rows_avx2(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                         int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(int4_tile_avx2, qx, K, w, wscale, group, y, N));
+                         const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(int4_tile_avx2, qx, K, w, wscale, wmin, group, y, N));
 }
 #endif  // TRAMONTANE_X86
 
-void check_int4(const torch::Tensor& w, const torch::Tensor& scale, int64_t group) {
+void check_int4(const torch::Tensor& w, const torch::Tensor& scale, const c10::optional<torch::Tensor>& mins,
+                int64_t group) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group size must be a multiple of 32 that divides K");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() && scale.numel() == N * (K / group),
               "scale must be contiguous float16 [N, K/group]");
+  if (mins)
+    TORCH_CHECK(mins->scalar_type() == torch::kFloat16 && mins->is_contiguous() && mins->numel() == N * (K / group),
+                "mins must be contiguous float16 [N, K/group]");
 }
+
+const uint16_t* half_bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
 }  // namespace
 
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group) {
-  check_int4(w, scale, group);
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins,
+                          int64_t group) {
+  check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
   check_x(x, K);
   const Isa path = current_isa();
@@ -232,36 +263,40 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   const QuantizedX qx = quantize_x(x.data_ptr<float>(), M, K, vnni);
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* sp = half_bits(scale);
+  const uint16_t* mp = mins ? half_bits(*mins) : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
 #ifdef TRAMONTANE_X86
-    if (vnni) return int4_rows_vnni(qx, M, K, wp, sp, group, yp, N, begin, end);
-    if (path != Isa::kRef) return int4_rows_avx2(qx, M, K, wp, sp, group, yp, N, begin, end);
+    if (vnni) return int4_rows_vnni(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
+    if (path != Isa::kRef) return int4_rows_avx2(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
 #endif
-    int4_rows_ref(qx, M, K, wp, sp, group, yp, N, begin, end);
+    int4_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
   });
   return y;
 }
 
 // Dequantize packed int4 rows to fp32 [N, K] (for prefill, where a GEMM on fp32 weights wins).
-torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, int64_t group) {
-  check_int4(w, scale, group);
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group) {
+  check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* sp = half_bits(scale);
+  const uint16_t* mp = mins ? half_bits(*mins) : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* row = wp + o * (K / 2);
       float* dst = op + o * K;
       for (int64_t b = 0; b < K / 32; ++b) {
-        const float s = half_to_float(sp[o * groups + b * 32 / group]);
+        const int64_t g = o * groups + b * 32 / group;
+        const float s = half_to_float(sp[g]);
+        const float base = mp ? half_to_float(mp[g]) : -8.f * s;  // (q - 8) * s = q * s - 8 s
 #pragma omp simd
         for (int64_t i = 0; i < 16; ++i) {
-          dst[b * 32 + i] = float(int(row[b * 16 + i] & 15) - 8) * s;
-          dst[b * 32 + i + 16] = float(int(row[b * 16 + i] >> 4) - 8) * s;
+          dst[b * 32 + i] = float(row[b * 16 + i] & 15) * s + base;
+          dst[b * 32 + i + 16] = float(row[b * 16 + i] >> 4) * s + base;
         }
       }
     }

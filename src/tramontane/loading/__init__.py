@@ -63,9 +63,9 @@ def load_model(
 ) -> Transformer:
     """Load a model for inference, optionally quantizing its weights as they stream in.
 
-    `quantize` is "int8", "int4" (groups of 32) or a QuantConfig. A checkpoint saved quantized
-    (`tramontane quantize`) loads as it was saved, without quantizing again; so do the Q4_0 tensors of
-    a GGUF file loaded as "int4" (same bytes).
+    `quantize` is "int8", "int4", "int4_asym" (groups of 32) or a QuantConfig. A checkpoint saved
+    quantized (`tramontane quantize`) loads as it was saved, without quantizing again; so do the Q4_0
+    (Q4_1) tensors of a GGUF file loaded as "int4" ("int4_asym"): same bytes.
 
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
@@ -87,14 +87,18 @@ def load_model(
     if fmt == "hf":
         args = hf.read_args(p)
         return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
+    from gguf import GGMLQuantizationType
+
     from .gguf import iter_gguf_tensors, open_gguf, read_gguf_args
 
     file = _gguf_file(p)
     reader = open_gguf(file)
     args = read_gguf_args(reader)
-    # Q4_0 blocks are int4 with groups of 32 already: taken as they are, not dequantized and requantized
-    keep = wanted == QuantConfig("int4", 32)
-    tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep_q4_0=keep))
+    # Q4_0 (Q4_1) blocks are int4 (int4_asym) with groups of 32 already: taken as they are, not
+    # dequantized and quantized again
+    keep = {QuantConfig("int4", 32): GGMLQuantizationType.Q4_0,
+            QuantConfig("int4_asym", 32): GGMLQuantizationType.Q4_1}.get(wanted) if wanted else None
+    tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep=keep))
     return build_model(args, tensors, file, dtype, device, progress, wanted)
 
 

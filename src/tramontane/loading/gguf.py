@@ -223,13 +223,14 @@ def iter_gguf_tensors(
     args: ModelArgs | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    keep_q4_0: bool = False,
+    keep: GGMLQuantizationType | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(internal name, tensor)` one at a time, dequantized to `dtype` on `device`.
 
-    With `keep_q4_0`, a Q4_0 matrix is not dequantized: it comes as its packed nibbles (`<name>.weight`,
-    uint8 [rows, cols / 2]) and float16 block scales (`<name>.scale`, [rows, cols / 32]), the layout of
-    tramontane's int4 with groups of 32, so loading it as int4 loses nothing.
+    With `keep` Q4_0 (or Q4_1), matrices of that type are not dequantized: each comes as its packed
+    nibbles (`<name>.weight`, uint8 [rows, cols / 2]), float16 block scales (`<name>.scale`,
+    [rows, cols / 32]) and for Q4_1 block minimums (`<name>.mins`): the layout of tramontane's int4
+    (int4_asym) with groups of 32, so loading the file that way loses nothing.
 
     Every name, shape and tensor type is checked against `args` (read from the file when not given)
     before the first tensor is yielded, so a bad file fails fast. Merged expert tensors
@@ -244,10 +245,10 @@ def iter_gguf_tensors(
     if args is None:
         args = read_gguf_args(reader)
     for tensor, names, stacked in _plan(reader, args, path):
-        if keep_q4_0 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and not stacked:
-            packed, scale = _q4_0_parts(tensor, path)
-            yield names[0], packed.to(device)
-            yield names[0].removesuffix("weight") + "scale", scale.to(device)
+        if keep is not None and tensor.tensor_type == keep and not stacked:
+            prefix = names[0].removesuffix("weight")
+            for leaf, part in zip(("weight", "scale", "mins"), _q4_parts(tensor, path)):
+                yield prefix + leaf, part.to(device)
             continue
         value = torch.from_numpy(_to_numpy(tensor, path))
         if not stacked:
@@ -382,19 +383,23 @@ def _can_read(kind: GGMLQuantizationType) -> bool:
     return True
 
 
-def _q4_0_parts(tensor: ReaderTensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q4_0 matrix split into packed nibbles [rows, cols / 2] and float16 scales [rows, cols / 32].
+def _q4_parts(tensor: ReaderTensor, path: str) -> list[torch.Tensor]:
+    """A Q4_0 matrix split into packed nibbles [rows, cols / 2] and float16 scales [rows, cols / 32];
+    a Q4_1 matrix, also float16 minimums [rows, cols / 32].
 
     A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes whose byte i holds element i (low
-    nibble) and element i + 16 (high nibble), value (q - 8) * scale. The bytes are read from the file
-    a few MiB at a time into one buffer, not through the reader's memory map (mapped pages count as
-    this process's memory) nor into a whole-tensor temporary (freed temporaries of every size leave
-    the heap fragmented): loading a 7B model then peaks near the size of its weights.
+    nibble) and element i + 16 (high nibble), value (q - 8) * scale. Q4_1 has the minimum after the
+    scale (20 bytes), value q * scale + min. The bytes are read from the file a few MiB at a time into
+    one buffer, not through the reader's memory map (mapped pages count as this process's memory) nor
+    into a whole-tensor temporary (freed temporaries of every size leave the heap fragmented): loading
+    a 7B model then peaks near the size of its weights.
     """
     rows, cols = _torch_shape(tensor)
-    row_bytes = cols // 32 * 18
-    packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    scale = torch.empty(rows, cols // 32, dtype=torch.float16)
+    head = 2 if tensor.tensor_type == GGMLQuantizationType.Q4_0 else 4  # float16 scale (and min)
+    block = head + 16
+    row_bytes = cols // 32 * block
+    parts = [torch.empty(rows, cols // 2, dtype=torch.uint8)]
+    parts += [torch.empty(rows, cols // 32, dtype=torch.float16) for _ in range(head // 2)]
     step = max(1, (4 << 20) // row_bytes)
     buffer = np.empty(min(rows, step) * row_bytes, dtype=np.uint8)
     with open(path, "rb") as f:
@@ -404,10 +409,11 @@ def _q4_0_parts(tensor: ReaderTensor, path: str) -> tuple[torch.Tensor, torch.Te
             chunk = buffer[: n * row_bytes]
             if f.readinto(chunk.data) != chunk.nbytes:
                 raise CheckpointError(path, f"tensor {tensor.name}: file ends inside its data")
-            blocks = torch.from_numpy(chunk).view(n, cols // 32, 18)
-            packed[r0 : r0 + n] = blocks[..., 2:].reshape(n, cols // 2)
-            scale[r0 : r0 + n] = blocks[..., :2].contiguous().view(torch.float16).view(n, cols // 32)
-    return packed, scale
+            blocks = torch.from_numpy(chunk).view(n, cols // 32, block)
+            parts[0][r0 : r0 + n] = blocks[..., head:].reshape(n, cols // 2)
+            for i, part in enumerate(parts[1:]):
+                part[r0 : r0 + n] = blocks[..., 2 * i : 2 * i + 2].contiguous().view(torch.float16).view(n, cols // 32)
+    return parts
 
 
 def _to_numpy(tensor: ReaderTensor, path: str) -> np.ndarray:

@@ -63,6 +63,6 @@ def save(folder: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], dty
     if quant is not None:
         params["quantization"] = quant.to_json()
     (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    tensors = {k: (v if dtype is None or not v.dtype.is_floating_point or k.endswith(".scale")
+    tensors = {k: (v if dtype is None or not v.dtype.is_floating_point or k.endswith((".scale", ".mins"))
                    else v.to(dtype)).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(folder / "consolidated.safetensors"), metadata={"format": "pt"})
