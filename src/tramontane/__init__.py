@@ -3,7 +3,7 @@
 from .args import PRESETS, ModelArgs, MoeArgs, preset
 from .cache import KVCache
 from .errors import CheckpointError, ConfigError, TensorMismatchError, TokenizerError
-from .generate import Generation, generate, stream
+from .generate import Generation, compile_decode, generate, stream
 from .loading import load_model, read_model_args, save_model
 from .model import Transformer
 from .sampling import SamplingParams
@@ -12,7 +12,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "ModelArgs", "MoeArgs", "TensorMismatchError",
-    "TokenizerError", "preset", "load_model", "read_model_args", "save_model", "Transformer", "KVCache",
+    "TokenizerError", "preset", "compile_decode", "load_model", "read_model_args", "save_model", "Transformer", "KVCache",
     "Generation", "generate", "stream", "SamplingParams", "chat", "complete", "stream_chat", "stream_text",
     "Tokenizer", "load_tokenizer",
 ]

@@ -158,6 +158,10 @@ def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
                        progress=sys.stderr.isatty())
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
+    if a.compile:
+        from .generate import compile_decode
+
+        compile_decode(model)
     return model, tokenizer, path
 
 
@@ -255,7 +259,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise CliError(f"serve needs the server extras: pip install 'tramontane[serve]' ({e})") from e
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
-                                    max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize)
+                                    max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
+                                    compile=a.compile)
     name = a.served_model_name or default_model_name(path)
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
           f"batch {a.max_batch}, KV cache {engine.cache.nbytes() / 2**30:.2f} GiB)"
@@ -291,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", choices=QUANT_METHODS, default=None,
                      help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
                           "Q4_0, or int4_asym with a minimum per group like Q4_1)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
 
@@ -322,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")
+    sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs)")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.set_defaults(func=cmd_serve)
 

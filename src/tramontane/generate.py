@@ -7,6 +7,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -60,8 +62,50 @@ def prefill(
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token for each of the first B cache rows: tokens, positions [B] -> logits [B, V]."""
+    """One token for each of the first B cache rows: tokens, positions [B] -> logits [B, V].
+
+    Runs through torch.compile after `compile_decode(model)`.
+    """
+    compiled = model.__dict__.get("_compiled_decode")
+    if compiled is not None:
+        return compiled(tokens, positions, cache)
+    return _decode(model, tokens, positions, cache)
+
+
+def _decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model(tokens[:, None], positions[:, None], cache=cache)[:, 0]
+
+
+def compile_decode(model: Transformer) -> None:
+    """Route `model`'s decode steps through torch.compile (Inductor), for every caller of `decode_step`
+    (generate, stream, the chat, the server's engine).
+
+    Compilation happens on the first step (tens of seconds) and again for new shapes. If compiling or
+    running the compiled step fails, decoding goes on eagerly, with one warning. Worth it on GPUs; on
+    CPU the native decode stack already runs the blocks of a step in one call, and compiling the rest
+    measured slower than eager.
+
+    Example:
+        >>> compile_decode(model)
+        >>> generate(model, [[1, 851, 349]], max_tokens=16)  # first step compiles
+    """
+    model.__dict__["_compiled_decode"] = _CompiledDecode(model)
+
+
+class _CompiledDecode:
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(functools.partial(_decode, model), dynamic=True)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(tokens, positions, cache)
+            except Exception as e:  # any failure of Dynamo/Inductor or the compiler it calls
+                warnings.warn(f"tramontane: torch.compile of the decode step failed ({type(e).__name__}: "
+                              f"{str(e)[:200]}); decoding without it", stacklevel=3)
+                self.compiled = None
+        return _decode(self.model, tokens, positions, cache)
 
 
 def check_request(

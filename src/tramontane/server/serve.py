@@ -8,6 +8,7 @@ import torch
 import uvicorn
 
 from ..engine import Engine
+from ..generate import compile_decode
 from ..loading import load_model
 from ..tokenizer import Tokenizer, load_tokenizer
 from .app import create_app
@@ -27,10 +28,14 @@ def load_engine(
     max_queue: int = 256,
     max_seq_len: int | None = None,
     quantize: str | None = None,
+    compile: bool = False,
 ) -> tuple[Engine, Tokenizer]:
-    """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started)."""
+    """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started);
+    `compile` routes decode steps through torch.compile (`generate.compile_decode`)."""
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    if compile:
+        compile_decode(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
     return engine, tokenizer
 
