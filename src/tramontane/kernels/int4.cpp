@@ -202,14 +202,29 @@ T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* 
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t c0 = 0; c0 < nb; c0 += 16) {
     const int64_t cn = std::min<int64_t>(16, nb - c0);
-    for (int r = 0; r < R; ++r)
-      for (int64_t i = 0; i < cn; ++i) {
-        const int64_t g = (o + r) * groups + (c0 + i) * 32 / group;
+    for (int r = 0; r < R; ++r) {
+      int64_t i = 0;
+      if (group == 32) {  // eight blocks at a time; minimum terms go straight into the accumulators
+        const uint16_t* srow = wscale + (o + r) * groups + c0;
+        for (; i + 8 <= cn; i += 8) {
+          const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(srow + i)));
+          for (int t = 0; t < T; ++t)
+            _mm256_store_ps(&cs[r][t][i], _mm256_mul_ps(ws, _mm256_loadu_ps(qx.sp + (m0 + t) * nb + c0 + i)));
+          if (wmin) {
+            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(wmin + (o + r) * groups + c0 + i)));
+            for (int t = 0; t < T; ++t)
+              acc[r][t] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(qx.sum_p + (m0 + t) * nb + c0 + i), acc[r][t]);
+          }
+        }
+      }
+      for (; i < cn; ++i) {
+        const int64_t g = (o + r) * groups + (group == 32 ? c0 + i : (c0 + i) * 32 / group);
         const float ws = _cvtsh_ss(wscale[g]);
         for (int t = 0; t < T; ++t) cs[r][t][i] = ws * qx.sp[(m0 + t) * nb + c0 + i];
         if (wmin)
           for (int t = 0; t < T; ++t) minterm[r][t] += _cvtsh_ss(wmin[g]) * qx.sum_p[(m0 + t) * nb + c0 + i];
       }
+    }
     for (int64_t b = c0; b < c0 + cn; ++b) {
       __m256i wv[R];
       for (int r = 0; r < R; ++r) {
