@@ -88,11 +88,14 @@ def measure(workers: list[Worker], cmd: dict[str, Any], rounds: int) -> dict[str
 
 
 def weight_bytes(path: Path, quantize: str | None) -> int:
-    """Bytes a decode step reads: every weight once (a tied matrix is stored, and read, once)."""
+    """Bytes a decode step reads: every weight once, but of an untied embedding table only the rows of
+    the batch's tokens (nothing, to this precision); a tied table is read whole, as the output head."""
     from tramontane.quantize import quantized_state_dict
 
     model = load_model(path, quantize=quantize)
-    return sum(t.numel() * t.element_size() for t in quantized_state_dict(model).values())
+    untied = not model.args.tied_embeddings
+    return sum(t.numel() * t.element_size() for name, t in quantized_state_dict(model).items()
+               if not (untied and name.startswith("tok_embeddings.")))
 
 
 def gguf_with(src_state: dict[str, torch.Tensor], args: ModelArgs, qtype: str, tokenizer_from: Path, out: Path) -> Path:
@@ -143,7 +146,7 @@ def compare_systems(name: str, specs: list[tuple[str, list[str]]], n: int, round
     return out
 
 
-def smollm2(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool, str]]:
+def smollm2(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool | None, str]]:
     section("SmolLM2-135M-Instruct (real weights)")
     gguf = demo_model_path()
     model = load_model(gguf)
@@ -179,7 +182,7 @@ def smollm2(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: flo
     return checks
 
 
-def mistral_1b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool, str]]:
+def mistral_1b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool | None, str]]:
     section("random Mistral-shaped ~1B (vocab 49152, SmolLM2's tokenizer for llama.cpp)")
     import dataclasses
 
@@ -232,7 +235,7 @@ def mistral_1b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: 
     return checks
 
 
-def mistral_7b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool, str]]:
+def mistral_7b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool | None, str]]:
     section("Mistral 7B shape, int4: one random Q4_0 GGUF read by both (vocab 49152, SmolLM2's tokenizer)")
     import dataclasses
 
@@ -245,10 +248,12 @@ def mistral_7b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: 
     t = ["--threads", str(threads)]
     specs = [("ours int4", ["ours", str(path), "--quantize", "int4", *t]), ("llama Q4_0", ["llama", str(path), *t])]
     out = compare_systems("mistral_7b", specs, n, rounds, [], results, prefill=False)
-    weights = sum(int(x.n_bytes) for x in GGUFReader(path).tensors)
+    tensors = GGUFReader(path).tensors
+    weights = sum(int(x.n_bytes) for x in tensors)  # resident
+    read = sum(int(x.n_bytes) for x in tensors if x.name != "token_embd.weight")  # per token (untied)
     # the decode runs hold one sequence of 16 + n + 1 positions: keys and values of every layer, fp32
     cache = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (16 + n + 1) * 4
-    limit = gbs * 1e9 / weights
+    limit = gbs * 1e9 / read
     out["weights_gib"], out["bandwidth_limit_tok_s"] = weights / 2**30, limit
     d = out["decode_b1"]
     rss = out["peak_rss_gib"]["ours int4"] * 2**30
@@ -258,11 +263,11 @@ def mistral_7b(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: 
          f"{(d['ours int4'] or 0) / (d['llama Q4_0'] or 1):.2f}x"),
         ("7B int4: peak RSS <= 1.2x quantized weights + cache", rss <= 1.2 * (weights + cache),
          f"{rss / (weights + cache):.2f}x"),
-        (f"7B b1 int4: fraction of bandwidth limit ({limit:.1f} tok/s)", True, f"{(d['ours int4'] or 0) / limit:.0%}"),
+        (f"7B b1 int4: fraction of bandwidth limit ({limit:.1f} tok/s)", None, f"{(d['ours int4'] or 0) / limit:.0%}"),
     ]
 
 
-def quality(results: dict[str, Any], n_tokens: int) -> list[tuple[str, bool, str]]:
+def quality(results: dict[str, Any], n_tokens: int) -> list[tuple[str, bool | None, str]]:
     """Perplexity and top-1 agreement with fp32, on real English text (Python's own documentation)."""
     section(f"quality on SmolLM2: {n_tokens} tokens of the Python docs (pydoc_data)")
     from pydoc_data.topics import topics
@@ -340,7 +345,7 @@ def main() -> None:
     print(f"{info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}  threads {a.threads}")
     print(f"memory read bandwidth: {gbs:.1f} GB/s (2 GiB sum, best of 5)")
     results: dict[str, Any] = {"machine": info, "bandwidth_gbs": gbs, "threads": a.threads}
-    checks: list[tuple[str, bool, str]] = []
+    checks: list[tuple[str, bool | None, str]] = []
     if "smollm2" in sections:
         checks += smollm2(rounds, n, a.threads, results, gbs)
     if "1b" in sections:
@@ -351,7 +356,7 @@ def main() -> None:
         checks += quality(results, 512 if a.quick else 4096)
     section("targets")
     for label, ok, value in checks:
-        print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
+        print(f"{'info' if ok is None else 'PASS' if ok else 'MISS'}  {label}: {value}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench.json"
     # sections run separately accumulate in one file; targets are keyed by their label

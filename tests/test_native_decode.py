@@ -21,7 +21,7 @@ def paired_steps(model, prompts: list[list[int]], steps: int, monkeypatch) -> li
     """Per decode step, (logits, cache keys) of the native stack and of the Python blocks, both from the
     same cache: the Python blocks' (a copy goes to the native stack), so differences cannot compound."""
     cache = KVCache.create(model.args, len(prompts), 64, dtype=model.dtype)
-    out = []
+    out: list[tuple[torch.Tensor, ...]] = []
     with torch.inference_mode():
         for row, p in enumerate(prompts):
             prefill(model, p, cache, row, chunk_size=8)
