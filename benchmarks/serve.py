@@ -5,7 +5,7 @@ For 1, 4, 16 and 32 concurrent clients (the two servers taking turns at each lev
 `--requests` completions of `--max-tokens` tokens at temperature 0 and the run reports aggregate output
 tokens/s and p50/p99 time to first token, then the ratios and PASS/MISS for the issue's targets.
 
-Usage: python benchmarks/serve.py [--quick] [--quantize int4]
+Usage: python benchmarks/serve.py [--quick] [--quantize int4_asym]
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ async def load(server: Server, clients: int, requests: int, max_tokens: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--quantize", default="int4", help="tramontane's weights: int4 (default), int8 or none")
+    ap.add_argument("--quantize", default="int4_asym",
+                    help="tramontane's weights: int4_asym (default: the Q4_1 file's own blocks), int4, int8 or none")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     a = ap.parse_args()
