@@ -121,10 +121,12 @@ def test_int4_dequantize_kernel_matches_reference(ext):
         torch.testing.assert_close(ext.int4_dequantize(packed, scale, mins, 64), dequantize_int4(packed, scale, mins))
 
 
-def test_modules_use_kernel_and_fallback_alike(monkeypatch):
+@pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
+def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm):
     import tramontane.quantize as quantize
 
     monkeypatch.setattr(quantize, "PREFILL_TILE", 16)  # 40 output rows: big inputs go through 3 tiles
+    monkeypatch.setattr(quantize, "prefill_dtype", lambda: gemm)  # what CPUs with fast bf16 products use
     w = torch.randn(40, 64)
     for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True)):
         small, big = torch.randn(2, 3, 64), torch.randn(40, 64)  # big goes through dequantize + matmul
@@ -132,7 +134,21 @@ def test_modules_use_kernel_and_fallback_alike(monkeypatch):
         # the int4 kernel multiplies int8-rounded activations, as llama.cpp's Q4_0 kernels do
         seen = small if isinstance(layer, Int8Linear) else quantize_activations(small.view(6, 64)).view(2, 3, 64)
         torch.testing.assert_close(layer(small), seen @ ref.T, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(layer(big), big @ ref.T, atol=1e-4, rtol=1e-4)
+        out = layer(big)
+        assert out.dtype == torch.float32 and out.is_contiguous()
+        if gemm == torch.float32:
+            torch.testing.assert_close(out, big @ ref.T, atol=1e-4, rtol=1e-4)
+        else:  # bf16 operands, fp32 accumulation
+            expected = (big.bfloat16().float() @ ref.bfloat16().float().T)
+            torch.testing.assert_close(out, expected, atol=2e-2, rtol=1e-2)
+            assert not torch.allclose(out, big @ ref.T, atol=1e-6, rtol=1e-6), "expected the bf16 product"
+
+
+def test_prefill_product_dtype_is_chosen_once():
+    from tramontane.quantize import prefill_dtype
+
+    assert prefill_dtype() in (torch.float32, torch.bfloat16)
+    assert prefill_dtype() is prefill_dtype()
 
 
 @torch.no_grad()
@@ -140,6 +156,7 @@ def test_modules_use_kernel_and_fallback_alike(monkeypatch):
 def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, monkeypatch):
     import tramontane.quantize as quantize
 
+    monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)  # exact products (bf16: tested above)
     _, folder = tiny_hf(tiny_name)
     model = load_model(folder, quantize=method)
     assert model.quantization == QuantConfig(method)
