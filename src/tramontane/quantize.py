@@ -74,8 +74,8 @@ class _QuantLinear(nn.Module):
     in_features: int
     out_features: int
 
-    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The fp32 weight (of output `rows` only, if given)."""
+    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """The fp32 weight: of output `rows` only (a slice or index tensor) if given."""
         raise NotImplementedError
 
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ class Int8Linear(_QuantLinear):
         m.weight, m.scale = quantize_int8(weight)
         return m
 
-    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         return dequantize_int8(self.weight[rows], self.scale[rows])
 
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
@@ -241,7 +241,7 @@ class Int4Linear(_QuantLinear):
             m.mins = mins
         return m
 
-    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         mins = None if self.mins is None else self.mins[rows]
         ext = qlinear() if self.weight.device.type == "cpu" else None
         if ext is not None:
@@ -264,13 +264,8 @@ class QuantEmbedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.table
-        flat = tokens.reshape(-1)
-        if isinstance(t, Int8Linear):
-            rows = dequantize_int8(t.weight[flat], t.scale[flat])
-        else:
-            rows = dequantize_int4(t.weight[flat], t.scale[flat], None if t.mins is None else t.mins[flat])
-        return rows.to(self.dtype).view(*tokens.shape, t.in_features)
+        rows = self.table.dequantize(tokens.reshape(-1))  # [N, dim]
+        return rows.to(self.dtype).view(*tokens.shape, self.table.in_features)
 
 
 def quantize_linear(config: QuantConfig, weight: torch.Tensor) -> QuantLinear:
