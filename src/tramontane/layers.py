@@ -47,13 +47,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, meta: StepMeta, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        fast = _decode_kernel(x, meta)
-        if self.wqkv is not None and fast is not None and meta.cache is not None and meta.slots is not None \
-                and meta.rot is not None:
+        if self.wqkv is not None and (fast := decode_kernels(x, meta)) is not None:
             # one call: rotary, cache write and attention for this token of every sequence
-            cache = meta.cache
+            cache, slots = meta.cache, meta.slots
+            assert cache is not None and slots is not None  # decode_kernels checked
             out = fast.decode_attention(self.wqkv(x).view(B, -1), meta.rot, cache.k[layer], cache.v[layer],
-                                        meta.slots.view(-1), cache.positions[:B], meta.positions.view(-1),
+                                        slots.view(-1), cache.positions[:B], meta.positions.view(-1),
                                         cache.window or 0, meta.kv_len, H, KV)
             return self.wo(out.view(B, 1, H * D))
         if self.wqkv is None:
@@ -69,11 +68,12 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def _decode_kernel(x: torch.Tensor, meta: StepMeta) -> Any:
-    """The native kernels when this step can use the fused decode attention (fp32 CPU, rows 0..B-1)."""
+def decode_kernels(x: torch.Tensor, meta: StepMeta) -> Any:
+    """The native kernels when this step can use them: an fp32 CPU decode step over cache rows 0..B-1
+    (the fused decode attention here, the whole native stack in `native_decode`); else None."""
     if not meta.decode or meta.rows is not None or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    if meta.cache is None or meta.cache.k.dtype != torch.float32:
+    if meta.cache is None or meta.cache.k.dtype != torch.float32 or meta.slots is None or meta.rot is None:
         return None
     return qlinear()
 

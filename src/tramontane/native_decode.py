@@ -16,9 +16,9 @@ from torch import nn
 
 from .cache import StepMeta
 from .kernels import qlinear
+from .layers import Block, FeedForward, decode_kernels
 
 if TYPE_CHECKING:
-    from .layers import Block
     from .model import Transformer
 
 
@@ -27,11 +27,7 @@ def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> Any | N
     rebuilt when a block's modules or weights have been replaced)."""
     from . import quantize  # late: quantize imports the model module
 
-    if not meta.decode or meta.rows is not None or meta.cache is None or meta.rot is None or meta.slots is None:
-        return None
-    if h.dtype != torch.float32 or h.device.type != "cpu" or h.shape[0] > quantize.SMALL_BATCH:
-        return None
-    if meta.cache.k.dtype != torch.float32 or torch.is_grad_enabled():
+    if h.shape[0] > quantize.SMALL_BATCH or torch.is_grad_enabled() or decode_kernels(h, meta) is None:
         return None
     key = _weights_key(model)
     built = model.__dict__.get("_native_stack")
@@ -52,8 +48,6 @@ def _weights_key(model: Transformer) -> tuple[int, ...]:
 
 
 def _build(model: Transformer) -> Any | None:
-    from .layers import FeedForward
-
     ext = qlinear()
     if ext is None:
         return None
