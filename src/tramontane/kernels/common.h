@@ -67,11 +67,19 @@ constexpr int64_t kTileM = 4;
 
 // Ask for the bytes of the next tile of rows while this one computes: rows are short (a few cache
 // lines for small models), too short for the hardware prefetcher to run ahead within a row.
-inline void prefetch_range(const void* p, int64_t bytes) {
+__attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t bytes) {
 #ifdef TRAMONTANE_X86
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 #endif
+}
+
+// Before a tile of R rows at row o (on its first pass over x), prefetch the next tile's rows of a
+// row-major array with `row_bytes` bytes per row, if a whole next tile follows.
+template <int R>
+__attribute__((always_inline)) inline void prefetch_next_tile(const void* rows, int64_t row_bytes, int64_t o, int64_t N,
+                                                           int64_t m0) {
+  if (m0 == 0 && o + 2 * R <= N) prefetch_range(static_cast<const char*>(rows) + (o + R) * row_bytes, R * row_bytes);
 }
 
 #ifdef TRAMONTANE_X86

@@ -108,10 +108,8 @@ template <int R, int T>
 T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
                                     const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
-  if (m0 == 0 && o + 2 * R <= N) {
-    prefetch_range(w + (o + R) * row_bytes, R * row_bytes);
-    prefetch_range(wscale + (o + R) * groups, R * groups * 2);
-  }
+  prefetch_next_tile<R>(w, row_bytes, o, N, m0);
+  prefetch_next_tile<R>(wscale, groups * 2, o, N, m0);
   const __m512i nib = _mm512_set1_epi8(15);
   const __m256i nib256 = _mm256_set1_epi8(15);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
@@ -189,10 +187,8 @@ template <int R, int T>
 T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
                                 const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
-  if (m0 == 0 && o + 2 * R <= N) {
-    prefetch_range(w + (o + R) * row_bytes, R * row_bytes);
-    prefetch_range(wscale + (o + R) * groups, R * groups * 2);
-  }
+  prefetch_next_tile<R>(w, row_bytes, o, N, m0);
+  prefetch_next_tile<R>(wscale, groups * 2, o, N, m0);
   const __m256i nib = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float cs[R][T][16];

@@ -39,7 +39,7 @@ T512 inline __m512 load_i8x16(const int8_t* p) {
 template <int R, int T>
 T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, const float* scale, float* y,
                                   int64_t N, int64_t o, int64_t m0) {
-  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K);
+  prefetch_next_tile<R>(w, K, o, N, m0);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -63,7 +63,7 @@ T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, co
 template <int R, int T>
 T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
                                  int64_t m0) {
-  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K * 4);
+  prefetch_next_tile<R>(w, K * 4, o, N, m0);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -89,7 +89,7 @@ T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, floa
 template <int R, int T>
 T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N,
                                 int64_t o, int64_t m0) {
-  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K);
+  prefetch_next_tile<R>(w, K, o, N, m0);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -114,7 +114,7 @@ T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, cons
 template <int R, int T>
 T256 inline void f32_tile_avx2(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
                                int64_t m0) {
-  if (m0 == 0 && o + 2 * R <= N) prefetch_range(w + (o + R) * K, R * K * 4);
+  prefetch_next_tile<R>(w, K * 4, o, N, m0);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
