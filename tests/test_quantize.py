@@ -22,7 +22,7 @@ from tramontane.quantize import (
     quantize_int8,
 )
 
-ISAS = ["portable", "avx2", "avx512"]
+ISAS = ["portable", "avx2", "avx512", "amx"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,17 @@ def ext():
     best = module.isa()
     yield module
     module.set_isa(best)
+
+
+@pytest.fixture
+def integer_int4(ext):
+    """The int4 kernels' integer path at every batch size: without AMX, whose bf16 products the tests of
+    the int8-rounded activations would not expect (tested on their own below)."""
+    best = ext.isa()
+    if best == "amx":
+        ext.set_isa("avx512")
+    yield
+    ext.set_isa(best)
 
 
 def available(ext, isa: str) -> bool:
@@ -65,6 +76,11 @@ def test_roundtrip_error_is_within_half_a_step():
     assert ((deq - w).abs().view(48, 2, 64) <= step / 2 + 2e-3 * step + 1e-3).all()
 
 
+def bf16_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the AMX kernel computes: x and the weights rounded to bf16, products summed in (here) float64."""
+    return (x.bfloat16().double() @ w.bfloat16().double().T).float()
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """What the int4 kernel multiplies: x rounded to int8 in blocks of 32, scale max|x| / 127."""
     blocks = x.view(x.shape[0], -1, 32)
@@ -85,7 +101,7 @@ def test_int8_kernel_matches_reference(ext, isa, M, N, K):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("M", [1, 3, 4, 6, 16])
+@pytest.mark.parametrize("M", [1, 3, 4, 6, 16, 29, 50])
 @pytest.mark.parametrize(("N", "K", "G"), [(67, 96, 32), (130, 256, 64), (5, 128, 128), (9, 608, 32)])
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_int4_kernel_matches_reference(ext, isa, M, N, K, G, zero_point):
@@ -95,8 +111,15 @@ def test_int4_kernel_matches_reference(ext, isa, M, N, K, G, zero_point):
     packed, scale, mins = quantize_int4(torch.randn(N, K, generator=g) + 0.3, G, zero_point)
     x = torch.randn(M, K, generator=g)
     x[0, :32] = 0  # an all-zero block has scale 0
-    ref = quantize_activations(x) @ dequantize_int4(packed, scale, mins).T
-    torch.testing.assert_close(ext.int4_linear(x, packed, scale, mins, G), ref, atol=1e-4, rtol=1e-4)
+    w = dequantize_int4(packed, scale, mins)
+    y = ext.int4_linear(x, packed, scale, mins, G)
+    integer = quantize_activations(x) @ w.T
+    if isa == "amx" and M >= ext.AMX_MIN_ROWS:
+        # bf16 tiles: 1, 2 or more chunks of 16 rows of x, 32-row units of weights with a partial last one
+        torch.testing.assert_close(y, bf16_product(x, w), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(y, integer, atol=1e-3, rtol=1e-3), "expected the AMX path"
+    else:
+        torch.testing.assert_close(y, integer, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -122,7 +145,7 @@ def test_int4_dequantize_kernel_matches_reference(ext):
 
 
 @pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
-def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm):
+def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm, integer_int4):
     import tramontane.quantize as quantize
 
     monkeypatch.setattr(quantize, "PREFILL_TILE", 16)  # 40 output rows: big inputs go through 3 tiles
@@ -144,6 +167,22 @@ def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm):
             assert not torch.allclose(out, big @ ref.T, atol=1e-6, rtol=1e-6), "expected the bf16 product"
 
 
+def test_int4_layers_take_the_amx_kernel_at_every_batch_size(ext, monkeypatch):
+    import tramontane.quantize as quantize
+
+    if not available(ext, "amx"):
+        pytest.skip("this CPU has no AMX")
+    monkeypatch.setattr(quantize, "PREFILL_TILE", 16)
+    monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)  # int8's GEMM in fp32: exact
+    w = torch.randn(40, 64)
+    for layer in (Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True), Int8Linear.from_float(w)):
+        ref = layer.dequantize()
+        for rows in (ext.AMX_MIN_ROWS, 40):  # 40 > SMALL_BATCH: a prefill, through the kernel too
+            x = torch.randn(rows, 64)
+            expected = bf16_product(x, ref) if isinstance(layer, Int4Linear) else x @ ref.T  # int8: fp32 kernels
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_prefill_product_dtype_is_chosen_once():
     from tramontane.quantize import prefill_dtype
 
@@ -153,7 +192,8 @@ def test_prefill_product_dtype_is_chosen_once():
 
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["int8", "int4", "int4_asym"])
-def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, monkeypatch):
+def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, monkeypatch,
+                                                                   integer_int4):
     import tramontane.quantize as quantize
 
     monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)  # exact products (bf16: tested above)

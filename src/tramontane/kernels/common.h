@@ -47,6 +47,15 @@ inline Isa& current_isa() {
   return isa;
 }
 
+// AMX tiles for int4 products with at least kAmxMinRows rows of x (int4_amx.cpp): whether the CPU and
+// the operating system allow them, and whether they are in use (tests turn them off with set_isa).
+bool amx_available();
+constexpr int64_t kAmxMinRows = 6;
+inline bool& amx_in_use() {
+  static bool on = amx_available();
+  return on;
+}
+
 inline int64_t grain(int64_t N) {
   // Enough rows per task to amortise scheduling, few enough to balance the threads.
   const int64_t threads = at::get_num_threads();
@@ -128,4 +137,6 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
                                torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
                                int64_t kv_len, int64_t n_heads, int64_t n_kv_heads);
+void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                     const uint16_t* wmin, int64_t group, float* y, int64_t N);
 torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group);

@@ -294,6 +294,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
 
 std::string isa() {
   const Isa i = current_isa();
+  if (i == Isa::kAvx512 && amx_in_use()) return "amx";
   return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "portable";
 }
 
@@ -302,7 +303,9 @@ void set_isa(const std::string& name) {
   if (name == "portable") current_isa() = Isa::kRef;
   else if (name == "avx2" && best != Isa::kRef) current_isa() = Isa::kAvx2;
   else if (name == "avx512" && best == Isa::kAvx512) current_isa() = Isa::kAvx512;
+  else if (name == "amx" && amx_available()) current_isa() = Isa::kAvx512;
   else TORCH_CHECK(false, "instruction set ", name, " is not available on this CPU");
+  amx_in_use() = name == "amx";
 }
 
 void bind_decode_stack(pybind11::module_& m);  // decode.cpp
@@ -314,6 +317,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("isa", &isa, "the instruction set in use");
-  m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512");
+  m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
+  m.attr("AMX_MIN_ROWS") = kAmxMinRows;
   bind_decode_stack(m);
 }
