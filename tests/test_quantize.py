@@ -35,9 +35,9 @@ def ext():
 
 
 @pytest.fixture
-def integer_int4(ext):
-    """The int4 kernels' integer path at every batch size: without AMX, whose bf16 products the tests of
-    the int8-rounded activations would not expect (tested on their own below)."""
+def vector_kernels(ext):
+    """The vector kernels at every batch size: without AMX, whose bf16 products the tests of fp32 (int8)
+    and int8-rounded (int4) activations would not expect (tested on their own)."""
     best = ext.isa()
     if best == "amx":
         ext.set_isa("avx512")
@@ -89,7 +89,7 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 13, 40])
 @pytest.mark.parametrize(("N", "K"), [(67, 96), (128, 200), (9, 64)])
 def test_int8_kernel_matches_reference(ext, isa, M, N, K):
     if not available(ext, isa):
@@ -97,7 +97,13 @@ def test_int8_kernel_matches_reference(ext, isa, M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
     q, s = quantize_int8(torch.randn(N, K, generator=g))
     x = torch.randn(M, K, generator=g)
-    torch.testing.assert_close(ext.int8_linear(x, q, s), x @ dequantize_int8(q, s).T, atol=1e-4, rtol=1e-4)
+    y, exact = ext.int8_linear(x, q, s), x @ dequantize_int8(q, s).T
+    if isa == "amx" and M >= ext.AMX_MIN_ROWS_INT8 and K % 32 == 0:
+        # int8 values are exact in bf16: only the activations are rounded; the row scale comes last
+        torch.testing.assert_close(y, bf16_product(x, q.float()) * s, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(y, exact, atol=1e-4, rtol=1e-4), "expected the AMX path"
+    else:
+        torch.testing.assert_close(y, exact, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -114,7 +120,7 @@ def test_int4_kernel_matches_reference(ext, isa, M, N, K, G, zero_point):
     w = dequantize_int4(packed, scale, mins)
     y = ext.int4_linear(x, packed, scale, mins, G)
     integer = quantize_activations(x) @ w.T
-    if isa == "amx" and M >= ext.AMX_MIN_ROWS:
+    if isa == "amx" and M >= ext.AMX_MIN_ROWS_INT4:
         # bf16 tiles: 1, 2 or more chunks of 16 rows of x, 32-row units of weights with a partial last one
         torch.testing.assert_close(y, bf16_product(x, w), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(y, integer, atol=1e-3, rtol=1e-3), "expected the AMX path"
@@ -145,7 +151,7 @@ def test_int4_dequantize_kernel_matches_reference(ext):
 
 
 @pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
-def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm, integer_int4):
+def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm, vector_kernels):
     import tramontane.quantize as quantize
 
     monkeypatch.setattr(quantize, "PREFILL_TILE", 16)  # 40 output rows: big inputs go through 3 tiles
@@ -167,19 +173,18 @@ def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm, integer_int4):
             assert not torch.allclose(out, big @ ref.T, atol=1e-6, rtol=1e-6), "expected the bf16 product"
 
 
-def test_int4_layers_take_the_amx_kernel_at_every_batch_size(ext, monkeypatch):
+def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, monkeypatch):
     import tramontane.quantize as quantize
 
     if not available(ext, "amx"):
         pytest.skip("this CPU has no AMX")
-    monkeypatch.setattr(quantize, "PREFILL_TILE", 16)
-    monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)  # int8's GEMM in fp32: exact
+    monkeypatch.setattr(quantize, "PREFILL_TILE", 16)  # (were the dequantize + GEMM path taken)
     w = torch.randn(40, 64)
     for layer in (Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True), Int8Linear.from_float(w)):
-        ref = layer.dequantize()
-        for rows in (ext.AMX_MIN_ROWS, 40):  # 40 > SMALL_BATCH: a prefill, through the kernel too
+        int8 = isinstance(layer, Int8Linear)
+        for rows in (ext.AMX_MIN_ROWS_INT8 if int8 else ext.AMX_MIN_ROWS_INT4, 40):  # 40 > SMALL_BATCH: prefill
             x = torch.randn(rows, 64)
-            expected = bf16_product(x, ref) if isinstance(layer, Int4Linear) else x @ ref.T  # int8: fp32 kernels
+            expected = bf16_product(x, layer.weight.float()) * layer.scale if int8 else bf16_product(x, layer.dequantize())
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -193,7 +198,7 @@ def test_prefill_product_dtype_is_chosen_once():
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["int8", "int4", "int4_asym"])
 def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, monkeypatch,
-                                                                   integer_int4):
+                                                                   vector_kernels):
     import tramontane.quantize as quantize
 
     monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)  # exact products (bf16: tested above)

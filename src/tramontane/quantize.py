@@ -171,6 +171,10 @@ class Int8Linear(_QuantLinear):
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
         return ext.int8_linear(flat, self.weight, self.scale)
 
+    def _fused_wins(self, ext: Any, rows: int) -> bool:
+        # (see Int4Linear; the AMX kernel takes rows of whole blocks of 32)
+        return rows <= SMALL_BATCH or (ext.isa() == "amx" and self.in_features % 32 == 0)
+
 
 # ------------------------------------------------------------------------------------------ int4
 def quantize_int4(
@@ -256,7 +260,7 @@ class Int4Linear(_QuantLinear):
         return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
 
     def _fused_wins(self, ext: Any, rows: int) -> bool:
-        # on AMX the kernel decodes each block to bf16 once for all rows: 2x faster than the GEMM at 512
+        # on AMX the kernel decodes each block to bf16 once for all rows, faster than a GEMM at any size
         return rows <= SMALL_BATCH or ext.isa() == "amx"
 
 

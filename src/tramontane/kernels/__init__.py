@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qlinear.cpp", HERE / "int4.cpp", HERE / "int4_amx.cpp", HERE / "decode.cpp"]
+SOURCES = [HERE / "qlinear.cpp", HERE / "int4.cpp", HERE / "amx.cpp", HERE / "decode.cpp"]
 HEADERS = [HERE / "common.h"]
 BUILD_FLAGS = "-O3 -std=c++17 -fopenmp"
 

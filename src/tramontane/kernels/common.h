@@ -47,10 +47,11 @@ inline Isa& current_isa() {
   return isa;
 }
 
-// AMX tiles for int4 products with at least kAmxMinRows rows of x (int4_amx.cpp): whether the CPU and
-// the operating system allow them, and whether they are in use (tests turn them off with set_isa).
+// AMX tiles for int4 and int8 products from these many rows of x (amx.cpp; below, the vector kernels
+// win): whether the CPU and the operating system allow them, and whether they are in use (tests turn
+// them off with set_isa).
 bool amx_available();
-constexpr int64_t kAmxMinRows = 6;
+constexpr int64_t kAmxMinRowsInt4 = 6, kAmxMinRowsInt8 = 4;
 inline bool& amx_in_use() {
   static bool on = amx_available();
   return on;
@@ -139,4 +140,5 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
                                int64_t kv_len, int64_t n_heads, int64_t n_kv_heads);
 void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
                      const uint16_t* wmin, int64_t group, float* y, int64_t N);
+void int8_linear_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N);
 torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group);

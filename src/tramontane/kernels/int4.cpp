@@ -270,7 +270,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
   check_x(x, K);
   const Isa path = current_isa();
-  if (M >= kAmxMinRows && path == Isa::kAvx512 && amx_in_use()) {
+  if (M >= kAmxMinRowsInt4 && path == Isa::kAvx512 && amx_in_use()) {
     auto y = torch::empty({M, N}, x.options());
     int4_linear_amx(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), half_bits(scale),
                     mins ? half_bits(*mins) : nullptr, group, y.data_ptr<float>(), N);

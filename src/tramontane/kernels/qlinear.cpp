@@ -168,6 +168,10 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (M >= kAmxMinRowsInt8 && K % 32 == 0 && current_isa() == Isa::kAvx512 && amx_in_use()) {
+    int8_linear_amx(xp, M, K, wp, sp, yp, N);
+    return y;
+  }
   at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
 #ifdef TRAMONTANE_X86
     if (current_isa() == Isa::kAvx512) return int8_rows_avx512(xp, M, K, wp, sp, yp, N, begin, end);
@@ -318,6 +322,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("isa", &isa, "the instruction set in use");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
-  m.attr("AMX_MIN_ROWS") = kAmxMinRows;
+  m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;
+  m.attr("AMX_MIN_ROWS_INT8") = kAmxMinRowsInt8;
   bind_decode_stack(m);
 }
