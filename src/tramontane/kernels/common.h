@@ -75,8 +75,7 @@ inline void check_x(const torch::Tensor& x, int64_t K) {
 constexpr int kRows = 4;
 constexpr int64_t kTileM = 4;
 
-// Ask for the bytes of the next tile of rows while this one computes: rows are short (a few cache
-// lines for small models), too short for the hardware prefetcher to run ahead within a row.
+// Prefetch a whole range (a few lines) into L1.
 __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t bytes) {
 #ifdef TRAMONTANE_X86
   const char* c = static_cast<const char*>(p);
@@ -84,13 +83,29 @@ __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t
 #endif
 }
 
-// Before a tile of R rows at row o (on its first pass over x), prefetch the next tile's rows of a
-// row-major array with `row_bytes` bytes per row, if a whole next tile follows.
+// The next tile's rows, fetched while a tile of R rows at row o computes (on its first pass over x):
+// as the tile reaches each new 64-byte line `pos` of its rows, the same line of the R rows after it.
+// Rows are short (a few lines for small models), too short for the hardware prefetcher to run ahead
+// within one. Spread over the pass rather than requested all at once at its start, the requests do not
+// queue up behind the core's few outstanding misses: on the 1B shape this took batch-1 int4 from 16.3
+// to 18.9 GB/s and int8 from 17.7 to 20.7 GB/s.
 template <int R>
-__attribute__((always_inline)) inline void prefetch_next_tile(const void* rows, int64_t row_bytes, int64_t o, int64_t N,
-                                                           int64_t m0) {
-  if (m0 == 0 && o + 2 * R <= N) prefetch_range(static_cast<const char*>(rows) + (o + R) * row_bytes, R * row_bytes);
-}
+struct NextTile {
+  const char* next;
+  int64_t row_bytes;
+  bool on;
+
+  NextTile(const void* rows, int64_t row_bytes_, int64_t o, int64_t N, int64_t m0)
+      : next(static_cast<const char*>(rows) + (o + R) * row_bytes_), row_bytes(row_bytes_),
+        on(m0 == 0 && o + 2 * R <= N) {}
+
+  __attribute__((always_inline)) void at(int64_t pos) const {
+#ifdef TRAMONTANE_X86
+    if (on && pos % 64 == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(next + r * row_bytes + pos, _MM_HINT_T0);
+#endif
+  }
+};
 
 #ifdef TRAMONTANE_X86
 T256 inline float hsum256(__m256 v) {

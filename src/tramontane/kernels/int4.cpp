@@ -108,8 +108,8 @@ template <int R, int T>
 T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
                                     const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
-  prefetch_next_tile<R>(w, row_bytes, o, N, m0);
-  prefetch_next_tile<R>(wscale, groups * 2, o, N, m0);
+  const NextTile<R> next(w, row_bytes, o, N, m0), next_scales(wscale, groups * 2, o, N, m0),
+      next_mins(wmin ? wmin : wscale, groups * 2, o, N, m0);
   const __m512i nib = _mm512_set1_epi8(15);
   const __m256i nib256 = _mm256_set1_epi8(15);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
@@ -137,8 +137,11 @@ T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8
           acc[r][t] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(live, qx.sum_p + (m0 + t) * nb + c0), acc[r][t]);
       }
     }
+    next_scales.at(c0 * 2);
+    if (wmin) next_mins.at(c0 * 2);
     const int64_t paired_end = c0 + (cn & ~int64_t(1));
     for (int64_t b = c0; b < paired_end; b += 2) {
+      next.at(b * 16);
       __m512i wv[R];
       for (int r = 0; r < R; ++r) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (o + r) * row_bytes + b * 16));
@@ -187,8 +190,8 @@ template <int R, int T>
 T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
                                 const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
-  prefetch_next_tile<R>(w, row_bytes, o, N, m0);
-  prefetch_next_tile<R>(wscale, groups * 2, o, N, m0);
+  const NextTile<R> next(w, row_bytes, o, N, m0), next_scales(wscale, groups * 2, o, N, m0),
+      next_mins(wmin ? wmin : wscale, groups * 2, o, N, m0);
   const __m256i nib = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float cs[R][T][16];
@@ -221,7 +224,10 @@ T256 inline void int4_tile_avx2(const QuantizedX& qx, int64_t K, const uint8_t* 
           for (int t = 0; t < T; ++t) minterm[r][t] += _cvtsh_ss(wmin[g]) * qx.sum_p[(m0 + t) * nb + c0 + i];
       }
     }
+    next_scales.at(c0 * 2);
+    if (wmin) next_mins.at(c0 * 2);
     for (int64_t b = c0; b < c0 + cn; ++b) {
+      next.at(b * 16);
       __m256i wv[R];
       for (int r = 0; r < R; ++r) {
         const __m128i v = _mm_loadu_si128((const __m128i*)(w + (o + r) * row_bytes + b * 16));

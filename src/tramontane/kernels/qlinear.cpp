@@ -39,12 +39,13 @@ T512 inline __m512 load_i8x16(const int8_t* p) {
 template <int R, int T>
 T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, const float* scale, float* y,
                                   int64_t N, int64_t o, int64_t m0) {
-  prefetch_next_tile<R>(w, K, o, N, m0);
+  const NextTile<R> next(w, K, o, N, m0);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const int64_t K16 = K / 16 * 16;
   for (int64_t k = 0; k < K16; k += 16) {
+    next.at(k);
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = load_i8x16(w + (o + r) * K + k);
     for (int t = 0; t < T; ++t) {
@@ -63,12 +64,13 @@ T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, co
 template <int R, int T>
 T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
                                  int64_t m0) {
-  prefetch_next_tile<R>(w, K * 4, o, N, m0);
+  const NextTile<R> next(w, K * 4, o, N, m0);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const int64_t K16 = K / 16 * 16;
   for (int64_t k = 0; k < K16; k += 16) {
+    next.at(k * 4);
     __m512 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + (o + r) * K + k);
     for (int t = 0; t < T; ++t) {
@@ -89,12 +91,13 @@ T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, floa
 template <int R, int T>
 T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N,
                                 int64_t o, int64_t m0) {
-  prefetch_next_tile<R>(w, K, o, N, m0);
+  const NextTile<R> next(w, K, o, N, m0);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   const int64_t K8 = K / 8 * 8;
   for (int64_t k = 0; k < K8; k += 8) {
+    next.at(k);
     __m256 wv[R];
     for (int r = 0; r < R; ++r)
       wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + (o + r) * K + k))));
@@ -114,12 +117,13 @@ T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, cons
 template <int R, int T>
 T256 inline void f32_tile_avx2(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
                                int64_t m0) {
-  prefetch_next_tile<R>(w, K * 4, o, N, m0);
+  const NextTile<R> next(w, K * 4, o, N, m0);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   const int64_t K8 = K / 8 * 8;
   for (int64_t k = 0; k < K8; k += 8) {
+    next.at(k * 4);
     __m256 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + (o + r) * K + k);
     for (int t = 0; t < T; ++t) {
