@@ -23,7 +23,8 @@ BUILD_FLAGS = "-O3 -std=c++17 -fopenmp"
 
 @functools.lru_cache(maxsize=1)
 def qlinear() -> ModuleType | None:
-    """The fp32/int8/int4 CPU kernels (see qlinear.cpp and int4.cpp), built once per source and torch version."""
+    """The fp32/int8/int4 CPU kernels (qlinear.cpp, int4.cpp, amx.cpp, decode.cpp), built once per source and
+    torch version."""
     try:
         from torch.utils.cpp_extension import load
 
