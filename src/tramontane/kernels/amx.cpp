@@ -192,6 +192,7 @@ uint16_t* unit_buffer(size_t elements) {
   thread_local size_t size = 0;
   if (size < elements) {
     buf.reset(static_cast<uint16_t*>(std::aligned_alloc(64, elements * 2)));
+    TORCH_CHECK(buf, "out of memory for a ", elements * 2, "-byte AMX tile buffer");
     size = elements;
   }
   return buf.get();
