@@ -113,20 +113,11 @@ struct Int4Rows {
   // the multipliers of blocks [b, b + 16), on every 16th block
   TAMX void prepare(int g, int64_t o, int64_t rows, int64_t b) {
     if (b % 16) return;
-    const int64_t nb = K / 32, groups = K / group, n = std::min<int64_t>(16, nb - b);
-    const __mmask16 live = __mmask16((1u << n) - 1);
+    const int64_t groups = K / group, n = std::min<int64_t>(16, K / 32 - b);
     for (int64_t r = 0; r < rows; ++r) {
-      if (group != 32) {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t gi = (o + r) * groups + (b + j) * 32 / group;
-          d[g][r * 16 + j] = _cvtsh_ss(scale[gi]);
-          base[g][r * 16 + j] = mins ? _cvtsh_ss(mins[gi]) : -8.f * d[g][r * 16 + j];
-        }
-        continue;
-      }
-      const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, scale + (o + r) * groups + b));
+      const __m512 dv = block_halfs(scale + (o + r) * groups, b, n, group);
       _mm512_store_ps(d[g] + r * 16, dv);
-      _mm512_store_ps(base[g] + r * 16, mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, mins + (o + r) * groups + b))
+      _mm512_store_ps(base[g] + r * 16, mins ? block_halfs(mins + (o + r) * groups, b, n, group)
                                               : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f)));
     }
   }

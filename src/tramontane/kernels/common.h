@@ -48,8 +48,8 @@ inline Isa& current_isa() {
 }
 
 // AMX tiles for int4 and int8 products from these many rows of x (amx.cpp; below, the vector kernels
-// win): whether the CPU and the operating system allow them, and whether they are in use (tests turn
-// them off with set_isa).
+// win): whether the CPU and the operating system allow them, and whether they are in use. In use
+// implies the AVX-512 path: set_isa sets both (tests turn AMX off with set_isa("avx512")).
 bool amx_available();
 constexpr int64_t kAmxMinRowsInt4 = 6, kAmxMinRowsInt8 = 4;
 inline bool& amx_in_use() {
@@ -108,6 +108,15 @@ struct NextTile {
 };
 
 #ifdef TRAMONTANE_X86
+// The float16 values (scales or minimums, one per group of `group` elements) of blocks [b, b + n) of
+// one weight row, n <= 16, as fp32 lanes 0..n-1 (the others zero); `row` points at the row's groups.
+T512 inline __m512 block_halfs(const uint16_t* row, int64_t b, int64_t n, int64_t group) {
+  if (group == 32) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), row + b));
+  alignas(64) float tmp[16] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = _cvtsh_ss(row[(b + i) * 32 / group]);
+  return _mm512_load_ps(tmp);
+}
+
 T256 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

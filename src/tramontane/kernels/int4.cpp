@@ -117,22 +117,15 @@ T512VNNI inline void int4_tile_vnni(const QuantizedX& qx, int64_t K, const uint8
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  // the chunk's float16 scales (or minimums) of row o + r, one per block, as fp32
-  auto per_block = [&](const uint16_t* src, int r, int64_t c0, int64_t cn, __mmask16 live) T512VNNI {
-    if (group == 32) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, src + (o + r) * groups + c0));
-    alignas(64) float tmp[16] = {};
-    for (int64_t i = 0; i < cn; ++i) tmp[i] = _cvtsh_ss(src[(o + r) * groups + (c0 + i) * 32 / group]);
-    return _mm512_load_ps(tmp);
-  };
   for (int64_t c0 = 0; c0 < nb; c0 += 16) {
     const int64_t cn = std::min<int64_t>(16, nb - c0);
     const __mmask16 live = __mmask16((1u << cn) - 1);
     for (int r = 0; r < R; ++r) {
-      const __m512 ws = per_block(wscale, r, c0, cn, live);
+      const __m512 ws = block_halfs(wscale + (o + r) * groups, c0, cn, group);
       for (int t = 0; t < T; ++t)
         _mm512_store_ps(cs[r][t], _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, qx.sp + (m0 + t) * nb + c0)));
       if (wmin) {  // min * scale_x * sum(x_q) for the chunk's 16 blocks at once
-        const __m512 mn = per_block(wmin, r, c0, cn, live);
+        const __m512 mn = block_halfs(wmin + (o + r) * groups, c0, cn, group);
         for (int t = 0; t < T; ++t)
           acc[r][t] = _mm512_fmadd_ps(mn, _mm512_maskz_loadu_ps(live, qx.sum_p + (m0 + t) * nb + c0), acc[r][t]);
       }
@@ -276,7 +269,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
   check_x(x, K);
   const Isa path = current_isa();
-  if (M >= kAmxMinRowsInt4 && path == Isa::kAvx512 && amx_in_use()) {
+  if (M >= kAmxMinRowsInt4 && amx_in_use()) {
     auto y = torch::empty({M, N}, x.options());
     int4_linear_amx(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), half_bits(scale),
                     mins ? half_bits(*mins) : nullptr, group, y.data_ptr<float>(), N);

@@ -172,7 +172,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (M >= kAmxMinRowsInt8 && K % 32 == 0 && current_isa() == Isa::kAvx512 && amx_in_use()) {
+  if (M >= kAmxMinRowsInt8 && K % 32 == 0 && amx_in_use()) {
     int8_linear_amx(xp, M, K, wp, sp, yp, N);
     return y;
   }
@@ -302,7 +302,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
 
 std::string isa() {
   const Isa i = current_isa();
-  if (i == Isa::kAvx512 && amx_in_use()) return "amx";
+  if (amx_in_use()) return "amx";
   return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "portable";
 }
 
