@@ -107,7 +107,7 @@ def test_int8_kernel_matches_reference(ext, isa, M, N, K):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("M", [1, 3, 4, 6, 16, 29, 50])
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 6, 16, 29, 50])
 @pytest.mark.parametrize(("N", "K", "G"), [(67, 96, 32), (130, 256, 64), (5, 128, 128), (9, 608, 32)])
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_int4_kernel_matches_reference(ext, isa, M, N, K, G, zero_point):

@@ -51,7 +51,7 @@ inline Isa& current_isa() {
 // win): whether the CPU and the operating system allow them, and whether they are in use. In use
 // implies the AVX-512 path: set_isa sets both (tests turn AMX off with set_isa("avx512")).
 bool amx_available();
-constexpr int64_t kAmxMinRowsInt4 = 6, kAmxMinRowsInt8 = 4;
+constexpr int64_t kAmxMinRowsInt4 = 5, kAmxMinRowsInt8 = 4;
 inline bool& amx_in_use() {
   static bool on = amx_available();
   return on;
