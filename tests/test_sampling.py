@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from tramontane.sampling import SamplingParams, apply_penalties, filter_logits, sample_one
+from tramontane.sampling import (
+    SamplingParams,
+    apply_penalties,
+    filter_logits,
+    greedy,
+    sample_one,
+    sample_rows,
+)
 
 # probabilities 0.4, 0.3, 0.15, 0.1, 0.05
 PROBS = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
@@ -39,6 +46,15 @@ def test_filters_allow_exactly_the_expected_tokens(params, allowed):
 
 def test_temperature_zero_is_greedy():
     assert sample_one(LOGITS, SamplingParams()) == 0
+
+
+def test_greedy_takes_the_first_largest_value_of_each_row():
+    rows = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-5.0, -1.0, -2.0, -1.0]])
+    assert greedy(rows) == [1, 0, 1]
+    logits = torch.randn(8, 49152, generator=torch.Generator().manual_seed(0))
+    assert greedy(logits) == logits.argmax(-1).tolist()
+    plain = [SamplingParams(temperature=0.0)] * 8
+    assert sample_rows(logits, plain, [None] * 8, [None] * 8) == logits.argmax(-1).tolist()
 
 
 def test_temperature_sharpens():

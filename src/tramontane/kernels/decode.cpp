@@ -55,18 +55,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, floa
   return out;
 }
 
-// [B, 2F] (gate | up) -> silu(gate) * up, [B, F]
+// [B, 2F] (gate | up) -> silu(gate) * up, [B, F], with PyTorch's vectorized, threaded silu as the Python
+// blocks do (a scalar loop of exp cost 1.6 ms of a 60 ms batch-8 step on the 1B shape)
 torch::Tensor swiglu(const torch::Tensor& gu) {
-  const int64_t B = gu.size(0), F = gu.size(1) / 2;
-  auto out = torch::empty({B, F}, gu.options());
-  const float* g = gu.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < F; ++i) {
-      const float gate = g[b * 2 * F + i];
-      op[b * F + i] = gate / (1.f + std::exp(-gate)) * g[b * 2 * F + F + i];
-    }
-  return out;
+  const int64_t F = gu.size(1) / 2;
+  return at::silu(gu.narrow(1, 0, F)).mul_(gu.narrow(1, F, F));
 }
 
 void add_into(torch::Tensor& h, const torch::Tensor& delta) {
