@@ -72,17 +72,27 @@ struct PackedX {
   std::vector<std::vector<c10::BFloat16>> xb;
   std::vector<int64_t> mc;
   template <typename KOf>
-  PackedX(const float* x, int64_t M, int64_t K, KOf k_of) {
-    int64_t k[32];
-    for (int64_t t = 0; t < 32; ++t) k[t] = k_of(t);
+  TAMX PackedX(const float* x, int64_t M, int64_t K, KOf k_of) {
+    alignas(64) int32_t k[32];
+    for (int t = 0; t < 32; ++t) k[t] = int32_t(k_of(t));
+    // positions 0-15 and 16-31 of a block, each from either half of its 32 inputs
+    const __m512i first = _mm512_load_si512(k), second = _mm512_load_si512(k + 16);
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       const int64_t mc_ = std::min<int64_t>(16, M - m0);
       std::vector<c10::BFloat16> xt(size_t(K * mc_));
-      for (int64_t b = 0; b < K / 32; ++b)
-        for (int64_t p = 0; p < 16; ++p)
-          for (int64_t m = 0; m < mc_; ++m)
-            for (int64_t j = 0; j < 2; ++j)
-              xt[size_t(((b * 16 + p) * mc_ + m) * 2 + j)] = c10::BFloat16(x[(m0 + m) * K + b * 32 + k[2 * p + j]]);
+      // dword p of a block's tile holds row m's pair p at p * mc + m
+      const __m512i pairs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(int32_t(mc_)));
+      for (int64_t b = 0; b < K / 32; ++b) {
+        int32_t* tile = reinterpret_cast<int32_t*>(xt.data() + b * 32 * mc_);
+        for (int64_t m = 0; m < mc_; ++m) {
+          const float* src = x + (m0 + m) * K + b * 32;
+          const __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
+          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(lo, second, hi),
+                                                 _mm512_permutex2var_ps(lo, first, hi));
+          _mm512_i32scatter_epi32(tile + m, pairs, (__m512i)v, 4);
+        }
+      }
       xb.push_back(std::move(xt));
       mc.push_back(mc_);
     }
