@@ -269,7 +269,7 @@ TAMX void amx_rows(const PackedX& px, Rows wt, float* y, int64_t N, int64_t begi
         if (c == 0) {
           // the next unit's weight lines, spread over this unit's blocks
           for (int64_t i = b * kLinesPerBlock; i < (b + 1) * kLinesPerBlock; ++i)
-            if ((i & 31) < next_rows) _mm_prefetch((const char*)(wt.w + (next + (i & 31)) * row_bytes + (i >> 5) * 64), _MM_HINT_T0);
+            if ((i & 31) < next_rows) _mm_prefetch((const char*)(wt.w + (next + (i & 31)) * row_bytes + (i >> 5) * 64), _MM_HINT_T1);
           wt.prepare(0, o, rows0, b);
           wt.prepare(1, o + 16, rows1, b);
           wt.decode(0, o, rows0, b, a0);
