@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from tqdm import tqdm
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
+from ..kernels import qlinear
 from ..model import Transformer
 from ..quantize import (
     Int4Linear,
@@ -67,7 +70,10 @@ def build_model(
     loaded: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
 
+    sources: set[Path] = set()
+
     def put(name: str, value: torch.Tensor, source: Path) -> None:
+        sources.add(source)
         if name in loaded:
             raise TensorMismatchError(source, f"tensor {name!r} appears more than once")
         want = expected[name]
@@ -108,7 +114,50 @@ def build_model(
     loaded.clear()
     targets.clear()
     tie_quantized_head(model)
-    return use_fast_linears(fuse_projections(model)).eval()
+    model = use_fast_linears(fuse_projections(model)).eval()
+    if torch.device(device).type == "cpu":
+        settle_in_memory(model, sources)
+    return model
+
+
+HUGE_PAGE = 2 << 20
+
+
+def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
+    """Where Linux allows, move each CPU weight of 2 MiB or more into memory backed by 2 MiB pages, and
+    release the pages of the checkpoint `files` that loading mapped and copied out.
+
+    A decode step reads every weight once; with 4 KiB pages its TLB misses cost batch-1 int4 about 15%
+    of its bandwidth. Moves happen in place (`Tensor.set_`, so every holder of a tensor sees it), one
+    tensor at a time, each source's file pages released after its copy: peak memory grows by about the
+    largest tensor. Tensors that share storage stay where they are. Without the release, pages of
+    tensors copied out (quantized, fused, moved) would stay resident as long as their file is mapped.
+    """
+    ext = qlinear()
+    if ext is None or not Path("/proc/self/maps").is_file():
+        return
+    names = {str(f.resolve()) for f in files}
+    mapped = []  # (start, end) of each mapping of a checkpoint file
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((start, end))
+    for start, end in mapped:  # first the pages of tensors already copied out (quantized, fused)
+        ext.release_pages(start, end - start)
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    holders = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    with torch.no_grad():
+        for t in tensors.values():
+            if (t.device.type != "cpu" or t.nbytes < HUGE_PAGE or not t.is_contiguous() or t.storage_offset()
+                    or t.untyped_storage().nbytes() != t.nbytes or holders[t.untyped_storage().data_ptr()] > 1):
+                continue
+            source = t.data_ptr()
+            moved = ext.huge_page_empty(t.nbytes).view(t.dtype).view(t.shape)  # [nbytes] -> t's shape
+            moved.copy_(t)
+            t.set_(moved)
+            if any(start <= source < end for start, end in mapped):
+                ext.release_pages(source, t.nbytes)
 
 
 def _stored_key(name: str, expected: dict[str, torch.Tensor]) -> str | None:

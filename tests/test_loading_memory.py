@@ -1,0 +1,50 @@
+"""Where loaded weights end up in memory: huge-page moves and released checkpoint pages keep every value."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tramontane.kernels import qlinear
+from tramontane.loading.common import HUGE_PAGE, iter_safetensors, settle_in_memory
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or qlinear() is None,
+                                reason="huge pages and page release are Linux-only and need the kernels")
+
+
+def test_weights_move_to_huge_page_memory_and_keep_their_values(tmp_path: Path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(1024, 1024, generator=g), "small": torch.randn(64, generator=g),
+               "shared": torch.randn(1024, 600, generator=g)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    loaded = dict(iter_safetensors(path))  # memory-mapped from the file
+    module = torch.nn.Module()
+    module.big = torch.nn.Parameter(loaded["big"], requires_grad=False)
+    module.small = torch.nn.Parameter(loaded["small"], requires_grad=False)
+    module.shared = torch.nn.Parameter(loaded["shared"], requires_grad=False)
+    module.register_buffer("alias", module.shared.data.view(600, 1024))  # a second holder of one storage
+    before = {name: t.data_ptr() for name, t in module.state_dict().items()}
+
+    settle_in_memory(module, {path})
+
+    assert module.big.data_ptr() != before["big"] and module.big.data_ptr() % HUGE_PAGE == 0
+    assert module.small.data_ptr() == before["small"]  # under 2 MiB: left in place
+    assert module.shared.data_ptr() == before["shared"] and module.alias.data_ptr() == before["alias"]
+    # the file's pages were released; whatever still reads from the mapping reads the file again
+    for name in ("big", "small", "shared"):
+        torch.testing.assert_close(getattr(module, name), tensors[name], rtol=0, atol=0)
+    torch.testing.assert_close(module.alias, tensors["shared"].view(600, 1024), rtol=0, atol=0)
+
+
+def test_huge_page_empty_gives_the_asked_size():
+    ext = qlinear()
+    for n in (0, 100, HUGE_PAGE + 3):
+        t = ext.huge_page_empty(n)
+        assert t.dtype == torch.uint8 and t.numel() == n
+        t.fill_(7)
+        assert int(t.sum()) == 7 * n
