@@ -15,6 +15,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <malloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
@@ -324,19 +325,37 @@ void set_isa(const std::string& name) {
 
 // An uninitialised uint8 tensor of `nbytes` whose memory Linux backs with 2 MiB pages where it can
 // (transparent huge pages, asked for with madvise): a decode step reads every weight once, and with
-// 4 KiB pages the walks for its TLB misses cost batch-1 int4 about 15% of its bandwidth. Elsewhere,
-// or if the allocation fails, an ordinary tensor.
+// 4 KiB pages the walks for its TLB misses cost batch-1 int4 about 15% of its bandwidth. The memory is
+// mapped directly, 2 MiB-aligned, rather than taken from malloc, whose heap would keep the pages of the
+// tensors it replaces. Elsewhere, or if mapping fails, an ordinary tensor.
 torch::Tensor huge_page_empty(int64_t nbytes) {
   TORCH_CHECK(nbytes >= 0, "nbytes must be >= 0");
 #ifdef __linux__
   constexpr size_t kHuge = size_t(2) << 20;
-  void* p = nullptr;
-  if (nbytes >= int64_t(kHuge) && posix_memalign(&p, kHuge, size_t(nbytes)) == 0) {
-    madvise(p, size_t(nbytes) / kHuge * kHuge, MADV_HUGEPAGE);  // whole huge pages only; failure is harmless
-    return torch::from_blob(p, {nbytes}, [](void* q) { std::free(q); }, torch::dtype(torch::kUInt8));
+  if (nbytes >= int64_t(kHuge)) {
+    const size_t size = (size_t(nbytes) + kHuge - 1) / kHuge * kHuge;
+    void* raw = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw != MAP_FAILED) {
+      // keep the 2 MiB-aligned `size` bytes inside the mapping, unmap the rest
+      const uintptr_t start = uintptr_t(raw), aligned = (start + kHuge - 1) / kHuge * kHuge;
+      if (aligned > start) munmap(raw, aligned - start);
+      if (start + kHuge > aligned) munmap(reinterpret_cast<void*>(aligned + size), start + kHuge - aligned);
+      void* p = reinterpret_cast<void*>(aligned);
+      // whole huge pages only: the tail stays in 4 KiB pages, so no memory past nbytes becomes resident
+      madvise(p, size_t(nbytes) / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: failure leaves ordinary pages
+      return torch::from_blob(p, {nbytes}, [size](void* q) { munmap(q, size); }, torch::dtype(torch::kUInt8));
+    }
   }
 #endif
   return torch::empty({nbytes}, torch::kUInt8);
+}
+
+// Give the C heap's free memory back to the system (glibc's malloc_trim): the weights that loading
+// replaced were freed into it, where their pages stay resident.
+void trim_heap() {
+#if defined(__linux__) && defined(__GLIBC__)
+  malloc_trim(0);
+#endif
 }
 
 // Ask Linux to reclaim the whole pages in [address, address + nbytes) (MADV_PAGEOUT): for the mapped
@@ -361,6 +380,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("huge_page_empty", &huge_page_empty, "uninitialised uint8 [nbytes], in 2 MiB pages where Linux allows");
+  m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");
   m.def("release_pages", &release_pages, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
   m.def("isa", &isa, "the instruction set in use");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");

@@ -129,8 +129,8 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
 
     A decode step reads every weight once; with 4 KiB pages its TLB misses cost batch-1 int4 about 15%
     of its bandwidth. Moves happen in place (`Tensor.set_`, so every holder of a tensor sees it), one
-    tensor at a time, each source's file pages released after its copy: peak memory grows by about the
-    largest tensor. Tensors that share storage stay where they are. Without the release, pages of
+    tensor at a time, each source's file pages (or freed heap memory) released after its copy: peak
+    memory grows by about the largest tensor. Tensors that share storage stay where they are. Without the release, pages of
     tensors copied out (quantized, fused, moved) would stay resident as long as their file is mapped.
     """
     ext = qlinear()
@@ -158,6 +158,8 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
             t.set_(moved)
             if any(start <= source < end for start, end in mapped):
                 ext.release_pages(source, t.nbytes)
+            else:  # the old copy went back to the C heap, which keeps its pages resident
+                ext.trim_heap()
 
 
 def _stored_key(name: str, expected: dict[str, torch.Tensor]) -> str | None:
