@@ -71,6 +71,8 @@ def build_model(
     bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
 
     sources: set[Path] = set()
+    kept: list[int] = []  # addresses of this source tensor's values that the model keeps as they are
+    pages = _FilePages() if torch.device(device).type == "cpu" else None
 
     def put(name: str, value: torch.Tensor, source: Path) -> None:
         sources.add(source)
@@ -84,6 +86,7 @@ def build_model(
         if want.dtype.is_floating_point != value.dtype.is_floating_point:
             raise TensorMismatchError(source, f"tensor {name!r} has dtype {value.dtype}, expected {want.dtype}")
         loaded[name] = value.to(device=device, dtype=dtype if name in parameters else want.dtype)
+        kept.append(loaded[name].data_ptr())
         bar.update(1)
 
     for name, tensor, source in tensors:
@@ -102,6 +105,9 @@ def build_model(
             put(stored, tensor, source)  # float model tensors, or already quantized ones (saved, GGUF Q4_0)
         else:
             raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
+        if pages is not None and tensor.data_ptr() not in kept:  # copied out: its mapped pages can go
+            pages.release(tensor, source)
+        kept.clear()
     bar.close()
     missing = [n for n in expected if n not in loaded]
     if missing:
@@ -123,6 +129,35 @@ def build_model(
 HUGE_PAGE = 2 << 20
 
 
+class _FilePages:
+    """The memory mappings of checkpoint files (from /proc/self/maps, on Linux), to release the pages of
+    tensors copied out of them: otherwise they stay resident as long as their file is mapped."""
+
+    def __init__(self) -> None:
+        self.ext = qlinear() if Path("/proc/self/maps").is_file() else None
+        self.ranges: dict[Path, list[tuple[int, int]]] = {}
+
+    def mapped(self, file: Path) -> list[tuple[int, int]]:
+        if self.ext is None:
+            return []
+        if file not in self.ranges:
+            name, ranges = str(file.resolve()), []
+            for line in Path("/proc/self/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5] == name:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+            self.ranges[file] = ranges
+        return self.ranges[file]
+
+    def release(self, tensor: torch.Tensor, file: Path) -> None:
+        """Release the pages of `tensor` if it lies in a mapping of `file` (never loses data: file pages
+        are read again if touched)."""
+        address = tensor.data_ptr()
+        if self.ext is not None and any(start <= address < end for start, end in self.mapped(file)):
+            self.ext.release_pages(address, tensor.nbytes)
+
+
 def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
     """Where Linux allows, move each CPU weight of 2 MiB or more into memory backed by 2 MiB pages, and
     release the pages of the checkpoint `files` that loading mapped and copied out.
@@ -130,21 +165,16 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
     A decode step reads every weight once; with 4 KiB pages its TLB misses cost batch-1 int4 about 15%
     of its bandwidth. Moves happen in place (`Tensor.set_`, so every holder of a tensor sees it), one
     tensor at a time, each source's file pages (or freed heap memory) released after its copy: peak
-    memory grows by about the largest tensor. Tensors that share storage stay where they are. Without the release, pages of
-    tensors copied out (quantized, fused, moved) would stay resident as long as their file is mapped.
+    memory grows by about the largest tensor. Tensors that share storage stay where they are.
     """
     ext = qlinear()
-    if ext is None or not Path("/proc/self/maps").is_file():
+    pages = _FilePages()
+    if ext is None or pages.ext is None:
         return
-    names = {str(f.resolve()) for f in files}
-    mapped = []  # (start, end) of each mapping of a checkpoint file
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] in names:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            mapped.append((start, end))
-    for start, end in mapped:  # first the pages of tensors already copied out (quantized, fused)
+    mapped = [r for f in files for r in pages.mapped(f)]
+    for start, end in mapped:  # first the pages of tensors already copied out (fused, say)
         ext.release_pages(start, end - start)
+    ext.trim_heap()  # and the heap memory of temporaries, so that the moves stay under loading's peak
     tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     holders = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
     with torch.no_grad():
