@@ -11,7 +11,6 @@
 
 #include "common.h"
 
-#include <cstdlib>
 #include <vector>
 
 #ifdef __linux__

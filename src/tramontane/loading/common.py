@@ -106,7 +106,7 @@ def build_model(
         else:
             raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
         if pages is not None and tensor.data_ptr() not in kept:  # copied out: its mapped pages can go
-            pages.release(tensor, source)
+            pages.release(tensor.data_ptr(), tensor.nbytes, [source])
         kept.clear()
     bar.close()
     missing = [n for n in expected if n not in loaded]
@@ -150,12 +150,13 @@ class _FilePages:
             self.ranges[file] = ranges
         return self.ranges[file]
 
-    def release(self, tensor: torch.Tensor, file: Path) -> None:
-        """Release the pages of `tensor` if it lies in a mapping of `file` (never loses data: file pages
-        are read again if touched)."""
-        address = tensor.data_ptr()
-        if self.ext is not None and any(start <= address < end for start, end in self.mapped(file)):
-            self.ext.release_pages(address, tensor.nbytes)
+    def release(self, address: int, nbytes: int, files: Iterable[Path]) -> bool:
+        """Release the pages of [address, address + nbytes) if it lies in a mapping of one of `files`
+        (never loses data: file pages are read again if touched); whether it did."""
+        if self.ext is None or not any(start <= address < end for f in files for start, end in self.mapped(f)):
+            return False
+        self.ext.release_pages(address, nbytes)
+        return True
 
 
 def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
@@ -167,14 +168,16 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
     tensor at a time, each source's file pages (or freed heap memory) released after its copy: peak
     memory grows by about the largest tensor. Tensors that share storage stay where they are.
     """
-    ext = qlinear()
     pages = _FilePages()
-    if ext is None or pages.ext is None:
+    ext = pages.ext
+    if ext is None:
         return
-    mapped = [r for f in files for r in pages.mapped(f)]
-    for start, end in mapped:  # first the pages of tensors already copied out (fused, say)
-        ext.release_pages(start, end - start)
-    ext.trim_heap()  # and the heap memory of temporaries, so that the moves stay under loading's peak
+    # first the pages of tensors already copied out (fused, say) and the heap memory of temporaries, so
+    # that the moves stay under loading's peak
+    for f in files:
+        for start, end in pages.mapped(f):
+            ext.release_pages(start, end - start)
+    ext.trim_heap()
     tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     holders = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
     with torch.no_grad():
@@ -186,10 +189,8 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
             moved = ext.huge_page_empty(t.nbytes).view(t.dtype).view(t.shape)  # [nbytes] -> t's shape
             moved.copy_(t)
             t.set_(moved)
-            if any(start <= source < end for start, end in mapped):
-                ext.release_pages(source, t.nbytes)
-            else:  # the old copy went back to the C heap, which keeps its pages resident
-                ext.trim_heap()
+            if not pages.release(source, t.nbytes, files):
+                ext.trim_heap()  # not from a file: the old copy went back to the C heap, which keeps it resident
 
 
 def _stored_key(name: str, expected: dict[str, torch.Tensor]) -> str | None:
