@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tramontane.kernels import qlinear
-from tramontane.loading.common import HUGE_PAGE, iter_safetensors, settle_in_memory
+from tramontane.fuse import concat_rows
+from tramontane.kernels import HUGE_PAGE, qlinear, weight_empty
+from tramontane.loading.common import iter_safetensors, settle_in_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or qlinear() is None,
                                 reason="huge pages and page release are Linux-only and need the kernels")
@@ -48,3 +49,24 @@ def test_huge_page_empty_gives_the_asked_size():
         assert t.dtype == torch.uint8 and t.numel() == n
         t.fill_(7)
         assert int(t.sum()) == 7 * n
+
+
+def test_weight_empty_uses_huge_pages_only_for_large_cpu_weights():
+    big = weight_empty((1024, 1024), torch.float16)  # exactly 2 MiB
+    assert big.shape == (1024, 1024) and big.dtype == torch.float16 and big.data_ptr() % HUGE_PAGE == 0
+    small = weight_empty((3, 5), torch.float32)
+    assert small.shape == (3, 5) and small.dtype == torch.float32
+
+
+def test_fused_weights_are_born_in_huge_pages_and_stay_there():
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.nn.Linear(512, n, bias=False) for n in (1024, 512)]
+    for p in parts:
+        p.weight.data = torch.randn(p.out_features, 512, generator=g)
+    fused = concat_rows(parts)
+    torch.testing.assert_close(fused.weight, torch.cat([p.weight for p in parts]), rtol=0, atol=0)
+    address = fused.weight.data_ptr()
+    assert address % HUGE_PAGE == 0 and not fused.weight.requires_grad
+
+    settle_in_memory(fused, set())  # already where it belongs: not copied again
+    assert fused.weight.data_ptr() == address

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import qlinear
+from .kernels import qlinear, weight_empty
 from .layers import Attention, FeedForward
 from .model import Transformer
 from .quantize import SMALL_BATCH, Int4Linear, Int8Linear
@@ -37,7 +37,12 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module:
         else:
             raise TypeError(f"cannot fuse {type(first).__name__}")
     for name, tensor in list(first.named_parameters()) + list(first.named_buffers()):
-        joined = torch.cat([getattr(p, name) for p in parts], dim=0)
+        pieces = [getattr(p, name) for p in parts]
+        # the fused weight goes straight where it will stay (2 MiB pages on CPU): no second move, and
+        # the parts' memory, freed layer by layer, goes back to the system instead of the C heap
+        joined = weight_empty((sum(t.shape[0] for t in pieces), *tensor.shape[1:]), tensor.dtype, tensor.device)
+        with torch.no_grad():
+            torch.cat(pieces, dim=0, out=joined)
         if isinstance(tensor, nn.Parameter):
             setattr(fused, name, nn.Parameter(joined, requires_grad=False))
         else:

@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 HERE = Path(__file__).parent
+HUGE_PAGE = 2 << 20
 SOURCES = [HERE / "qlinear.cpp", HERE / "int4.cpp", HERE / "amx.cpp", HERE / "decode.cpp"]
 HEADERS = [HERE / "common.h"]
 BUILD_FLAGS = "-O3 -std=c++17 -fopenmp"
@@ -39,6 +40,17 @@ def qlinear() -> ModuleType | None:
         warnings.warn(f"tramontane: could not build the quantized kernels ({type(e).__name__}: {e}); "
                       "int8/int4 layers fall back to slower PyTorch code", stacklevel=2)
         return None
+
+
+def weight_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uninitialised memory for a weight: on CPU, from 2 MiB pages when it is that large and the kernels
+    are built (see `settle_in_memory`), so that loading puts it where it stays and freeing it gives its
+    pages straight back to the system; elsewhere `torch.empty`."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    ext = qlinear() if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE else None
+    if ext is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return ext.huge_page_empty(nbytes).view(dtype).view(shape)  # [nbytes] -> shape
 
 
 def _ensure_ninja_on_path() -> None:

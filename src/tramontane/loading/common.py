@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
-from ..kernels import qlinear
+from ..kernels import HUGE_PAGE, qlinear
 from ..model import Transformer
 from ..quantize import (
     Int4Linear,
@@ -126,9 +126,6 @@ def build_model(
     return model
 
 
-HUGE_PAGE = 2 << 20
-
-
 class _FilePages:
     """The memory mappings of checkpoint files (from /proc/self/maps, on Linux), to release the pages of
     tensors copied out of them: otherwise they stay resident as long as their file is mapped."""
@@ -150,10 +147,14 @@ class _FilePages:
             self.ranges[file] = ranges
         return self.ranges[file]
 
+    def holds(self, address: int, files: Iterable[Path]) -> bool:
+        """Whether `address` lies in a mapping of one of `files`."""
+        return any(start <= address < end for f in files for start, end in self.mapped(f))
+
     def release(self, address: int, nbytes: int, files: Iterable[Path]) -> bool:
         """Release the pages of [address, address + nbytes) if it lies in a mapping of one of `files`
         (never loses data: file pages are read again if touched); whether it did."""
-        if self.ext is None or not any(start <= address < end for f in files for start, end in self.mapped(f)):
+        if self.ext is None or not self.holds(address, files):
             return False
         self.ext.release_pages(address, nbytes)
         return True
@@ -166,7 +167,8 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
     A decode step reads every weight once; with 4 KiB pages its TLB misses cost batch-1 int4 about 15%
     of its bandwidth. Moves happen in place (`Tensor.set_`, so every holder of a tensor sees it), one
     tensor at a time, each source's file pages (or freed heap memory) released after its copy: peak
-    memory grows by about the largest tensor. Tensors that share storage stay where they are.
+    memory grows by about the largest tensor. Tensors that share storage stay where they are, and so do
+    those that loading already put in 2 MiB pages (`weight_empty`).
     """
     pages = _FilePages()
     ext = pages.ext
@@ -183,7 +185,8 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
     with torch.no_grad():
         for t in tensors.values():
             if (t.device.type != "cpu" or t.nbytes < HUGE_PAGE or not t.is_contiguous() or t.storage_offset()
-                    or t.untyped_storage().nbytes() != t.nbytes or holders[t.untyped_storage().data_ptr()] > 1):
+                    or t.untyped_storage().nbytes() != t.nbytes or holders[t.untyped_storage().data_ptr()] > 1
+                    or (t.data_ptr() % HUGE_PAGE == 0 and not pages.holds(t.data_ptr(), files))):
                 continue
             source = t.data_ptr()
             moved = ext.huge_page_empty(t.nbytes).view(t.dtype).view(t.shape)  # [nbytes] -> t's shape

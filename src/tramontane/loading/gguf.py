@@ -32,6 +32,7 @@ from gguf.quants import dequantize
 
 from ..args import ModelArgs, MoeArgs
 from ..errors import CheckpointError, ConfigError, TensorMismatchError
+from ..kernels import weight_empty
 from .common import expected_shapes
 
 GGUF_MAGIC = b"GGUF"
@@ -391,15 +392,16 @@ def _q4_parts(tensor: ReaderTensor, path: str) -> list[torch.Tensor]:
     nibble) and element i + 16 (high nibble), value (q - 8) * scale. Q4_1 has the minimum after the
     scale (20 bytes), value q * scale + min. The bytes are read from the file a few MiB at a time into
     one buffer, not through the reader's memory map (mapped pages count as this process's memory) nor
-    into a whole-tensor temporary (freed temporaries of every size leave the heap fragmented): loading
-    a 7B model then peaks near the size of its weights.
+    into a whole-tensor temporary (freed temporaries of every size leave the heap fragmented), and
+    straight into the memory the weights keep (`weight_empty`): loading a 7B model then peaks near the
+    size of its weights.
     """
     rows, cols = _torch_shape(tensor)
     head = 2 if tensor.tensor_type == GGMLQuantizationType.Q4_0 else 4  # float16 scale (and min)
     block = head + 16
     row_bytes = cols // 32 * block
-    parts = [torch.empty(rows, cols // 2, dtype=torch.uint8)]
-    parts += [torch.empty(rows, cols // 32, dtype=torch.float16) for _ in range(head // 2)]
+    parts = [weight_empty((rows, cols // 2), torch.uint8)]
+    parts += [weight_empty((rows, cols // 32), torch.float16) for _ in range(head // 2)]
     step = max(1, (4 << 20) // row_bytes)
     buffer = np.empty(min(rows, step) * row_bytes, dtype=np.uint8)
     with open(path, "rb") as f:
@@ -410,9 +412,10 @@ def _q4_parts(tensor: ReaderTensor, path: str) -> list[torch.Tensor]:
             if f.readinto(chunk.data) != chunk.nbytes:
                 raise CheckpointError(path, f"tensor {tensor.name}: file ends inside its data")
             blocks = torch.from_numpy(chunk).view(n, cols // 32, block)
-            parts[0][r0 : r0 + n] = blocks[..., head:].reshape(n, cols // 2)
+            # strided copies into the destination rows, without temporaries: [n, cols / 32, bytes]
+            parts[0][r0 : r0 + n].view(n, cols // 32, 16).copy_(blocks[..., head:])
             for i, part in enumerate(parts[1:]):
-                part[r0 : r0 + n] = blocks[..., 2 * i : 2 * i + 2].contiguous().view(torch.float16).view(n, cols // 32)
+                part[r0 : r0 + n].view(torch.uint8).view(n, cols // 32, 2).copy_(blocks[..., 2 * i : 2 * i + 2])
     return parts
 
 
