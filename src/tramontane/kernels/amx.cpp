@@ -69,7 +69,7 @@ struct TileConfig {
 // [K/32, 16, mc, 2] with mc = the chunk's rows, where k(t) is the input a weight format decodes to position t of
 // a block (Rows::k_of).
 struct PackedX {
-  std::vector<std::vector<c10::BFloat16>> xb;
+  std::vector<std::unique_ptr<uint16_t[]>> xb;  // uninitialised: every element is written
   std::vector<int64_t> mc;
   template <typename KOf>
   TAMX PackedX(const float* x, int64_t M, int64_t K, KOf k_of) {
@@ -79,12 +79,12 @@ struct PackedX {
     const __m512i first = _mm512_load_si512(k), second = _mm512_load_si512(k + 16);
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       const int64_t mc_ = std::min<int64_t>(16, M - m0);
-      std::vector<c10::BFloat16> xt(size_t(K * mc_));
+      std::unique_ptr<uint16_t[]> xt(new uint16_t[size_t(K * mc_)]);
       // dword p of a block's tile holds row m's pair p at p * mc + m
       const __m512i pairs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                _mm512_set1_epi32(int32_t(mc_)));
       for (int64_t b = 0; b < K / 32; ++b) {
-        int32_t* tile = reinterpret_cast<int32_t*>(xt.data() + b * 32 * mc_);
+        int32_t* tile = reinterpret_cast<int32_t*>(xt.get() + b * 32 * mc_);
         for (int64_t m = 0; m < mc_; ++m) {
           const float* src = x + (m0 + m) * K + b * 32;
           const __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
@@ -98,7 +98,7 @@ struct PackedX {
     }
   }
   const uint16_t* tile(int64_t c, int64_t b) const {
-    return reinterpret_cast<const uint16_t*>(xb[size_t(c)].data()) + b * 32 * mc[size_t(c)];
+    return xb[size_t(c)].get() + b * 32 * mc[size_t(c)];
   }
 };
 
