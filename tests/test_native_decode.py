@@ -89,6 +89,16 @@ def test_native_stack_follows_replaced_weights(tiny_hf, monkeypatch):
     python = decode_logits(model, PROMPTS[:1], 3, False, monkeypatch)
     for a, b in zip(native, python):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    second = model.__dict__["_native_stack"][1]
+    # a new weight tensor in a module the stack already holds, and a new norm weight
+    ffn, norm = model.layers[0].feed_forward.w2, model.layers[1].ffn_norm
+    ffn.weight = torch.nn.Parameter(ffn.weight.detach() * 0.5, requires_grad=False)
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 2.0, requires_grad=False)
+    native = decode_logits(model, PROMPTS[:1], 3, True, monkeypatch)
+    assert model.__dict__["_native_stack"][1] is not second
+    python = decode_logits(model, PROMPTS[:1], 3, False, monkeypatch)
+    for a, b in zip(native, python):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_mixture_of_experts_stays_in_python(tiny_hf, monkeypatch):

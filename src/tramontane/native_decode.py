@@ -38,12 +38,21 @@ def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> Any | N
 
 
 def _weights_key(model: Transformer) -> tuple[int, ...]:
+    """Identities of every module and weight the stack holds. Read from the modules' own dicts: this
+    runs every step, and going through nn.Module attribute lookup cost half a millisecond per step
+    on the 1B shape, 2% of a batch-1 token."""
     ids: list[int] = []
-    for layer in cast("list[Block]", model.layers):
-        a, f = layer.attention, layer.feed_forward
-        ids += (id(layer.attention_norm.weight), id(layer.ffn_norm.weight), id(a.wqkv), id(a.wo),
-                id(getattr(f, "w13", None)), id(getattr(f, "w2", None)))
-        ids += (id(getattr(m, "weight", None)) for m in (a.wqkv, a.wo, getattr(f, "w13", None), getattr(f, "w2", None)))
+    for layer in model.layers:
+        mods = layer._modules
+        a, f = mods["attention"], mods["feed_forward"]
+        assert a is not None and f is not None  # every Block has both
+        parts = (mods["attention_norm"], mods["ffn_norm"], a, f, a._modules.get("wqkv"), a._modules.get("wo"),
+                 f._modules.get("w13"), f._modules.get("w2"))
+        for part in parts:
+            ids.append(id(part))
+            if part is not None:
+                weight = part._parameters.get("weight")
+                ids.append(id(weight if weight is not None else part._buffers.get("weight")))
     return tuple(ids)
 
 
