@@ -134,7 +134,7 @@ class StepMeta:
     """
 
     positions: torch.Tensor  # [B, T]
-    mask: torch.Tensor | None  # [B, 1, T, K] bool, True = visible; None with is_causal
+    mask: torch.Tensor | None  # [B, 1, T, K] bool, True = visible; None with is_causal (decode: see attention_mask)
     is_causal: bool
     cache: KVCache | None = None
     rows: torch.Tensor | None = None
@@ -144,6 +144,17 @@ class StepMeta:
     fresh: bool = False  # a chunk into empty rows: nothing old to attend to
     kv_len: int = 0  # decode: only slots [0, kv_len) can hold anything yet
     rot: torch.Tensor | None = None  # decode: (cos, sin) per rotary pair [B, head_dim // 2, 2], for fused kernels
+    # decode: the mask's inputs, for `attention_mask` (the native kernels build their own from the cache)
+    key_positions: torch.Tensor | None = None  # [B, kv_len]
+    window: int | None = None
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """`mask`, built on first use in a decode step: after a decode step's weights have streamed
+        through the caches, each PyTorch operation costs tens of microseconds, and the native path
+        never needs the mask."""
+        if self.mask is None and self.key_positions is not None:
+            self.mask = _visible(self.key_positions, self.positions, self.window)
+        return self.mask
 
     def layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's `k`, `v` [B, kv_heads, T, head_dim] and return the keys/values to attend to."""
@@ -230,8 +241,8 @@ def step_meta(
         # attention reads only what generation has filled, not the whole buffer.
         kv_len = min(cache.capacity, last + 1)
         key_positions = (cache.positions[:B] if rows is None else cache.positions[rows])[:, :kv_len]
-        mask = _visible(key_positions, positions, window)
-        return StepMeta(positions, mask, False, cache, rows, batch_index, slots, decode=True, kv_len=kv_len)
+        return StepMeta(positions, None, False, cache, rows, batch_index, slots, decode=True, kv_len=kv_len,
+                        key_positions=key_positions, window=window)
     old_positions = cache.positions[:B] if rows is None else cache.positions[rows]  # [B, capacity]
     if int(old_positions.max()) < 0:  # empty rows (a prompt's first chunk): attend within the chunk only
         return StepMeta(positions, _visible(positions, positions, window), False, cache, rows, batch_index,
