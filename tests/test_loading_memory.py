@@ -70,3 +70,33 @@ def test_fused_weights_are_born_in_huge_pages_and_stay_there():
 
     settle_in_memory(fused, set())  # already where it belongs: not copied again
     assert fused.weight.data_ptr() == address
+
+
+def test_gguf_reading_releases_the_mapped_pages_it_copied(tmp_path: Path):
+    from tramontane.args import ModelArgs
+    from tramontane.loading.common import expected_shapes
+    from tramontane.loading.gguf import iter_gguf_tensors, open_gguf
+    from tramontane.loading.gguf_write import write_gguf
+
+    args = ModelArgs(dim=256, n_layers=2, head_dim=32, hidden_dim=1024, n_heads=8, n_kv_heads=4, norm_eps=1e-6,
+                     vocab_size=16384)
+    g = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(shape, generator=g) * 0.05 for name, shape in expected_shapes(args).items()}
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, args, state, qtype="Q8_0")
+    size = path.stat().st_size
+    reader = open_gguf(path)
+    list(iter_gguf_tensors(reader, args))  # every tensor copied out (Q8_0 dequantized)
+
+    def resident_kib() -> int:  # this process's resident pages of the file's mappings
+        total, inside = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.split()[-1] == str(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    assert size > 4 << 20 and resident_kib() * 1024 < size // 4
+    reader.data[:].sum()  # touching the map reads the file again: nothing was lost
+    assert resident_kib() * 1024 > size // 2

@@ -32,7 +32,7 @@ from gguf.quants import dequantize
 
 from ..args import ModelArgs, MoeArgs
 from ..errors import CheckpointError, ConfigError, TensorMismatchError
-from ..kernels import weight_empty
+from ..kernels import qlinear, weight_empty
 from .common import expected_shapes
 
 GGUF_MAGIC = b"GGUF"
@@ -251,7 +251,8 @@ def iter_gguf_tensors(
             for leaf, part in zip(("weight", "scale", "mins"), _q4_parts(tensor, path)):
                 yield prefix + leaf, part.to(device)
             continue
-        value = torch.from_numpy(_to_numpy(tensor, path))
+        value = _to_torch(tensor, path)
+        _release_mapped(tensor)
         if not stacked:
             yield names[0], value.to(device=device, dtype=dtype)
             continue
@@ -417,6 +418,30 @@ def _q4_parts(tensor: ReaderTensor, path: str) -> list[torch.Tensor]:
             for i, part in enumerate(parts[1:]):
                 part[r0 : r0 + n].view(torch.uint8).view(n, cols // 32, 2).copy_(blocks[..., 2 * i : 2 * i + 2])
     return parts
+
+
+def _to_torch(tensor: ReaderTensor, path: str) -> torch.Tensor:
+    """The tensor's values as a fresh float tensor (a copy, never a view into the memory map)."""
+    if tensor.tensor_type == GGMLQuantizationType.Q8_0:
+        # 34-byte blocks: a float16 scale, then 32 int8 values; value = q * scale. In torch rather than
+        # gguf-py's numpy (same products, several times faster and with one float temporary, not three)
+        with warnings.catch_warnings():  # the map is read-only, and only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            blocks = torch.from_numpy(np.asarray(tensor.data)).view(-1, 34)  # [n_blocks, 34] uint8
+        values = blocks[:, 2:].view(torch.int8).float()
+        values.mul_(blocks[:, :2].contiguous().view(torch.float16).float())
+        return values.view(_torch_shape(tensor))
+    return torch.from_numpy(_to_numpy(tensor, path))
+
+
+def _release_mapped(tensor: ReaderTensor) -> None:
+    """Release the reader's mapped pages of a tensor that has been copied out: mapped pages count as
+    this process's memory for as long as the file stays mapped (loading a 7B Q8_0 file as int8 peaked
+    at 2.6x the weights). Never loses data: the pages are read again if touched."""
+    ext = qlinear()
+    if ext is not None:
+        data = np.asarray(tensor.data)
+        ext.release_pages(data.ctypes.data, data.nbytes)
 
 
 def _to_numpy(tensor: ReaderTensor, path: str) -> np.ndarray:
