@@ -283,3 +283,15 @@ def test_quantize_cli_and_flag(tiny_hf, tmp_path):
 def test_bad_scheme_names_the_parameter():
     with pytest.raises(ValueError, match="quantize: method must be one of int8, int4"):
         QuantConfig("int3")
+
+
+def test_quantizing_in_row_chunks_changes_nothing(monkeypatch):
+    import tramontane.quantize as quantize
+
+    w = torch.randn(50, 128, generator=torch.Generator().manual_seed(3))
+    whole = [quantize_int8(w), quantize_int4(w, 32), quantize_int4(w, 64, zero_point=True)]
+    monkeypatch.setattr(quantize, "QUANTIZE_ROWS", 7)  # 8 chunks, the last one short
+    chunked = [quantize_int8(w), quantize_int4(w, 32), quantize_int4(w, 64, zero_point=True)]
+    for a, b in zip(whole, chunked):
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x, y)

@@ -29,12 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import qlinear
+from .kernels import qlinear, weight_empty
 from .model import Transformer
 
 METHODS = ("int8", "int4", "int4_asym")
 # Up to this many rows of activations the fused kernel wins; beyond, dequantize and use a GEMM.
 SMALL_BATCH = 16
+# Rows quantized at a time: the float temporaries of quantizing stay small (a 7B embedding at once made
+# three 805 MB ones), and the results go straight into the memory the weights keep (`weight_empty`).
+QUANTIZE_ROWS = 1024
 # Output rows dequantized at a time for a GEMM (measured on the 1B shape, 512 rows: 1024 rows beat
 # dequantizing whole matrices by 10%; smaller tiles pay for more, smaller GEMMs).
 PREFILL_TILE = 1024
@@ -135,9 +138,14 @@ def prefill_dtype() -> torch.dtype:
 # ------------------------------------------------------------------------------------------ int8
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: (q [N, K] int8, scale [N] fp32)."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    N, K = w.shape
+    q = weight_empty((N, K), torch.int8, w.device)
+    scale = torch.empty(N, dtype=torch.float32, device=w.device)
+    for r in range(0, N, QUANTIZE_ROWS):  # see QUANTIZE_ROWS
+        part = w[r : r + QUANTIZE_ROWS].float()
+        s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q[r : r + QUANTIZE_ROWS] = torch.round(part / s[:, None]).clamp(-127, 127)
+        scale[r : r + QUANTIZE_ROWS] = s
     return q, scale
 
 
@@ -189,6 +197,21 @@ def quantize_int4(
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4: input size {K} is not a multiple of group_size {group_size}")
+    packed = weight_empty((N, K // 2), torch.uint8, w.device)
+    scale = torch.empty(N, K // group_size, dtype=torch.float16, device=w.device)
+    mins = torch.empty_like(scale) if zero_point else None
+    for r in range(0, N, QUANTIZE_ROWS):  # see QUANTIZE_ROWS
+        rows = slice(r, r + QUANTIZE_ROWS)
+        packed[rows], scale[rows], part_mins = _quantize_int4_rows(w[rows], group_size, zero_point)
+        if mins is not None and part_mins is not None:
+            mins[rows] = part_mins
+    return packed, scale, mins
+
+
+def _quantize_int4_rows(
+    w: torch.Tensor, group_size: int, zero_point: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    N, K = w.shape
     groups = w.float().view(N, K // group_size, group_size)
     if zero_point:
         mins = groups.amin(dim=-1).to(torch.float16)
