@@ -24,26 +24,32 @@ MISTRAL_1B = ModelArgs(dim=2048, n_layers=16, head_dim=128, hidden_dim=7168, n_h
                        norm_eps=1e-5, vocab_size=32000, rope_theta=1e6, sliding_window=4096, max_seq_len=32768)
 
 
-def random_q4_0_gguf(path: Path, args: ModelArgs, tokenizer: dict[str, Any], seed: int = 0) -> Path:
-    """A GGUF of `args` whose every matrix is random Q4_0 blocks, written without ever holding floats
-    (a 7B model as fp32 would not fit in memory here). Element std is about cols ** -0.5."""
+def random_quantized_gguf(path: Path, args: ModelArgs, tokenizer: dict[str, Any], qtype: str = "Q4_0",
+                          seed: int = 0) -> Path:
+    """A GGUF of `args` whose every matrix is random Q4_0 or Q8_0 blocks, written without ever holding
+    floats (a 7B model as fp32 would not fit in memory here). Element std is about cols ** -0.5."""
     import numpy as np
     from gguf import GGMLQuantizationType
 
     from tramontane.loading.gguf_write import write_gguf_blocks
 
     rng = np.random.default_rng(seed)
+    # (ggml type, bytes of values per block of 32, std of the block's integers)
+    kind, nbytes, std = {"Q4_0": (GGMLQuantizationType.Q4_0, 16, 4.6),  # uniform q - 8 in -8..7
+                         "Q8_0": (GGMLQuantizationType.Q8_0, 32, 73.6)}[qtype]  # uniform q in -127..127
 
     def blocks(name: str, shape: tuple[int, ...]) -> tuple[Any, GGMLQuantizationType | None]:
         if len(shape) == 1:
             return np.ones(shape, dtype=np.float32), None
         rows, cols = shape
-        raw = np.empty((rows, cols // 32, 18), dtype=np.uint8)
-        raw[..., 2:] = rng.integers(0, 256, size=(rows, cols // 32, 16), dtype=np.uint8)
-        # uniform q - 8 in -8..7 has std ~4.6
-        scale = (cols**-0.5 / 4.6 * rng.uniform(0.5, 1.5, size=(rows, cols // 32))).astype(np.float16)
+        raw = np.empty((rows, cols // 32, 2 + nbytes), dtype=np.uint8)  # float16 scale, then the values
+        if qtype == "Q4_0":
+            raw[..., 2:] = rng.integers(0, 256, size=(rows, cols // 32, nbytes), dtype=np.uint8)
+        else:
+            raw[..., 2:] = rng.integers(-127, 128, size=(rows, cols // 32, nbytes), dtype=np.int8).view(np.uint8)
+        scale = (cols**-0.5 / std * rng.uniform(0.5, 1.5, size=(rows, cols // 32))).astype(np.float16)
         raw[..., :2] = scale.view(np.uint8).reshape(rows, cols // 32, 2)
-        return raw.reshape(rows, cols // 32 * 18), GGMLQuantizationType.Q4_0
+        return raw.reshape(rows, cols // 32 * (2 + nbytes)), kind
 
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
