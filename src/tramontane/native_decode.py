@@ -39,8 +39,8 @@ def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> Any | N
 
 def _weights_key(model: Transformer) -> tuple[int, ...]:
     """Identities of every module and weight the stack holds. Read from the modules' own dicts: this
-    runs every step, and going through nn.Module attribute lookup cost half a millisecond per step
-    on the 1B shape, 2% of a batch-1 token."""
+    runs every step, and through nn.Module attribute lookup it took 199 us per step on the 1B shape
+    instead of 25 (warm caches; both grow several times after a step's weights have streamed by)."""
     ids: list[int] = []
     for layer in model.layers:
         mods = layer._modules
