@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
-from ..kernels import HUGE_PAGE, qlinear
+from ..kernels import HUGE_PAGE, qlinear, weight_empty
 from ..model import Transformer
 from ..quantize import (
     Int4Linear,
@@ -193,9 +193,9 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
                     or (t.data_ptr() % HUGE_PAGE == 0 and not pages.holds(t.data_ptr(), files))):
                 continue
             source = t.data_ptr()
-            moved = ext.huge_page_empty(t.nbytes).view(t.dtype).view(t.shape)  # [nbytes] -> t's shape
+            moved = weight_empty(tuple(t.shape), t.dtype)
             moved.copy_(t)
-            t.set_(moved)
+            t.set_(moved.untyped_storage(), 0, moved.shape, moved.stride())
             if not pages.release(source, t.nbytes, files):
                 ext.trim_heap()  # not from a file: the old copy went back to the C heap, which keeps it resident
 
