@@ -104,16 +104,17 @@ def stream_text(
     string (excluded from the text) or `max_tokens`. With `continuation` the text continues the
     prompt's (a leading space is kept), as a completion does; otherwise it starts afresh, as an answer."""
     trackers = [TextTracker(tokenizer, stop, continuation) for _ in prompts]
-    ready: dict[int, str] = {}
 
-    def check(i: int, token: int) -> bool:
-        ready[i], hit = trackers[i].feed(token)
-        return hit
+    def check(i: int, token: int) -> bool:  # called once the token's event is out: its text is fed already
+        return trackers[i].stopped
 
     for ev in stream(model, prompts, max_tokens=max_tokens, params=params, stop_ids=tokenizer.stop_ids, seed=seed,
                      chunk_size=chunk_size, logprobs=logprobs, stop_check=check):
         if isinstance(ev, TokenEvent):
-            yield TextEvent(ev.index, ready.pop(ev.index, ""), ev.token, ev.logprob)
+            # each token's text goes out with the token itself, so the last one (whatever ends the
+            # sequence) is never left behind
+            text, _ = trackers[ev.index].feed(ev.token)
+            yield TextEvent(ev.index, text, ev.token, ev.logprob)
         elif isinstance(ev, FinishEvent):
             yield TextEvent(ev.index, trackers[ev.index].finish(), finish_reason=ev.reason)
 
