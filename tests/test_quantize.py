@@ -188,10 +188,15 @@ def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, monkeypat
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_product_dtype_is_chosen_once():
+def test_prefill_product_dtype_follows_the_cpu_features():
+    from pathlib import Path
+
     from tramontane.quantize import prefill_dtype
 
-    assert prefill_dtype() in (torch.float32, torch.bfloat16)
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    if "avx512_bf16" in flags:
+        assert qlinear().has_bf16()
+    assert prefill_dtype() == (torch.bfloat16 if qlinear().has_bf16() else torch.float32)
     assert prefill_dtype() is prefill_dtype()
 
 

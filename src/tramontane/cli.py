@@ -86,7 +86,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     src, dst = source_and_destination(a)
     dtype = source_dtype(src) if a.dtype == "auto" else parse_dtype(a.dtype)
     t0 = time.perf_counter()
-    model = load_model(src, dtype=dtype, progress=not a.quiet)
+    model = load_model(src, dtype=dtype, dequantize=True, progress=not a.quiet)  # GGUF blocks become floats
     save_model(model, dst, to=a.to)
     print(f"wrote {a.to} checkpoint to {dst} ({dtype}, {time.perf_counter() - t0:.1f}s)")
     return 0
@@ -128,6 +128,14 @@ def cmd_info(a: argparse.Namespace) -> int:
     }
     if args.moe:
         info["experts"] = f"{args.moe.num_experts_per_tok} of {args.moe.num_experts}"
+    if fmt == "gguf":
+        from collections import Counter
+
+        from .loading import gguf_file
+        from .loading.gguf import gguf_tensor_info
+
+        types = Counter(kind for kind, _ in gguf_tensor_info(gguf_file(path)).values())
+        info["tensor_types"] = ", ".join(f"{kind} {n}" for kind, n in types.most_common())
     try:
         from .tokenizer import load_tokenizer
 
@@ -155,7 +163,7 @@ def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
     path = resolve_model(a.model)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, quantize=a.quantize,
-                       progress=sys.stderr.isatty())
+                       dequantize=a.dequantize, progress=sys.stderr.isatty())
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
     if a.compile:
@@ -260,7 +268,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
-                                    compile=a.compile)
+                                    dequantize=a.dequantize, compile=a.compile)
     name = a.served_model_name or default_model_name(path)
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
           f"batch {a.max_batch}, KV cache {engine.cache.nbytes() / 2**30:.2f} GiB)"
@@ -271,6 +279,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+DEQUANTIZE_HELP = ("turn a GGUF file's quantized tensors into --dtype floats (by default each keeps its own format: "
+                   "Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tramontane", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -296,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", choices=QUANT_METHODS, default=None,
                      help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
                           "Q4_0, or int4_asym with a minimum per group like Q4_1)")
+    gen.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
@@ -329,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")
+    sv.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs)")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.set_defaults(func=cmd_serve)

@@ -8,24 +8,37 @@ checkpoint names for saving.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import BlockLinear
 from .kernels import qlinear, weight_empty
 from .layers import Attention, FeedForward
 from .model import Transformer
-from .quantize import SMALL_BATCH, Int4Linear, Int8Linear
+from .quantize import SMALL_BATCH, Int4Linear, Int8Linear, QuantLinearBase
 
 _FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
-def concat_rows(parts: list[nn.Module]) -> nn.Module:
-    """One linear whose output is the outputs of `parts` side by side."""
+def _layout(module: nn.Module) -> tuple[object, ...]:
+    """What linears must share for their rows to be stacked into one: class, input size and format."""
+    return (type(module), getattr(module, "in_features", None), getattr(module, "group_size", None),
+            getattr(module, "zero_point", None), getattr(module, "kind", None),
+            *(t.dtype for t in itertools.chain(module.parameters(), module.buffers())))
+
+
+def concat_rows(parts: list[nn.Module]) -> nn.Module | None:
+    """One linear whose output is the outputs of `parts` side by side; None when the parts are not all
+    of one layout (a GGUF Q4_K_M file keeps some projections in Q6_K beside Q4_K ones)."""
+    if len({_layout(p) for p in parts}) != 1:
+        return None
     first = parts[0]
     out_features = 0
     for p in parts:
-        assert isinstance(p, nn.Linear | Int8Linear | Int4Linear)
+        assert isinstance(p, nn.Linear | QuantLinearBase)
         out_features += p.out_features
     with torch.device("meta"):
         if isinstance(first, nn.Linear):
@@ -34,6 +47,8 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module:
             fused = Int8Linear(first.in_features, out_features)
         elif isinstance(first, Int4Linear):
             fused = Int4Linear(first.in_features, out_features, first.group_size, first.zero_point)
+        elif isinstance(first, BlockLinear):
+            fused = BlockLinear(first.in_features, out_features, first.kind)
         else:
             raise TypeError(f"cannot fuse {type(first).__name__}")
     for name, tensor in list(first.named_parameters()) + list(first.named_buffers()):
@@ -79,14 +94,17 @@ def use_fast_linears(model: Transformer) -> Transformer:
 
 
 def fuse_projections(model: Transformer) -> Transformer:
-    """Fuse every attention's q/k/v and every (expert) feed-forward's w1/w3, in place."""
+    """Fuse every attention's q/k/v and every (expert) feed-forward's w1/w3, in place, where their
+    layouts agree."""
     for module in model.modules():
         if isinstance(module, Attention) and module.wqkv is None:
-            module.wqkv = concat_rows([module.wq, module.wk, module.wv])
-            del module.wq, module.wk, module.wv
+            if (fused := concat_rows([module.wq, module.wk, module.wv])) is not None:
+                module.wqkv = fused
+                del module.wq, module.wk, module.wv
         elif isinstance(module, FeedForward) and module.w13 is None:
-            module.w13 = concat_rows([module.w1, module.w3])
-            del module.w1, module.w3
+            if (fused := concat_rows([module.w1, module.w3])) is not None:
+                module.w13 = fused
+                del module.w1, module.w3
     return model
 
 

@@ -2,9 +2,10 @@
 
 Decoding a token of a small model is hundreds of tiny operations; through Python each costs more
 than its arithmetic. `Transformer.forward` hands a decode step to the native stack when it is an
-fp32 CPU step over cache rows 0..B-1 (B up to the small-batch limit) of a dense model whose
-projections are fused, as `load_model` leaves them. Everything else runs the Python blocks, which
-stay the reference: the tests check that both paths give the same logits.
+fp32 CPU step over cache rows 0..B-1 (B up to the small-batch limit) of a dense model (projections
+fused as `load_model` leaves them, or side by side where a checkpoint keeps them in different
+formats). Everything else runs the Python blocks, which stay the reference: the tests check that
+both paths give the same logits.
 """
 
 from __future__ import annotations
@@ -64,21 +65,30 @@ def _build(model: Transformer) -> Any | None:
     stack = ext.DecodeStack(args.norm_eps, args.n_heads, args.n_kv_heads)
     for layer in cast("list[Block]", model.layers):
         a, f = layer.attention, layer.feed_forward
-        if a.wqkv is None or not isinstance(f, FeedForward) or f.w13 is None:
+        if not isinstance(f, FeedForward):
             return None
         norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
         if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
             return None
-        projections = [_projection(ext, m) for m in (a.wqkv, a.wo, f.w13, f.w2)]
+        # projections that could not be fused (kept in different formats) run side by side
+        qkv: nn.Module | list[nn.Module] = a.wqkv if a.wqkv is not None else [a.wq, a.wk, a.wv]
+        w13: nn.Module | list[nn.Module] = f.w13 if f.w13 is not None else [f.w1, f.w3]
+        projections = [_projection(ext, m) for m in (qkv, a.wo, w13, f.w2)]
         if any(p is None for p in projections):
             return None
         stack.add_block(*(n.detach() for n in norms), *projections)
     return stack
 
 
-def _projection(ext: Any, module: nn.Module) -> Any | None:
+def _projection(ext: Any, module: nn.Module | list[nn.Module]) -> Any | None:
+    from .blocks import BLOCK_FORMATS, BlockLinear
     from .quantize import Int4Linear, Int8Linear
 
+    if isinstance(module, list):
+        parts = [_projection(ext, m) for m in module]
+        return None if any(p is None for p in parts) else ext.Projection.side_by_side(parts)
+    if isinstance(module, BlockLinear):
+        return ext.Projection(3, module.weight, torch.empty(0), BLOCK_FORMATS[module.kind])
     if isinstance(module, Int4Linear):
         return ext.Projection(2, module.weight, module.scale, module.group_size, module.mins)
     if isinstance(module, Int8Linear):

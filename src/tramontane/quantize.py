@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ class QuantConfig:
             raise ConfigError(source, f"quantization: {e}") from e
 
 
-class _QuantLinear(nn.Module):
+class QuantLinearBase(nn.Module):
     """What int8 and int4 layers share: decode-sized inputs on CPU go to the fused kernel, the rest
     (prefill, other devices, no compiler) dequantize once and use a plain matmul."""
 
@@ -116,23 +115,12 @@ class _QuantLinear(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def prefill_dtype() -> torch.dtype:
-    """bf16 if this CPU's bf16 matrix product is at least twice as fast as fp32 (measured once, on a
-    product the size of a prefill tile), else fp32. On this project's AMX Xeon bf16 is 6x faster; on
-    CPUs without bf16 arithmetic it is several times slower."""
-    a, b = torch.randn(256, 1024), torch.randn(1024, 512)
-
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        torch.mm(x, y)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(x, y)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    fp32 = best(a, b)
-    bf16 = best(a.bfloat16(), b.bfloat16())
-    return torch.bfloat16 if bf16 * 2 <= fp32 else torch.float32
+    """bf16 where the CPU multiplies bf16 in hardware (AMX-BF16 tiles or AVX512-BF16 dot products), else
+    fp32: read from the CPU's features, so the choice never varies with machine noise. On this project's
+    AMX Xeon bf16 products measured 6x faster than fp32; on CPUs without bf16 arithmetic they are
+    several times slower."""
+    ext = qlinear()
+    return torch.bfloat16 if ext is not None and ext.has_bf16() else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ int8
@@ -153,7 +141,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantLinearBase):
     """y = x @ (q * scale).T with int8 q [out, in] and one fp32 scale per output channel."""
 
     weight: torch.Tensor
@@ -239,7 +227,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tenso
     return (q * scale.float()[..., None] + mins.float()[..., None]).view(N, K)
 
 
-class Int4Linear(_QuantLinear):
+class Int4Linear(QuantLinearBase):
     """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte; symmetric, or with a
     minimum per group (`zero_point`)."""
 
@@ -293,7 +281,7 @@ QuantLinear = Int8Linear | Int4Linear
 class QuantEmbedding(nn.Module):
     """Token embeddings read from a quantized matrix: the rows of the batch are dequantized on the fly."""
 
-    def __init__(self, table: QuantLinear, dtype: torch.dtype) -> None:
+    def __init__(self, table: QuantLinearBase, dtype: torch.dtype) -> None:
         super().__init__()
         self.table = table
         self.dtype = dtype

@@ -1,45 +1,75 @@
-"""Native kernels, compiled on first use with PyTorch's extension builder and cached on disk.
+"""Native kernels: built at install time (`setup.py`), or else once on first use and cached on disk.
 
-`qlinear()` returns the compiled module, or None (with one warning) when it cannot be built; callers
+`qlinear()` returns the compiled module, or None (with one warning) when it cannot be had; callers
 then use plain PyTorch, which gives the same results more slowly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
-import hashlib
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-HERE = Path(__file__).parent
+from .sources import CFLAGS, LDFLAGS, SOURCES, build_name, digest
+
 HUGE_PAGE = 2 << 20
-SOURCES = [HERE / "qlinear.cpp", HERE / "int4.cpp", HERE / "amx.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "common.h"]
-BUILD_FLAGS = "-O3 -std=c++17 -fopenmp"
 
 
 @functools.lru_cache(maxsize=1)
 def qlinear() -> ModuleType | None:
-    """The fp32/int8/int4 CPU kernels (qlinear.cpp, int4.cpp, amx.cpp, decode.cpp), built once per source and
-    torch version."""
+    """The CPU kernels (fp32/int8/int4 products, GGUF block formats, the decode stack): the build made at
+    install time when it was built from these sources, else a build of its own (once per sources, torch
+    and environment, cached under ~/.cache/torch_extensions)."""
+    want = digest(torch.__version__)
     try:
-        from torch.utils.cpp_extension import load
+        from . import _native  # type: ignore[attr-defined]
 
-        text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-        digest = hashlib.sha256(text + BUILD_FLAGS.encode() + torch.__version__.encode()).hexdigest()[:12]
-        _ensure_ninja_on_path()
-        # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already
-        # loaded, so the kernels share torch's thread pool instead of starting a second one.
-        return load(name=f"tramontane_qlinear_{digest}", sources=[str(p) for p in SOURCES],
-                    extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"], verbose=False)
+        if getattr(_native, "DIGEST", None) == want:
+            return _native
+    except ImportError:
+        pass
+    try:
+        return _build(want)
     except Exception as e:  # no compiler, no headers, no ninja: fall back, loudly once
-        warnings.warn(f"tramontane: could not build the quantized kernels ({type(e).__name__}: {e}); "
-                      "int8/int4 layers fall back to slower PyTorch code", stacklevel=2)
+        warnings.warn(f"tramontane: could not build the native kernels ({type(e).__name__}: {e}); "
+                      "quantized layers fall back to slower PyTorch code", stacklevel=2)
         return None
+
+
+def _build(want: str) -> ModuleType:
+    """Compile the kernels with PyTorch's extension builder, saying so first (it takes a minute)."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    name = f"tramontane_kernels_{build_name(torch.__version__)}"
+    folder = Path(_get_build_directory(name, verbose=False))
+    _ensure_ninja_on_path()
+    with _exclusive(folder):
+        if not any(folder.glob(f"{name}*.so")):
+            sys.stderr.write("tramontane: building the native kernels, once (about a minute)...\n")
+            sys.stderr.flush()
+        return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(folder),
+                    extra_cflags=[*CFLAGS, f"-DTRAMONTANE_DIGEST={want}"], extra_ldflags=LDFLAGS, verbose=False)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an OS lock on the build folder, which the system drops with its process however that ends,
+    and clear the lock file torch's builder leaves behind when a build is interrupted (torch waits on it
+    forever): while we hold ours, no other build of this folder can be running."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "tramontane.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            (folder / "lock").unlink()
+        yield
 
 
 def weight_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

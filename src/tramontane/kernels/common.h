@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -165,4 +166,8 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
 void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
                      const uint16_t* wmin, int64_t group, float* y, int64_t N);
 void int8_linear_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N);
+// GGUF block formats (blocks.cpp), by ggml type number: (elements, bytes) per unit, products, dequantization.
+std::tuple<int64_t, int64_t> block_unit(int64_t kind);
+torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind);
+torch::Tensor block_dequantize(torch::Tensor w, int64_t kind);
 torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group);

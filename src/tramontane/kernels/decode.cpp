@@ -16,16 +16,25 @@
 
 namespace {
 
-// One projection: fp32 (kind 0), int8 per channel (1) or int4 in groups (2, with or without minimums).
+// One projection: fp32 (kind 0), int8 per channel (1), int4 in groups (2, with or without minimums), a
+// GGUF block format (3, `group` holding its ggml type number), or the outputs of `parts` side by side
+// (projections a checkpoint keeps in different formats, which cannot be stacked into one matrix).
 struct Projection {
   int64_t kind;
   torch::Tensor w, scale;
   int64_t group;
   c10::optional<torch::Tensor> mins;
+  std::vector<Projection> parts;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
+    if (!parts.empty()) {
+      std::vector<torch::Tensor> outs;
+      for (const Projection& p : parts) outs.push_back(p(x));
+      return at::cat(outs, 1);
+    }
     if (kind == 1) return int8_linear(x, w, scale);
     if (kind == 2) return int4_linear(x, w, scale, mins, group);
+    if (kind == 3) return block_linear(x, w, group);
     // one row: PyTorch's matrix-vector product reads fp32 weights at full speed; more: the tiled kernel
     return x.size(0) == 1 ? at::linear(x, w) : f32_linear(x, w);
   }
@@ -113,8 +122,13 @@ class DecodeStack {
 void bind_decode_stack(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<Projection>(m, "Projection")
-      .def(py::init<int64_t, torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>>(), py::arg("kind"),
-           py::arg("weight"), py::arg("scale"), py::arg("group"), py::arg("mins") = py::none());
+      .def(py::init([](int64_t kind, torch::Tensor w, torch::Tensor scale, int64_t group,
+                       c10::optional<torch::Tensor> mins) { return Projection{kind, w, scale, group, mins, {}}; }),
+           py::arg("kind"), py::arg("weight"), py::arg("scale"), py::arg("group"), py::arg("mins") = py::none())
+      .def_static("side_by_side", [](std::vector<Projection> parts) {
+        TORCH_CHECK(!parts.empty(), "side_by_side needs at least one projection");
+        return Projection{0, torch::Tensor(), torch::Tensor(), 0, c10::nullopt, std::move(parts)};
+      });
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<double, int64_t, int64_t>(), py::arg("eps"), py::arg("n_heads"), py::arg("n_kv_heads"))
       .def("add_block", &DecodeStack::add_block)

@@ -312,6 +312,16 @@ std::string isa() {
   return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "portable";
 }
 
+// bf16 products in hardware: AMX-BF16 tiles (where the system grants them) or AVX512-BF16 dot products.
+bool has_bf16() {
+#ifdef TRAMONTANE_X86
+  __builtin_cpu_init();
+  return amx_available() || __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 void set_isa(const std::string& name) {
   const Isa best = detect_isa();
   if (name == "portable") current_isa() = Isa::kRef;
@@ -378,12 +388,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]");
   m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
+  m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
+  m.def("block_linear", &block_linear, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
+  m.def("block_dequantize", &block_dequantize, "rows of a GGUF block format to fp32 [N, K]");
   m.def("huge_page_empty", &huge_page_empty, "uninitialised uint8 [nbytes], in 2 MiB pages where Linux allows");
   m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");
   m.def("release_pages", &release_pages, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
   m.def("isa", &isa, "the instruction set in use");
+  m.def("has_bf16", &has_bf16, "whether the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16)");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
   m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;
   m.attr("AMX_MIN_ROWS_INT8") = kAmxMinRowsInt8;
+  // the digest of the sources this build was made from (kernels/sources.py), to tell a stale build
+#define TRAMONTANE_STR2(x) #x
+#define TRAMONTANE_STR(x) TRAMONTANE_STR2(x)
+#ifdef TRAMONTANE_DIGEST
+  m.attr("DIGEST") = TRAMONTANE_STR(TRAMONTANE_DIGEST);
+#else
+  m.attr("DIGEST") = "";
+#endif
   bind_decode_stack(m);
 }

@@ -5,11 +5,13 @@ The format is decided by what the path holds (params.json, config.json, the GGUF
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..args import ModelArgs
+from ..blocks import BLOCK_FORMATS, block_formats
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
 from ..model import Transformer
@@ -50,7 +52,7 @@ def read_model_args(path: str | Path) -> ModelArgs:
         return hf.read_args(p)
     from .gguf import read_gguf_args
 
-    return read_gguf_args(_gguf_file(p))
+    return read_gguf_args(gguf_file(p))
 
 
 def load_model(
@@ -59,13 +61,19 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     quantize: str | QuantConfig | None = None,
+    dequantize: bool = False,
     progress: bool = False,
 ) -> Transformer:
     """Load a model for inference, optionally quantizing its weights as they stream in.
 
-    `quantize` is "int8", "int4", "int4_asym" (groups of 32) or a QuantConfig. A checkpoint saved
-    quantized (`tramontane quantize`) loads as it was saved, without quantizing again; so do the Q4_0
-    (Q4_1) tensors of a GGUF file loaded as "int4" ("int4_asym"): same bytes.
+    A GGUF file's quantized tensors stay in their own formats (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K,
+    Q5_K, Q6_K: the same bytes, each with a kernel of its own), so a 4-bit file loads in about its size;
+    float tensors take `dtype`. `dequantize=True` turns them all into `dtype` floats instead; other
+    quantized types (Q2_K, Q3_K, IQ*) are always dequantized, with a warning.
+
+    `quantize` is "int8", "int4", "int4_asym" (groups of 32) or a QuantConfig: every weight is converted
+    to that scheme. A checkpoint saved quantized (`tramontane quantize`) loads as it was saved, without
+    quantizing again; so do the Q4_0 (Q4_1) tensors of a GGUF file loaded as "int4" ("int4_asym").
 
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
@@ -73,11 +81,14 @@ def load_model(
 
     Raises:
         CheckpointError: the path holds no usable checkpoint; the message names the file and problem.
-        ValueError: `quantize` names no known scheme or disagrees with the checkpoint's.
+        ValueError: `quantize` names no known scheme, disagrees with the checkpoint's, or is given with
+            `dequantize`.
     """
     p = Path(path)
     fmt = checkpoint_format(p)
     wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
+    if wanted is not None and dequantize:
+        raise ValueError("quantize and dequantize exclude each other: give one")
     if fmt == "native":
         args = native.read_args(p)
         saved = native.read_quantization(p, args)
@@ -87,24 +98,36 @@ def load_model(
     if fmt == "hf":
         args = hf.read_args(p)
         return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
-    from gguf import GGMLQuantizationType
+    from .gguf import dequantized_types, iter_gguf_tensors, kept_formats, open_gguf, read_gguf_args
 
-    from .gguf import iter_gguf_tensors, open_gguf, read_gguf_args
-
-    file = _gguf_file(p)
+    file = gguf_file(p)
     reader = open_gguf(file)
     args = read_gguf_args(reader)
-    # Q4_0 (Q4_1) blocks are int4 (int4_asym) with groups of 32 already: taken as they are, not
-    # dequantized and quantized again
-    keep = {QuantConfig("int4", 32): GGMLQuantizationType.Q4_0,
-            QuantConfig("int4_asym", 32): GGMLQuantizationType.Q4_1}.get(wanted) if wanted else None
+    keep = _kept_types(wanted, dequantize)
+    formats = kept_formats(reader, args, keep) if wanted is None else {}
+    if not dequantize and wanted is None and (lost := dequantized_types(reader, formats.values())):
+        warnings.warn(f"{file}: no kernel for {', '.join(lost)}: those tensors are dequantized to {dtype}",
+                      stacklevel=2)
     tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep=keep))
-    return build_model(args, tensors, file, dtype, device, progress, wanted)
+    return build_model(args, tensors, file, dtype, device, progress, wanted, formats)
+
+
+def _kept_types(wanted: QuantConfig | None, dequantize: bool) -> tuple[str, ...]:
+    """The GGUF types a load keeps as stored: all it has layers for by default; under `quantize`, only
+    Q4_0 (Q4_1), which are int4 (int4_asym) with groups of 32 already, so nothing is rounded twice."""
+    if dequantize:
+        return ()
+    if wanted is None:
+        return ("Q4_0", "Q4_1", *BLOCK_FORMATS)
+    return {QuantConfig("int4", 32): ("Q4_0",), QuantConfig("int4_asym", 32): ("Q4_1",)}.get(wanted, ())
 
 
 def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dtype | None = None) -> None:
     """Write `model` as a native ('native') or Hugging Face ('hf') folder; a quantized model only as native."""
     quant: QuantConfig | None = getattr(model, "quantization", None)
+    if quant is None and (held := block_formats(model)):
+        raise ValueError(f"to: this model holds GGUF block formats ({', '.join(sorted(held))}) that only a GGUF "
+                         "file stores; load it with dequantize=True (--dequantize) or quantize=... to save it")
     if quant is not None:
         if to != "native":
             raise ValueError(f"to: a {quant.method} model can only be saved as a native folder, not {to!r}")
@@ -119,5 +142,6 @@ def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dty
         raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
 
 
-def _gguf_file(p: Path) -> Path:
+def gguf_file(p: Path) -> Path:
+    """The GGUF file a path names: itself, or the one .gguf file in a folder."""
     return p if p.is_file() else sorted(p.glob("*.gguf"))[0]

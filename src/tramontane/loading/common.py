@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ..args import ModelArgs
+from ..blocks import use_block_formats
 from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
 from ..kernels import HUGE_PAGE, qlinear, weight_empty
@@ -45,13 +46,16 @@ def build_model(
     device: torch.device | str,
     progress: bool = False,
     quant: QuantConfig | None = None,
+    formats: dict[str, str] | None = None,
 ) -> Transformer:
     """Create the model on the meta device and assign each tensor as it streams in.
 
     Each source tensor is converted on its own, so peak memory is the model plus one tensor. Float
     parameters take `dtype`; quantized buffers keep theirs. With `quant`, the source may be a saved
     quantized checkpoint (its tensors are assigned as they are) or a float one (each weight is
-    quantized as it arrives, so a float copy of the whole model never exists).
+    quantized as it arrives, so a float copy of the whole model never exists). `formats` (internal
+    weight name -> GGUF format) names the tensors that arrive as a GGUF file stores them
+    (`blocks.use_block_formats` gives each a layer of its format).
 
     Raises TensorMismatchError naming the file and tensor for an unknown, duplicate, misshapen or
     missing tensor.
@@ -60,6 +64,8 @@ def build_model(
         model = Transformer(args)
     if quant is not None:
         quantize_model(model, quant)
+    if formats:
+        use_block_formats(model, formats, dtype)
     expected = dict(quantized_state_dict(model, keep_vars=True))
     parameters = {name for name, _ in model.named_parameters()}
     # float weight name -> the quantized module that takes it (e.g. layers.0.attention.wq.weight -> ...wq)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
 from ..args import ModelArgs, MoeArgs
+from ..blocks import fits, row_bytes
 from ..errors import CheckpointError, ConfigError, TensorMismatchError
 from ..kernels import qlinear, weight_empty
 from .common import expected_shapes
@@ -224,14 +225,17 @@ def iter_gguf_tensors(
     args: ModelArgs | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    keep: GGMLQuantizationType | None = None,
+    keep: Collection[str] = (),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(internal name, tensor)` one at a time, dequantized to `dtype` on `device`.
+    """Yield `(internal name, tensor)` one at a time, dequantized to `dtype` on `device`, except the
+    tensors whose format is in `keep` (GGUF type names), which come as stored (`kept_formats` says
+    which):
 
-    With `keep` Q4_0 (or Q4_1), matrices of that type are not dequantized: each comes as its packed
-    nibbles (`<name>.weight`, uint8 [rows, cols / 2]), float16 block scales (`<name>.scale`,
-    [rows, cols / 32]) and for Q4_1 block minimums (`<name>.mins`): the layout of tramontane's int4
-    (int4_asym) with groups of 32, so loading the file that way loses nothing.
+    - Q4_0 (Q4_1) as packed nibbles (`<name>.weight`, uint8 [rows, cols / 2]), float16 block scales
+      (`<name>.scale`, [rows, cols / 32]) and for Q4_1 block minimums (`<name>.mins`): the layout of
+      tramontane's int4 (int4_asym) with groups of 32;
+    - the block formats of `blocks.BLOCK_FORMATS` (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as their rows of
+      bytes (`<name>.weight`, uint8 [rows, row bytes]), one tensor per expert for merged experts.
 
     Every name, shape and tensor type is checked against `args` (read from the file when not given)
     before the first tensor is yielded, so a bad file fails fast. Merged expert tensors
@@ -246,10 +250,18 @@ def iter_gguf_tensors(
     if args is None:
         args = read_gguf_args(reader)
     for tensor, names, stacked in _plan(reader, args, path):
-        if keep is not None and tensor.tensor_type == keep and not stacked:
+        kind = _kept(tensor, stacked, keep)
+        if kind in ("Q4_0", "Q4_1"):
             prefix = names[0].removesuffix("weight")
             for leaf, part in zip(("weight", "scale", "mins"), _q4_parts(tensor, path)):
                 yield prefix + leaf, part.to(device)
+            continue
+        if kind is not None:
+            shape = _torch_shape(tensor)
+            rows, nbytes = shape[-2], row_bytes(kind, shape[-1])
+            for expert, name in enumerate(names):  # one matrix, or each expert of a stack
+                offset = tensor.data_offset + expert * rows * nbytes
+                yield name, _read_rows(path, tensor.name, offset, rows, nbytes).to(device)
             continue
         value = _to_torch(tensor, path)
         _release_mapped(tensor)
@@ -259,6 +271,50 @@ def iter_gguf_tensors(
         for expert, name in enumerate(names):  # value: [n_experts, rows, cols]
             yield name, value[expert].to(device=device, dtype=dtype, copy=True)
         del value
+
+
+def kept_formats(source: GGUFReader | str | Path, args: ModelArgs, keep: Collection[str]) -> dict[str, str]:
+    """Internal weight name -> GGUF format, for every tensor `iter_gguf_tensors(..., keep=keep)` yields as
+    stored (a layer of that format must take it)."""
+    reader = _reader(source)
+    formats: dict[str, str] = {}
+    for tensor, names, stacked in _plan(reader, args, _path_of(reader)):
+        kind = _kept(tensor, stacked, keep)
+        if kind is not None:
+            formats.update(dict.fromkeys(names, kind))
+    return formats
+
+
+def dequantized_types(source: GGUFReader | str | Path, keep: Collection[str]) -> list[str]:
+    """The quantized GGUF types of the file that loading with `keep` turns into floats."""
+    reader = _reader(source)
+    return sorted({t.tensor_type.name for t in reader.tensors
+                   if t.tensor_type not in _FLOAT_TYPES and t.tensor_type.name not in keep})
+
+
+def _kept(tensor: ReaderTensor, stacked: bool, keep: Collection[str]) -> str | None:
+    """The format `tensor` is kept in, or None when it is dequantized."""
+    kind = tensor.tensor_type.name
+    if kind not in keep or len(tensor.shape) < 2:
+        return None
+    if kind in ("Q4_0", "Q4_1"):
+        return None if stacked else kind
+    return kind if fits(kind, _torch_shape(tensor)[-1]) else None
+
+
+def _read_rows(path: str, name: str, offset: int, rows: int, nbytes: int) -> torch.Tensor:
+    """`rows` rows of `nbytes` bytes from `offset`, read a few MiB at a time straight into the memory
+    the weights keep (see `_q4_parts` for why not through the memory map)."""
+    out = weight_empty((rows, nbytes), torch.uint8)
+    flat = out.view(-1).numpy()
+    step = max(1, (4 << 20) // nbytes) * nbytes
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, flat.nbytes, step):
+            chunk = flat[start : start + step]
+            if f.readinto(chunk.data) != chunk.nbytes:
+                raise CheckpointError(path, f"tensor {name}: file ends inside its data")
+    return out
 
 
 def load_gguf_state_dict(

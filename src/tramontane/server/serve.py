@@ -28,12 +28,13 @@ def load_engine(
     max_queue: int = 256,
     max_seq_len: int | None = None,
     quantize: str | None = None,
+    dequantize: bool = False,
     compile: bool = False,
 ) -> tuple[Engine, Tokenizer]:
     """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started);
     `compile` routes decode steps through torch.compile (`generate.compile_decode`)."""
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize)
     if compile:
         compile_decode(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)

@@ -1,0 +1,113 @@
+"""GGUF block formats kept as the file stores them: a linear layer over rows of Q8_0, Q5_0, Q5_1, Q4_K, Q5_K
+or Q6_K blocks, the bytes unchanged (Q4_0 and Q4_1 are `Int4Linear`'s own layouts, see quantize.py).
+
+Decode-sized inputs run the native integer kernels of `kernels/blocks.cpp`; larger ones dequantize
+tiles and multiply, like every quantized layer (`QuantLinearBase`). Without the kernels the rows are
+dequantized by gguf-py's reference code.
+
+Example:
+    >>> layer = BlockLinear.from_blocks(rows, in_features=4096, kind="Q4_K")  # rows: uint8 [out, row bytes]
+    >>> y = layer(x)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from torch import nn
+
+from .kernels import qlinear
+from .model import Transformer
+from .quantize import Int4Linear, QuantEmbedding, QuantLinearBase
+
+# format name -> ggml type number (what the kernels take)
+BLOCK_FORMATS = {name: int(GGMLQuantizationType[name]) for name in ("Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")}
+# elements per unit of each format: the kernels work on two 32-element blocks, or one K-quant super-block
+UNIT = {"Q8_0": 64, "Q5_0": 64, "Q5_1": 64, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+
+
+def row_bytes(kind: str, in_features: int) -> int:
+    """Bytes of one row of `in_features` elements in format `kind`."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    return in_features // block * size
+
+
+def fits(kind: str, in_features: int) -> bool:
+    """Whether rows of `in_features` elements can stay in format `kind` (whole kernel units)."""
+    return kind in BLOCK_FORMATS and in_features % UNIT[kind] == 0
+
+
+class BlockLinear(QuantLinearBase):
+    """y = x @ dequant(W).T with W's rows in a GGUF block format (uint8 [out, row bytes])."""
+
+    weight: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, kind: str) -> None:
+        super().__init__()
+        if not fits(kind, in_features):
+            raise ValueError(f"{kind}: rows of {in_features} elements are not whole units of {UNIT.get(kind)}")
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.register_buffer("weight", torch.empty(out_features, row_bytes(kind, in_features), dtype=torch.uint8))
+
+    @classmethod
+    def from_blocks(cls, rows: torch.Tensor, in_features: int, kind: str) -> BlockLinear:
+        with torch.device("meta"):
+            m = cls(in_features, rows.shape[0], kind)
+        if tuple(rows.shape) != tuple(m.weight.shape) or rows.dtype != torch.uint8:
+            raise ValueError(f"{kind}: expected uint8 rows {tuple(m.weight.shape)}, got {rows.dtype} {tuple(rows.shape)}")
+        m.weight = rows
+        return m
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        part = self.weight[rows]
+        ext = qlinear() if part.device.type == "cpu" else None
+        if ext is not None:
+            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind])
+        values = gguf_dequantize(part.cpu().numpy(), GGMLQuantizationType[self.kind])
+        return torch.from_numpy(values.astype(np.float32)).to(part.device)
+
+    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+        return ext.block_linear(flat, self.weight, BLOCK_FORMATS[self.kind])
+
+
+def block_module(kind: str, in_features: int, out_features: int) -> QuantLinearBase:
+    """An empty layer (on meta) that takes a GGUF tensor of format `kind` as stored: Q4_0 and Q4_1 are
+    tramontane's int4 and int4_asym in groups of 32, the others `BlockLinear`."""
+    with torch.device("meta"):
+        if kind in ("Q4_0", "Q4_1"):
+            return Int4Linear(in_features, out_features, 32, zero_point=kind == "Q4_1")
+        return BlockLinear(in_features, out_features, kind)
+
+
+def use_block_formats(model: Transformer, formats: dict[str, str], dtype: torch.dtype) -> None:
+    """On a model built on the meta device, swap in for every weight named in `formats` (internal name
+    -> GGUF format) an empty layer of that format, ready for `load_state_dict(assign=True)`."""
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            kind = formats.get(f"{name}.{attr}.weight" if name else f"{attr}.weight")
+            if kind is None:
+                continue
+            if isinstance(child, nn.Embedding):
+                table = block_module(kind, child.embedding_dim, child.num_embeddings)  # [vocab, dim], like a head
+                setattr(module, attr, QuantEmbedding(table, dtype))
+            elif isinstance(child, nn.Linear):
+                setattr(module, attr, block_module(kind, child.in_features, child.out_features))
+
+
+def block_formats(model: nn.Module) -> Counter[str]:
+    """How many of the model's layers hold each GGUF block format (Q4_0/Q4_1 as int4 layers)."""
+    counts: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, BlockLinear):
+            counts[module.kind] += 1
+        elif isinstance(module, Int4Linear) and module.group_size == 32:
+            counts["Q4_1" if module.zero_point else "Q4_0"] += 1
+    return counts

@@ -1,0 +1,188 @@
+"""GGUF block formats kept as stored (kernels/blocks.cpp, blocks.py): dequantization equals gguf-py's reference
+bit for bit, and products equal a plain PyTorch reference, on every instruction set this CPU has."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+
+from tramontane import generate, load_model, quantize
+from tramontane.args import ModelArgs
+from tramontane.blocks import BLOCK_FORMATS, BlockLinear, block_formats
+from tramontane.kernels import qlinear
+from tramontane.loading import save_model
+from tramontane.loading.gguf_write import write_gguf_blocks
+from tramontane.quantize import prefill_dtype
+
+from test_native_decode import paired_steps
+
+# where each format keeps its float16 fields inside one ggml block: (offsets)
+HALF_FIELDS = {"Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0, scale: float = 0.02) -> torch.Tensor:
+    """Random rows of a block format: random bytes, with finite float16 scales up to `scale`."""
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    for at in HALF_FIELDS[kind]:
+        halves = rng.uniform(-scale, scale, size=(rows, cols // block)).astype(np.float16)
+        data[..., at : at + 2] = halves.view(np.uint8).reshape(rows, cols // block, 2)
+    return torch.from_numpy(data.reshape(rows, -1))
+
+
+def reference(kind: str, w: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(gguf_dequantize(w.numpy(), GGMLQuantizationType[kind]).astype(np.float32))
+
+
+def quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: int8 in blocks of 32, scale max|x| / 127, rounded to nearest even."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127.0)).view_as(x)
+
+
+def isas() -> list[str]:
+    ext = qlinear()
+    if ext is None:
+        return []
+    best = ext.isa()
+    return ["portable"] + [i for i in ("avx2", "avx512") if i == best or (i == "avx2" and best in ("avx512", "amx"))]
+
+
+@pytest.fixture(params=isas())
+def isa(request):
+    """Each instruction set this CPU has (the portable path on every CPU)."""
+    ext = qlinear()
+    best = ext.isa()
+    ext.set_isa(request.param)
+    yield request.param
+    ext.set_isa(best)
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
+def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
+    w = random_blocks(kind, 24, 512)
+    ours = qlinear().block_dequantize(w, BLOCK_FORMATS[kind])
+    assert torch.equal(ours, reference(kind, w))
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+def test_products_equal_dequantize_then_matmul(kind, rows, isa):
+    K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576  # 576 is SmolLM2's width: whole 64s, not 256s
+    w = random_blocks(kind, 37, K, seed=rows)
+    layer = BlockLinear.from_blocks(w, K, kind)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    want = quantized_x(x).double() @ reference(kind, w).double().T
+    got = qlinear().block_linear(x, w, BLOCK_FORMATS[kind])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # the layer itself: the kernel for decode-sized inputs, dequantize + matmul beyond
+    torch.testing.assert_close(layer(x), got)
+    big = torch.randn(40, K)
+    want = big @ reference(kind, w).T
+    tol = 1e-4 if prefill_dtype() == torch.float32 else 1e-2  # bf16 operands where the CPU has them
+    torch.testing.assert_close(layer(big), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+BLOCK_FORMATS_UNIT = {"Q8_0": 64, "Q5_0": 64, "Q5_1": 64, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+
+
+def test_units_match_the_kernels():
+    ext = qlinear()
+    for kind, number in BLOCK_FORMATS.items():
+        elements, nbytes = ext.block_unit(number)
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+        assert elements == BLOCK_FORMATS_UNIT[kind] and nbytes == size * elements // block
+
+
+def test_layer_without_kernels_dequantizes_with_the_reference(monkeypatch):
+    w = random_blocks("Q4_K", 8, 512)
+    layer = BlockLinear.from_blocks(w, 512, "Q4_K")
+    monkeypatch.setattr("tramontane.blocks.qlinear", lambda: None)
+    assert torch.equal(layer.dequantize(), reference("Q4_K", w))
+    assert torch.equal(layer.dequantize(torch.tensor([5, 1])), reference("Q4_K", w)[[5, 1]])
+
+
+# ---------------------------------------------------------------------------------------------- a mixed file
+# Like a Q4_K_M file: every format in one model, layer 0's q/k/v alike (fused), layer 1's not.
+MIXED = ModelArgs(dim=256, n_layers=2, head_dim=32, hidden_dim=512, n_heads=8, n_kv_heads=4, norm_eps=1e-5,
+                  vocab_size=320, rope_theta=1e4, max_seq_len=512, tied_embeddings=False)
+LAYOUT = {"tok_embeddings": "Q8_0", "output": "Q5_1", "attention.wo": "Q5_0", "feed_forward.w1": "Q5_K",
+          "feed_forward.w3": "Q5_K", "feed_forward.w2": "Q6_K", "attention.wq": "Q4_K", "attention.wk": "Q4_K",
+          "attention.wv": "Q4_K", "layers.1.attention.wv": "Q6_K", "layers.1.attention.wk": "Q8_0"}
+
+
+def mixed_kind(name: str) -> str | None:
+    stem = name.removesuffix(".weight")
+    if stem in LAYOUT:
+        return LAYOUT[stem]
+    return LAYOUT.get(stem.split(".", 2)[-1]) if stem.startswith("layers.") else None
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    rng = np.random.default_rng(0)
+
+    def blocks(name: str, shape: tuple[int, ...]):
+        kind = mixed_kind(name)
+        if kind is None:  # norms
+            return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32), None
+        rows = random_blocks(kind, shape[0], shape[1], seed=len(name), scale=0.002).numpy()
+        return rows, GGMLQuantizationType[kind]
+
+    write_gguf_blocks(path, MIXED, blocks)
+    return path
+
+
+@torch.no_grad()
+def test_mixed_file_keeps_every_tensor_in_its_format(mixed_file):
+    model = load_model(mixed_file)
+    assert block_formats(model) == Counter({"Q4_K": 1 + 1, "Q6_K": 2 + 1, "Q5_K": 2, "Q5_0": 2, "Q8_0": 2,
+                                            "Q5_1": 1})
+    first, second = model.layers[0].attention, model.layers[1].attention
+    assert isinstance(first.wqkv, BlockLinear) and first.wqkv.kind == "Q4_K"  # alike: fused
+    assert second.wqkv is None and (second.wq.kind, second.wk.kind, second.wv.kind) == ("Q4_K", "Q8_0", "Q6_K")
+    reader = GGUFReader(mixed_file)
+    stored = {t.name: np.array(t.data) for t in reader.tensors}
+    assert torch.equal(model.output.weight, torch.from_numpy(stored["output.weight"]))  # the file's bytes
+    assert torch.equal(model.layers[1].attention.wv.weight, torch.from_numpy(stored["blk.1.attn_v.weight"]))
+    table = model.tok_embeddings.table
+    assert isinstance(table, BlockLinear) and table.kind == "Q8_0"
+    # about the file's size in memory, not float32's
+    held = sum(t.nbytes for t in model.state_dict().values())
+    assert held < 1.1 * mixed_file.stat().st_size
+
+
+@torch.no_grad()
+def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, monkeypatch):
+    blocks = load_model(mixed_file)
+    floats = load_model(mixed_file, dequantize=True)
+    assert not block_formats(floats)
+    tokens = torch.randint(0, MIXED.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = floats(tokens)
+    # prefill: dequantize + GEMM, with exact fp32 products (the bf16 ones are tested in test_quantize.py)
+    monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)
+    torch.testing.assert_close(blocks(tokens), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # decode steps: the integer kernels, activations rounded to int8 per block of 32
+    for native, python, *_ in paired_steps(blocks, [[1, 2, 3, 4], [5, 6]], 3, monkeypatch):
+        torch.testing.assert_close(native, python, rtol=1e-4, atol=1e-4 * python.abs().max().item())
+    ours = generate(blocks, [[1, 2, 3, 4]], max_tokens=8)[0].tokens
+    theirs = generate(floats, [[1, 2, 3, 4]], max_tokens=8)[0].tokens
+    assert ours[:2] == theirs[:2]
+
+
+def test_mixed_file_saves_only_when_converted(mixed_file, tmp_path):
+    with pytest.raises(ValueError, match="dequantize"):
+        save_model(load_model(mixed_file), tmp_path / "a", to="native")
+    save_model(load_model(mixed_file, dequantize=True), tmp_path / "b", to="native")
+    with pytest.raises(ValueError, match="exclude"):
+        load_model(mixed_file, quantize="int8", dequantize=True)
