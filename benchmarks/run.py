@@ -1,4 +1,4 @@
-"""`make bench`: tramontane beside llama.cpp (llama-cpp-python) and transformers, in one process tree.
+"""`make bench`: tramontane beside llama.cpp (its own C++ llama-bench) and transformers, in one process tree.
 
 Every system runs in its own worker process (so load time and peak RSS are its own) and the timing
 commands go round-robin, several rounds, so that the systems are measured interleaved under the same
@@ -149,17 +149,17 @@ def compare_systems(name: str, specs: list[tuple[str, list[str]]], n: int, round
 def smollm2(rounds: int, n: int, threads: int, results: dict[str, Any], gbs: float) -> list[tuple[str, bool | None, str]]:
     section("SmolLM2-135M-Instruct (real weights)")
     gguf = demo_model_path()
-    model = load_model(gguf)
+    model = load_model(gguf, dequantize=True)
     state, args = unfused_state_dict(model.state_dict(), model), model.args
     del model
     q8 = gguf_with(state, args, "Q8_0", gguf, WORK / "smollm2-q8_0.gguf")
     q40 = gguf_with(state, args, "Q4_0", gguf, WORK / "smollm2-q4_0.gguf")
     t = ["--threads", str(threads)]
     specs = [
-        ("ours fp32", ["ours", str(gguf), *t]),
+        ("ours fp32", ["ours", str(gguf), "--dequantize", *t]),
         ("ours int8", ["ours", str(quantized_folder(gguf, "int8", "smollm2")), *t]),
         ("ours int4", ["ours", str(quantized_folder(gguf, "int4", "smollm2")), *t]),
-        ("ours int4_asym", ["ours", str(gguf), "--quantize", "int4_asym", *t]),  # the Q4_1 file's own blocks
+        ("ours int4_asym", ["ours", str(gguf), *t]),  # the Q4_1 file as it is (its Q8_0 embedding too)
         ("llama Q8_0", ["llama", str(q8), *t]),
         ("llama Q4_1", ["llama", str(gguf), *t]),
         ("llama Q4_0", ["llama", str(q40), *t]),
@@ -304,7 +304,7 @@ def quality(results: dict[str, Any], n_tokens: int) -> list[tuple[str, bool | No
     stats: dict[str, Any] = {}
     ref_top1: list[torch.Tensor] = []
     for mode in (None, "int8", "int4", "int4_asym"):
-        model = load_model(path, quantize=mode)
+        model = load_model(path, quantize=mode, dequantize=mode is None)
         nll, top1 = 0.0, []
         with torch.inference_mode():
             for s in range(0, len(ids) - 1, window):

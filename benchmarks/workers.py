@@ -1,7 +1,7 @@
-"""A benchmark worker: loads one system (tramontane, llama.cpp or transformers) once, then answers timing
+"""A benchmark worker: loads one system (tramontane, llama.cpp's llama-bench or transformers) once, then answers timing
 commands on stdin with JSON lines on stdout, so that the orchestrator can interleave the systems.
 
-    python benchmarks/workers.py ours  PATH [--quantize int8|int4]
+    python benchmarks/workers.py ours  PATH [--quantize int8|int4] [--dequantize]
     python benchmarks/workers.py llama PATH.gguf
     python benchmarks/workers.py hf    PATH [--gguf]
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -29,14 +30,14 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 class Ours:
-    def __init__(self, path: str, quantize: str | None) -> None:
+    def __init__(self, path: str, quantize: str | None, dequantize: bool) -> None:
         import torch
 
         import tramontane
 
         self.torch = torch
         self.tramontane = tramontane
-        self.model = tramontane.load_model(path, quantize=quantize)
+        self.model = tramontane.load_model(path, quantize=quantize, dequantize=dequantize)
         self.vocab = self.model.args.vocab_size
 
     def decode(self, batch: int, n: int) -> float:
@@ -65,37 +66,23 @@ class Ours:
 
 
 class Llama:
-    """llama.cpp through llama-cpp-python; the next token is the argmax of its logits (its sampler is slow)."""
+    """llama.cpp's own C++ `llama-bench` (built by llama_tools.py) on the file, one run per command: its
+    tg (decode after no prompt) and pp (prefill) tests. Its peak RSS is that of the largest run."""
 
     def __init__(self, path: str, threads: int) -> None:
-        import numpy as np
-        from llama_cpp import Llama as L
-
-        self.np = np
-        self.llm = L(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                     verbose=False)
-        self.vocab = self.llm.n_vocab()
+        self.path, self.threads = Path(path), threads
 
     def decode(self, batch: int, n: int) -> float:
+        from llama_tools import llama_bench
+
         if batch != 1:
-            raise ValueError("llama-cpp-python's Python API decodes one sequence at a time")
-        llm, np = self.llm, self.np
-        ids = prompts(1, 16, self.vocab)[0]
-        llm.reset()
-        llm.eval(ids)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        return n / (time.perf_counter() - t0)
+            raise ValueError("llama-bench decodes one sequence")
+        return llama_bench(self.path, self.threads, 0, n)
 
     def prefill(self, n: int) -> float:
-        ids = prompts(1, n, self.vocab)[0]
-        self.llm.reset()
-        self.llm.eval(ids[:32])
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(ids)
-        return n / (time.perf_counter() - t0)
+        from llama_tools import llama_bench
+
+        return llama_bench(self.path, self.threads, n, 0)
 
 
 class HF:
@@ -144,12 +131,11 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--gguf", action="store_true")
+    ap.add_argument("--dequantize", action="store_true", help="ours: a GGUF file's blocks as floats")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     # the libraries are imported before the baseline, so that RSS figures count the model, not the runtime
-    if a.kind == "llama":
-        import llama_cpp  # noqa: F401
-    else:
+    if a.kind != "llama":
         import torch
 
         import tramontane  # noqa: F401
@@ -162,7 +148,7 @@ def main() -> None:
     t0 = time.perf_counter()
     system: Ours | Llama | HF
     if a.kind == "ours":
-        system = Ours(a.path, a.quantize)
+        system = Ours(a.path, a.quantize, a.dequantize)
     elif a.kind == "llama":
         import os
 
@@ -178,6 +164,8 @@ def main() -> None:
                 out: dict[str, Any] = {"tok_s": system.decode(cmd["batch"], cmd["n"])}
             elif cmd["cmd"] == "prefill":
                 out = {"tok_s": system.prefill(cmd["n"])}
+            elif cmd["cmd"] == "rss" and a.kind == "llama":  # its runs are child processes
+                out = {"peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "base_rss": 0}
             elif cmd["cmd"] == "rss":
                 out = {"peak_rss": peak_rss_bytes(), "base_rss": base}
             else:

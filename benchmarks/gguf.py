@@ -1,0 +1,107 @@
+"""GGUF files as people download them, beside llama.cpp's own C++ `llama-bench` on the same files.
+
+For each SmolLM2 file (the embedded Q4_1, and Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q6_K written from it by
+`llama-quantize`; see llama_tools.py) our worker loads it in its default mode (every tensor in the
+file's own format) and both systems measure batch-1 decode of 64 tokens and a 512-token prefill, taking
+turns round by round; medians are reported with ratios and PASS/MISS against the GGUF issue's targets
+(>= 1.0x llama-bench for both). Also: top-1 agreement and perplexity of the Q4_K_M file against the
+same weights dequantized to fp32.
+
+    python benchmarks/gguf.py [--rounds 3] [--threads 2] [--files Q4_0,Q4_K_M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tramontane.cli import demo_model_path  # noqa: E402
+
+from common import RESULTS, machine  # noqa: E402
+from llama_tools import llama_bench, smollm2_files  # noqa: E402
+from run import Worker, section  # noqa: E402
+
+
+def quality(path: Path, n_tokens: int) -> dict[str, float]:
+    """Perplexity and top-1 agreement of the file's own formats against its weights in fp32. Tokens go
+    through the cache 16 at a time, the rows a decode-sized product takes: the integer kernels score
+    every position, as they run generation (a longer prefill would dequantize and multiply)."""
+    from pydoc_data.topics import topics
+
+    import torch
+
+    from tramontane import KVCache, load_model, load_tokenizer
+
+    ids = load_tokenizer(path).encode("\n\n".join(topics[k] for k in sorted(topics)), bos=False)[: n_tokens + 1]
+    tokens = torch.tensor([ids])
+    stats: dict[str, Any] = {}
+    for label, model in (("fp32", load_model(path, dequantize=True)), ("blocks", load_model(path))):
+        cache = KVCache.create(model.args, 1, len(ids), dtype=model.dtype)
+        with torch.inference_mode():
+            logits = torch.cat([model(tokens[:, s : min(s + 16, n_tokens)], torch.arange(s, min(s + 16, n_tokens))[None],
+                                      cache=cache)[0]
+                                for s in range(0, n_tokens, 16)])
+        nll = torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum").item()
+        stats[label] = {"perplexity": float(torch.exp(torch.tensor(nll / n_tokens))), "top1": logits.argmax(-1)}
+    agree = float((stats["blocks"]["top1"] == stats["fp32"]["top1"]).float().mean())
+    return {"ppl_fp32": stats["fp32"]["perplexity"], "ppl_blocks": stats["blocks"]["perplexity"], "top1": agree}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--files", default="Q4_1,Q4_0,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
+    a = ap.parse_args()
+    info = machine()
+    print(f"{info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}  threads {a.threads}")
+    files = {k: v for k, v in smollm2_files(demo_model_path()).items() if k in a.files.split(",")}
+    results: dict[str, Any] = {"machine": info, "threads": a.threads, "files": {}}
+    checks: list[tuple[str, bool, str]] = []
+    for kind, path in files.items():
+        section(f"SmolLM2 {kind} ({path.stat().st_size / 2**20:.0f} MiB)")
+        worker = Worker(f"ours {kind}", "ours", str(path), "--threads", str(a.threads))
+        samples: dict[str, list[float]] = {k: [] for k in ("ours tg", "llama tg", "ours pp", "llama pp")}
+        for _ in range(a.rounds):  # each round: both systems, decode then prefill
+            samples["ours tg"].append(worker.ask(cmd="decode", batch=1, n=64)["tok_s"])
+            samples["llama tg"].append(llama_bench(path, a.threads, 0, 64))
+            samples["ours pp"].append(worker.ask(cmd="prefill", n=512)["tok_s"])
+            samples["llama pp"].append(llama_bench(path, a.threads, 512, 0))
+        rss = worker.ask(cmd="rss")
+        worker.close()
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        med["ours rss_gib"] = (rss["peak_rss"] - rss["base_rss"]) / 2**30
+        med["ours load_s"] = worker.info["load_s"]
+        results["files"][kind] = med
+        for what, label in (("tg", "decode b1"), ("pp", "prefill 512")):
+            r = med[f"ours {what}"] / med[f"llama {what}"]
+            print(f"{label:<12} ours {med[f'ours {what}']:8.1f}  llama-bench {med[f'llama {what}']:8.1f} tok/s  {r:.2f}x")
+            checks.append((f"SmolLM2 {kind} {label} >= 1.0x llama-bench", r >= 1, f"{r:.2f}x"))
+        print(f"ours: load {med['ours load_s']:.2f} s, peak RSS {med['ours rss_gib']:.2f} GiB", flush=True)
+    if "Q4_K_M" in files:
+        section("quality: SmolLM2 Q4_K_M in its formats against the same weights in fp32, 4096 tokens")
+        q = quality(files["Q4_K_M"], 4096)
+        results["quality_q4_k_m"] = q
+        d = q["ppl_blocks"] / q["ppl_fp32"] - 1
+        print(f"perplexity fp32 {q['ppl_fp32']:.3f}, formats kept {q['ppl_blocks']:.3f} ({d:+.2%}); top-1 {q['top1']:.1%}")
+        checks.append(("Q4_K_M top-1 agreement >= 99%", q["top1"] >= 0.99, f"{q['top1']:.1%}"))
+        checks.append(("Q4_K_M perplexity within 0.5% of fp32", abs(d) <= 0.005, f"{d:+.2%}"))
+    section("targets")
+    for label, ok, value in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
+    results["targets"] = [{"target": t, "pass": ok, "value": v} for t, ok, v in checks]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gguf.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {RESULTS / 'gguf.json'}")
+
+
+if __name__ == "__main__":
+    main()
