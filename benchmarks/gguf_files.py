@@ -7,7 +7,7 @@ turns round by round; medians are reported with ratios and PASS/MISS against the
 (>= 1.0x llama-bench for both). Also: top-1 agreement and perplexity of the Q4_K_M file against the
 same weights dequantized to fp32.
 
-    python benchmarks/gguf.py [--rounds 3] [--threads 2] [--files Q4_0,Q4_K_M]
+    python benchmarks/gguf_files.py [--rounds 3] [--threads 2] [--files Q4_0,Q4_K_M]
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def main() -> None:
         print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
     results["targets"] = [{"target": t, "pass": ok, "value": v} for t, ok, v in checks]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gguf.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {RESULTS / 'gguf.json'}")
+    (RESULTS / "gguf_files.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {RESULTS / 'gguf_files.json'}")
 
 
 if __name__ == "__main__":
