@@ -77,7 +77,8 @@ def create_app(
     every path but /health and /metrics needs `Authorization: Bearer <api_key>`; without one, only
     `Host` headers among `allowed_hosts` ('*': any) are answered and /docs only to loopback clients.
     Each request ends with an error after `request_timeout` seconds (None: never) and is bounded by
-    `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with an error (for shutdown).
+    `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with
+    an error (for shutdown).
     """
     limits = limits or ServerLimits()
     server = OpenAIServer(engine, tokenizer, model_name, request_timeout, limits)
@@ -165,7 +166,7 @@ class OpenAIServer:
     async def detokenize(self, body: DetokenizeRequest) -> Response:
         self._check_body(body, (), "tokens")
         self._check_ids(body.tokens, "tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)})
 
     # ------------------------------------------------------------------------------------------ completions
     async def completions(self, body: CompletionRequest, request: HTTPRequest) -> Response:
