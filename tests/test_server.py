@@ -262,7 +262,7 @@ def test_serve_command(smollm2_gguf_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a cold start builds the native kernels first
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "tramontane serve did not start"
             try:

@@ -4,7 +4,6 @@ fill-in-the-middle, a full queue, deadlines and engine errors, choice ordering. 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -12,12 +11,10 @@ import mistral_common
 import openai
 import pytest
 from live_server import live_server
+from scripted import ScriptedEngine
 
 from tramontane import load_tokenizer
-from tramontane.engine import EngineEvent, QueueFullError, Request
-from tramontane.engine.metrics import Metrics
 from tramontane.server import create_app
-from tramontane.textgen import TextTracker
 
 V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 MODEL = "scripted"
@@ -25,52 +22,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-class ScriptedEngine:
-    """Stands in for `Engine`: answers each request at once with the tokens `script(request)` returns,
-    then the finish reason `finish` ('length' unless a stop id or stop string comes first)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.metrics = Metrics()
-        self.max_seq_len = 256
-        self.active = self.waiting = 0
-        self.reset()
-
-    def reset(self) -> None:
-        self.script: Callable[[Request], list[int]] = lambda req: self.tokenizer.encode("Hello there", bos=False)
-        self.finish = "length"
-        self.full = False
-        self.submitted: list[Request] = []
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def validate(self, req: Request) -> None:
-        if not req.prompt:
-            raise ValueError("prompt: must hold at least one token")
-        if len(req.prompt) + req.max_tokens > self.max_seq_len:
-            raise ValueError(f"max_tokens: prompt plus max_tokens exceeds the context of {self.max_seq_len} tokens")
-
-    def submit(self, req: Request) -> None:
-        self.validate(req)
-        if self.full:
-            raise QueueFullError("the queue holds 0 waiting requests")
-        self.submitted.append(req)
-        tracker = TextTracker(self.tokenizer, req.stop_strings)
-        for token in self.script(req)[: req.max_tokens]:
-            if token in self.tokenizer.stop_ids:
-                req.emit(EngineEvent(req.id, tracker.finish(), finish_reason="stop"))
-                return
-            text, hit = tracker.feed(token)
-            req.emit(EngineEvent(req.id, text, token, -0.25 if req.logprobs else None))
-            if hit:
-                req.emit(EngineEvent(req.id, "", finish_reason="stop"))
-                return
-        error = None if self.finish == "length" else "deadline exceeded" if self.finish == "timeout" else "boom"
-        req.emit(EngineEvent(req.id, tracker.finish(), finish_reason=self.finish, error=error))
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +170,7 @@ def test_bad_conversations(server, engine):
         return res.status_code, res.json().get("error", {}).get("param")
 
     assert status({"messages": [{"role": "tool", "content": "x", "tool_call_id": "abcdefghi"}]}) == (400, "messages")
-    assert status({"messages": QUESTION, "tools": [{"type": "function"}]}) == (400, "tools")
+    assert status({"messages": QUESTION, "tools": [{"type": "function"}]}) == (400, "tools[0]")
     assert status({"messages": QUESTION, "tool_choice": "auto"}) == (400, "tool_choice")
     assert status({"messages": QUESTION, "response_format": {"type": "json_object"}}) == (400, "response_format")
     assert status({"messages": "hello"}) == (400, "messages")

@@ -19,10 +19,40 @@ from .quantize import METHODS as QUANT_METHODS
 
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_BATCH = 4096  # `serve --max-batch`: beyond, the KV cache alone outgrows any machine
+MAX_QUEUE = 1_000_000
 
 
 class CliError(Exception):
     """A problem to report in one line, with exit status 1."""
+
+
+def bounded(kind: Callable[[str], Any], low: float, high: float | None = None, *, above: bool = False
+            ) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` in [low, high] (`above`: strictly above `low`); argparse reports a
+    value outside in one line naming the option."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        too_low = value <= low if above else value < low
+        if value != value or too_low or (high is not None and value > high):  # value != value: NaN
+            want = f"in [{low}, {high}]" if high is not None else f"> {low}" if above else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return parse
+
+
+def host_list(text: str) -> tuple[str, ...]:
+    """`--allowed-hosts a.example,b.example` as ('a.example', 'b.example')."""
+    hosts = tuple(h.strip() for h in text.split(",") if h.strip())
+    if not hosts:
+        raise argparse.ArgumentTypeError("expected host names separated by commas")
+    return hosts
 
 
 def demo_model_path() -> Path:
@@ -263,8 +293,13 @@ def cmd_chat(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from .server import default_model_name, load_engine, run
+        from .server.limits import ConnectionLimits, ServerLimits
     except ImportError as e:
         raise CliError(f"serve needs the server extras: pip install 'tramontane[serve]' ({e})") from e
+    limits = ServerLimits(max_request_bytes=a.max_request_bytes, max_prompt_chars=a.max_prompt_chars,
+                          body_timeout=a.body_timeout)
+    connections = ConnectionLimits(header_timeout=a.header_timeout, keep_alive_timeout=a.keep_alive_timeout,
+                                   max_connections=a.max_connections, shutdown_timeout=a.shutdown_timeout)
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
@@ -274,7 +309,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
           f"batch {a.max_batch}, KV cache {engine.cache.nbytes() / 2**30:.2f} GiB)"
           f"{'; API key required' if a.api_key else ''}", flush=True)
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
-        request_timeout=a.request_timeout or None, log_level=a.log_level)
+        request_timeout=a.request_timeout or None, limits=limits, connections=connections,
+        extra_hosts=a.allowed_hosts, log_level=a.log_level)
     return 0
 
 
@@ -332,13 +368,33 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health, /metrics)")
     sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: file/folder name)")
-    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together; KV cache rows (default 16)")
-    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting for a row before 503s (default 256)")
-    sv.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: the model's, at most 4096)")
-    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails (0: never)")
+    sv.add_argument("--allowed-hosts", type=host_list, default=(),
+                    help="without --api-key, Host names answered besides localhost and --host: a,b,... ('*': any)")
+    sv.add_argument("--max-batch", type=bounded(int, 1, MAX_BATCH), default=16,
+                    help=f"sequences decoded together; KV cache rows (default 16, at most {MAX_BATCH})")
+    sv.add_argument("--max-queue", type=bounded(int, 1, MAX_QUEUE), default=256,
+                    help="sequences waiting for a row before 503s (default 256); a request of more is a 400")
+    sv.add_argument("--max-seq-len", type=bounded(int, 1), default=None,
+                    help="context per sequence (default: the model's, at most 4096)")
+    sv.add_argument("--request-timeout", type=bounded(float, 0), default=600.0,
+                    help="seconds before a request fails (default 600; 0: never)")
+    sv.add_argument("--max-request-bytes", type=bounded(int, 1), default=4 * 2**20,
+                    help="largest request body, checked as it arrives (default 4194304: 4 MiB)")
+    sv.add_argument("--max-prompt-chars", type=bounded(int, 1), default=None,
+                    help="most prompt characters per request, checked before tokenizing (default: 16 x the context)")
+    sv.add_argument("--body-timeout", type=bounded(float, 0, above=True), default=30.0,
+                    help="seconds a client may take to send a request body (default 30)")
+    sv.add_argument("--header-timeout", type=bounded(float, 0, above=True), default=10.0,
+                    help="seconds a connection may take to send a request's headers (default 10)")
+    sv.add_argument("--keep-alive-timeout", type=bounded(int, 1), default=5,
+                    help="seconds an idle keep-alive connection stays open (default 5)")
+    sv.add_argument("--max-connections", type=bounded(int, 1), default=512,
+                    help="open connections and running requests before new requests get 503 (default 512)")
+    sv.add_argument("--shutdown-timeout", type=bounded(float, 0), default=5.0,
+                    help="on SIGTERM, seconds running requests get to finish before they end with an error (default 5)")
     sv.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")

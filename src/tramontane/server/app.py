@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP edge: FastAPI routes over one `Engine`.
 
-Requests are parsed by pydantic, tokenized, and handed to the engine as `Request`s; the engine's events
-come back through `bridge.Submission` and are shaped by `protocol`. The event loop only awaits: the
-model runs on the engine's thread.
+Requests pass the `middleware` layers (host, key, docs, body size), are parsed by pydantic, checked
+against `limits`, tokenized on a worker thread, and handed to the engine as `Request`s; the engine's
+events come back through `bridge.Submission` and are shaped by `protocol`. The event loop only awaits:
+the model runs on the engine's thread.
 
 Example:
     >>> engine = Engine(model, tokenizer, max_batch=16)
@@ -13,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -28,7 +29,9 @@ from ..errors import TokenizerError
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import Job, Submission, submit
-from .errors import APIError, BearerAuth, bad_request, field_of, install_error_handlers
+from .errors import APIError, bad_request, field_of, install_error_handlers
+from .limits import ServerLimits, check_prompt_chars, scan_text
+from .middleware import LOCAL_HOSTS, BearerAuth, BodyLimit, CatchAll, HostCheck, LoopbackDocs
 from .schemas import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletionRequest,
@@ -65,14 +68,20 @@ def create_app(
     api_key: str | None = None,
     *,
     request_timeout: float | None = 600.0,
+    limits: ServerLimits | None = None,
+    allowed_hosts: Iterable[str] = LOCAL_HOSTS,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `engine` under `model_name`.
 
     The app starts the engine's thread when it starts and stops it when it shuts down. With `api_key`,
-    every path but /health and /metrics needs `Authorization: Bearer <api_key>`. Each request ends
-    with an error after `request_timeout` seconds (None: never).
+    every path but /health and /metrics needs `Authorization: Bearer <api_key>`; without one, only
+    `Host` headers among `allowed_hosts` ('*': any) are answered and /docs only to loopback clients.
+    Each request ends with an error after `request_timeout` seconds (None: never) and is bounded by
+    `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with
+    an error (for shutdown).
     """
-    server = OpenAIServer(engine, tokenizer, model_name, request_timeout)
+    limits = limits or ServerLimits()
+    server = OpenAIServer(engine, tokenizer, model_name, request_timeout, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,9 +92,17 @@ def create_app(
             engine.stop()
 
     app = FastAPI(title="tramontane", summary="OpenAI-compatible API", lifespan=lifespan)
+    app.state.drain = server.drain
     install_error_handlers(app)
+    # the last added runs first: CatchAll, HostCheck or BearerAuth, LoopbackDocs, BodyLimit
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes, timeout=limits.body_timeout)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key, open_paths=OPEN_PATHS)
+    else:
+        app.add_middleware(LoopbackDocs)
+        hosts = frozenset(h.lower().strip("[]") for h in allowed_hosts)
+        app.add_middleware(HostCheck, hosts=hosts, open_paths=OPEN_PATHS)
+    app.add_middleware(CatchAll)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])
@@ -100,12 +117,23 @@ def create_app(
 class OpenAIServer:
     """The route handlers, over one engine, its tokenizer and the served model's name."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, request_timeout: float | None) -> None:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, request_timeout: float | None,
+                 limits: ServerLimits) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.request_timeout = request_timeout
+        self.max_prompt_chars = limits.prompt_chars(engine.max_seq_len)
         self.created = p.now()
+        self.live: set[Submission] = set()  # every submission not yet finished, for `drain`
+        self.shutting_down = False
+
+    def drain(self) -> None:
+        """Refuse new requests and cancel the running ones: each ends with a 503 `server_shutdown`
+        error (streams: an error event, then `[DONE]`) within one engine step."""
+        self.shutting_down = True
+        for sub in list(self.live):
+            sub.cancel()
 
     # ------------------------------------------------------------------------------------------ small routes
     async def health(self) -> Response:
@@ -126,25 +154,26 @@ class OpenAIServer:
         return JSONResponse(self._model_card())
 
     async def tokenize(self, body: TokenizeRequest) -> Response:
-        self._check_model(body.model)
+        self._check_body(body, ("prompt", "messages", "tools"), "prompt" if body.messages is None else "messages")
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give either 'prompt' (a text) or 'messages' (a conversation)", "prompt")
         if body.prompt is not None:
-            ids = self.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+            ids = await asyncio.to_thread(self.tokenizer.encode, body.prompt, body.add_special_tokens)
         else:
-            ids = await self._encode_chat(body.messages or [], body.tools)
+            ids = await self._encode_chat(body.messages or [], _tool_specs(body.tools))
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_seq_len})
 
     async def detokenize(self, body: DetokenizeRequest) -> Response:
-        self._check_model(body.model)
+        self._check_body(body, (), "tokens")
         self._check_ids(body.tokens, "tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)})
 
     # ------------------------------------------------------------------------------------------ completions
     async def completions(self, body: CompletionRequest, request: HTTPRequest) -> Response:
-        self._check_model(body.model)
+        self._check_body(body, ("prompt", "suffix"), "prompt")
         if body.best_of is not None and body.best_of != body.n:
             raise bad_request("best_of: only best_of == n is supported", "best_of")
+        self._check_fits(_prompt_count(body.prompt), body.n, "prompt")
         prompts, echoes = await asyncio.to_thread(self._completion_prompts, body)
         job = self._job(body, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs is not None,
                         continuation=True)
@@ -152,7 +181,7 @@ class OpenAIServer:
         cid, created = p.new_id("cmpl"), p.now()
         if body.stream:
             events = self._completion_stream(sub, cid, created, body, prompts, echoes)
-            return EventStream(events, on_close=sub.cancel)
+            return EventStream(events, on_close=lambda: self._close(sub))
         choices = await self._collect(sub, request)
         out = []
         for index, choice in enumerate(choices):
@@ -218,9 +247,10 @@ class OpenAIServer:
         choices = [p.Choice() for _ in sub.requests]
         async for index, event in sub.events():
             choices[index].add(event)
-            failure = choices[index].failure(self.request_timeout)
+            failure = choices[index].failure(self.request_timeout, self.shutting_down)
             if failure is not None:
                 yield p.sse(failure.body())
+                yield p.DONE
                 return
             lp = None
             if want_lp and event.token is not None:
@@ -235,7 +265,8 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------------------------------ chat
     async def chat_completions(self, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
-        self._check_model(body.model)
+        self._check_body(body, ("messages", "tools"), "messages")
+        self._check_fits(1, body.n, "messages")
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
         tools = self._tools(body)
@@ -248,7 +279,7 @@ class OpenAIServer:
         cid, created = p.new_id("chatcmpl"), p.now()
         if body.stream:
             return EventStream(self._chat_stream(sub, cid, created, body, len(prompt), tools is not None),
-                               on_close=sub.cancel)
+                               on_close=lambda: self._close(sub))
         choices = await self._collect(sub, request)
         out = []
         for index, choice in enumerate(choices):
@@ -277,9 +308,10 @@ class OpenAIServer:
         async for index, event in sub.events():
             choice = choices[index]
             choice.add(event)
-            failure = choice.failure(self.request_timeout)
+            failure = choice.failure(self.request_timeout, self.shutting_down)
             if failure is not None:
                 yield p.sse(failure.body())
+                yield p.DONE
                 return
             if tools and held[index] is None and p.is_tool_call_start(self.tokenizer, event.token):
                 held[index] = []
@@ -308,15 +340,14 @@ class OpenAIServer:
 
     def _tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
         """The tools to show the model: none with tool_choice 'none'. A forced choice is not enforced."""
-        tools, choice = body.tools or None, body.tool_choice
+        tools, choice = _tool_specs(body.tools), body.tool_choice
         if choice is not None and choice != "none" and tools is None:
             raise bad_request("tool_choice: needs tools", "tool_choice")
         if choice == "none":
             return None
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-            names = {(t.get("function") or {}).get("name") for t in tools or []}
-            if name not in names:
+            name = _tool_name(choice, "tool_choice")
+            if name not in {_tool_name(t, "tools") for t in tools or []}:
                 raise bad_request(f"tool_choice: no tool named {name!r} among the tools", "tool_choice")
         return tools
 
@@ -331,6 +362,20 @@ class OpenAIServer:
             raise bad_request(str(e), field_of(str(e), ("messages", "tools")) or "messages") from e
 
     # ------------------------------------------------------------------------------------------ shared
+    def _check_body(self, body: TokenizeRequest | DetokenizeRequest | GenerationFields, prompt_fields: tuple[str, ...],
+                    prompt_param: str) -> None:
+        """Before any work: every text valid, the prompt within --max-prompt-chars, the model ours."""
+        chars = scan_text(body, prompt_fields)
+        check_prompt_chars(chars, self.max_prompt_chars, prompt_param)
+        self._check_model(body.model)
+
+    def _check_fits(self, prompts: int, n: int, prompt_param: str) -> None:
+        """A request of more sequences than the queue holds could never be queued: a 400, not a 503."""
+        if prompts * n > self.engine.max_queue:
+            param = "n" if n > 1 else prompt_param
+            raise bad_request(f"{param}: {prompts} prompt(s) x n={n} make {prompts * n} sequences; this server queues "
+                              f"at most {self.engine.max_queue} (--max-queue)", param)
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
@@ -350,8 +395,12 @@ class OpenAIServer:
                    logprobs=logprobs, timeout=self.request_timeout, continuation=continuation)
 
     def _submit(self, prompts: list[list[int]], job: Job, prompt_param: str) -> Submission:
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down", kind="server_error", code="server_shutdown")
         try:
-            return submit(self.engine, prompts, job)
+            sub = submit(self.engine, prompts, job)
+            self.live.add(sub)
+            return sub
         except QueueFullError as e:
             raise APIError(503, f"the server is busy ({e}); retry later", kind="server_error",
                            code="queue_full") from e
@@ -360,6 +409,11 @@ class OpenAIServer:
             param = field_of(message, ("prompt", "max_tokens"))
             code = "context_length_exceeded" if "context" in message else None
             raise bad_request(message, prompt_param if param == "prompt" else param, code) from e
+
+    def _close(self, sub: Submission) -> None:
+        """The HTTP call of `sub` is over (answered, failed or abandoned): drop what still runs."""
+        sub.cancel()
+        self.live.discard(sub)
 
     async def _collect(self, sub: Submission, request: HTTPRequest) -> list[p.Choice]:
         """Wait for every choice of a non-streamed answer; a client that hangs up cancels them."""
@@ -370,11 +424,32 @@ class OpenAIServer:
                 choices[index].add(event)
         finally:
             watcher.cancel()
-            sub.cancel()
-        failure = p.first_failure(choices, self.request_timeout)
+            self._close(sub)
+        failure = p.first_failure(choices, self.request_timeout, self.shutting_down)
         if failure is not None:
             raise failure
         return choices
+
+
+def _prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts a completion's `prompt` holds: one text, one row of ids, or a list of either."""
+    return 1 if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else len(prompt)
+
+
+def _tool_name(spec: object, param: str) -> str:
+    """The function's name in a tool or a named tool_choice: {'type': 'function', 'function': {'name': ...}}."""
+    function = spec.get("function") if isinstance(spec, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{param}: must be {{'type': 'function', 'function': {{'name': <a string>, ...}}}}", param)
+    return name
+
+
+def _tool_specs(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """`tools` once each one names its function (None for no tools); the tokenizer checks the rest."""
+    for i, tool in enumerate(tools or []):
+        _tool_name(tool, f"tools[{i}]")
+    return tools or None
 
 
 async def _cancel_on_disconnect(request: HTTPRequest, sub: Submission) -> None:

@@ -1,11 +1,8 @@
-"""OpenAI's error body (`{"error": {"message", "type", "param", "code"}}`) for every failure, and the
-API-key check, which runs before anything else reads the request."""
+"""OpenAI's error body (`{"error": {"message", "type", "param", "code"}}`) for every failure."""
 
 from __future__ import annotations
 
-import logging
 import re
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,9 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-log = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 1  # sent with every 503: the queue or the server frees up within a step or two
 
 
 class APIError(Exception):
@@ -41,8 +37,15 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+    def response(self, close: bool = False) -> JSONResponse:
+        """The JSON response; `close` ends the connection after it (the rest of a request was not read)."""
+        headers = {}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if self.status == 503:
+            headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        if close:
+            headers["Connection"] = "close"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -96,36 +99,8 @@ async def _http_error(request: HTTPRequest, exc: Exception) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail), kind=kind).response()
 
 
-async def _internal_error(request: HTTPRequest, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
-
-
 def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI bodies for validation errors, `APIError`s and HTTP errors (`middleware.CatchAll` takes the rest)."""
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
-
-
-class BearerAuth:
-    """ASGI middleware: every path except `open_paths` needs `Authorization: Bearer <key>`.
-
-    It answers 401 before the body is read, so a request without the key learns nothing else.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = ()) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-        self.open_paths = frozenset(open_paths)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                message = "missing API key" if not given else "incorrect API key"
-                error = APIError(401, f"{message}: send the header 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

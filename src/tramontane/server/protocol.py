@@ -44,8 +44,12 @@ class Choice:
     def text(self) -> str:
         return "".join(self.pieces)
 
-    def failure(self, timeout: float | None) -> APIError | None:
-        """The error to answer with when the engine did not finish this choice normally."""
+    def failure(self, timeout: float | None, shutting_down: bool = False) -> APIError | None:
+        """The error to answer with when the engine did not finish this choice normally
+        (`shutting_down`: the server cancelled it because it is stopping)."""
+        if self.finish_reason == "cancelled" and shutting_down:
+            return APIError(503, "the server is shutting down; the request was stopped unfinished",
+                            kind="server_error", code="server_shutdown")
         if self.finish_reason == "timeout":
             return APIError(504, f"the request did not finish within its deadline of {timeout} seconds",
                             kind="timeout_error", code="request_timeout")
@@ -56,8 +60,8 @@ class Choice:
         return None
 
 
-def first_failure(choices: list[Choice], timeout: float | None) -> APIError | None:
-    return next((f for c in choices if (f := c.failure(timeout)) is not None), None)
+def first_failure(choices: list[Choice], timeout: float | None, shutting_down: bool = False) -> APIError | None:
+    return next((f for c in choices if (f := c.failure(timeout, shutting_down)) is not None), None)
 
 
 def new_id(prefix: str) -> str:

@@ -1,13 +1,15 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models: the HTTP edge and nowhere else.
 
-Field ranges follow OpenAI's API reference (temperature in [0, 2], penalties in [-2, 2], ...), so a
-value OpenAI rejects is rejected here too, with a 400 naming the field. `top_k`, `min_p` and
-`repetition_penalty` are extensions, as in other OpenAI-compatible servers. Unknown fields are ignored.
+Field ranges follow OpenAI's API reference (temperature in [0, 2], penalties in [-2, 2], ...), and
+types are strict as OpenAI's are (`"max_tokens": "10"`, `"n": "2"`, `"stream": "yes"` are refused, an
+integer is accepted where a number is), so a value OpenAI rejects is rejected here too, with a 400
+naming the field. `top_k`, `min_p` and `repetition_penalty` are extensions, as in other
+OpenAI-compatible servers. Unknown fields are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,16 +18,24 @@ from ..sampling import SamplingParams
 # OpenAI's default temperature and top_p are 1: sampling, not greedy decoding.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_N = 128  # choices per request
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; other servers more: enough for both, and bounded
+MAX_STOP_CHARS = 1024  # characters per stop string; the engine matches each against every step's text
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class GenerationFields(BaseModel):
     """What completions and chat completions share: the model, sampling, stop conditions, streaming."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -36,8 +46,8 @@ class GenerationFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -91,7 +101,7 @@ class ChatCompletionRequest(GenerationFields):
 class TokenizeRequest(BaseModel):
     """`POST /tokenize`: a text (`prompt`) or a conversation (`messages`, formatted by the chat template)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     prompt: str | None = None
@@ -103,7 +113,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """`POST /detokenize`: token ids back to text."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     tokens: list[int]

@@ -1,17 +1,35 @@
-"""What `tramontane serve` runs: load a model into an engine, wrap it in the app, run uvicorn."""
+"""What `tramontane serve` runs: load a model into an engine, wrap it in the app, run uvicorn.
+
+uvicorn gets the connection limits (`limits.ConnectionLimits`): its own keep-alive timeout and
+concurrency limit, a deadline on request headers (`HeaderDeadline`, which uvicorn lacks), and a
+shutdown that ends unfinished requests with an OpenAI error instead of cutting them (`GracefulServer`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+import h11
 import torch
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine import Engine
 from ..generate import compile_decode
 from ..loading import load_model
 from ..tokenizer import Tokenizer, load_tokenizer
 from .app import create_app
+from .limits import ConnectionLimits, ServerLimits
+from .middleware import allowed_hosts
+
+DRAIN_SECONDS = 5.0  # after the shutdown timeout, for the cancelled requests to write their errors
 
 
 def default_model_name(path: Path) -> str:
@@ -32,13 +50,92 @@ def load_engine(
     compile: bool = False,
 ) -> tuple[Engine, Tokenizer]:
     """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started);
-    `compile` routes decode steps through torch.compile (`generate.compile_decode`)."""
+    `compile` routes decode steps through torch.compile (`generate.compile_decode`).
+
+    Raises:
+        ValueError: the KV cache of `max_batch` rows of `max_seq_len` does not fit in memory.
+    """
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize)
     if compile:
         compile_decode(model)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
+    try:
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
+    except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError included)
+        raise ValueError(f"max_batch ({max_batch}) x max_seq_len ({max_seq_len or 'the model context'}): "
+                         f"the KV cache does not fit in memory ({str(e).splitlines()[0]})") from e
     return engine, tokenizer
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete within
+    `header_timeout` seconds of its start or of its previous answer: a client trickling headers a byte at
+    a time, or connecting and saying nothing, would otherwise hold the connection forever."""
+
+    header_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in: the body has its own deadline
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _expire(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's shutdown (stop accepting, close idle connections, wait for the busy ones), where the
+    requests still running `shutdown_timeout` seconds in are ended by `drain`: they answer an error."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None], shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.shutdown_timeout = shutdown_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self.drain)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def server_config(app: Any, host: str, port: int, connections: ConnectionLimits, log_level: str = "info"
+                  ) -> uvicorn.Config:
+    """uvicorn's settings for `app` under `connections`."""
+    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": connections.header_timeout})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                          timeout_keep_alive=connections.keep_alive_timeout,
+                          limit_concurrency=connections.max_connections,
+                          timeout_graceful_shutdown=math.ceil(connections.shutdown_timeout + DRAIN_SECONDS))
 
 
 def run(
@@ -50,8 +147,28 @@ def run(
     port: int = 8000,
     api_key: str | None = None,
     request_timeout: float | None = 600.0,
+    limits: ServerLimits | None = None,
+    connections: ConnectionLimits | None = None,
+    extra_hosts: Iterable[str] = (),
     log_level: str = "info",
 ) -> None:
-    """Serve until interrupted (Ctrl-C stops uvicorn, then the engine)."""
-    app = create_app(engine, tokenizer, model_name, api_key, request_timeout=request_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    """Serve until SIGINT or SIGTERM, then stop gracefully (`GracefulServer`) and return.
+
+    Without `api_key`, only `Host` headers naming localhost, `host` or one of `extra_hosts` are answered.
+    """
+    connections = connections or ConnectionLimits()
+    app = create_app(engine, tokenizer, model_name, api_key, request_timeout=request_timeout, limits=limits,
+                     allowed_hosts=allowed_hosts(host, extra_hosts))
+    server = GracefulServer(server_config(app, host, port, connections, log_level), app.state.drain,
+                            connections.shutdown_timeout)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    # uvicorn raises the signal that stopped it again once it has shut down; here that stop is the normal
+    # end of `serve` (exit 0), so the signals are ignored for that moment.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

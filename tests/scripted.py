@@ -1,0 +1,56 @@
+"""A stand-in for `Engine` that answers at once from a script: the server's tests without a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tramontane.engine import EngineEvent, QueueFullError, Request
+from tramontane.engine.metrics import Metrics
+from tramontane.textgen import TextTracker
+
+
+class ScriptedEngine:
+    """Stands in for `Engine`: answers each request at once with the tokens `script(request)` returns,
+    then the finish reason `finish` ('length' unless a stop id or stop string comes first)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.metrics = Metrics()
+        self.max_seq_len = 256
+        self.max_queue = 64
+        self.active = self.waiting = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.script: Callable[[Request], list[int]] = lambda req: self.tokenizer.encode("Hello there", bos=False)
+        self.finish = "length"
+        self.full = False
+        self.submitted: list[Request] = []
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def validate(self, req: Request) -> None:
+        if not req.prompt:
+            raise ValueError("prompt: must hold at least one token")
+        if len(req.prompt) + req.max_tokens > self.max_seq_len:
+            raise ValueError(f"max_tokens: prompt plus max_tokens exceeds the context of {self.max_seq_len} tokens")
+
+    def submit(self, req: Request) -> None:
+        self.validate(req)
+        if self.full:
+            raise QueueFullError("the queue holds 0 waiting requests")
+        self.submitted.append(req)
+        tracker = TextTracker(self.tokenizer, req.stop_strings)
+        for token in self.script(req)[: req.max_tokens]:
+            if token in self.tokenizer.stop_ids:
+                req.emit(EngineEvent(req.id, tracker.finish(), finish_reason="stop"))
+                return
+            text, hit = tracker.feed(token)
+            req.emit(EngineEvent(req.id, text, token, -0.25 if req.logprobs else None))
+            if hit:
+                req.emit(EngineEvent(req.id, "", finish_reason="stop"))
+                return
+        error = None if self.finish == "length" else "deadline exceeded" if self.finish == "timeout" else "boom"
+        req.emit(EngineEvent(req.id, tracker.finish(), finish_reason=self.finish, error=error))
