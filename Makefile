@@ -37,7 +37,7 @@ demo: setup
 bench: setup
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) benchmarks/llama_tools.py --files
-	$(PY) benchmarks/gguf.py
+	$(PY) benchmarks/gguf_files.py
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
