@@ -464,3 +464,27 @@ def test_q4_blocks_load_as_int4_without_requantizing(tmp_path: Path, qtype: str,
     qkv = model.layers[0].attention.wqkv.dequantize()
     wq, wk, wv = (floats[f"layers.0.attention.{n}.weight"] for n in ("wq", "wk", "wv"))
     torch.testing.assert_close(qkv, torch.cat([wq, wk, wv]), **tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_merged_experts_keep_their_blocks(tmp_path: Path, qtype: str) -> None:
+    """A Mixtral GGUF's merged expert tensors stay in their format, one layer per expert."""
+    from tramontane import load_model
+    from tramontane.blocks import BlockLinear
+    from tramontane.quantize import Int4Linear
+
+    # rows of whole 64-element units: what Q8_0 (two blocks a unit) needs to stay as it is
+    args = dataclasses.replace(TINY, hidden_dim=128, moe=MoeArgs(num_experts=3, num_experts_per_tok=2))
+    path = tmp_path / "moe.gguf"
+    write_gguf(path, args, random_state(args), qtype=qtype)
+    _, floats = load_gguf_state_dict(path)
+    model = load_model(path)
+    expert = model.layers[1].feed_forward.experts[2]
+    layer = expert.w2
+    assert isinstance(layer, Int4Linear if qtype == "Q4_0" else BlockLinear)
+    for name in ("w2", "w13"):
+        got = getattr(expert, name).dequantize()
+        want = floats["layers.1.feed_forward.experts.2.w2.weight"] if name == "w2" else torch.cat(
+            [floats[f"layers.1.feed_forward.experts.2.{w}.weight"] for w in ("w1", "w3")])
+        assert torch.equal(got, want)

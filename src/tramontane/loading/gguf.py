@@ -250,18 +250,18 @@ def iter_gguf_tensors(
     if args is None:
         args = read_gguf_args(reader)
     for tensor, names, stacked in _plan(reader, args, path):
-        kind = _kept(tensor, stacked, keep)
-        if kind in ("Q4_0", "Q4_1"):
-            prefix = names[0].removesuffix("weight")
-            for leaf, part in zip(("weight", "scale", "mins"), _q4_parts(tensor, path)):
-                yield prefix + leaf, part.to(device)
-            continue
+        kind = _kept(tensor, keep)
         if kind is not None:
             shape = _torch_shape(tensor)
-            rows, nbytes = shape[-2], row_bytes(kind, shape[-1])
+            rows, cols = shape[-2:]
             for expert, name in enumerate(names):  # one matrix, or each expert of a stack
-                offset = tensor.data_offset + expert * rows * nbytes
-                yield name, _read_rows(path, tensor.name, offset, rows, nbytes).to(device)
+                offset = tensor.data_offset + expert * rows * row_bytes(kind, cols)
+                if kind in ("Q4_0", "Q4_1"):
+                    prefix = name.removesuffix("weight")
+                    for leaf, part in zip(("weight", "scale", "mins"), _q4_parts(path, tensor.name, kind, offset, rows, cols)):
+                        yield prefix + leaf, part.to(device)
+                else:
+                    yield name, _read_rows(path, tensor.name, offset, rows, row_bytes(kind, cols)).to(device)
             continue
         value = _to_torch(tensor, path)
         _release_mapped(tensor)
@@ -278,8 +278,8 @@ def kept_formats(source: GGUFReader | str | Path, args: ModelArgs, keep: Collect
     stored (a layer of that format must take it)."""
     reader = _reader(source)
     formats: dict[str, str] = {}
-    for tensor, names, stacked in _plan(reader, args, _path_of(reader)):
-        kind = _kept(tensor, stacked, keep)
+    for tensor, names, _ in _plan(reader, args, _path_of(reader)):
+        kind = _kept(tensor, keep)
         if kind is not None:
             formats.update(dict.fromkeys(names, kind))
     return formats
@@ -292,13 +292,13 @@ def dequantized_types(source: GGUFReader | str | Path, keep: Collection[str]) ->
                    if t.tensor_type not in _FLOAT_TYPES and t.tensor_type.name not in keep})
 
 
-def _kept(tensor: ReaderTensor, stacked: bool, keep: Collection[str]) -> str | None:
+def _kept(tensor: ReaderTensor, keep: Collection[str]) -> str | None:
     """The format `tensor` is kept in, or None when it is dequantized."""
     kind = tensor.tensor_type.name
     if kind not in keep or len(tensor.shape) < 2:
         return None
     if kind in ("Q4_0", "Q4_1"):
-        return None if stacked else kind
+        return kind
     return kind if fits(kind, _torch_shape(tensor)[-1]) else None
 
 
@@ -441,9 +441,9 @@ def _can_read(kind: GGMLQuantizationType) -> bool:
     return True
 
 
-def _q4_parts(tensor: ReaderTensor, path: str) -> list[torch.Tensor]:
-    """A Q4_0 matrix split into packed nibbles [rows, cols / 2] and float16 scales [rows, cols / 32];
-    a Q4_1 matrix, also float16 minimums [rows, cols / 32].
+def _q4_parts(path: str, name: str, kind: str, offset: int, rows: int, cols: int) -> list[torch.Tensor]:
+    """A Q4_0 matrix (`rows` x `cols` from `offset`) split into packed nibbles [rows, cols / 2] and
+    float16 scales [rows, cols / 32]; a Q4_1 matrix, also float16 minimums [rows, cols / 32].
 
     A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes whose byte i holds element i (low
     nibble) and element i + 16 (high nibble), value (q - 8) * scale. Q4_1 has the minimum after the
@@ -453,21 +453,20 @@ def _q4_parts(tensor: ReaderTensor, path: str) -> list[torch.Tensor]:
     straight into the memory the weights keep (`weight_empty`): loading a 7B model then peaks near the
     size of its weights.
     """
-    rows, cols = _torch_shape(tensor)
-    head = 2 if tensor.tensor_type == GGMLQuantizationType.Q4_0 else 4  # float16 scale (and min)
+    head = 2 if kind == "Q4_0" else 4  # float16 scale (and min)
     block = head + 16
-    row_bytes = cols // 32 * block
+    nbytes = cols // 32 * block
     parts = [weight_empty((rows, cols // 2), torch.uint8)]
     parts += [weight_empty((rows, cols // 32), torch.float16) for _ in range(head // 2)]
-    step = max(1, (4 << 20) // row_bytes)
-    buffer = np.empty(min(rows, step) * row_bytes, dtype=np.uint8)
+    step = max(1, (4 << 20) // nbytes)
+    buffer = np.empty(min(rows, step) * nbytes, dtype=np.uint8)
     with open(path, "rb") as f:
-        f.seek(tensor.data_offset)
+        f.seek(offset)
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
-            chunk = buffer[: n * row_bytes]
+            chunk = buffer[: n * nbytes]
             if f.readinto(chunk.data) != chunk.nbytes:
-                raise CheckpointError(path, f"tensor {tensor.name}: file ends inside its data")
+                raise CheckpointError(path, f"tensor {name}: file ends inside its data")
             blocks = torch.from_numpy(chunk).view(n, cols // 32, block)
             # strided copies into the destination rows, without temporaries: [n, cols / 32, bytes]
             parts[0][r0 : r0 + n].view(n, cols // 32, 16).copy_(blocks[..., head:])
