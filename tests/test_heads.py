@@ -166,3 +166,60 @@ def test_bad_head_config_names_the_field(tmp_path) -> None:
     config["pad_token_id"] = 50
     with pytest.raises(ConfigError, match="pad_token_id"):
         ModelArgs.from_hf_config(config)
+
+
+def word_tokenizer(folder) -> None:
+    """A tokenizer.json of whole words (ids 1..127, 0 = padding) for the tiny models."""
+    import tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    words = ["[PAD]", "[UNK]", "the", "wind", "is", "cold", "warm", "today", "a", "lovely", "day", "what"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), COMMON["vocab_size"])])}
+    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_classify_command_prints_the_reference_labels(saved, kind: str) -> None:
+    import subprocess
+    import sys
+
+    from tramontane import load_tokenizer
+
+    ref, folder = saved("llama-tied", kind)
+    word_tokenizer(folder)
+    texts = ["the wind is cold today", "what a lovely warm day"]
+    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), "--json", *texts],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    tokenizer = load_tokenizer(folder)
+    for text, result in zip(texts, results):
+        ids = torch.tensor([tokenizer.encode(text, bos=True)])
+        with torch.no_grad():
+            probs = torch.softmax(ref(input_ids=ids).logits, dim=-1).reshape(-1, 3)
+        got = [result] if kind == "sequence" else result["tokens"]
+        assert len(got) == probs.shape[0]
+        for p, r in zip(probs, got):
+            assert r["label"] == LABELS[int(p.argmax())]
+            assert r["score"] == pytest.approx(float(p.max()), abs=1e-4)
+        if kind == "sequence":
+            assert result["scores"] == pytest.approx({LABELS[i]: float(v) for i, v in enumerate(probs[0])}, abs=1e-4)
+        else:
+            assert [t["token"] for t in got] == text.split()
+    plain = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), texts[0]],
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and results[0].get("label", results[0].get("text")) in plain.stdout
+
+
+def test_classify_refuses_a_language_model(tiny_hf) -> None:
+    import subprocess
+    import sys
+
+    _, folder = tiny_hf("llama-tied")
+    word_tokenizer(folder)
+    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "not a classification model" in run.stderr

@@ -1,4 +1,4 @@
-"""The `tramontane` command: demo, chat, complete, serve, convert, info, quantize."""
+"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, info, quantize."""
 
 from __future__ import annotations
 
@@ -237,6 +237,36 @@ def cmd_complete(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(a: argparse.Namespace) -> int:
+    from .heads import TaskModel, classify
+
+    model, tokenizer, path = load_for_generation(a)
+    if not isinstance(model, TaskModel) or model.task.kind == "qa":
+        raise CliError(f"--model {path}: not a classification model (its config.json must name a "
+                       "*ForSequenceClassification or *ForTokenClassification architecture)")
+    results = []
+    for text in a.texts:
+        ids = tokenizer.encode(text, bos=True)
+        predictions = classify(model, ids)
+        if model.task.kind == "sequence":
+            p = predictions[0]
+            results.append({"text": text, "label": p.label, "score": round(p.score, 6),
+                            "scores": {k: round(v, 6) for k, v in p.scores.items()}})
+            if not a.json:
+                print(f"{p.label}\t{p.score:.4f}\t{text}")
+            continue
+        pieces = [tokenizer.id_to_piece(i) for i in ids]
+        results.append({"text": text, "tokens": [{"token": t, "label": p.label, "score": round(p.score, 6)}
+                                                 for t, p in zip(pieces, predictions)]})
+        if not a.json:
+            print(text)
+            for t, p in zip(pieces, predictions):
+                print(f"  {t!r:<20} {p.label}\t{p.score:.4f}")
+    if a.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     from .chat_repl import ChatSession
 
@@ -287,17 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
-    gen = argparse.ArgumentParser(add_help=False)
-    gen.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
-    gen.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
-    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    load = argparse.ArgumentParser(add_help=False)  # what `load_for_generation` reads
+    load.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
+    load.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
+    load.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    load.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    load.add_argument("--quantize", choices=QUANT_METHODS, default=None,
+                      help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
+                           "Q4_0, or int4_asym with a minimum per group like Q4_1)")
+    load.add_argument("--compile", action="store_true",
+                      help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
+    gen = argparse.ArgumentParser(add_help=False, parents=[load])
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--quantize", choices=QUANT_METHODS, default=None,
-                     help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
-                          "Q4_0, or int4_asym with a minimum per group like Q4_1)")
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
 
@@ -315,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     co.add_argument("--json", action="store_true", help="print a JSON object with tokens, text and timing")
     co.set_defaults(func=cmd_complete, temperature_default=0.0)
+
+    cl = sub.add_parser("classify", parents=[common, load],
+                        help="label texts (or each of their tokens) with a classification model")
+    cl.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify, one result each")
+    cl.add_argument("--json", action="store_true", help="print a JSON list with every label's probability")
+    cl.set_defaults(func=cmd_classify)
 
     sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")

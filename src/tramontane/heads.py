@@ -14,6 +14,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -77,6 +80,41 @@ class TaskModel(Transformer):
             if index.numel():
                 out[b, index] = self.features(tokens[b, index][None], positions=index[None])[0]
         return out
+
+
+@dataclass
+class Prediction:
+    """The most likely label, its probability, and every label's probability (softmax of the logits)."""
+
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+def classify(model: TaskModel, ids: Sequence[int]) -> list[Prediction]:
+    """Label one tokenized text: a single Prediction for a sequence-classification head, one per token
+    for token classification.
+
+    Example:
+        >>> classify(model, tokenizer.encode("What a lovely day"))[0].label
+        'positive'
+
+    Raises:
+        ValueError: `model` has a question-answering head (it predicts spans, not labels), or `ids` is empty.
+    """
+    if model.task.kind == "qa":
+        raise ValueError("model: a question-answering head predicts answer spans, not labels")
+    if not ids:
+        raise ValueError("ids: nothing to classify (no tokens)")
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids)], device=model.device))
+    assert isinstance(logits, torch.Tensor)  # not qa
+    probs = torch.softmax(logits.reshape(-1, model.task.num_labels), dim=-1)  # [1 or T, num_labels]
+    out = []
+    for row in probs.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append(Prediction(model.task.label(best), row[best], {model.task.label(i): p for i, p in enumerate(row)}))
+    return out
 
 
 def last_token(tokens: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
