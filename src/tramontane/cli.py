@@ -267,6 +267,20 @@ def cmd_classify(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mask(a: argparse.Namespace) -> int:
+    from .mask_viz import visualize_mask
+
+    if a.window is not None and a.window < 1:
+        raise CliError(f"--window must be >= 1, got {a.window}")
+    try:
+        print(visualize_mask(resolve_model(a.model), a.texts, window=a.window, png=a.png))
+    except ImportError as e:
+        raise CliError(str(e)) from e
+    if a.png:
+        print(f"wrote {a.png}")
+    return 0
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     from .chat_repl import ChatSession
 
@@ -352,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify, one result each")
     cl.add_argument("--json", action="store_true", help="print a JSON list with every label's probability")
     cl.set_defaults(func=cmd_classify)
+
+    mk = sub.add_parser("mask", parents=[common],
+                        help="draw which tokens each token attends to (causal, sliding window), one grid per prompt")
+    mk.add_argument("texts", nargs="+", metavar="TEXT", help="prompt(s); several are several batch rows")
+    mk.add_argument("--model", help="checkpoint whose tokenizer and attention rule to use (default: embedded SmolLM2)")
+    mk.add_argument("--window", type=int, default=None, help="sliding window to show instead of the model's")
+    mk.add_argument("--png", default=None, metavar="FILE", help="also draw the grids into a PNG (needs matplotlib)")
+    mk.set_defaults(func=cmd_mask)
 
     sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
