@@ -1,4 +1,4 @@
-"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, info, quantize."""
+"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, info, quantize, download, models."""
 
 from __future__ import annotations
 
@@ -40,9 +40,11 @@ def demo_model_path() -> Path:
 def resolve_model(arg: str | None) -> Path:
     if arg is None:
         return demo_model_path()
-    path = Path(arg)
+    from .download import resolve_model_name
+
+    path = resolve_model_name(arg)  # a path, or a downloaded model card's name
     if not path.exists():
-        raise CliError(f"--model {arg}: no such file or folder")
+        raise CliError(f"--model {arg}: no such file or folder, nor a model card (see `tramontane models`)")
     return path
 
 
@@ -281,6 +283,52 @@ def cmd_mask(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(a: argparse.Namespace) -> int:
+    from .cards import find_card
+    from .download import cached, download_card, fetch
+
+    if "://" in a.model:
+        name = a.name or Path(a.model.split("?")[0]).name.removesuffix(".tar")
+        if a.offline:
+            folder = cached(name)
+        else:
+            if a.md5 is None and a.sha256 is None:
+                raise CliError("a URL needs --md5 or --sha256: downloads are verified before use")
+            folder = fetch(a.model, name, md5=a.md5, sha256=a.sha256, archive=not a.file)
+    else:
+        try:
+            card = find_card(a.model)
+        except KeyError as e:
+            raise CliError(str(e.args[0])) from e
+        folder = cached(card.name) if a.offline else download_card(card)
+    if folder is None:
+        raise CliError(f"{a.model}: not in the cache and --offline forbids downloading it")
+    print(folder)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .cards import load_cards
+    from .download import cache_home, cached
+
+    rows: list[dict[str, Any]] = []
+    for card in load_cards().values():
+        folder = cached(card.name)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder else None
+        rows.append({"name": card.name, "preset": card.preset, "format": card.format, "url": card.url,
+                     "md5": card.md5, "sha256": card.sha256, "tokenizer": card.tokenizer, "hf_repo": card.hf_repo,
+                     "card": card.source, "cached": str(folder) if folder else None, "size_bytes": size})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"cards: built-in and user ({cache_home() / 'models'} holds the downloads)")
+    for r in rows:
+        where = f"cached, {r['size_bytes'] / 2**30:.2f} GiB" if r["cached"] else "not downloaded"
+        print(f"{r['name']:<{width}}  {r['preset'] or '-':<16} {where}")
+    return 0
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     from .chat_repl import ChatSession
 
@@ -374,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--window", type=int, default=None, help="sliding window to show instead of the model's")
     mk.add_argument("--png", default=None, metavar="FILE", help="also draw the grids into a PNG (needs matplotlib)")
     mk.set_defaults(func=cmd_mask)
+
+    dl = sub.add_parser("download", parents=[common],
+                        help="download a model by card name (or URL) into the cache, checksum verified")
+    dl.add_argument("model", metavar="NAME_OR_URL", help="a model card's name (`tramontane models`) or an http(s) URL")
+    dl.add_argument("--md5", default=None, help="with a URL: its md5 sum")
+    dl.add_argument("--sha256", default=None, help="with a URL: its sha256 sum")
+    dl.add_argument("--name", default=None, help="with a URL: the model's name in the cache (default: the file name)")
+    dl.add_argument("--file", action="store_true", help="with a URL: a single file (a .gguf), not a tar archive")
+    dl.add_argument("--offline", action="store_true", help="never download: print the cached folder or fail")
+    dl.set_defaults(func=cmd_download)
+
+    ms = sub.add_parser("models", parents=[common], help="list model cards and what the cache holds")
+    ms.add_argument("--json", action="store_true", help="print a JSON list with every card's fields")
+    ms.set_defaults(func=cmd_models)
 
     sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
