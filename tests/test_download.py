@@ -203,3 +203,7 @@ def test_download_command_offline_and_url_checks(server, homes, tiny_tar) -> Non
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert Path(ok.stdout.strip()) == homes[0] / "models" / "tiny"
+    requests = len(server.ranges)
+    again = subprocess.run([sys.executable, "-m", "tramontane.cli", "download", url, "--md5", md5(data)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == ok.stdout and len(server.ranges) == requests  # cached

@@ -78,6 +78,7 @@ def test_head_logits_match_transformers(saved, name: str, kind: str, padded: str
     model = load_model(folder)
     assert isinstance(model, TaskModel) and model.args.head is not None
     assert model.args.head.kind == kind and model.args.head.id2label == LABELS
+    assert model.args.n_params == sum(p.numel() for p in ref.parameters())
     tokens, mask = batch(padded)
     want = reference(ref, kind, tokens, mask)
     with torch.no_grad():

@@ -130,6 +130,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     }
     if args.moe:
         info["experts"] = f"{args.moe.num_experts_per_tok} of {args.moe.num_experts}"
+    if args.head:
+        labels = ", ".join(args.head.label(i) for i in range(args.head.num_labels))
+        info["task_head"] = {"sequence": "sequence classification", "token": "token classification",
+                             "qa": "question answering"}[args.head.kind] + ("" if args.head.kind == "qa" else f" ({labels})")
     try:
         from .tokenizer import load_tokenizer
 

@@ -74,16 +74,14 @@ def resolve_model_name(path: str | Path) -> Path:
 
 def download_card(card: Card, progress: bool | None = None) -> Path:
     """Download, verify and unpack `card`'s model into the cache (nothing to do when it is there)."""
-    folder = cached(card.name)
-    if folder is not None:
-        return _model_root(folder)
     return fetch(card.url, card.name, md5=card.md5, sha256=card.sha256, archive=card.format == "tar",
                  tokenizer=card.tokenizer, progress=progress)
 
 
 def fetch(url: str, name: str, *, md5: str | None = None, sha256: str | None = None, archive: bool = True,
           tokenizer: str | None = None, progress: bool | None = None, attempts: int = 5) -> Path:
-    """Download `url` as model `name`, verify it, unpack a tar; the model's folder.
+    """Download `url` as model `name`, verify it, unpack a tar; the model's folder (at once when the
+    cache already holds `name`).
 
     Raises:
         ValueError: no checksum given, or `name` is not a plain name.
@@ -95,6 +93,8 @@ def fetch(url: str, name: str, *, md5: str | None = None, sha256: str | None = N
     if not name or Path(name).name != name or name.startswith("."):
         raise ValueError(f"name must be a plain folder name, got {name!r}")
     final = model_dir(name)
+    if final.is_dir():
+        return _model_root(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.parent / f"{name}.part"
     _download(url, part, attempts, sys.stderr.isatty() if progress is None else progress)
