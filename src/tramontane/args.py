@@ -30,8 +30,12 @@ _HF_IGNORED = {
     "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "layer_types", "id2label", "label2id",
     "return_dict", "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder",
     "tokenizer_class", "problem_type", "bad_words_ids", "num_beams", "temperature", "top_p", "top_k",
+    "token_classification_bias", "classifier_dropout", "num_labels",
 }
 _HF_ARCHITECTURES = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral", "LlamaForCausalLM": "llama"}
+# transformers' task classes: family prefix + one of these suffixes, e.g. MistralForSequenceClassification
+HEAD_KINDS = {"ForSequenceClassification": "sequence", "ForTokenClassification": "token",
+              "ForQuestionAnswering": "qa"}
 _PARAMS_IGNORED = {"max_batch_size", "model_type", "quantization", "lora", "vision_encoder", "_sliding_window"}
 
 
@@ -48,6 +52,45 @@ class MoeArgs:
                 f"moe: need 1 <= num_experts_per_tok <= num_experts, got "
                 f"num_experts={self.num_experts}, num_experts_per_tok={self.num_experts_per_tok}"
             )
+
+
+@dataclass
+class HeadArgs:
+    """A task head in place of the language-model output (transformers' `*For{Sequence,Token}Classification`
+    and `*ForQuestionAnswering`): `kind` is "sequence", "token" or "qa".
+
+    Sequence classification pools at the last token that is not `pad_token_id`; question answering has
+    two outputs (start, end) whatever `num_labels` says. `bias` is whether the head's linear has one
+    (transformers: no for sequence, yes for token classification and question answering).
+    """
+
+    kind: str
+    num_labels: int
+    id2label: dict[int, str] = field(default_factory=dict)
+    pad_token_id: int | None = None
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS.values():
+            raise ValueError(f"head.kind must be one of {', '.join(HEAD_KINDS.values())}, got {self.kind!r}")
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
+            raise ValueError(f"head.num_labels must be a positive integer, got {self.num_labels!r}")
+        try:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"head.id2label must map integer ids to names, got {self.id2label!r}") from e
+        if self.kind != "qa" and self.id2label and sorted(self.id2label) != list(range(self.num_labels)):
+            raise ValueError(f"head.id2label must name labels 0..{self.num_labels - 1}, got ids {sorted(self.id2label)}")
+        if self.pad_token_id is not None and (not isinstance(self.pad_token_id, int) or self.pad_token_id < 0):
+            raise ValueError(f"head.pad_token_id must be a non-negative integer or None, got {self.pad_token_id!r}")
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the head's linear: 2 (start, end) for question answering, else num_labels."""
+        return 2 if self.kind == "qa" else self.num_labels
+
+    def label(self, index: int) -> str:
+        return self.id2label.get(index, f"LABEL_{index}")
 
 
 @dataclass
@@ -71,6 +114,7 @@ class ModelArgs:
     max_seq_len: int | None = None
     tied_embeddings: bool = False
     moe: MoeArgs | None = None
+    head: HeadArgs | None = None  # a task head instead of the vocabulary output (see heads.py)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +136,10 @@ class ModelArgs:
             raise ValueError(f"max_seq_len must be a positive integer or None, got {self.max_seq_len!r}")
         if isinstance(self.moe, dict):
             self.moe = MoeArgs(**self.moe)
+        if isinstance(self.head, dict):
+            self.head = HeadArgs(**self.head)
+        if self.head is not None and self.head.pad_token_id is not None and self.head.pad_token_id >= self.vocab_size:
+            raise ValueError(f"head.pad_token_id {self.head.pad_token_id} is not below vocab_size {self.vocab_size}")
 
     # ------------------------------------------------------------------ native params.json
     @classmethod
@@ -122,6 +170,7 @@ class ModelArgs:
                 max_seq_len=params.get("max_seq_len"),
                 tied_embeddings=bool(params.get("tied_embeddings", False)),
                 moe=MoeArgs(**_moe_fields(moe, source)) if moe else None,
+                head=_head_fields(params["head"], source) if params.get("head") else None,
                 extra={k: params[k] for k in _PARAMS_IGNORED if k in params},
             )
         except (ValueError, TypeError) as e:
@@ -146,6 +195,8 @@ class ModelArgs:
             out["tied_embeddings"] = True
         if self.moe is not None:
             out["moe"] = dataclasses.asdict(self.moe)
+        if self.head is not None:
+            out["head"] = dataclasses.asdict(self.head)
         return out
 
     # ------------------------------------------------------------------ Hugging Face config.json
@@ -153,6 +204,9 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any], source: str | Path = "config.json") -> ModelArgs:
         """Build from the dict of a Hugging Face `config.json` (Mistral, Mixtral or Llama)."""
         archs = config.get("architectures") or []
+        head = _hf_head(config, source)
+        if head is not None:  # the same families as their causal-LM classes
+            archs = [a.replace(suffix, "ForCausalLM") for a in archs for suffix in HEAD_KINDS if a.endswith(suffix)]
         family = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
         if family is None and config.get("model_type") in _HF_ARCHITECTURES.values():
             family = config["model_type"]
@@ -201,6 +255,7 @@ class ModelArgs:
                 max_seq_len=config.get("max_position_embeddings"),
                 tied_embeddings=bool(config.get("tie_word_embeddings", False)),
                 moe=moe,
+                head=head,
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(source, str(e)) from e
@@ -230,6 +285,13 @@ class ModelArgs:
         if self.moe is not None:
             out["num_local_experts"] = self.moe.num_experts
             out["num_experts_per_tok"] = self.moe.num_experts_per_tok
+        if self.head is not None:
+            suffix = next(s for s, kind in HEAD_KINDS.items() if kind == self.head.kind)
+            out["architectures"] = [arch.replace("ForCausalLM", suffix)]
+            labels = {i: self.head.label(i) for i in range(self.head.num_labels)}
+            out.update(id2label=labels, label2id={v: k for k, v in labels.items()}, pad_token_id=self.head.pad_token_id)
+            if self.head.kind == "token":
+                out["token_classification_bias"] = self.head.bias
         return out
 
     @property
@@ -240,7 +302,9 @@ class ModelArgs:
         if self.moe is not None:
             ffn = ffn * self.moe.num_experts + self.dim * self.moe.num_experts
         per_layer = attn + ffn + 2 * self.dim
-        heads = self.vocab_size * self.dim * (1 if self.tied_embeddings else 2)
+        heads = self.vocab_size * self.dim * (1 if self.tied_embeddings or self.head else 2)
+        if self.head is not None:
+            heads += self.head.n_outputs * (self.dim + self.head.bias)
         return self.n_layers * per_layer + heads + self.dim
 
 
@@ -248,6 +312,33 @@ def _moe_fields(moe: Any, source: str | Path) -> dict[str, int]:
     if not isinstance(moe, dict) or "num_experts" not in moe or "num_experts_per_tok" not in moe:
         raise ConfigError(source, f"moe must hold num_experts and num_experts_per_tok, got {moe!r}")
     return {"num_experts": moe["num_experts"], "num_experts_per_tok": moe["num_experts_per_tok"]}
+
+
+def _head_fields(head: Any, source: str | Path) -> HeadArgs:
+    if not isinstance(head, dict) or "kind" not in head or "num_labels" not in head:
+        raise ConfigError(source, f"head must hold kind and num_labels, got {head!r}")
+    unknown = sorted(set(head) - {f.name for f in dataclasses.fields(HeadArgs)})
+    if unknown:
+        raise ConfigError(source, f"head: unknown field(s) {', '.join(unknown)}")
+    return HeadArgs(**head)
+
+
+def _hf_head(config: dict[str, Any], source: str | Path) -> HeadArgs | None:
+    """The task head a transformers config.json names in `architectures`, or None for a causal LM."""
+    kinds = [kind for a in config.get("architectures") or [] for suffix, kind in HEAD_KINDS.items()
+             if a.endswith(suffix)]
+    if not kinds:
+        return None
+    id2label = config.get("id2label") or {}
+    if not isinstance(id2label, dict):
+        raise ConfigError(source, f"id2label must be an object, got {id2label!r}")
+    # transformers writes num_labels only through id2label (2 labels when it has none)
+    num_labels = len(id2label) if id2label else int(config.get("num_labels", 2))
+    bias = {"sequence": False, "qa": True}.get(kinds[0], bool(config.get("token_classification_bias", True)))
+    try:
+        return HeadArgs(kinds[0], num_labels, id2label, config.get("pad_token_id"), bias)
+    except ValueError as e:
+        raise ConfigError(source, str(e)) from e
 
 
 def _read_json(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `tramontane` command: demo, chat, complete, serve, convert, info, quantize."""
+"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, info, quantize, download, models."""
 
 from __future__ import annotations
 
@@ -70,9 +70,11 @@ def demo_model_path() -> Path:
 def resolve_model(arg: str | None) -> Path:
     if arg is None:
         return demo_model_path()
-    path = Path(arg)
+    from .download import resolve_model_name
+
+    path = resolve_model_name(arg)  # a path, or a downloaded model card's name
     if not path.exists():
-        raise CliError(f"--model {arg}: no such file or folder")
+        raise CliError(f"--model {arg}: no such file or folder, nor a model card (see `tramontane models`)")
     return path
 
 
@@ -166,6 +168,10 @@ def cmd_info(a: argparse.Namespace) -> int:
 
         types = Counter(kind for kind, _ in gguf_tensor_info(gguf_file(path)).values())
         info["tensor_types"] = ", ".join(f"{kind} {n}" for kind, n in types.most_common())
+    if args.head:
+        labels = ", ".join(args.head.label(i) for i in range(args.head.num_labels))
+        info["task_head"] = {"sequence": "sequence classification", "token": "token classification",
+                             "qa": "question answering"}[args.head.kind] + ("" if args.head.kind == "qa" else f" ({labels})")
     try:
         from .tokenizer import load_tokenizer
 
@@ -275,6 +281,96 @@ def cmd_complete(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(a: argparse.Namespace) -> int:
+    from .heads import TaskModel, classify
+
+    model, tokenizer, path = load_for_generation(a)
+    if not isinstance(model, TaskModel) or model.task.kind == "qa":
+        raise CliError(f"--model {path}: not a classification model (its config.json must name a "
+                       "*ForSequenceClassification or *ForTokenClassification architecture)")
+    results = []
+    for text in a.texts:
+        ids = tokenizer.encode(text, bos=True)
+        predictions = classify(model, ids)
+        if model.task.kind == "sequence":
+            p = predictions[0]
+            results.append({"text": text, "label": p.label, "score": round(p.score, 6),
+                            "scores": {k: round(v, 6) for k, v in p.scores.items()}})
+            if not a.json:
+                print(f"{p.label}\t{p.score:.4f}\t{text}")
+            continue
+        pieces = [tokenizer.id_to_piece(i) for i in ids]
+        results.append({"text": text, "tokens": [{"token": t, "label": p.label, "score": round(p.score, 6)}
+                                                 for t, p in zip(pieces, predictions)]})
+        if not a.json:
+            print(text)
+            for t, p in zip(pieces, predictions):
+                print(f"  {t!r:<20} {p.label}\t{p.score:.4f}")
+    if a.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_mask(a: argparse.Namespace) -> int:
+    from .mask_viz import visualize_mask
+
+    if a.window is not None and a.window < 1:
+        raise CliError(f"--window must be >= 1, got {a.window}")
+    try:
+        print(visualize_mask(resolve_model(a.model), a.texts, window=a.window, png=a.png))
+    except ImportError as e:
+        raise CliError(str(e)) from e
+    if a.png:
+        print(f"wrote {a.png}")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from .cards import find_card
+    from .download import cached, download_card, fetch
+
+    if "://" in a.model:
+        name = a.name or Path(a.model.split("?")[0]).name.removesuffix(".tar")
+        if a.offline:
+            folder = cached(name)
+        else:
+            if a.md5 is None and a.sha256 is None:
+                raise CliError("a URL needs --md5 or --sha256: downloads are verified before use")
+            folder = fetch(a.model, name, md5=a.md5, sha256=a.sha256, archive=not a.file)
+    else:
+        try:
+            card = find_card(a.model)
+        except KeyError as e:
+            raise CliError(str(e.args[0])) from e
+        folder = cached(card.name) if a.offline else download_card(card)
+    if folder is None:
+        raise CliError(f"{a.model}: not in the cache and --offline forbids downloading it")
+    print(folder)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .cards import load_cards
+    from .download import cache_home, cached
+
+    rows: list[dict[str, Any]] = []
+    for card in load_cards().values():
+        folder = cached(card.name)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder else None
+        rows.append({"name": card.name, "preset": card.preset, "format": card.format, "url": card.url,
+                     "md5": card.md5, "sha256": card.sha256, "tokenizer": card.tokenizer, "hf_repo": card.hf_repo,
+                     "card": card.source, "cached": str(folder) if folder else None, "size_bytes": size})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"cards: built-in and user ({cache_home() / 'models'} holds the downloads)")
+    for r in rows:
+        where = f"cached, {r['size_bytes'] / 2**30:.2f} GiB" if r["cached"] else "not downloaded"
+        print(f"{r['name']:<{width}}  {r['preset'] or '-':<16} {where}")
+    return 0
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     from .chat_repl import ChatSession
 
@@ -335,18 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
-    gen = argparse.ArgumentParser(add_help=False)
-    gen.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
-    gen.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
-    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    gen.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    load = argparse.ArgumentParser(add_help=False)  # what `load_for_generation` reads
+    load.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
+    load.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
+    load.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    load.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    load.add_argument("--quantize", choices=QUANT_METHODS, default=None,
+                      help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
+                           "Q4_0, or int4_asym with a minimum per group like Q4_1)")
+    load.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    load.add_argument("--compile", action="store_true",
+                      help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
+    gen = argparse.ArgumentParser(add_help=False, parents=[load])
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--quantize", choices=QUANT_METHODS, default=None,
-                     help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
-                          "Q4_0, or int4_asym with a minimum per group like Q4_1)")
-    gen.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
     gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
 
@@ -364,6 +461,34 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     co.add_argument("--json", action="store_true", help="print a JSON object with tokens, text and timing")
     co.set_defaults(func=cmd_complete, temperature_default=0.0)
+
+    cl = sub.add_parser("classify", parents=[common, load],
+                        help="label texts (or each of their tokens) with a classification model")
+    cl.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify, one result each")
+    cl.add_argument("--json", action="store_true", help="print a JSON list with every label's probability")
+    cl.set_defaults(func=cmd_classify)
+
+    mk = sub.add_parser("mask", parents=[common],
+                        help="draw which tokens each token attends to (causal, sliding window), one grid per prompt")
+    mk.add_argument("texts", nargs="+", metavar="TEXT", help="prompt(s); several are several batch rows")
+    mk.add_argument("--model", help="checkpoint whose tokenizer and attention rule to use (default: embedded SmolLM2)")
+    mk.add_argument("--window", type=int, default=None, help="sliding window to show instead of the model's")
+    mk.add_argument("--png", default=None, metavar="FILE", help="also draw the grids into a PNG (needs matplotlib)")
+    mk.set_defaults(func=cmd_mask)
+
+    dl = sub.add_parser("download", parents=[common],
+                        help="download a model by card name (or URL) into the cache, checksum verified")
+    dl.add_argument("model", metavar="NAME_OR_URL", help="a model card's name (`tramontane models`) or an http(s) URL")
+    dl.add_argument("--md5", default=None, help="with a URL: its md5 sum")
+    dl.add_argument("--sha256", default=None, help="with a URL: its sha256 sum")
+    dl.add_argument("--name", default=None, help="with a URL: the model's name in the cache (default: the file name)")
+    dl.add_argument("--file", action="store_true", help="with a URL: a single file (a .gguf), not a tar archive")
+    dl.add_argument("--offline", action="store_true", help="never download: print the cached folder or fail")
+    dl.set_defaults(func=cmd_download)
+
+    ms = sub.add_parser("models", parents=[common], help="list model cards and what the cache holds")
+    ms.add_argument("--json", action="store_true", help="print a JSON list with every card's fields")
+    ms.set_defaults(func=cmd_models)
 
     sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")

@@ -27,8 +27,10 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        # Tied models (SmolLM2, small Llamas) project with the embedding matrix and own no `output`.
-        self.output = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Tied models (SmolLM2, small Llamas) project with the embedding matrix and own no `output`;
+        # nor do models with a task head (heads.TaskModel), which project to labels instead.
+        lm_head = not args.tied_embeddings and args.head is None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if lm_head else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,6 +55,21 @@ class Transformer(nn.Module):
         positions are required; `rows` [B] picks the cache rows (default rows 0..B-1). `last_only`
         computes logits for the last position only ([B, 1, vocab]), which is all a prefill needs.
         """
+        h = self.features(tokens, positions, cache, rows, last_only)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()
+
+    def features(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, T, dim] (T = 1 with `last_only`) that the output head reads;
+        arguments as for `forward`."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -78,7 +95,4 @@ class Transformer(nn.Module):
         meta.commit()
         if last_only:
             h = h[:, -1:]
-        h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight).float()
-        return self.output(h).float()
+        return self.norm(h)

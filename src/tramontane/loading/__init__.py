@@ -12,6 +12,7 @@ import torch
 
 from ..args import ModelArgs
 from ..blocks import BLOCK_FORMATS, block_formats
+from ..download import resolve_model_name
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
 from ..model import Transformer
@@ -43,8 +44,8 @@ def checkpoint_format(path: str | Path) -> str:
 
 
 def read_model_args(path: str | Path) -> ModelArgs:
-    """The hyper-parameters of a checkpoint, without loading its weights."""
-    p = Path(path)
+    """The hyper-parameters of a checkpoint (or of a downloaded model card's name), without loading weights."""
+    p = resolve_model_name(path)
     fmt = checkpoint_format(p)
     if fmt == "native":
         return native.read_args(p)
@@ -75,16 +76,20 @@ def load_model(
     to that scheme. A checkpoint saved quantized (`tramontane quantize`) loads as it was saved, without
     quantizing again; so do the Q4_0 (Q4_1) tensors of a GGUF file loaded as "int4" ("int4_asym").
 
+    `path` may also be the name of a downloaded model card (`tramontane models` lists them).
+
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
+        >>> model = load_model("mistral-7b-instruct-v0.3")  # after `tramontane download mistral-7b-instruct-v0.3`
         >>> small = load_model("SmolLM2.gguf", quantize="int8")
 
     Raises:
-        CheckpointError: the path holds no usable checkpoint; the message names the file and problem.
+        CheckpointError: the path holds no usable checkpoint, or names a model card not downloaded yet
+            (`tramontane download NAME`); the message names the file and problem.
         ValueError: `quantize` names no known scheme, disagrees with the checkpoint's, or is given with
             `dequantize`.
     """
-    p = Path(path)
+    p = resolve_model_name(path)
     fmt = checkpoint_format(p)
     wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
     if wanted is not None and dequantize:

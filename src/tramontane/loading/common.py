@@ -15,6 +15,7 @@ from ..args import ModelArgs
 from ..blocks import use_block_formats
 from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
+from ..heads import model_for
 from ..kernels import HUGE_PAGE, qlinear, weight_empty
 from ..model import Transformer
 from ..quantize import (
@@ -34,7 +35,7 @@ NamedTensors = Iterable[tuple[str, torch.Tensor, Path]]
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of `args` must hold, by internal (Mistral-native) name."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_for(args)  # with its task head, if the checkpoint has one
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -61,7 +62,7 @@ def build_model(
     missing tensor.
     """
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_for(args)  # with its task head, if the checkpoint has one
     if quant is not None:
         quantize_model(model, quant)
     if formats:

@@ -35,6 +35,9 @@ _PER_LAYER = {
     "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
     "mlp.gate.weight": "feed_forward.gate.weight",  # transformers >= 5 in memory
 }
+# task heads (heads.py): transformers' `score` (classification) or `qa_outputs` (question answering)
+_HEAD = {"score.weight": "head.weight", "score.bias": "head.bias",
+         "qa_outputs.weight": "head.weight", "qa_outputs.bias": "head.bias"}
 _EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
 
@@ -81,6 +84,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 def to_internal(name: str, tensor: torch.Tensor, args: ModelArgs, source: Path) -> list[tuple[str, torch.Tensor]]:
     """Map one Hugging Face tensor to internal name(s); q/k are un-permuted, fused experts split."""
+    if args.head is not None:
+        if name in _HEAD:
+            return [(_HEAD[name], tensor)]
+        if name.startswith("transformer."):  # LlamaForQuestionAnswering's body prefix
+            name = "model." + name.removeprefix("transformer.")
     if name in _GLOBAL:
         if name == "lm_head.weight" and args.tied_embeddings:
             return []  # some tied checkpoints store the shared matrix twice
@@ -121,6 +129,16 @@ def iter_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Ten
 
 def to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """Map one internal tensor to its Hugging Face name (q/k re-permuted)."""
+    hf_name, tensor = _to_hf_body(name, tensor, args)
+    if args.head is not None and args.to_hf_config()["architectures"] == ["LlamaForQuestionAnswering"]:
+        hf_name = hf_name.replace("model.", "transformer.", 1)  # that class keeps its old body prefix
+    return hf_name, tensor
+
+
+def _to_hf_body(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    if name.startswith("head."):
+        assert args.head is not None  # only a TaskModel has a head
+        return ("qa_outputs." if args.head.kind == "qa" else "score.") + name.removeprefix("head."), tensor
     reverse = {v: k for k, v in _GLOBAL.items()}
     if name in reverse:
         return reverse[name], tensor
