@@ -16,6 +16,7 @@ from ..model import Transformer
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
 from .common import build_model
+from .validate import check_memory
 
 GGUF_MAGIC = b"GGUF"
 
@@ -71,8 +72,12 @@ def load_model(
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
         >>> small = load_model("SmolLM2.gguf", quantize="int8")
 
+    Before any memory is reserved, every config field is checked against the tensors the checkpoint
+    holds (layers, experts, vocabulary, head sizes) and the weights' size against the memory available.
+
     Raises:
-        CheckpointError: the path holds no usable checkpoint; the message names the file and problem.
+        CheckpointError: the path holds no usable checkpoint, or it does not fit in memory; the message
+            names the file and problem (ConfigError: the config field).
         ValueError: `quantize` names no known scheme or disagrees with the checkpoint's.
     """
     p = Path(path)
@@ -83,9 +88,11 @@ def load_model(
         saved = native.read_quantization(p, args)
         if saved is not None and wanted is not None and saved != wanted:
             raise ValueError(f"quantize: {p} is already quantized as {saved.method}; it cannot be loaded as {wanted.method}")
+        check_memory(args, dtype, saved or wanted, device, p)
         return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted)
     if fmt == "hf":
         args = hf.read_args(p)
+        check_memory(args, dtype, wanted, device, p)
         return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
     from gguf import GGMLQuantizationType
 
@@ -94,6 +101,7 @@ def load_model(
     file = _gguf_file(p)
     reader = open_gguf(file)
     args = read_gguf_args(reader)
+    check_memory(args, dtype, wanted, device, file)
     # Q4_0 (Q4_1) blocks are int4 (int4_asym) with groups of 32 already: taken as they are, not
     # dequantized and quantized again
     keep = {QuantConfig("int4", 32): GGMLQuantizationType.Q4_0,

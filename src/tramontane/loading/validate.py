@@ -1,0 +1,137 @@
+"""Checks run before any memory is reserved for a model: do the hyper-parameters agree with the tensors
+the checkpoint actually holds, and does the model fit in the memory the machine has?
+
+A config that says 10^9 layers (or 2^40 experts) would otherwise build 10^9 modules on the meta device,
+and a bit flipped in a GGUF metadata value would size the model by it. Both are caught here from the
+tensors' names and shapes alone (safetensors and GGUF headers), before `Transformer(args)` runs.
+
+Example:
+    >>> check_against_tensors(args, {"norm.weight": (64,), ...}, "params.json", NATIVE_FIELDS)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..args import ModelArgs
+from ..errors import CheckpointError, ConfigError
+from ..quantize import QuantConfig
+
+# ModelArgs field -> how each format's config names it, for the error messages.
+NATIVE_FIELDS = {"dim": "dim", "n_layers": "n_layers", "vocab_size": "vocab_size", "n_heads": "n_heads",
+                 "n_kv_heads": "n_kv_heads", "head_dim": "head_dim", "hidden_dim": "hidden_dim",
+                 "num_experts": "moe.num_experts"}
+HF_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "vocab_size": "vocab_size",
+             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "hidden_dim": "intermediate_size", "num_experts": "num_local_experts"}
+
+
+def gguf_fields(arch: str) -> dict[str, str]:
+    """The GGUF metadata keys of an `arch` file, under the same ModelArgs names."""
+    keys = {"dim": "embedding_length", "n_layers": "block_count", "vocab_size": "vocab_size",
+            "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+            "head_dim": "attention.key_length", "hidden_dim": "feed_forward_length", "num_experts": "expert_count"}
+    return {field: f"{arch}.{key}" for field, key in keys.items()}
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.")
+
+
+def check_against_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: str | Path,
+                          fields: Mapping[str, str]) -> None:
+    """Compare `args` with the tensors present: `shapes` maps internal names to shapes (for quantized
+    tensors, the rows must be the logical ones; columns are not compared).
+
+    Raises:
+        ConfigError: a count or size in the config disagrees with the tensors (named: the config field,
+            the value it holds, and what the tensors say).
+    """
+
+    def refuse(field: str, value: object, found: str) -> ConfigError:
+        return ConfigError(source, f"{fields[field]} is {value}, but {found}")
+
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+    if layers and layers != set(range(len(layers))):
+        gaps = sorted(set(range(max(layers) + 1)) - layers)[:5]
+        raise CheckpointError(source, f"the weights skip layer(s) {gaps} of 0..{max(layers)}")
+    if args.n_layers != len(layers):
+        raise refuse("n_layers", args.n_layers, f"the weights hold {len(layers)} layers")
+    experts: dict[int, set[int]] = {}
+    for name in shapes:
+        if (m := _EXPERT.match(name)) is not None:
+            experts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    counts = {len(e) for e in experts.values()}
+    if args.moe is None and experts:
+        raise ConfigError(source, f"the weights hold {max(counts)} experts per layer, but {fields['num_experts']} "
+                                  "is not set")
+    if args.moe is not None and counts != {args.moe.num_experts}:
+        found = ", ".join(str(c) for c in sorted(counts)) or "no"
+        raise refuse("num_experts", args.moe.num_experts, f"the weights hold {found} experts per layer")
+
+    def rows(name: str) -> int | None:
+        shape = shapes.get(name)
+        return shape[0] if shape else None
+
+    embedding = rows("tok_embeddings.weight") or rows("tok_embeddings.table.weight")
+    if embedding is not None and embedding != args.vocab_size:
+        raise refuse("vocab_size", args.vocab_size, f"the embedding tok_embeddings.weight has {embedding} rows")
+    norm = rows("norm.weight")
+    if norm is not None and norm != args.dim:
+        raise refuse("dim", args.dim, f"norm.weight has {norm} entries")
+    for name, field, heads in (("attention.wq", "n_heads", args.n_heads), ("attention.wk", "n_kv_heads", args.n_kv_heads),
+                               ("attention.wv", "n_kv_heads", args.n_kv_heads)):
+        present = rows(f"layers.0.{name}.weight")
+        if present is not None and present != heads * args.head_dim:
+            raise ConfigError(
+                source, f"{fields[field]} ({heads}) x {fields['head_dim']} ({args.head_dim}) is {heads * args.head_dim}, "
+                        f"but layers.0.{name}.weight has {present} rows",
+            )
+    ffn = rows("layers.0.feed_forward.w1.weight") or rows("layers.0.feed_forward.experts.0.w1.weight")
+    if ffn is not None and ffn != args.hidden_dim:
+        raise refuse("hidden_dim", args.hidden_dim, f"the feed-forward w1 has {ffn} rows")
+
+
+def bytes_per_weight(dtype: torch.dtype, quant: QuantConfig | None) -> float:
+    """Memory one weight takes once loaded: its dtype's size, or the quantized size with its scales."""
+    if quant is None:
+        return torch.empty((), dtype=dtype).element_size()
+    if quant.method == "int8":
+        return 1.0  # plus one scale per row: negligible
+    return 0.5 + (2 if quant.method == "int4" else 4) / quant.group_size
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes the machine can still give a model on `device`; None where it cannot tell."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    info = {line.split(":")[0]: line.split()[1:] for line in lines}
+    if "MemAvailable" not in info:
+        return None
+    return int(info["MemAvailable"][0]) * 1024
+
+
+def check_memory(args: ModelArgs, dtype: torch.dtype, quant: QuantConfig | None, device: torch.device | str,
+                 source: str | Path, available: int | None = None) -> int:
+    """The bytes the loaded weights will take; CheckpointError when that exceeds the memory available
+    (`available` bytes, or what the machine reports for `device`)."""
+    need = int(args.n_params * bytes_per_weight(dtype, quant))
+    have = available_memory(device) if available is None else available
+    if have is not None and need > have:
+        what = quant.method if quant is not None else str(dtype).removeprefix("torch.")
+        raise CheckpointError(
+            source, f"loading needs about {need / 2**30:.2f} GiB ({args.n_params:,} weights as {what}) but only "
+                    f"{have / 2**30:.2f} GiB of memory is available on {torch.device(device)}",
+        )
+    return need
