@@ -235,7 +235,7 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # what weights_only raises for a pickle that would run code
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it would call {refused.group(1)}" if refused else str(e).splitlines()[0]
         raise CheckpointError(path, f"refused to load a PyTorch checkpoint that is not plain tensors: {what}") from e
     except Exception as e:  # torch raises many types for corrupt pickles

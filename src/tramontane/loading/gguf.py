@@ -152,6 +152,8 @@ def read_gguf_args(source: GGUFReader | str | Path) -> ModelArgs:
         value = get_int(key)
         if value is None:
             raise ConfigError(path, f"missing metadata field {arch}.{key}")
+        if value < 1:
+            raise ConfigError(path, f"{arch}.{key}: expected a positive integer, got {value}")
         return value
 
     def get_float(key: str) -> float | None:
@@ -241,6 +243,10 @@ def _check_args_against_tensors(reader: GGUFReader, args: ModelArgs, arch: str, 
         if mapped is not None:  # unknown names are reported by _plan
             shapes.update(dict.fromkeys(mapped[0], mapped[1]))
     check_against_tensors(args, shapes, path, gguf_fields(arch))
+    stated = _meta(reader, f"{arch}.vocab_size", path)
+    if stated is not None and stated != args.vocab_size:
+        raise ConfigError(path, f"{arch}.vocab_size is {stated!r}, but the embedding token_embd.weight has "
+                                f"{args.vocab_size} rows")
 
 
 def iter_gguf_tensors(
