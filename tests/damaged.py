@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from gguf import GGUFReader
 
-from tramontane import ModelArgs
+from tramontane import CheckpointError, ModelArgs, TokenizerError, load_model
 from tramontane.args import MoeArgs
-from tramontane.loading import hf, native
+from tramontane.loading import hf, native, read_model_args
 from tramontane.loading.common import expected_shapes
 from tramontane.loading.gguf_write import write_gguf
+from tramontane.tokenizer import load_tokenizer
 
 ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                  vocab_size=40, max_seq_len=256)
@@ -79,3 +82,23 @@ def set_gguf_array_length(path: Path, key: str, length: int) -> None:
     reader.data.flush()
 
 
+
+
+def load_all_ways(path: Path, tokenizer: bool = True, seconds: float = 5.0) -> None:
+    """Load `path` as the CLI does (args, model, tokenizer): only our own errors may come out, naming
+    the file, and within `seconds`. Any other exception propagates: that is a bug the fuzzers found."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown fields are warned about: fine here
+        try:
+            read_model_args(path)
+            load_model(path)
+        except CheckpointError as e:
+            assert e.path and e.problem
+        if tokenizer:
+            try:
+                load_tokenizer(path)
+            except TokenizerError as e:
+                assert e.path and e.problem
+    took = time.perf_counter() - start
+    assert took < seconds, f"{path}: took {took:.1f}s"

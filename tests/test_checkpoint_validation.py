@@ -14,6 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import tramontane.loading.common as common
+from tramontane import CheckpointError, ConfigError, TensorMismatchError, TokenizerError, load_model
+from tramontane.cli import main
+from tramontane.loading import read_model_args
+from tramontane.loading import validate as validate_module
+from tramontane.loading.gguf_layout import check_gguf_layout
+from tramontane.tokenizer import load_tokenizer
+
 from damaged import (
     ARGS,
     MOE_ARGS,
@@ -25,15 +35,6 @@ from damaged import (
     set_gguf_array_length,
     set_gguf_scalar,
 )
-from safetensors.torch import save_file
-
-import tramontane.loading.common as common
-from tramontane import CheckpointError, ConfigError, TensorMismatchError, TokenizerError, load_model
-from tramontane.cli import main
-from tramontane.loading import read_model_args
-from tramontane.loading import validate as validate_module
-from tramontane.loading.gguf_layout import check_gguf_layout
-from tramontane.tokenizer import load_tokenizer
 
 
 def fails_fast(error: type[Exception], match: str, call, *args, seconds: float = 2.0) -> Exception:
@@ -79,6 +80,14 @@ def test_native_bad_params(tmp_path: Path, changes: dict, match: str) -> None:
     edit_json(folder / "params.json", **changes)
     e = fails_fast(ConfigError, match, load_model, folder)
     assert e.path == str(folder / "params.json")
+
+
+@pytest.mark.parametrize("name", ["params.json", "config.json"])
+def test_config_that_is_not_utf8(tmp_path: Path, name: str) -> None:
+    """Found by atheris: a params.json with one byte changed raised UnicodeDecodeError."""
+    folder = (native_folder if name == "params.json" else hf_folder)(tmp_path / "m")
+    (folder / name).write_bytes((folder / name).read_bytes().replace(b"}", b"\xcc}"))
+    fails_fast(ConfigError, "invalid JSON: not UTF-8", load_model, folder)
 
 
 def test_native_expert_count_against_tensors(tmp_path: Path) -> None:

@@ -159,8 +159,10 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any], source: str | Path = "config.json") -> ModelArgs:
         """Build from the dict of a Hugging Face `config.json` (Mistral, Mixtral or Llama)."""
         archs = config.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(source, f"architectures must be a list of class names, got {archs!r}")
         family = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
-        if family is None and config.get("model_type") in _HF_ARCHITECTURES.values():
+        if family is None and isinstance(config.get("model_type"), str) and config["model_type"] in _HF_ARCHITECTURES.values():
             family = config["model_type"]
         if family is None:
             raise ConfigError(
@@ -320,6 +322,8 @@ def _read_json(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(path, f"cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"invalid JSON: not UTF-8 ({e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
