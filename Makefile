@@ -39,7 +39,8 @@ fuzz: setup
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_checkpoints.py
 	$(PY) -m pip install --quiet --no-deps atheris || echo "atheris does not install here: skipping the coverage-guided run"
 	if $(PY) -c "import atheris" 2>/dev/null; then \
-		PYTHONPATH=src $(PY) fuzz/atheris_checkpoints.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=3072; fi
+		mkdir -p fuzz/findings && PYTHONPATH=src $(PY) fuzz/atheris_checkpoints.py -max_total_time=$(FUZZ_SECONDS) \
+			-timeout=10 -rss_limit_mb=3072 -artifact_prefix=fuzz/findings/; fi
 
 # llama.cpp builds from source once (pip caches the wheel); BENCH_ARGS=--quick for a smoke run.
 bench: setup
