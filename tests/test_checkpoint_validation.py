@@ -170,7 +170,12 @@ def test_hf_index_outside_the_folder_is_refused_before_opening(tmp_path: Path, e
         "model.embed_tokens.weight": escape, "model.norm.weight": "model-00001-of-00001.safetensors"}}))
     opened: list[str] = []
     original = common.safe_open
-    monkeypatch.setattr(common, "safe_open", lambda path, **kw: opened.append(path) or original(path, **kw))
+
+    def recording(path, **kwargs):
+        opened.append(path)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(common, "safe_open", recording)
     e = fails_fast(CheckpointError, "outside the checkpoint folder", load_model, folder)
     assert e.path == str(folder / "model.safetensors.index.json")
     assert opened == []
