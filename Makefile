@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tramontane-installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ test: lint
 demo: setup
 	$(VENV)/bin/tramontane demo
 	printf 'Name three winds of the Mediterranean.\n' | $(VENV)/bin/tramontane chat --max-tokens 64
+
+# The suite's fuzz tests with many more examples, then a coverage-guided atheris run (FUZZ_SECONDS each);
+# atheris is optional: without a wheel for this platform only the hypothesis part runs.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_checkpoints.py
+	$(PY) -m pip install --quiet --no-deps atheris || echo "atheris does not install here: skipping the coverage-guided run"
+	if $(PY) -c "import atheris" 2>/dev/null; then \
+		mkdir -p fuzz/findings && PYTHONPATH=src $(PY) fuzz/atheris_checkpoints.py -max_total_time=$(FUZZ_SECONDS) \
+			-timeout=10 -rss_limit_mb=3072 -artifact_prefix=fuzz/findings/; fi
 
 # llama.cpp's C++ tools build from the llama-cpp-python sdist once (~15 min on 2 cores), cached in
 # ~/.cache/tramontane-bench; BENCH_ARGS=--quick for a smoke run of run.py.

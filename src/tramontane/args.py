@@ -153,22 +153,28 @@ class ModelArgs:
         unknown = sorted(set(params) - known - _PARAMS_IGNORED)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown field(s) {', '.join(unknown)}", stacklevel=2)
+        dim, n_heads = _int(params, "dim", source), _int(params, "n_heads", source)
+        head_dim = _opt_int(params, "head_dim", source)
+        if head_dim is None:
+            if dim % n_heads:
+                raise ConfigError(source, f"dim ({dim}) is not a multiple of n_heads ({n_heads}) and no head_dim is given")
+            head_dim = dim // n_heads
         moe = params.get("moe")
         try:
             return cls(
-                dim=params["dim"],
-                n_layers=params["n_layers"],
-                head_dim=params.get("head_dim") or params["dim"] // params["n_heads"],
-                hidden_dim=params["hidden_dim"],
-                n_heads=params["n_heads"],
-                n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-                norm_eps=float(params["norm_eps"]),
-                vocab_size=params["vocab_size"],
+                dim=dim,
+                n_layers=_int(params, "n_layers", source),
+                head_dim=head_dim,
+                hidden_dim=_int(params, "hidden_dim", source),
+                n_heads=n_heads,
+                n_kv_heads=_opt_int(params, "n_kv_heads", source) or n_heads,
+                norm_eps=_float(params, "norm_eps", source),
+                vocab_size=_int(params, "vocab_size", source),
                 # The original Mistral 7B v0.1 params.json has no rope_theta: it means 1e4, not 1e6.
-                rope_theta=float(params.get("rope_theta") or 10000.0),
-                sliding_window=params.get("sliding_window"),
-                max_seq_len=params.get("max_seq_len"),
-                tied_embeddings=bool(params.get("tied_embeddings", False)),
+                rope_theta=_opt_float(params, "rope_theta", source) or 10000.0,
+                sliding_window=_opt_int(params, "sliding_window", source),
+                max_seq_len=_opt_int(params, "max_seq_len", source),
+                tied_embeddings=_bool(params, "tied_embeddings", source),
                 moe=MoeArgs(**_moe_fields(moe, source)) if moe else None,
                 head=_head_fields(params["head"], source) if params.get("head") else None,
                 extra={k: params[k] for k in _PARAMS_IGNORED if k in params},
@@ -204,11 +210,13 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any], source: str | Path = "config.json") -> ModelArgs:
         """Build from the dict of a Hugging Face `config.json` (Mistral, Mixtral or Llama)."""
         archs = config.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(source, f"architectures must be a list of class names, got {archs!r}")
         head = _hf_head(config, source)
         if head is not None:  # the same families as their causal-LM classes
             archs = [a.replace(suffix, "ForCausalLM") for a in archs for suffix in HEAD_KINDS if a.endswith(suffix)]
         family = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
-        if family is None and config.get("model_type") in _HF_ARCHITECTURES.values():
+        if family is None and isinstance(config.get("model_type"), str) and config["model_type"] in _HF_ARCHITECTURES.values():
             family = config["model_type"]
         if family is None:
             raise ConfigError(
@@ -224,37 +232,48 @@ class ModelArgs:
         for key in ("attention_bias", "mlp_bias"):
             if config.get(key):
                 raise ConfigError(source, f"{key}=true is not supported (Llama-shaped models have no biases)")
-        rope = config.get("rope_parameters") or {}
-        scaling = config.get("rope_scaling") or rope
+        rope = _dict(config, "rope_parameters", source)
+        scaling = _dict(config, "rope_scaling", source) or rope
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", None):
             raise ConfigError(source, f"rope scaling {rope_type!r} is not supported")
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        theta = _opt_float(config, "rope_theta", source) or _opt_float(
+            rope, "rope_theta", source, where="rope_parameters.") or 10000.0
         unknown = sorted(set(config) - _HF_IGNORED)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown field(s) {', '.join(unknown)}", stacklevel=2)
-        n_heads = config["num_attention_heads"]
-        window = config.get("sliding_window") if family != "llama" else None
+        dim, n_heads = _int(config, "hidden_size", source), _int(config, "num_attention_heads", source)
+        head_dim = _opt_int(config, "head_dim", source)
+        if head_dim is None:
+            if dim % n_heads:
+                raise ConfigError(
+                    source, f"hidden_size ({dim}) is not a multiple of num_attention_heads ({n_heads}) and no "
+                    "head_dim is given"
+                )
+            head_dim = dim // n_heads
+        window = _opt_int(config, "sliding_window", source) if family != "llama" else None
         if config.get("use_sliding_window") is False and family != "mistral":
             window = None
         moe = None
-        if family == "mixtral" or config.get("num_local_experts"):
-            moe = MoeArgs(config.get("num_local_experts", 8), config.get("num_experts_per_tok", 2))
+        experts = _opt_int(config, "num_local_experts", source)
+        if family == "mixtral" or experts is not None:
+            used = _opt_int(config, "num_experts_per_tok", source)
+            moe = (8 if experts is None else experts, 2 if used is None else used)
         try:
             return cls(
-                dim=config["hidden_size"],
-                n_layers=config["num_hidden_layers"],
-                head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-                hidden_dim=config["intermediate_size"],
+                dim=dim,
+                n_layers=_int(config, "num_hidden_layers", source),
+                head_dim=head_dim,
+                hidden_dim=_int(config, "intermediate_size", source),
                 n_heads=n_heads,
-                n_kv_heads=config.get("num_key_value_heads") or n_heads,
-                norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                vocab_size=config["vocab_size"],
-                rope_theta=float(theta),
+                n_kv_heads=_opt_int(config, "num_key_value_heads", source) or n_heads,
+                norm_eps=_opt_float(config, "rms_norm_eps", source) or 1e-6,
+                vocab_size=_int(config, "vocab_size", source),
+                rope_theta=theta,
                 sliding_window=window,
-                max_seq_len=config.get("max_position_embeddings"),
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                moe=moe,
+                max_seq_len=_opt_int(config, "max_position_embeddings", source),
+                tied_embeddings=_bool(config, "tie_word_embeddings", source),
+                moe=MoeArgs(*moe) if moe else None,
                 head=head,
             )
         except (ValueError, TypeError) as e:
@@ -311,7 +330,55 @@ class ModelArgs:
 def _moe_fields(moe: Any, source: str | Path) -> dict[str, int]:
     if not isinstance(moe, dict) or "num_experts" not in moe or "num_experts_per_tok" not in moe:
         raise ConfigError(source, f"moe must hold num_experts and num_experts_per_tok, got {moe!r}")
-    return {"num_experts": moe["num_experts"], "num_experts_per_tok": moe["num_experts_per_tok"]}
+    return {key: _int(moe, key, source, where="moe.") for key in ("num_experts", "num_experts_per_tok")}
+
+
+# Field readers for params.json / config.json: each value's type and sign checked before any arithmetic,
+# the error naming the field (`where` is the path of the dict inside the file, e.g. "moe.").
+def _int(data: dict[str, Any], key: str, source: str | Path, where: str = "") -> int:
+    value = _opt_int(data, key, source, where)
+    if value is None:
+        raise ConfigError(source, f"missing required field {where}{key}")
+    return value
+
+
+def _opt_int(data: dict[str, Any], key: str, source: str | Path, where: str = "") -> int | None:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(source, f"{where}{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _float(data: dict[str, Any], key: str, source: str | Path, where: str = "") -> float:
+    value = _opt_float(data, key, source, where)
+    if value is None:
+        raise ConfigError(source, f"missing required field {where}{key}")
+    return value
+
+
+def _opt_float(data: dict[str, Any], key: str, source: str | Path, where: str = "") -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ConfigError(source, f"{where}{key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(data: dict[str, Any], key: str, source: str | Path) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(source, f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _dict(data: dict[str, Any], key: str, source: str | Path) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(source, f"{key} must be a JSON object, got {value!r}")
+    return value
 
 
 def _head_fields(head: Any, source: str | Path) -> HeadArgs:
@@ -346,6 +413,8 @@ def _read_json(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(path, f"cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"invalid JSON: not UTF-8 ({e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

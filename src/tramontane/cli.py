@@ -552,14 +552,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.temperature = a.temperature_default
     try:
         return func(a)
-    except (CliError, CheckpointError, TokenizerError, ValueError, OSError) as e:
-        if a.debug:
-            raise
-        print(f"tramontane: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as e:
+        if a.debug:
+            raise
+        print(f"tramontane: error: {error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def error_line(e: BaseException) -> str:
+    """One line for the terminal: our own errors as they are; anything else (a bug, or a check we lack)
+    with its type and a pointer to --debug, never a traceback."""
+    text = " ".join(str(e).split())
+    if isinstance(e, (CliError, CheckpointError, TokenizerError, ValueError, OSError)):
+        return text
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

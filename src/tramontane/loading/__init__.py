@@ -19,6 +19,7 @@ from ..model import Transformer
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
 from .common import build_model
+from .validate import check_memory
 
 GGUF_MAGIC = b"GGUF"
 
@@ -83,9 +84,13 @@ def load_model(
         >>> model = load_model("mistral-7b-instruct-v0.3")  # after `tramontane download mistral-7b-instruct-v0.3`
         >>> small = load_model("SmolLM2.gguf", quantize="int8")
 
+    Before any memory is reserved, every config field is checked against the tensors the checkpoint
+    holds (layers, experts, vocabulary, head sizes) and the weights' size against the memory available.
+
     Raises:
-        CheckpointError: the path holds no usable checkpoint, or names a model card not downloaded yet
-            (`tramontane download NAME`); the message names the file and problem.
+        CheckpointError: the path holds no usable checkpoint, names a model card not downloaded yet
+            (`tramontane download NAME`), or does not fit in memory; the message names the file and
+            problem (ConfigError: the config field).
         ValueError: `quantize` names no known scheme, disagrees with the checkpoint's, or is given with
             `dequantize`.
     """
@@ -99,17 +104,20 @@ def load_model(
         saved = native.read_quantization(p, args)
         if saved is not None and wanted is not None and saved != wanted:
             raise ValueError(f"quantize: {p} is already quantized as {saved.method}; it cannot be loaded as {wanted.method}")
+        check_memory(args, dtype, saved or wanted, device, p)
         return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted)
     if fmt == "hf":
         args = hf.read_args(p)
+        check_memory(args, dtype, wanted, device, p)
         return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
-    from .gguf import dequantized_types, iter_gguf_tensors, kept_formats, open_gguf, read_gguf_args
+    from .gguf import dequantized_types, iter_gguf_tensors, kept_formats, loaded_bytes, open_gguf, read_gguf_args
 
     file = gguf_file(p)
     reader = open_gguf(file)
     args = read_gguf_args(reader)
     keep = _kept_types(wanted, dequantize)
     formats = kept_formats(reader, args, keep) if wanted is None else {}
+    check_memory(args, dtype, wanted, device, file, need=None if wanted else loaded_bytes(reader, formats.values(), dtype))
     if not dequantize and wanted is None and (lost := dequantized_types(reader, formats.values())):
         warnings.warn(f"{file}: no kernel for {', '.join(lost)}: those tensors are dequantized to {dtype}",
                       stacklevel=2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import pickle
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -226,10 +228,11 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise CheckpointError(path, f"cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
 
-def safetensors_keys(path: Path) -> list[str]:
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header alone."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise CheckpointError(path, f"cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
@@ -238,8 +241,13 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     """A `.pth` state dict, memory-mapped and without executing any code from the file."""
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(path, f"cannot read PyTorch checkpoint safely ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:  # what weights_only raises for a pickle that would run code
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {refused.group(1)}" if refused else str(e).splitlines()[0]
+        raise CheckpointError(path, f"refused to load a PyTorch checkpoint that is not plain tensors: {what}") from e
+    except Exception as e:  # torch raises many types for corrupt pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(path, f"cannot read PyTorch checkpoint safely ({type(e).__name__}: {first})") from e
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(path, "expected a flat dict of tensor name -> tensor")
     return data

@@ -35,6 +35,8 @@ from ..blocks import fits, row_bytes
 from ..errors import CheckpointError, ConfigError, TensorMismatchError
 from ..kernels import qlinear, weight_empty
 from .common import expected_shapes
+from .gguf_layout import check_gguf_layout
+from .validate import check_against_tensors, gguf_fields
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = ("llama", "mistral")  # newer llama.cpp writes "mistral" for native Mistral checkpoints
@@ -85,6 +87,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
     if magic != GGUF_MAGIC:
         raise CheckpointError(path, f"not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    check_gguf_layout(path)  # every count and offset checked against the file before the reader trusts them
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader fails on bad bytes with whatever numpy raises first
@@ -150,6 +153,8 @@ def read_gguf_args(source: GGUFReader | str | Path) -> ModelArgs:
         value = get_int(key)
         if value is None:
             raise ConfigError(path, f"missing metadata field {arch}.{key}")
+        if value < 1:
+            raise ConfigError(path, f"{arch}.{key}: expected a positive integer, got {value}")
         return value
 
     def get_float(key: str) -> float | None:
@@ -177,7 +182,7 @@ def read_gguf_args(source: GGUFReader | str | Path) -> ModelArgs:
 
     dim = require_int("embedding_length")
     n_heads = require_int("attention.head_count")
-    head_dim = get_int("attention.key_length") or dim // n_heads
+    head_dim = get_int("attention.key_length") or _split_heads(dim, n_heads, arch, path)
     value_dim = get_int("attention.value_length") or head_dim
     if value_dim != head_dim:
         raise ConfigError(path, f"{arch}.attention.value_length ({value_dim}) differs from key_length ({head_dim})")
@@ -201,7 +206,7 @@ def read_gguf_args(source: GGUFReader | str | Path) -> ModelArgs:
 
     tensors = {t.name: t for t in reader.tensors}
     try:
-        return ModelArgs(
+        args = ModelArgs(
             dim=dim,
             n_layers=require_int("block_count"),
             head_dim=head_dim,
@@ -218,6 +223,31 @@ def read_gguf_args(source: GGUFReader | str | Path) -> ModelArgs:
         )
     except ValueError as e:
         raise ConfigError(path, str(e)) from e
+    _check_args_against_tensors(reader, args, arch, path)
+    return args
+
+
+def _split_heads(dim: int, n_heads: int, arch: str, path: str) -> int:
+    """head_dim when the file gives no key_length: the embedding split evenly between the heads."""
+    if n_heads < 1 or dim % n_heads:
+        raise ConfigError(path, f"{arch}.embedding_length ({dim}) is not a multiple of {arch}.attention.head_count "
+                                f"({n_heads}) and no {arch}.attention.key_length is given")
+    return dim // n_heads
+
+
+def _check_args_against_tensors(reader: GGUFReader, args: ModelArgs, arch: str, path: str) -> None:
+    """Metadata against the tensor table (block_count = blocks present, ...), before any model is built
+    from it: a flipped bit in a count would otherwise size the model."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tensor in reader.tensors:
+        mapped = _internal_names(tensor.name, _torch_shape(tensor), path)
+        if mapped is not None:  # unknown names are reported by _plan
+            shapes.update(dict.fromkeys(mapped[0], mapped[1]))
+    check_against_tensors(args, shapes, path, gguf_fields(arch))
+    stated = _meta(reader, f"{arch}.vocab_size", path)
+    if stated is not None and stated != args.vocab_size:
+        raise ConfigError(path, f"{arch}.vocab_size is {stated!r}, but the embedding token_embd.weight has "
+                                f"{args.vocab_size} rows")
 
 
 def iter_gguf_tensors(
@@ -283,6 +313,13 @@ def kept_formats(source: GGUFReader | str | Path, args: ModelArgs, keep: Collect
         if kind is not None:
             formats.update(dict.fromkeys(names, kind))
     return formats
+
+
+def loaded_bytes(source: GGUFReader | str | Path, keep: Collection[str], dtype: torch.dtype) -> int:
+    """The bytes a load keeping the formats in `keep` will hold: those tensors' own bytes, and the
+    others' elements as `dtype`."""
+    reader = _reader(source)
+    return sum(int(t.n_bytes) if _kept(t, keep) else int(t.n_elements) * dtype.itemsize for t in reader.tensors)
 
 
 def dequantized_types(source: GGUFReader | str | Path, keep: Collection[str]) -> list[str]:

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
-from .common import iter_safetensors
+from .common import iter_safetensors, safetensors_shapes
+from .validate import HF_FIELDS, check_against_tensors
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
@@ -59,17 +60,33 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def read_args(folder: Path) -> ModelArgs:
-    return ModelArgs.from_hf_config_json(folder / "config.json")
+    """The folder's `config.json`, checked against the names and shapes of the tensors its weights hold
+    (read from the safetensors headers, through the same name table as the weights)."""
+    args = ModelArgs.from_hf_config_json(folder / "config.json")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(folder):
+        for name, shape in safetensors_shapes(file).items():
+            for internal, t in to_internal(name, torch.empty(shape, device="meta"), args, file):
+                shapes[internal] = tuple(t.shape)
+    check_against_tensors(args, shapes, folder / "config.json", HF_FIELDS)
+    return args
 
 
 def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of the folder: those its index names (each checked to lie inside the
+    folder before any is opened), or the lone `model.safetensors`."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(index, f"invalid index file ({e})") from e
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                index, f"weight_map must be an object of tensor name -> file name, got {_brief(weight_map)}"
+            )
+        files = [_inside(folder, name, index) for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f, "listed in model.safetensors.index.json but missing")
@@ -80,6 +97,20 @@ def weight_files(folder: Path) -> list[Path]:
     if list(folder.glob("*.bin")):
         raise CheckpointError(folder, "only pickle .bin weights found; convert them to safetensors first")
     raise CheckpointError(folder, "no model.safetensors or model.safetensors.index.json")
+
+
+def _inside(folder: Path, name: str, index: Path) -> Path:
+    """`folder / name`, refused when `name` is absolute or leads out of the folder (`..`, a symlink)."""
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if Path(name).is_absolute() or not target.is_relative_to(root) or target == root:
+        raise CheckpointError(index, f"weight_map names {name!r}, which is outside the checkpoint folder {folder}")
+    return folder / name
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def to_internal(name: str, tensor: torch.Tensor, args: ModelArgs, source: Path) -> list[tuple[str, torch.Tensor]]:
@@ -100,15 +131,22 @@ def to_internal(name: str, tensor: torch.Tensor, args: ModelArgs, source: Path) 
     prefix = f"layers.{layer}."
     if rest.endswith("rotary_emb.inv_freq"):
         return []  # a cached buffer, recomputed from rope_theta
-    if rest == "self_attn.q_proj.weight":
-        return [(prefix + "attention.wq.weight", permute_hf_to_native(tensor, args.n_heads))]
-    if rest == "self_attn.k_proj.weight":
-        return [(prefix + "attention.wk.weight", permute_hf_to_native(tensor, args.n_kv_heads))]
+    if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+        q = rest.startswith("self_attn.q")
+        heads, field = (args.n_heads, "num_attention_heads") if q else (args.n_kv_heads, "num_key_value_heads")
+        if tensor.dim() != 2 or tensor.shape[0] != heads * args.head_dim:
+            raise TensorMismatchError(
+                source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {heads * args.head_dim} rows "
+                        f"({field} {heads} x head_dim {args.head_dim})",
+            )
+        return [(prefix + ("attention.wq.weight" if q else "attention.wk.weight"), permute_hf_to_native(tensor, heads))]
     if rest in _PER_LAYER:
         return [(prefix + _PER_LAYER[rest], tensor)]
     e = _EXPERT.fullmatch(rest)
     if e is not None:
         return [(f"{prefix}feed_forward.experts.{e.group(1)}.{e.group(2)}.weight", tensor)]
+    if rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") and tensor.dim() != 3:
+        raise TensorMismatchError(source, f"tensor {name!r} has shape {list(tensor.shape)}, expected [experts, rows, cols]")
     if rest == "mlp.experts.gate_up_proj":  # [E, 2 * hidden, dim], gate rows first
         out = []
         for i, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
 from ..quantize import QuantConfig
-from .common import iter_safetensors, load_pth
+from .common import iter_safetensors, load_pth, safetensors_shapes
+from .validate import NATIVE_FIELDS, check_against_tensors
 
 
 def is_native_folder(path: Path) -> bool:
@@ -31,7 +32,16 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_args(folder: Path) -> ModelArgs:
-    return ModelArgs.from_params_json(folder / "params.json")
+    """The folder's `params.json`, checked against the names and shapes of the tensors its weights hold."""
+    args = ModelArgs.from_params_json(folder / "params.json")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(folder):
+        if file.suffix == ".safetensors":
+            shapes.update(safetensors_shapes(file))
+        else:
+            shapes.update((name, tuple(t.shape)) for name, t in load_pth(file).items())
+    check_against_tensors(args, shapes, folder / "params.json", NATIVE_FIELDS)
+    return args
 
 
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:

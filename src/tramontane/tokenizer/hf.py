@@ -213,6 +213,18 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _chat_templates(source: Any, path: Path) -> dict[str, str]:
+    """`chat_template` as transformers writes it: one template, or a list of {"name", "template"}."""
+    if isinstance(source, str):
+        return {"default": source}
+    if isinstance(source, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in source
+    ):
+        return {t["name"]: t["template"] for t in source}
+    brief = repr(source)[:80]
+    raise TokenizerError(path, f"chat_template must be a string or a list of {{name, template}} objects, got {brief}")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -244,15 +256,17 @@ def load_hf_tokenizer(path: Path) -> HFTokenizer:
     templates: dict[str, str] = {}
     origin = config_path.name
     source = config.get("chat_template")
-    if isinstance(source, str):
-        templates["default"] = source
-    elif isinstance(source, list):
-        templates = {t["name"]: t["template"] for t in source if isinstance(t, dict) and "name" in t}
+    if source is not None:
+        templates = _chat_templates(source, config_path)
     elif (folder / "chat_template.jinja").is_file():
-        templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(folder / "chat_template.jinja", f"cannot read: {exc}") from exc
         origin = "chat_template.jinja"
     elif (folder / "chat_template.json").is_file():
-        templates["default"] = str(_read_json(folder / "chat_template.json").get("chat_template", ""))
+        templates = _chat_templates(_read_json(folder / "chat_template.json").get("chat_template", ""),
+                                    folder / "chat_template.json")
         origin = "chat_template.json"
 
     extra_stops: list[int] = []

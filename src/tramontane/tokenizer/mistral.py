@@ -121,8 +121,9 @@ class MistralCommonTokenizer(Tokenizer):
             return cls(path, Tekkenizer.from_file(path))
         except TokenizerError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, AssertionError, MistralCommonException) as exc:
-            raise TokenizerError(path, f"not a readable Tekken tokenizer: {exc}") from exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError,
+                MistralCommonException) as exc:  # mistral_common reads the JSON without checking its structure
+            raise TokenizerError(path, f"not a readable Tekken tokenizer: {type(exc).__name__}: {exc}") from exc
 
     def _special_id(self, piece: str) -> int | None:
         if not self._raw.is_special(piece):
