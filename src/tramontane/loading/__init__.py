@@ -110,7 +110,14 @@ def load_model(
         args = hf.read_args(p)
         check_memory(args, dtype, wanted, device, p)
         return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
-    from .gguf import dequantized_types, iter_gguf_tensors, kept_formats, loaded_bytes, open_gguf, read_gguf_args
+    from .gguf import (
+        dequantized_types,
+        iter_gguf_tensors,
+        kept_formats,
+        loaded_bytes,
+        open_gguf,
+        read_gguf_args,
+    )
 
     file = gguf_file(p)
     reader = open_gguf(file)
