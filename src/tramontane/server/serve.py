@@ -29,14 +29,19 @@ def load_engine(
     max_seq_len: int | None = None,
     quantize: str | None = None,
     compile: bool = False,
+    kv_blocks: int | None = None,
+    prefix_cache: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[Engine, Tokenizer]:
-    """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started);
-    `compile` routes decode steps through torch.compile (`generate.compile_decode`)."""
+    """A model and its tokenizer, read from `path`, in an engine whose KV pool is reserved now (not started);
+    `compile` routes decode steps through torch.compile (`generate.compile_decode`); the KV options are
+    `Engine`'s."""
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize)
     if compile:
         compile_decode(model)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
+                    kv_blocks=kv_blocks, prefix_cache=prefix_cache, kv_dtype=kv_dtype)
     return engine, tokenizer
 
 
