@@ -18,6 +18,10 @@ is chunk x (capacity + chunk), never T x T for a long prompt.
 
 When there is no sliding window (or the capacity is smaller than the window), nothing may be overwritten:
 positions must stay below the capacity, and `KVCache.check` raises if they do not.
+
+`PagedKVCache` (the server's engine) keeps the same positions-and-masks rule over a pool of fixed-size
+blocks instead of one row per sequence: each sequence's block table lists its blocks, every position has
+a slot of its own, and a `PagedBatch` of block tables is passed to `forward` in place of a `KVCache`.
 """
 
 from __future__ import annotations

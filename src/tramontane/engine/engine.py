@@ -112,7 +112,10 @@ class Engine:
     # ------------------------------------------------------------------ client side (any thread)
     def validate(self, req: Request) -> None:
         """Raise ValueError naming the field when a request cannot be served."""
-        check_prompt(req.prompt, "prompt", self.model.args.vocab_size, req.max_tokens, self.max_seq_len)
+        vocab = self.model.args.vocab_size
+        check_prompt(req.prompt, "prompt", vocab, req.max_tokens, self.max_seq_len)
+        if any(token >= vocab for token, _ in req.params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must lie in [0, {vocab})")
 
     def submit(self, req: Request) -> None:
         """Queue a request. Raises ValueError for a bad request and QueueFullError when the queue is full."""

@@ -39,7 +39,7 @@ from .schemas import (
 )
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty")
+                   "frequency_penalty", "logit_bias")
 OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key (probes and scrapers)
 
 
@@ -357,7 +357,7 @@ class OpenAIServer:
                            code="queue_full") from e
         except ValueError as e:
             message = str(e)
-            param = field_of(message, ("prompt", "max_tokens"))
+            param = field_of(message, ("prompt", "max_tokens", "logit_bias"))
             code = "context_length_exceeded" if "context" in message else None
             raise bad_request(message, prompt_param if param == "prompt" else param, code) from e
 
