@@ -140,13 +140,14 @@ class TokenLoop:
     """What each sampled token of one sequence does: the one place where stop ids, a stop check (stop
     strings), penalties and the length limit end a sequence, for `stream` and the server's engine alike.
 
-    `accept(token)` returns whether the token is output (stop ids are not) and the finish reason,
-    'stop' or 'length', once the sequence has ended (else None).
+    Per token, `accept(token)` first (False: a stop id, which ends the sequence with 'stop' and is not
+    output); then, once the token is out, `finish_reason(token)`: 'stop' when `stop_check(token)` says
+    so, 'length' at `max_tokens`, else None.
 
     Example:
         >>> loop = TokenLoop(max_tokens=2, stop_ids={2})
-        >>> loop.accept(7), loop.accept(9)
-        ((True, None), (True, 'length'))
+        >>> loop.accept(7), loop.finish_reason(7), loop.accept(9), loop.finish_reason(9)
+        (True, None, True, 'length')
     """
 
     def __init__(
@@ -162,17 +163,16 @@ class TokenLoop:
         self.stop_check = stop_check
         self.produced = 0
 
-    def accept(self, token: int) -> tuple[bool, str | None]:
+    def accept(self, token: int) -> bool:
         self.produced += 1
-        if token in self.stop_ids:
-            return False, "stop"
+        return token not in self.stop_ids
+
+    def finish_reason(self, token: int) -> str | None:
         if self.stop_check is not None and self.stop_check(token):
-            return True, "stop"
+            return "stop"
         if self.penalties is not None:
             self.penalties.record(token)
-        if self.produced >= self.max_tokens:
-            return True, "length"
-        return True, None
+        return "length" if self.produced >= self.max_tokens else None
 
 
 def stream(
@@ -190,8 +190,8 @@ def stream(
     """Yield TokenEvents as they are produced and a FinishEvent per prompt.
 
     All prompts decode together in one batch; each is prefilled on its own (no padding), and a prompt
-    that finishes leaves the batch at once. `stop_check(index, token)`, called for each token before it
-    is yielded, ends that prompt with reason 'stop' when it returns True (e.g. a stop string matched).
+    that finishes leaves the batch at once. `stop_check(index, token)`, called after each token is
+    yielded, ends that prompt with reason 'stop' when it returns True (e.g. a stop string matched).
     """
     params = params or SamplingParams()
     check_request(model, prompts, max_tokens, chunk_size)
@@ -217,11 +217,12 @@ def stream(
             lps: list[float | None] = list(token_logprobs(logits, chosen)) if logprobs else [None] * len(active)
             keep: list[int] = []
             for r, i in enumerate(active):
-                emit, finish = loops[i].accept(chosen[r])
-                if emit:
-                    yield TokenEvent(i, chosen[r], lps[r])
-                if finish is not None:
-                    yield FinishEvent(i, finish)
+                if not loops[i].accept(chosen[r]):
+                    yield FinishEvent(i, "stop")
+                    continue
+                yield TokenEvent(i, chosen[r], lps[r])
+                if (reason := loops[i].finish_reason(chosen[r])) is not None:
+                    yield FinishEvent(i, reason)
                 else:
                     keep.append(r)
             if not keep:

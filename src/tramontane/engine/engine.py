@@ -49,7 +49,6 @@ class _Live:
     tracker: TextTracker
     generator: torch.Generator | None
     penalties: Penalties | None
-    text: str = ""  # the text of the token being accepted
     last_time: float = 0.0
 
 
@@ -198,15 +197,9 @@ class Engine:
             else None
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
         tracker = TextTracker(self.tokenizer, req.stop_strings, req.continuation)
-        live = _Live(req, Sequence(list(req.prompt)), TokenLoop(req.max_tokens, stop_ids, penalties), tracker, gen,
-                     penalties)
+        loop = TokenLoop(req.max_tokens, stop_ids, penalties, stop_check=lambda token: tracker.stopped)
+        live = _Live(req, Sequence(list(req.prompt)), loop, tracker, gen, penalties)
         live.seq.owner = live
-
-        def stop_check(token: int) -> bool:
-            live.text, hit = tracker.feed(token)
-            return hit
-
-        live.loop.stop_check = stop_check
         return live
 
     def _advance(self, plan: Plan) -> None:
@@ -238,14 +231,15 @@ class Engine:
             self.metrics.token_latency.observe(now - live.last_time)
         live.last_time = now
         self.metrics.generation_tokens.inc()
-        live.text = ""
-        emit, finish = live.loop.accept(token)
-        if emit:
-            live.req.emit(EngineEvent(live.req.id, live.text, token, logprob))
-        if finish is None:
+        if not live.loop.accept(token):
+            self._finish(live, "stop")
+            return
+        text, _ = live.tracker.feed(token)
+        live.req.emit(EngineEvent(live.req.id, text, token, logprob))
+        if (reason := live.loop.finish_reason(token)) is None:
             live.seq.tokens.append(token)
         else:
-            self._finish(live, finish)
+            self._finish(live, reason)
 
     def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(live.seq)
