@@ -84,8 +84,7 @@ def test_concurrent_requests_match_generation_alone(model):
         evs = sink.events[r.id]
         assert evs[-1].finish_reason == "length"
         assert "".join(e.text for e in evs) == "".join(f"<{t}>" for t in alone)
-    assert engine.active == 0 and sorted(engine._free) == [0, 1, 2, 3]
-    assert (engine.cache.positions == -1).all()
+    assert engine.active == 0 and engine.blocks.used == 0
 
 
 def test_seeded_sampling_is_independent_of_batching(model):
@@ -135,7 +134,7 @@ def test_cancel_frees_the_row_within_a_step(model):
     req.cancel()
     engine.step()
     assert engine.active == 0 and seen[-1].finish_reason == "cancelled"
-    assert sorted(engine._free) == [0, 1]
+    assert engine.blocks.used == 0
 
 
 def test_deadline_ends_request_with_error(model):
@@ -174,3 +173,42 @@ def test_metrics_exposition(model):
     assert "tramontane_prompt_tokens_total 12.0" in text
     assert 'tramontane_requests_total{reason="length"} 3.0' in text
     assert "tramontane_time_to_first_token_seconds_count 3.0" in text
+
+
+def test_a_tiny_block_budget_preempts_but_answers_stay_the_same(model):
+    sink = Collector()
+    # 12 blocks of 4 positions: one 48-token context, far less than 6 sequences of ~40 tokens need;
+    # in the window model, 6 short prompts take all 12 blocks, so the first to grow preempts another
+    engine = Engine(model, IdTokenizer(), max_batch=6, chunk_size=8, max_seq_len=48, kv_blocks=12, block_size=4)
+    params = SamplingParams(temperature=1.0, top_k=20, frequency_penalty=0.5)
+    reqs = [Request(prompt(i, n), max_tokens=36, emit=sink, params=params if i % 2 else SamplingParams(),
+                    seed=7 + i) for i, n in enumerate([7, 5, 8, 6, 3, 5])]
+    run_all(engine, reqs, sink)
+    assert "tramontane_preemptions_total 0.0" not in engine.metrics.render().decode()
+    for i, r in enumerate(reqs):
+        kw = dict(temperature=1.0, top_k=20, frequency_penalty=0.5, seed=r.seed) if i % 2 else {}
+        assert sink.tokens(r.id) == generate(model, [r.prompt], max_tokens=36, **kw)[0].tokens
+    assert engine.blocks.used == 0
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_shared_prefixes_are_computed_once(model, prefix_cache):
+    shared = prompt(99, 20)
+    first = Request(shared + [3], max_tokens=5, emit=(alone := Collector()))
+    engine = Engine(model, IdTokenizer(), max_batch=4, chunk_size=6, block_size=4, prefix_cache=prefix_cache)
+    run_all(engine, [first], alone)
+    sink = Collector()
+    later = [Request(shared + prompt(i, 1 + i), max_tokens=6, emit=sink) for i in range(4)]
+    run_all(engine, later, sink)
+    reuse = prefix_cache and model.args.sliding_window is None  # window models do not share blocks
+    assert alone.tokens(first.id) == generate(model, [first.prompt], max_tokens=5)[0].tokens
+    for r in later:
+        assert sink.tokens(r.id) == generate(model, [r.prompt], max_tokens=r.max_tokens)[0].tokens
+    assert alone.events[first.id][-1].cached_tokens == 0
+    assert [sink.events[r.id][-1].cached_tokens for r in later] == [20 if reuse else 0] * 4
+    assert engine.blocks.used == 0 and (engine.blocks.cached > 0) == reuse
+
+
+def test_kv_blocks_must_hold_one_context(model):
+    with pytest.raises(ValueError, match="kv_blocks"):
+        Engine(model, IdTokenizer(), max_seq_len=64, kv_blocks=3, block_size=16)

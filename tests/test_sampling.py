@@ -86,8 +86,25 @@ def test_penalties_as_specified():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0), dict(top_p=1.01), dict(top_k=-2),
-     dict(min_p=-0.1), dict(repetition_penalty=0), dict(presence_penalty=float("inf"))],
+     dict(min_p=-0.1), dict(repetition_penalty=0), dict(presence_penalty=float("inf")),
+     dict(logit_bias=((3, 101.0),)), dict(logit_bias=((-1, 1.0),))],
 )
 def test_invalid_params_name_the_field(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_shifts_the_chosen_logits():
+    logits = PROBS.log()
+    assert sample_one(logits, SamplingParams(logit_bias=((0, -100.0),))) == 1  # the argmax banned
+    assert sample_one(logits, SamplingParams(logit_bias=((4, 5.0),))) == 4  # log 0.05 + 5 > log 0.4
+    # one biased row among plain greedy rows leaves the batch's single argmax
+    rows = torch.stack([logits, logits])
+    params = [SamplingParams(), SamplingParams(logit_bias=((2, 100.0),))]
+    assert sample_rows(rows, params, [None, None], [None, None]) == [0, 2]
+    # sampled: a bias of ln 2 doubles a token's odds before the draw
+    biased = SamplingParams(temperature=1.0, logit_bias=((3, math.log(2.0)),))
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_one(logits, biased, gen) for _ in range(4000)])
+    expected = 0.2 / 1.1  # 0.1 * 2 over a total mass of 1.1
+    assert abs((draws == 3).float().mean().item() - expected) < 0.02

@@ -83,6 +83,20 @@ def test_chat_completion(client):
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
+def test_a_shared_system_prompt_comes_from_the_prefix_cache(client):
+    system = {"role": "system", "content": "You are a terse geography tutor. " * 8}
+    asks = [[system, {"role": "user", "content": q}] for q in ("Capital of Italy?", "Capital of Spain?")]
+    first, second = (client.chat.completions.create(model=MODEL, messages=m, max_tokens=8, temperature=0)
+                     for m in asks)
+    shared = first.usage.prompt_tokens - 12  # the system prompt's tokens, roughly: blocks of 16 of them
+    assert second.usage.prompt_tokens_details.cached_tokens >= shared // 16 * 16 - 16 > 0
+    assert second.usage.prompt_tokens_details.cached_tokens % 16 == 0
+    # a repeat reuses even more of its prompt and answers the same (engine tests compare with no cache)
+    again = client.chat.completions.create(model=MODEL, messages=asks[1], max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == second.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens_details.cached_tokens
+
+
 def test_chat_stream_matches_non_streamed(client):
     whole = ask(client, "Name three colors.")
     chunks = list(ask(client, "Name three colors.", stream=True, stream_options={"include_usage": True}))
@@ -304,6 +318,18 @@ def test_auth(served):
     assert post(served, "/v1/completions", body).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=served[0] + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_logit_bias_forces_a_token_and_is_checked(served, client):
+    bang = served[3].encode("!", bos=False)
+    assert len(bang) == 1
+    out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                    logit_bias={str(bang[0]): 100})
+    assert out.choices[0].text.strip() == "!!!"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    bad = [{"x": 1}, {"5": 101}, {str(10**7): 1}]
+    for bias in bad:
+        assert error_of(post(served, "/v1/chat/completions", {**chat, "logit_bias": bias}), 400)["param"] == "logit_bias"
 
 
 def test_bad_requests_get_openai_errors(served, client):

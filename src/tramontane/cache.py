@@ -18,6 +18,10 @@ is chunk x (capacity + chunk), never T x T for a long prompt.
 
 When there is no sliding window (or the capacity is smaller than the window), nothing may be overwritten:
 positions must stay below the capacity, and `KVCache.check` raises if they do not.
+
+`PagedKVCache` (the server's engine) keeps the same positions-and-masks rule over a pool of fixed-size
+blocks instead of one row per sequence: each sequence's block table lists its blocks, every position has
+a slot of its own, and a `PagedBatch` of block tables is passed to `forward` in place of a `KVCache`.
 """
 
 from __future__ import annotations
@@ -210,11 +214,15 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
 def step_meta(
     positions: torch.Tensor,
     window: int | None,
-    cache: KVCache | None = None,
+    cache: KVCache | PagedBatch | None = None,
     rows: torch.Tensor | None = None,
 ) -> StepMeta:
     """Build the metadata for one forward call of tokens at `positions` [B, T]."""
     B, T = positions.shape
+    if isinstance(cache, PagedBatch):
+        if rows is not None:
+            raise ValueError("rows do not apply to a paged cache: its block tables say where each sequence is")
+        return _paged_meta(positions, window, cache)
     if cache is None:
         if rows is not None:
             raise ValueError("rows only make sense with a cache")
@@ -249,3 +257,139 @@ def step_meta(
                         slots, fresh=True)
     mask = _visible(torch.cat([old_positions, positions], dim=1), positions, window)
     return StepMeta(positions, mask, False, cache, rows, batch_index, slots)
+
+
+class PagedKVCache:
+    """Keys and values of many sequences in one pool of fixed-size blocks (paged attention).
+
+    `k` and `v` are [n_layers, n_blocks, n_kv_heads, block_size, head_dim]; `positions` is
+    [n_blocks, block_size], the absolute position held by each slot (-1 for empty). A sequence owns a
+    list of blocks (its block table, handed out by `engine.blocks.BlockManager`): position p sits in
+    slot p % block_size of the table's block for p // block_size. Masks come from the stored positions
+    with the rule of the module docstring, so blocks that left a sliding window can be dropped from the
+    front of a table, and blocks holding a shared prompt prefix can sit in several tables at once.
+
+    Block 0 is never handed out: it pads block tables and always reads as empty. The pool is allocated
+    with `torch.empty` and a block is zeroed when it is handed out (`clear`), so the memory pages a
+    large pool reserves are only committed as blocks come into use.
+
+    Example:
+        >>> pool = PagedKVCache.create(args, n_blocks=1024, block_size=16)
+        >>> pool.clear([1, 2])
+        >>> logits = model(tokens, positions, cache=pool.batch([[1, 2]], [0]))
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None) -> None:
+        self.k = k
+        self.v = v
+        self.positions = positions
+        self.window = window
+
+    @classmethod
+    def create(
+        cls,
+        args: ModelArgs,
+        n_blocks: int,
+        block_size: int = 16,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> PagedKVCache:
+        """Reserve a pool of `n_blocks` blocks (block 0 included) of `block_size` positions, stored in `dtype`."""
+        if n_blocks < 2 or block_size < 1:
+            raise ValueError(f"n_blocks must be >= 2 and block_size >= 1, got {n_blocks} and {block_size}")
+        shape = (args.n_layers, n_blocks, args.n_kv_heads, block_size, args.head_dim)
+        k = torch.empty(shape, dtype=dtype, device=device)
+        v = torch.empty(shape, dtype=dtype, device=device)
+        positions = torch.empty((n_blocks, block_size), dtype=torch.long, device=device)
+        pool = cls(k, v, positions, args.sliding_window)
+        pool.clear([0])
+        return pool
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    def block_nbytes(self) -> int:
+        """Bytes of one block: keys, values and positions."""
+        return (self.k[:, 0].nbytes + self.v[:, 0].nbytes + self.positions[0].nbytes)
+
+    def nbytes(self) -> int:
+        """Bytes the whole pool reserves (committed only as blocks come into use)."""
+        return self.k.nbytes + self.v.nbytes + self.positions.nbytes
+
+    def clear(self, blocks: list[int]) -> None:
+        """Empty `blocks` (new to a sequence): zero keys and values, forget positions."""
+        if not blocks:
+            return
+        index = torch.tensor(blocks, device=self.k.device)
+        self.k[:, index] = 0
+        self.v[:, index] = 0
+        self.positions[index] = -1
+
+    def batch(self, tables: list[list[int]], first_blocks: list[int]) -> PagedBatch:
+        """The view one forward call reads and writes: row b's block table `tables[b]`, whose first entry
+        holds the positions of logical block `first_blocks[b]` (0 unless earlier blocks left the window)."""
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        device = self.k.device
+        return PagedBatch(self, torch.tensor(padded, device=device), torch.tensor(first_blocks, device=device))
+
+
+@dataclass
+class PagedBatch:
+    """Block tables [B, width] (padded with block 0) of the B sequences of one forward call, and the
+    logical block index of each table's first entry [B]. Pass it to `Transformer.forward` as `cache`."""
+
+    pool: PagedKVCache
+    tables: torch.Tensor
+    first_blocks: torch.Tensor
+
+
+@dataclass
+class PagedStepMeta(StepMeta):
+    """StepMeta over a paged pool. Every position has a slot of its own (nothing is ever overwritten),
+    so each layer writes this step's keys first and then attends to its sequence's blocks, for a decode
+    step and a prompt chunk alike. There is no native kernel over block tables: attention runs in torch."""
+
+    paged: PagedBatch | None = None
+    block_index: torch.Tensor | None = None  # [B, T] pool block of each new position
+    offsets: torch.Tensor | None = None  # [B, T] its slot within the block
+
+    def layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.paged is not None and self.block_index is not None and self.offsets is not None
+        pool = self.paged.pool
+        ck, cv = pool.k[layer], pool.v[layer]  # [n_blocks, kv_heads, block_size, head_dim]
+        # ck[block, :, offset] for index tensors [B, T] selects [B, T, kv_heads, head_dim]
+        ck[self.block_index, :, self.offsets] = k.transpose(1, 2).to(ck.dtype)
+        cv[self.block_index, :, self.offsets] = v.transpose(1, 2).to(cv.dtype)
+        B, width = self.paged.tables.shape
+        kv_heads, size, dim = ck.shape[1], ck.shape[2], ck.shape[3]
+        # [B, width, kv_heads, size, dim] -> [B, kv_heads, width * size, dim]
+        keys = ck[self.paged.tables].transpose(1, 2).reshape(B, kv_heads, width * size, dim)
+        values = cv[self.paged.tables].transpose(1, 2).reshape(B, kv_heads, width * size, dim)
+        return keys.to(k.dtype), values.to(v.dtype)
+
+    def commit(self) -> None:
+        """Positions were recorded when the step was planned (keys are written before attention)."""
+
+
+def _paged_meta(positions: torch.Tensor, window: int | None, paged: PagedBatch) -> PagedStepMeta:
+    pool = paged.pool
+    B, T = positions.shape
+    if paged.tables.shape[0] != B:
+        raise ValueError(f"a batch of {B} sequences needs {B} block tables, got {paged.tables.shape[0]}")
+    size = pool.block_size
+    logical = positions // size - paged.first_blocks[:, None]  # [B, T] index into each table
+    if int(logical.min()) < 0 or int(logical.max()) >= paged.tables.shape[1]:
+        raise ValueError("positions fall outside the blocks of their block tables")
+    block_index = paged.tables.gather(1, logical)
+    offsets = positions % size
+    pool.positions[block_index, offsets] = positions
+    key_positions = pool.positions[paged.tables].view(B, -1)  # [B, width * size]
+    mask = _visible(key_positions, positions, window)
+    return PagedStepMeta(positions, mask, False, paged=paged, block_index=block_index, offsets=offsets)

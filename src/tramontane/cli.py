@@ -399,10 +399,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
-                                    dequantize=a.dequantize, compile=a.compile)
+                                    dequantize=a.dequantize, compile=a.compile, kv_blocks=a.kv_blocks,
+                                    prefix_cache=not a.no_prefix_cache,
+                                    kv_dtype=None if a.kv_cache_dtype is None else parse_dtype(a.kv_cache_dtype))
     name = a.served_model_name or default_model_name(path)
+    pool = engine.pool
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
-          f"batch {a.max_batch}, KV cache {engine.cache.nbytes() / 2**30:.2f} GiB)"
+          f"batch {a.max_batch}, KV pool of {pool.n_blocks - 1} blocks x {pool.block_size} positions, "
+          f"up to {pool.nbytes() / 2**30:.2f} GiB, committed as used)"
           f"{'; API key required' if a.api_key else ''}", flush=True)
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
         request_timeout=a.request_timeout or None, limits=limits, connections=connections,
@@ -525,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")
     sv.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs)")
+    sv.add_argument("--kv-blocks", type=int, default=None,
+                    help="KV cache blocks of 16 positions (default: max-batch x max-seq-len / 4 positions)")
+    sv.add_argument("--kv-cache-dtype", default=None, help="KV cache dtype: float32, bfloat16, float16 "
+                    "(default: the compute dtype)")
+    sv.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV blocks of shared prompt "
+                    "prefixes")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.set_defaults(func=cmd_serve)
 

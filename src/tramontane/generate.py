@@ -108,28 +108,71 @@ class _CompiledDecode:
         return _decode(self.model, tokens, positions, cache)
 
 
+def check_prompt(prompt: Sequence[int], name: str, vocab_size: int, max_tokens: int, context: int | None) -> None:
+    """Raise ValueError, naming `name` or max_tokens first, when `prompt` plus `max_tokens` new tokens
+    cannot be generated: an empty prompt, ids outside the vocabulary, or more than `context` positions
+    (None: no limit, e.g. a model whose sliding window rolls). The one check of `stream` and the engine."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if len(prompt) == 0:
+        raise ValueError(f"{name} is empty: a prompt needs at least one token (e.g. BOS)")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"{name} holds token ids outside [0, {vocab_size})")
+    if context is not None and len(prompt) + max_tokens > context:
+        raise ValueError(f"max_tokens: a prompt of {len(prompt)} tokens plus max_tokens={max_tokens} exceeds "
+                         f"the context of {context} tokens")
+
+
 def check_request(
     model: Transformer, prompts: Sequence[Sequence[int]], max_tokens: int, chunk_size: int | None
 ) -> None:
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab = model.args.vocab_size
+    args = model.args
+    context = args.max_seq_len if args.sliding_window is None else None
     for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
-        if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompts[{i}] holds token ids outside [0, {vocab})")
-    limit = model.args.max_seq_len
-    if model.args.sliding_window is None and limit is not None:
-        longest = max(len(p) for p in prompts)
-        if longest + max_tokens > limit:
-            raise ValueError(
-                f"prompt of {longest} tokens plus max_tokens={max_tokens} exceeds the model's context of {limit}"
-            )
+        check_prompt(p, f"prompts[{i}]", args.vocab_size, max_tokens, context)
+
+
+class TokenLoop:
+    """What each sampled token of one sequence does: the one place where stop ids, a stop check (stop
+    strings), penalties and the length limit end a sequence, for `stream` and the server's engine alike.
+
+    Per token, `accept(token)` first (False: a stop id, which ends the sequence with 'stop' and is not
+    output); then, once the token is out, `finish_reason(token)`: 'stop' when `stop_check(token)` says
+    so, 'length' at `max_tokens`, else None.
+
+    Example:
+        >>> loop = TokenLoop(max_tokens=2, stop_ids={2})
+        >>> loop.accept(7), loop.finish_reason(7), loop.accept(9), loop.finish_reason(9)
+        (True, None, True, 'length')
+    """
+
+    def __init__(
+        self,
+        max_tokens: int,
+        stop_ids: Collection[int] = (),
+        penalties: Penalties | None = None,
+        stop_check: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.max_tokens = max_tokens
+        self.stop_ids = stop_ids
+        self.penalties = penalties
+        self.stop_check = stop_check
+        self.produced = 0
+
+    def accept(self, token: int) -> bool:
+        self.produced += 1
+        return token not in self.stop_ids
+
+    def finish_reason(self, token: int) -> str | None:
+        if self.stop_check is not None and self.stop_check(token):
+            return "stop"
+        if self.penalties is not None:
+            self.penalties.record(token)
+        return "length" if self.produced >= self.max_tokens else None
 
 
 def stream(
@@ -162,9 +205,10 @@ def stream(
                   for i in range(len(prompts))]
     penalties = [Penalties.for_prompt(p, args.vocab_size, device) if params.penalised else None for p in prompts]
 
+    loops = [TokenLoop(max_tokens, stop_ids, penalties[i],
+                       None if stop_check is None else functools.partial(stop_check, i)) for i in range(len(prompts))]
     active = list(range(len(prompts)))  # prompt index of each cache row, rows kept contiguous
     lengths = [len(p) for p in prompts]
-    produced = [0] * len(prompts)
     with torch.inference_mode():
         logits = torch.stack([prefill(model, p, cache, i, chunk) for i, p in enumerate(prompts)])
         while active:
@@ -173,28 +217,21 @@ def stream(
             lps: list[float | None] = list(token_logprobs(logits, chosen)) if logprobs else [None] * len(active)
             keep: list[int] = []
             for r, i in enumerate(active):
-                tok = chosen[r]
-                produced[i] += 1
-                if tok in stop_ids:
+                if not loops[i].accept(chosen[r]):
                     yield FinishEvent(i, "stop")
                     continue
-                yield TokenEvent(i, tok, lps[r])
-                if stop_check is not None and stop_check(i, tok):
-                    yield FinishEvent(i, "stop")
-                    continue
-                if (pen := penalties[i]) is not None:
-                    pen.record(tok)
-                if produced[i] >= max_tokens:
-                    yield FinishEvent(i, "length")
-                    continue
-                keep.append(r)
+                yield TokenEvent(i, chosen[r], lps[r])
+                if (reason := loops[i].finish_reason(chosen[r])) is not None:
+                    yield FinishEvent(i, reason)
+                else:
+                    keep.append(r)
             if not keep:
                 return
             if len(keep) < len(active):
                 cache.keep(torch.tensor(keep, device=device))
                 active = [active[r] for r in keep]
             toks = torch.tensor([chosen[r] for r in keep], device=device)
-            pos = torch.tensor([lengths[i] + produced[i] - 1 for i in active], device=device)
+            pos = torch.tensor([lengths[i] + loops[i].produced - 1 for i in active], device=device)
             logits = decode_step(model, toks, pos, cache)
 
 

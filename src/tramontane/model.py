@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .cache import KVCache, step_meta
+from .cache import KVCache, PagedBatch, step_meta
 from .layers import Block, RMSNorm
 from .native_decode import native_stack
 from .rope import rotary_angles
@@ -45,15 +45,16 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedBatch | None = None,
         rows: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (fp32) for `tokens` [B, T] at `positions` [B, T].
 
         Without a cache and positions this is the causal forward from position 0. With a cache,
-        positions are required; `rows` [B] picks the cache rows (default rows 0..B-1). `last_only`
-        computes logits for the last position only ([B, 1, vocab]), which is all a prefill needs.
+        positions are required; `rows` [B] picks the cache rows (default rows 0..B-1), or a `PagedBatch`
+        gives block tables instead. `last_only` computes logits for the last position only
+        ([B, 1, vocab]), which is all a prefill needs.
         """
         h = self.features(tokens, positions, cache, rows, last_only)
         if self.output is None:
@@ -64,7 +65,7 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedBatch | None = None,
         rows: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:

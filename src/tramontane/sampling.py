@@ -1,7 +1,7 @@
 """Sampling: pure functions over logits, with an explicit `torch.Generator` for reproducibility.
 
-Order of operations for one sequence: repetition/presence/frequency penalties, temperature,
-top-k, top-p, min-p, then a draw. Temperature 0 is greedy (argmax of the penalised logits).
+Order of operations for one sequence: logit bias, repetition/presence/frequency penalties,
+temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy (argmax of the penalised logits).
 
 Example:
     >>> params = SamplingParams(temperature=0.7, top_p=0.9)
@@ -26,6 +26,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's range
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -41,6 +42,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise ValueError(f"logit_bias: token ids must be >= 0, got {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: the bias of token {token} must lie in [-100, 100], got {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -49,6 +55,18 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the model's logits as they are: no penalty, no bias."""
+        return self.greedy and not self.penalised and not self.logit_bias
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """logits [V] with each (token, value) of `bias` added to the token's logit."""
+    tokens = torch.tensor([t for t, _ in bias], device=logits.device)
+    values = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, tokens, values)
 
 
 def apply_penalties(
@@ -113,6 +131,8 @@ def sample_one(
     penalties: Penalties | None = None,
 ) -> int:
     """Draw one token id from logits [V] (fp32)."""
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.penalised:
         if penalties is None:
             raise ValueError("penalties need the seen tokens and output counts")
@@ -137,7 +157,7 @@ def sample_rows(
 ) -> list[int]:
     """One token per row of logits [B, V], each row with its own parameters and state; a single argmax
     when every row is plain greedy."""
-    if all(p.greedy and not p.penalised for p in params):
+    if all(p.plain_greedy for p in params):
         return greedy(logits)
     return [sample_one(logits[i], p, g, pen) for i, (p, g, pen) in enumerate(zip(params, generators, penalties))]
 

@@ -22,6 +22,10 @@ class Metrics:
                               registry=r, buckets=_LATENCY)
         self.token_latency = Histogram("tramontane_time_per_output_token_seconds",
                                        "Time between consecutive tokens of a request", registry=r, buckets=_LATENCY)
+        self.kv_blocks_used = Gauge("tramontane_kv_blocks_used", "KV cache blocks held by sequences", registry=r)
+        self.cached_tokens = Counter("tramontane_prefix_cached_tokens", "Prompt tokens found in the prefix cache",
+                                     registry=r)
+        self.preemptions = Counter("tramontane_preemptions", "Sequences preempted for lack of KV blocks", registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -15,7 +15,8 @@ _ids = itertools.count()
 @dataclass(frozen=True)
 class EngineEvent:
     """A piece of one request's output. The last event of a request has `finish_reason` set:
-    'stop' (eos, stop token or stop string), 'length', 'cancelled', 'timeout' or 'error' (with `error`)."""
+    'stop' (eos, stop token or stop string), 'length', 'cancelled', 'timeout' or 'error' (with `error`),
+    and `cached_tokens`: how many prompt tokens came from the prefix cache instead of being computed."""
 
     request_id: str
     text: str
@@ -23,6 +24,7 @@ class EngineEvent:
     logprob: float | None = None
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass

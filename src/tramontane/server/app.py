@@ -42,7 +42,7 @@ from .schemas import (
 )
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty")
+                   "frequency_penalty", "logit_bias")
 OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key (probes and scrapers)
 
 
@@ -194,7 +194,7 @@ class OpenAIServer:
                 logprobs = p.completion_logprobs(p.TokenPieces(self.tokenizer), tokens, lps)
             prefix = echoes[index // body.n] if body.echo else ""
             out.append(p.completion_choice(index, prefix + choice.text, choice.finish_reason, logprobs))
-        used = p.usage(sum(map(len, prompts)), sum(len(c.tokens) for c in choices))
+        used = p.usage(sum(map(len, prompts)), choices, body.n)
         return JSONResponse(p.completion_body(cid, created, self.model_name, out, used))
 
     def _completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -259,7 +259,7 @@ class OpenAIServer:
             if event.text or lp or event.finish_reason:
                 yield chunk(index, event.text, event.finish_reason, lp)
         if with_usage:
-            used = p.usage(sum(map(len, prompts)), sum(len(c.tokens) for c in choices))
+            used = p.usage(sum(map(len, prompts)), choices, n)
             yield p.sse(p.usage_chunk(cid, created, self.model_name, "text_completion", used))
         yield p.DONE
 
@@ -287,7 +287,7 @@ class OpenAIServer:
             logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs)
                         if body.logprobs else None)
             out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
-        used = p.usage(len(prompt), sum(len(c.tokens) for c in choices))
+        used = p.usage(len(prompt), choices, body.n)
         return JSONResponse(p.chat_body(cid, created, self.model_name, out, used))
 
     async def _chat_stream(
@@ -334,7 +334,7 @@ class OpenAIServer:
                     yield chunk(index, {"content": "".join(pending)})
             yield chunk(index, {}, reason)
         if with_usage:
-            used = p.usage(prompt_tokens, sum(len(c.tokens) for c in choices))
+            used = p.usage(prompt_tokens, choices, body.n)
             yield p.sse(p.usage_chunk(cid, created, self.model_name, "chat.completion.chunk", used))
         yield p.DONE
 
@@ -406,7 +406,7 @@ class OpenAIServer:
                            code="queue_full") from e
         except ValueError as e:
             message = str(e)
-            param = field_of(message, ("prompt", "max_tokens"))
+            param = field_of(message, ("prompt", "max_tokens", "logit_bias"))
             code = "context_length_exceeded" if "context" in message else None
             raise bad_request(message, prompt_param if param == "prompt" else param, code) from e
 

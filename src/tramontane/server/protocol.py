@@ -29,6 +29,7 @@ class Choice:
     logprobs: list[float | None] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int = 0
 
     def add(self, event: EngineEvent) -> None:
         if event.text:
@@ -39,6 +40,7 @@ class Choice:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
+            self.cached_tokens = event.cached_tokens
 
     @property
     def text(self) -> str:
@@ -77,9 +79,14 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, choices: list[Choice], n: int = 1) -> dict[str, Any]:
+    """Token counts of one call whose choices come `n` per prompt (prompt p's are p * n ... p * n + n - 1);
+    `prompt_tokens_details.cached_tokens` counts the prompt tokens that came from the prefix cache
+    (those of each prompt's first choice, since a prompt is counted once)."""
+    completion_tokens = sum(len(c.tokens) for c in choices)
+    cached = sum(c.cached_tokens for c in choices[::n])
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class TokenPieces:
@@ -128,7 +135,7 @@ def chat_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float |
 
 # ---------------------------------------------------------------------------------------------- completions
 def completion_body(
-    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, int] | None
+    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any] | None
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
                             "choices": choices}
@@ -164,7 +171,7 @@ def tool_call_deltas(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_body(
-    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, int]
+    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
 ) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage_}
@@ -190,6 +197,6 @@ def chat_chunk(
     return chunk
 
 
-def usage_chunk(cid: str, created: int, model: str, obj: str, usage_: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(cid: str, created: int, model: str, obj: str, usage_: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, only usage."""
     return {"id": cid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}

@@ -49,6 +49,7 @@ class GenerationFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -63,7 +64,17 @@ class GenerationFields(BaseModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(),
         )
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's `{"token id": bias}` as (id, bias) pairs; raises ValueError naming logit_bias."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}")
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -48,22 +48,27 @@ def load_engine(
     quantize: str | None = None,
     dequantize: bool = False,
     compile: bool = False,
+    kv_blocks: int | None = None,
+    prefix_cache: bool = True,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[Engine, Tokenizer]:
-    """A model and its tokenizer, read from `path`, in an engine whose cache is allocated now (not started);
-    `compile` routes decode steps through torch.compile (`generate.compile_decode`).
+    """A model and its tokenizer, read from `path`, in an engine whose KV pool is reserved now (not started);
+    `compile` routes decode steps through torch.compile (`generate.compile_decode`); the KV options are
+    `Engine`'s.
 
     Raises:
-        ValueError: the KV cache of `max_batch` rows of `max_seq_len` does not fit in memory.
+        ValueError: the KV pool does not fit in memory.
     """
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize)
     if compile:
         compile_decode(model)
     try:
-        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
+                        kv_blocks=kv_blocks, prefix_cache=prefix_cache, kv_dtype=kv_dtype)
     except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError included)
-        raise ValueError(f"max_batch ({max_batch}) x max_seq_len ({max_seq_len or 'the model context'}): "
-                         f"the KV cache does not fit in memory ({str(e).splitlines()[0]})") from e
+        raise ValueError(f"max_batch ({max_batch}) x max_seq_len ({max_seq_len or 'the model context'}), "
+                         f"kv_blocks ({kv_blocks}): the KV pool does not fit in memory ({str(e).splitlines()[0]})") from e
     return engine, tokenizer
 
 

@@ -1,0 +1,76 @@
+"""Where one engine step goes: scheduling, the model forward (runner) and the Python around it.
+
+    PYTHONPATH=src python benchmarks/engine_step.py --clients 1 --tokens 64 --quantize int4
+
+Drives `Engine.step` on this thread (no HTTP) with `--clients` concurrent greedy requests on the demo
+model and times each part of the step; for comparison, times `generate` decoding the same prompt alone
+(the contiguous cache and the native decode stack). One measurement, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from tramontane import generate
+from tramontane.cli import demo_model_path
+from tramontane.engine import Engine, Request
+from tramontane.loading import load_model
+from tramontane.tokenizer import load_tokenizer
+
+
+def timed(totals: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--quantize", default=None)
+    a = ap.parse_args()
+    path = demo_model_path()
+    model = load_model(path, quantize=a.quantize)
+    tokenizer = load_tokenizer(path)
+    prompt = tokenizer.encode("The history of the wind called tramontane begins")
+    generate(model, [prompt], max_tokens=8)  # warm up (native kernels, allocator)
+    start = time.perf_counter()
+    generate(model, [prompt], max_tokens=a.tokens)
+    alone = (time.perf_counter() - start) / a.tokens
+
+    engine = Engine(model, tokenizer, max_batch=max(a.clients, 1), max_seq_len=1024)
+    totals: dict[str, float] = defaultdict(float)
+    engine.scheduler.schedule = timed(totals, "schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
+    model.forward = timed(totals, "model forward", model.forward)  # type: ignore[method-assign]
+    engine.runner.execute = timed(totals, "runner (forward + tables)", engine.runner.execute)  # type: ignore[method-assign]
+    engine._sample = timed(totals, "sample + accept + emit", engine._sample)  # type: ignore[method-assign]
+    for _round in ("warm-up", "measured"):
+        totals.clear()
+        for _ in range(a.clients):
+            engine.submit(Request(list(prompt), max_tokens=a.tokens, emit=lambda ev: None,
+                                  stop_ids=frozenset()))
+        steps = 0
+        start = time.perf_counter()
+        while engine.step():
+            steps += 1
+        wall = time.perf_counter() - start
+    print(f"{steps} steps, {a.clients} clients, {wall / steps * 1e3:.2f} ms per step "
+          f"(generate alone: {alone * 1e3:.2f} ms per token)")
+    for name, seconds in totals.items():
+        print(f"  {name:28s} {seconds / steps * 1e3:7.3f} ms/step  {100 * seconds / wall:5.1f}%")
+    python = wall - totals["model forward"]
+    print(f"  {'outside the model forward':28s} {python / steps * 1e3:7.3f} ms/step  {100 * python / wall:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
