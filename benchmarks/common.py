@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,23 @@ def save_result(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
     return path
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, label: str, exited: Callable[[], str] = lambda: "") -> str:
+    """The first model id that `url`/v1/models names, once the server started as `proc` answers there.
+
+    Raises RuntimeError when `proc` exits first (with `exited()`'s detail) or after 300 s."""
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{label} exited with {proc.returncode}{exited()}")
+        try:
+            r = httpx.get(f"{url}/v1/models", timeout=2)
+            if r.status_code == 200:
+                return str(r.json()["data"][0]["id"])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{label} did not come up in 300 s")

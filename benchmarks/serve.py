@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from tramontane.cli import demo_model_path  # noqa: E402
 
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, wait_for_server  # noqa: E402
 from llama_tools import build  # noqa: E402
 
 PROMPTS = [
@@ -50,19 +50,7 @@ class Server:
     def __init__(self, label: str, argv: list[str], port: int) -> None:
         self.label, self.port, self.model = label, port, ""
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{label} exited with {self.proc.returncode}")
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-                if r.status_code == 200:
-                    self.model = r.json()["data"][0]["id"]
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{label} did not come up in 300 s")
+        self.model = wait_for_server(self.proc, f"http://127.0.0.1:{port}", label)
 
     def stop(self) -> None:
         self.proc.terminate()

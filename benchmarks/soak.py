@@ -36,6 +36,8 @@ from serve import free_port  # noqa: E402
 
 from tramontane.cli import demo_model_path  # noqa: E402
 
+from common import wait_for_server  # noqa: E402
+
 SUBJECTS = ["the sea", "a lighthouse", "the north wind", "a fisherman", "an old map", "the harbour", "a storm",
             "the mountains", "a sailing boat", "the moon", "a market", "the island"]
 STARTS = ["Write one sentence about", "Describe", "Tell me a fact about", "Name a colour that suits"]
@@ -67,21 +69,11 @@ class ServerProcess:
         self.log = tempfile.TemporaryFile()  # not a pipe: a chatty server would block on a full one
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                err = self.log.read().decode(errors="replace")
-                raise RuntimeError(f"tramontane serve exited with {self.proc.returncode}: {err[-2000:]}")
-            try:
-                r = httpx.get(f"{self.url}/v1/models", timeout=2)
-                if r.status_code == 200:
-                    self.model = r.json()["data"][0]["id"]
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("tramontane serve did not come up in 300 s")
+        def log_tail() -> str:
+            self.log.seek(0)
+            return ": " + self.log.read().decode(errors="replace")[-2000:]
+
+        self.model = wait_for_server(self.proc, self.url, "tramontane serve", log_tail)
 
     def stop(self) -> None:
         self.proc.terminate()
