@@ -40,17 +40,7 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module | None:
     for p in parts:
         assert isinstance(p, nn.Linear | QuantLinearBase)
         out_features += p.out_features
-    with torch.device("meta"):
-        if isinstance(first, nn.Linear):
-            fused: nn.Module = nn.Linear(first.in_features, out_features, bias=False)
-        elif isinstance(first, Int8Linear):
-            fused = Int8Linear(first.in_features, out_features)
-        elif isinstance(first, Int4Linear):
-            fused = Int4Linear(first.in_features, out_features, first.group_size, first.zero_point)
-        elif isinstance(first, BlockLinear):
-            fused = BlockLinear(first.in_features, out_features, first.kind)
-        else:
-            raise TypeError(f"cannot fuse {type(first).__name__}")
+    fused = _empty_like(first, out_features)
     for name, tensor in list(first.named_parameters()) + list(first.named_buffers()):
         pieces = [getattr(p, name) for p in parts]
         # the fused weight goes straight where it will stay (2 MiB pages on CPU): no second move, and
@@ -58,11 +48,39 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module | None:
         joined = weight_empty((sum(t.shape[0] for t in pieces), *tensor.shape[1:]), tensor.dtype, tensor.device)
         with torch.no_grad():
             torch.cat(pieces, dim=0, out=joined)
-        if isinstance(tensor, nn.Parameter):
-            setattr(fused, name, nn.Parameter(joined, requires_grad=False))
-        else:
-            setattr(fused, name, joined)
+        _set_tensor(fused, name, joined, tensor)
     return fused
+
+
+def split_rows(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
+    """The inverse of `concat_rows`: linears whose outputs are `fused`'s rows in pieces of `sizes`
+    (views of its tensors, no copy)."""
+    parts = [_empty_like(fused, n) for n in sizes]
+    for name, tensor in list(fused.named_parameters()) + list(fused.named_buffers()):
+        for part, chunk in zip(parts, tensor.split(sizes, dim=0)):  # every tensor has one row per output
+            _set_tensor(part, name, chunk, tensor)
+    return parts
+
+
+def _empty_like(first: nn.Module, out_features: int) -> nn.Module:
+    """A linear of `first`'s kind and input size with `out_features` outputs, its tensors on meta."""
+    with torch.device("meta"):
+        if isinstance(first, nn.Linear):
+            return type(first)(first.in_features, out_features, bias=False)
+        if isinstance(first, Int8Linear):
+            return Int8Linear(first.in_features, out_features)
+        if isinstance(first, Int4Linear):
+            return Int4Linear(first.in_features, out_features, first.group_size, first.zero_point)
+        if isinstance(first, BlockLinear):
+            return BlockLinear(first.in_features, out_features, first.kind)
+    raise TypeError(f"cannot fuse {type(first).__name__}")
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    if isinstance(like, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
+    else:
+        setattr(module, name, value)
 
 
 class FastLinear(nn.Linear):
@@ -108,12 +126,30 @@ def fuse_projections(model: Transformer) -> Transformer:
     return model
 
 
+def unfuse_projections(model: Transformer) -> Transformer:
+    """Split every fused wqkv and w13 back into wq/wk/wv and w1/w3 (views of the fused tensors), in
+    place: for transforms that work per projection, such as LoRA adapters."""
+    for module in model.modules():
+        for fused_name, names in _FUSED.items():
+            fused = module._modules.get(fused_name)
+            if fused is None:
+                continue
+            for name, part in zip(names, split_rows(fused, _fused_sizes(model)[fused_name])):
+                setattr(module, name, part)
+            setattr(module, fused_name, None)
+    return model
+
+
+def _fused_sizes(model: Transformer) -> dict[str, list[int]]:
+    args = model.args
+    return {"wqkv": [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim,
+                     args.n_kv_heads * args.head_dim],
+            "w13": [args.hidden_dim, args.hidden_dim]}
+
+
 def unfused_state_dict(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
     """`state` with fused tensors split back into the checkpoint's wq/wk/wv and w1/w3."""
-    args = model.args
-    sizes = {"wqkv": [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim,
-                      args.n_kv_heads * args.head_dim],
-             "w13": [args.hidden_dim, args.hidden_dim]}
+    sizes = _fused_sizes(model)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         prefix, _, rest = key.rpartition(".")

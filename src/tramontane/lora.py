@@ -1,0 +1,126 @@
+"""LoRA adapters: a low-rank update beside a frozen linear, y = base(x) + B(A(dropout(x))) * alpha / rank.
+
+`apply_lora` swaps the target projections of a model for `LoraLinear` modules, in place. The base can be
+any linear the model holds (float, int8, int4, a GGUF block format): it stays frozen, so a quantized base
+with full-precision adapters is QLoRA. Parameter names are those of PEFT and mistral-finetune under the
+projection's own name: `layers.0.attention.wq.lora_A.weight` [rank, in], `...lora_B.weight` [out, rank].
+As in PEFT, A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model's outputs unchanged.
+
+Example:
+    >>> model = apply_lora(load_model(path), LoraConfig(rank=16, alpha=32))
+    >>> trainable = [p for p in model.parameters() if p.requires_grad]  # the adapters only
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .fuse import unfuse_projections
+from .layers import Attention, FeedForward
+from .model import Transformer
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Which projections get adapters and their shape. `alpha / rank` scales the update (PEFT's
+    `lora_alpha / r`)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora rank: need at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout: need 0 <= dropout < 1, got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora targets: {unknown or 'none given'}; choose from {', '.join(TARGETS)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraLinear(nn.Module):
+    """A frozen `base` linear plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, config: LoraConfig) -> None:
+        super().__init__()
+        in_features, out_features = int(base.in_features), int(base.out_features)
+        self.base = base
+        self.in_features, self.out_features = in_features, out_features
+        self.scaling = config.scaling
+        where = next(iter([*base.parameters(), *base.buffers()])).device
+        self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=where)
+        self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=where)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return self.base(x) + (update * self.scaling).to(x.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """The update as a dense weight [out, in]: what merging adds to the base weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def lora_slots(model: Transformer, targets: tuple[str, ...] = TARGETS) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent module, attribute) of every target projection in the blocks (experts
+    included), in the model's order."""
+    slots: list[tuple[str, nn.Module, str]] = []
+    for qualified, module in model.named_modules():
+        if isinstance(module, Attention | FeedForward):
+            for name in targets:
+                if module._modules.get(name) is not None:
+                    slots.append((f"{qualified}.{name}", module, name))
+    return slots
+
+
+def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
+    """Freeze every weight of `model` and give each target projection an adapter, in place.
+
+    Fused projections (wqkv, w13) are split back first: each projection has its own adapter.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    unfuse_projections(model)
+    for _, parent, name in lora_slots(model, config.targets):
+        setattr(parent, name, LoraLinear(getattr(parent, name), config))
+    return model
+
+
+def lora_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The adapters' weights under their native names (`layers.0.attention.wq.lora_A.weight`)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into its float base weight and drop the LoraLinear wrappers, in place.
+
+    Raises:
+        ValueError: a base is quantized (its weight cannot hold the update without requantizing).
+    """
+    for qualified, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, LoraLinear):
+                continue
+            base = child.base
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"{qualified}.{name}: cannot merge an adapter into a {type(base).__name__} "
+                                 "base; load the base model in floats (dequantize) to merge")
+            with torch.no_grad():
+                merged = (base.weight.float() + child.delta().float()).to(base.weight.dtype)
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            setattr(module, name, base)
+    return model
