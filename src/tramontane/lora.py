@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, config: LoraConfig) -> None:
         super().__init__()
-        in_features, out_features = int(base.in_features), int(base.out_features)
+        in_features, out_features = cast(int, base.in_features), cast(int, base.out_features)
         self.base = base
         self.in_features, self.out_features = in_features, out_features
         self.scaling = config.scaling
