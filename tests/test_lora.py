@@ -61,3 +61,16 @@ def test_merge_refuses_quantized_base(tiny_hf) -> None:
 def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LoraConfig(**{field: value})
+
+
+def test_mistral_adapter_round_trip(tiny_hf, tmp_path) -> None:
+    from tramontane.adapters import load_adapter, save_adapter
+
+    _, folder = tiny_hf("mistral-window")
+    config = LoraConfig(rank=4, alpha=16, targets=("wq", "wo", "w1"))
+    model = apply_lora(load_model(folder), config)
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter", config)
+    loaded = load_adapter(load_model(folder), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), model(TOKENS))
