@@ -44,7 +44,7 @@ def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
     src = Path(folder)
     file, meta = src / MISTRAL_FILE, src / MISTRAL_CONFIG
     if not file.is_file() or not meta.is_file():
-        raise CheckpointError(f"{src}: no adapter here (want {MISTRAL_FILE} and {MISTRAL_CONFIG})")
+        raise CheckpointError(src, f"no adapter here (want {MISTRAL_FILE} and {MISTRAL_CONFIG})")
     data = json.loads(meta.read_text())
     config = LoraConfig(rank=int(data["rank"]), alpha=float(data["alpha"]), targets=tuple(data["targets"]))
     apply_lora(model, config)
@@ -52,12 +52,12 @@ def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
     expected = lora_state_dict(model)
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise CheckpointError(f"{file}: adapter tensors do not match the model (missing {missing[:3]}, "
+        raise CheckpointError(file, f"adapter tensors do not match the model (missing {missing[:3]}, "
                               f"unexpected {extra[:3]})")
     with torch.no_grad():
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
-                raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model wants "
+                raise CheckpointError(file, f"{name} has shape {tuple(tensor.shape)}, the model wants "
                                       f"{tuple(expected[name].shape)}")
             expected[name].copy_(tensor)
     return model
