@@ -24,7 +24,7 @@ from tramontane.loading.gguf import (
     read_gguf_metadata,
 )
 from tramontane.loading.gguf_write import write_gguf
-from tramontane.loading.hf import permute_hf_to_native, permute_native_to_hf
+from tramontane.loading.names import permute_hf_to_native, permute_native_to_hf
 
 # transformers' parameter names -> ours, for the dense Llama layout.
 HF_TO_INTERNAL = {

@@ -8,7 +8,6 @@ sees Mistral's native layout.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,43 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..args import ModelArgs
-from ..errors import CheckpointError, TensorMismatchError
+from ..errors import CheckpointError
 from .common import iter_safetensors, safetensors_shapes
+from .names import to_hf, to_internal
 from .validate import HF_FIELDS, check_against_tensors
-
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "output.weight"}
-_PER_LAYER = {
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
-    "mlp.gate.weight": "feed_forward.gate.weight",  # transformers >= 5 in memory
-}
-# task heads (heads.py): transformers' `score` (classification) or `qa_outputs` (question answering)
-_HEAD = {"score.weight": "head.weight", "score.bias": "head.bias",
-         "qa_outputs.weight": "head.weight", "qa_outputs.bias": "head.bias"}
-_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
-
-
-def permute_hf_to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of one head go from rotate-half order (0..D/2-1 | D/2..D-1) to interleaved pairs."""
-    rows, dim = w.shape
-    head_dim = rows // n_heads
-    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def permute_native_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows, dim = w.shape
-    head_dim = rows // n_heads
-    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -113,86 +79,11 @@ def _brief(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def to_internal(name: str, tensor: torch.Tensor, args: ModelArgs, source: Path) -> list[tuple[str, torch.Tensor]]:
-    """Map one Hugging Face tensor to internal name(s); q/k are un-permuted, fused experts split."""
-    if args.head is not None:
-        if name in _HEAD:
-            return [(_HEAD[name], tensor)]
-        if name.startswith("transformer."):  # LlamaForQuestionAnswering's body prefix
-            name = "model." + name.removeprefix("transformer.")
-    if name in _GLOBAL:
-        if name == "lm_head.weight" and args.tied_embeddings:
-            return []  # some tied checkpoints store the shared matrix twice
-        return [(_GLOBAL[name], tensor)]
-    m = _LAYER.fullmatch(name)
-    if m is None:
-        raise TensorMismatchError(source, f"unexpected tensor {name!r}")
-    layer, rest = m.groups()
-    prefix = f"layers.{layer}."
-    if rest.endswith("rotary_emb.inv_freq"):
-        return []  # a cached buffer, recomputed from rope_theta
-    if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-        q = rest.startswith("self_attn.q")
-        heads, field = (args.n_heads, "num_attention_heads") if q else (args.n_kv_heads, "num_key_value_heads")
-        if tensor.dim() != 2 or tensor.shape[0] != heads * args.head_dim:
-            raise TensorMismatchError(
-                source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {heads * args.head_dim} rows "
-                        f"({field} {heads} x head_dim {args.head_dim})",
-            )
-        return [(prefix + ("attention.wq.weight" if q else "attention.wk.weight"), permute_hf_to_native(tensor, heads))]
-    if rest in _PER_LAYER:
-        return [(prefix + _PER_LAYER[rest], tensor)]
-    e = _EXPERT.fullmatch(rest)
-    if e is not None:
-        return [(f"{prefix}feed_forward.experts.{e.group(1)}.{e.group(2)}.weight", tensor)]
-    if rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") and tensor.dim() != 3:
-        raise TensorMismatchError(source, f"tensor {name!r} has shape {list(tensor.shape)}, expected [experts, rows, cols]")
-    if rest == "mlp.experts.gate_up_proj":  # [E, 2 * hidden, dim], gate rows first
-        out = []
-        for i, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
-            out += [(f"{prefix}feed_forward.experts.{i}.w1.weight", gate),
-                    (f"{prefix}feed_forward.experts.{i}.w3.weight", up)]
-        return out
-    if rest == "mlp.experts.down_proj":  # [E, dim, hidden]
-        return [(f"{prefix}feed_forward.experts.{i}.w2.weight", t) for i, t in enumerate(tensor)]
-    raise TensorMismatchError(source, f"unexpected tensor {name!r}")
-
-
 def iter_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for file in weight_files(folder):
         for name, tensor in iter_safetensors(file):
             for internal, t in to_internal(name, tensor, args, file):
                 yield internal, t, file
-
-
-def to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
-    """Map one internal tensor to its Hugging Face name (q/k re-permuted)."""
-    hf_name, tensor = _to_hf_body(name, tensor, args)
-    if args.head is not None and args.to_hf_config()["architectures"] == ["LlamaForQuestionAnswering"]:
-        hf_name = hf_name.replace("model.", "transformer.", 1)  # that class keeps its old body prefix
-    return hf_name, tensor
-
-
-def _to_hf_body(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
-    if name.startswith("head."):
-        assert args.head is not None  # only a TaskModel has a head
-        return ("qa_outputs." if args.head.kind == "qa" else "score.") + name.removeprefix("head."), tensor
-    reverse = {v: k for k, v in _GLOBAL.items()}
-    if name in reverse:
-        return reverse[name], tensor
-    _, layer, rest = name.split(".", 2)
-    prefix = f"model.layers.{layer}."
-    if rest == "attention.wq.weight":
-        return prefix + "self_attn.q_proj.weight", permute_native_to_hf(tensor, args.n_heads)
-    if rest == "attention.wk.weight":
-        return prefix + "self_attn.k_proj.weight", permute_native_to_hf(tensor, args.n_kv_heads)
-    if rest.startswith("feed_forward.experts."):
-        _, _, expert, w, _ = rest.split(".")
-        return f"{prefix}block_sparse_moe.experts.{expert}.{w}.weight", tensor
-    if rest == "feed_forward.gate.weight":
-        return prefix + "block_sparse_moe.gate.weight", tensor
-    reverse_layer = {v: k for k, v in _PER_LAYER.items() if not k.startswith(("mlp.gate.", "block_sparse"))}
-    return prefix + reverse_layer[rest], tensor
 
 
 def save(folder: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
