@@ -1,21 +1,54 @@
-"""tramontane: run Mistral and Llama-shaped models, exactly and fast."""
+"""tramontane: run Mistral and Llama-shaped models, exactly and fast.
 
-from .args import PRESETS, HeadArgs, ModelArgs, MoeArgs, preset
-from .cache import KVCache
-from .errors import CheckpointError, ConfigError, TensorMismatchError, TokenizerError
-from .generate import Generation, compile_decode, generate, stream
-from .heads import TaskModel, classify
-from .loading import load_model, read_model_args, save_model
-from .mask_viz import visualize_mask
-from .model import Transformer
-from .sampling import SamplingParams
-from .textgen import chat, complete, stream_chat, stream_text
-from .tokenizer import Tokenizer, load_tokenizer
+The names below are imported on first use, so that `tramontane.jax` (and `tramontane.args`) can be
+used where torch is not installed.
+"""
 
-__all__ = [
-    "PRESETS", "CheckpointError", "ConfigError", "ModelArgs", "MoeArgs", "TensorMismatchError",
-    "TokenizerError", "preset", "compile_decode", "load_model", "read_model_args", "save_model", "Transformer", "KVCache",
-    "Generation", "generate", "stream", "SamplingParams", "chat", "complete", "stream_chat", "stream_text",
-    "Tokenizer", "load_tokenizer", "HeadArgs", "TaskModel", "classify", "visualize_mask",
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .args import PRESETS, HeadArgs, ModelArgs, MoeArgs, preset
+    from .cache import KVCache
+    from .errors import CheckpointError, ConfigError, TensorMismatchError, TokenizerError
+    from .generate import Generation, compile_decode, generate, stream
+    from .heads import TaskModel, classify
+    from .loading import load_model, read_model_args, save_model
+    from .mask_viz import visualize_mask
+    from .model import Transformer
+    from .sampling import SamplingParams
+    from .textgen import chat, complete, stream_chat, stream_text
+    from .tokenizer import Tokenizer, load_tokenizer
+
+_WHERE = {
+    "args": ["PRESETS", "HeadArgs", "ModelArgs", "MoeArgs", "preset"],
+    "cache": ["KVCache"],
+    "errors": ["CheckpointError", "ConfigError", "TensorMismatchError", "TokenizerError"],
+    "generate": ["Generation", "compile_decode", "generate", "stream"],
+    "heads": ["TaskModel", "classify"],
+    "loading": ["load_model", "read_model_args", "save_model"],
+    "mask_viz": ["visualize_mask"],
+    "model": ["Transformer"],
+    "sampling": ["SamplingParams"],
+    "textgen": ["chat", "complete", "stream_chat", "stream_text"],
+    "tokenizer": ["Tokenizer", "load_tokenizer"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = [  # the names above (tests/test_package.py checks that both lists agree)
+    "PRESETS", "CheckpointError", "ConfigError", "Generation", "HeadArgs", "KVCache", "ModelArgs", "MoeArgs",
+    "SamplingParams", "TaskModel", "TensorMismatchError", "Tokenizer", "TokenizerError", "Transformer", "chat",
+    "classify", "compile_decode", "complete", "generate", "load_model", "load_tokenizer", "preset",
+    "read_model_args", "save_model", "stream", "stream_chat", "stream_text", "visualize_mask",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tramontane' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once
+    return value
