@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tramontane-installed
 
-.PHONY: setup test lint demo bench fuzz clean
+.PHONY: setup test test-fast lint demo bench fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# the tier to run on every change: everything not marked slow
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	$(VENV)/bin/tramontane demo

@@ -14,6 +14,7 @@ from gguf.quants import dequantize, quantize
 
 from tramontane.args import ModelArgs, MoeArgs
 from tramontane.errors import CheckpointError, ConfigError, TensorMismatchError
+from tramontane.layout import permute_hf_to_native, permute_native_to_hf
 from tramontane.loading.common import expected_shapes
 from tramontane.loading.gguf import (
     gguf_tensor_info,
@@ -24,7 +25,6 @@ from tramontane.loading.gguf import (
     read_gguf_metadata,
 )
 from tramontane.loading.gguf_write import write_gguf
-from tramontane.loading.names import permute_hf_to_native, permute_native_to_hf
 
 # transformers' parameter names -> ours, for the dense Llama layout.
 HF_TO_INTERNAL = {

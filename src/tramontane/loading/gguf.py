@@ -8,7 +8,7 @@ embedding is listed as `ne = [dim, vocab]` but read as `(vocab, dim)`.
 Rotary layout: llama.cpp's converter permutes Hugging Face's rotate-half q/k rows back into Meta's
 interleaved-pairs layout, which is tramontane's internal layout, so GGUF `attn_q`/`attn_k` are used
 as stored (`tests/test_gguf.py` checks this against transformers, which permutes them the other way,
-using `names.permute_hf_to_native`).
+using `layout.permute_hf_to_native`).
 
 Example:
     >>> args, weights = load_gguf_state_dict("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP

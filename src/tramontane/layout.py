@@ -1,15 +1,16 @@
-"""Hugging Face tensor names and layouts <-> the internal (Mistral native) ones, for any array type with
-`shape`, `reshape` and `swapaxes` (torch tensors and numpy arrays): the torch loaders and the torch-free
-JAX loader share one table."""
+"""A Hugging Face checkpoint's files, and its tensor names and layouts <-> the internal (Mistral native)
+ones, for any array type with `shape`, `reshape` and `swapaxes` (torch tensors, numpy and JAX arrays):
+the torch loaders and the torch-free JAX loader share them. Nothing here imports torch."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
-from ..args import ModelArgs
-from ..errors import TensorMismatchError
+from .args import ModelArgs
+from .errors import CheckpointError, TensorMismatchError
 
 Array = Any  # torch.Tensor or numpy.ndarray
 
@@ -122,3 +123,44 @@ def _to_hf_body(name: str, tensor: Array, args: ModelArgs) -> tuple[str, Array]:
         return prefix + "block_sparse_moe.gate.weight", tensor
     reverse_layer = {v: k for k, v in _PER_LAYER.items() if not k.startswith(("mlp.gate.", "block_sparse"))}
     return prefix + reverse_layer[rest], tensor
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of the folder: those its index names (each checked to lie inside the
+    folder before any is opened), or the lone `model.safetensors`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(index, f"invalid index file ({e})") from e
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                index, f"weight_map must be an object of tensor name -> file name, got {_brief(weight_map)}"
+            )
+        files = [_inside(folder, name, index) for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f, "listed in model.safetensors.index.json but missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(folder.glob("*.bin")):
+        raise CheckpointError(folder, "only pickle .bin weights found; convert them to safetensors first")
+    raise CheckpointError(folder, "no model.safetensors or model.safetensors.index.json")
+
+
+def _inside(folder: Path, name: str, index: Path) -> Path:
+    """`folder / name`, refused when `name` is absolute or leads out of the folder (`..`, a symlink)."""
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if Path(name).is_absolute() or not target.is_relative_to(root) or target == root:
+        raise CheckpointError(index, f"weight_map names {name!r}, which is outside the checkpoint folder {folder}")
+    return folder / name
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
