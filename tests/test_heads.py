@@ -224,3 +224,58 @@ def test_classify_refuses_a_language_model(tiny_hf) -> None:
     run = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), "hi"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "not a classification model" in run.stderr
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_answer_is_the_reference_best_span(saved, name: str) -> None:
+    """The span `answer` picks equals a brute-force search over transformers' own start/end logits."""
+    from tramontane.heads import answer
+
+    ref, folder = saved(name, "qa")
+    model = load_model(folder)
+    g = torch.Generator().manual_seed(3)
+    question, context = torch.randint(1, 128, (5,), generator=g).tolist(), torch.randint(1, 128, (14,), generator=g).tolist()
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor([question + context]))
+    start = torch.log_softmax(out.start_logits[0, 5:], -1)
+    end = torch.log_softmax(out.end_logits[0, 5:], -1)
+    for longest in (1, 4, 30):
+        spans = [(float(start[s] + end[e]), s, e) for s in range(14) for e in range(s, min(14, s + longest))]
+        score, s, e = max(spans)
+        got = answer(model, question, context, max_answer_tokens=longest)
+        assert (got.start, got.end) == (s, e)
+        assert got.score == pytest.approx(float(torch.tensor(score).exp()), rel=1e-4)
+
+
+def test_answer_command_prints_the_span(saved) -> None:
+    import subprocess
+    import sys
+
+    from tramontane import load_tokenizer
+    from tramontane.heads import answer
+
+    _, folder = saved("llama-tied", "qa")
+    word_tokenizer(folder)
+    question, context = "where is the wind", "the wind is cold today in the north"
+    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "answer", "--model", str(folder), question,
+                          "--context", context, "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    tok = load_tokenizer(folder)
+    ids = tok.encode(context, bos=False)
+    span = answer(load_model(folder), tok.encode(question, bos=True), ids)
+    assert got["answer"] == tok.decode(ids[span.start:span.end + 1]).strip() != ""
+    assert (got["start_token"], got["end_token"]) == (span.start, span.end)
+
+
+@pytest.mark.parametrize("kind", ["sequence", "qa"])
+def test_generation_refuses_a_task_model(saved, kind: str) -> None:
+    from tramontane import generate
+    from tramontane.engine.engine import Engine
+
+    _, folder = saved("mistral-window", kind)
+    model = load_model(folder)
+    with pytest.raises(ValueError, match=f"'{kind}' task head"):
+        generate(model, [[1, 2, 3]], max_tokens=2)
+    with pytest.raises(ValueError, match=f"'{kind}' task head"):
+        Engine(model, None, max_batch=1)

@@ -1,4 +1,4 @@
-"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, info, quantize, download, models."""
+"""The `tramontane` command: demo, chat, complete, classify, answer, mask, serve, convert, info, quantize, download, models."""
 
 from __future__ import annotations
 
@@ -281,6 +281,27 @@ def cmd_complete(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_answer(a: argparse.Namespace) -> int:
+    from .heads import TaskModel, answer
+
+    model, tokenizer, path = load_for_generation(a)
+    if not isinstance(model, TaskModel) or model.task.kind != "qa":
+        raise CliError(f"--model {path}: not a question-answering model (its config.json must name a "
+                       "*ForQuestionAnswering architecture)")
+    context = tokenizer.encode(a.context, bos=False)
+    try:
+        span = answer(model, tokenizer.encode(a.question, bos=True), context, a.max_answer_tokens)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    text = tokenizer.decode(context[span.start:span.end + 1]).strip()
+    if a.json:
+        print(json.dumps({"answer": text, "score": round(span.score, 6), "start_token": span.start,
+                          "end_token": span.end}))
+    else:
+        print(f"{text}\t{span.score:.4f}")
+    return 0
+
+
 def cmd_classify(a: argparse.Namespace) -> int:
     from .heads import TaskModel, classify
 
@@ -471,6 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify, one result each")
     cl.add_argument("--json", action="store_true", help="print a JSON list with every label's probability")
     cl.set_defaults(func=cmd_classify)
+
+    qa = sub.add_parser("answer", parents=[common, load],
+                        help="find the answer to a question in a context with a question-answering model")
+    qa.add_argument("question", help="the question")
+    qa.add_argument("--context", required=True, help="the text the answer is taken from")
+    qa.add_argument("--max-answer-tokens", type=int, default=30, help="longest answer span (default 30)")
+    qa.add_argument("--json", action="store_true", help="print a JSON object with the answer, score and span")
+    qa.set_defaults(func=cmd_answer)
 
     mk = sub.add_parser("mask", parents=[common],
                         help="draw which tokens each token attends to (causal, sliding window), one grid per prompt")

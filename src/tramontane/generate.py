@@ -108,6 +108,17 @@ class _CompiledDecode:
         return _decode(self.model, tokens, positions, cache)
 
 
+def check_language_model(model: Transformer) -> None:
+    """Generating needs next-token logits, which a model with a task head does not give.
+
+    Raises:
+        ValueError: `model` has a classification or question-answering head.
+    """
+    if model.args.head is not None:
+        raise ValueError(f"model: it has a {model.args.head.kind!r} task head instead of a language-model "
+                         "output, so it cannot generate text (use `tramontane classify` or `tramontane answer`)")
+
+
 def check_prompt(prompt: Sequence[int], name: str, vocab_size: int, max_tokens: int, context: int | None) -> None:
     """Raise ValueError, naming `name` or max_tokens first, when `prompt` plus `max_tokens` new tokens
     cannot be generated: an empty prompt, ids outside the vocabulary, or more than `context` positions
@@ -194,6 +205,7 @@ def stream(
     yielded, ends that prompt with reason 'stop' when it returns True (e.g. a stop string matched).
     """
     params = params or SamplingParams()
+    check_language_model(model)
     check_request(model, prompts, max_tokens, chunk_size)
     args = model.args
     device = model.device

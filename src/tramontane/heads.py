@@ -117,6 +117,49 @@ def classify(model: TaskModel, ids: Sequence[int]) -> list[Prediction]:
     return out
 
 
+@dataclass
+class Answer:
+    """The best answer span of a context: its tokens context[start:end + 1], and the probability of that
+    start times that of that end (each a softmax over the context's positions)."""
+
+    start: int
+    end: int
+    score: float
+
+
+def answer(model: TaskModel, question: Sequence[int], context: Sequence[int], max_answer_tokens: int = 30) -> Answer:
+    """The span of `context` that answers `question`, read by a question-answering head from the tokens
+    question + context, the way transformers' question-answering pipeline picks one: the start s and end
+    e (s <= e < s + max_answer_tokens, both inside the context) of highest start_logit[s] + end_logit[e].
+
+    Example:
+        >>> span = answer(model, tok.encode("Who wrote it?"), tok.encode("It was written by Ada.", bos=False))
+        >>> tok.decode(context[span.start:span.end + 1])
+
+    Raises:
+        ValueError: `model` has no question-answering head, the context is empty, or
+            max_answer_tokens < 1.
+    """
+    if model.task.kind != "qa":
+        raise ValueError(f"model: a {model.task.kind!r} head labels text; answering needs a question-answering head")
+    if not context:
+        raise ValueError("context: no tokens to find an answer in")
+    if max_answer_tokens < 1:
+        raise ValueError(f"max_answer_tokens: need at least 1, got {max_answer_tokens}")
+    with torch.no_grad():
+        out = model(torch.tensor([[*question, *context]], device=model.device))
+    assert isinstance(out, tuple)  # a qa head
+    offset = len(question)
+    start, end = (torch.log_softmax(t[0, offset:].float(), dim=-1) for t in out)  # [C] over context positions
+    scores = start[:, None] + end[None, :]  # [C, C]: span (s, e)
+    C = len(context)
+    s_idx, e_idx = torch.arange(C)[:, None], torch.arange(C)[None, :]
+    allowed = (e_idx >= s_idx) & (e_idx < s_idx + max_answer_tokens)
+    best = int(scores.masked_fill(~allowed, float("-inf")).flatten().argmax())
+    s, e = divmod(best, C)
+    return Answer(s, e, float(scores[s, e].exp()))
+
+
 def last_token(tokens: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Index [B] of each row's rightmost token that is not `pad_token_id` (left or right padding);
     the last index without a pad id, which transformers allows for one sequence only."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..cache import PagedKVCache
-from ..generate import TokenLoop, check_prompt
+from ..generate import TokenLoop, check_language_model, check_prompt
 from ..model import Transformer
 from ..sampling import Penalties, sample_rows, token_logprobs
 from ..textgen import TextTracker
@@ -83,6 +83,7 @@ class Engine:
             raise ValueError("max_batch and chunk_size must be >= 1 and max_queue >= 0")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_language_model(model)
         args = model.args
         context = args.max_seq_len or 4096
         self.max_seq_len = min(max_seq_len or min(context, 4096), context)

@@ -16,6 +16,7 @@ from ..errors import CheckpointError, TensorMismatchError
 from ..layout import to_internal, weight_files
 from .model import Params
 
+
 def load_params(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, ModelArgs]:
     """The weights of a checkpoint as the JAX model's pytree, in `dtype`, and its ModelArgs.
 
