@@ -26,7 +26,7 @@ lint: setup
 	$(PY) -m mypy src tests
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # the tier to run on every change: everything not marked slow
 test-fast: setup

