@@ -391,7 +391,10 @@ def test_connection_limit(tok):
         held = [socket.create_connection((host, int(port))) for _ in range(3)]
         time.sleep(0.2)
         try:
-            assert httpx.get(url + "/health").status_code == 503
+            busy = httpx.get(url + "/health")
+            assert busy.status_code == 503
+            assert busy.headers["Retry-After"] == "1"  # like every 503 of the server, not uvicorn's bare one
+            assert busy.json()["error"]["code"] == "max_connections"
         finally:
             for s in held:
                 s.close()

@@ -26,6 +26,7 @@ from ..generate import compile_decode
 from ..loading import load_model
 from ..tokenizer import Tokenizer, load_tokenizer
 from .app import create_app
+from .errors import APIError
 from .limits import ConnectionLimits, ServerLimits
 from .middleware import allowed_hosts
 
@@ -82,12 +83,22 @@ class HeaderDeadline(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
+        # uvicorn's own answer at its concurrency limit is a bare 503 without Retry-After: the same limit
+        # is applied here instead, answered like every other 503 of the server
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
+        self._app = self.app
+
+    def _over_limit(self) -> bool:
+        limit = self.max_connections
+        return limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # these bytes may complete a new request's headers
+            self.app = _busy if self._over_limit() else self._app
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the headers are in: the body has its own deadline
             self._disarm()
@@ -114,6 +125,13 @@ class HeaderDeadline(H11Protocol):
         self._header_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+async def _busy(scope: Any, receive: Any, send: Any) -> None:
+    """The answer past --max-connections: OpenAI's error body, Retry-After, and the connection closed."""
+    error = APIError(503, "the server is at its connection limit (--max-connections); retry later",
+                     kind="server_error", code="max_connections")
+    await error.response(close=True)(scope, receive, send)
 
 
 class GracefulServer(uvicorn.Server):
