@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tramontane import generate, load_model
+from tramontane.cache import PagedKVCache
 from tramontane.engine import Engine, EngineEvent, QueueFullError, Request
 from tramontane.sampling import SamplingParams
 
@@ -212,3 +213,20 @@ def test_shared_prefixes_are_computed_once(model, prefix_cache):
 def test_kv_blocks_must_hold_one_context(model):
     with pytest.raises(ValueError, match="kv_blocks"):
         Engine(model, IdTokenizer(), max_seq_len=64, kv_blocks=3, block_size=16)
+
+
+def test_kv_pool_larger_than_memory_is_refused_before_reserving(model):
+    """A pool the machine cannot hold is an error naming kv_blocks, not a process killed later under load."""
+    from tramontane.loading.validate import available_memory
+
+    have = available_memory("cpu")
+    if have is None:
+        pytest.skip("this machine does not report its available memory")
+    per_block = PagedKVCache.pool_nbytes(model.args, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"kv_blocks: the KV pool .* needs .* GiB but only"):
+        Engine(model, IdTokenizer(), max_seq_len=64, kv_blocks=have // per_block + 10, block_size=16)
+
+
+def test_pool_nbytes_is_what_create_reserves(model):
+    pool = PagedKVCache.create(model.args, 7, 4, dtype=torch.bfloat16)
+    assert PagedKVCache.pool_nbytes(model.args, 7, 4, torch.bfloat16) == pool.nbytes()

@@ -26,6 +26,7 @@ a slot of its own, and a `PagedBatch` of block tables is passed to `forward` in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -298,13 +299,23 @@ class PagedKVCache:
         """Reserve a pool of `n_blocks` blocks (block 0 included) of `block_size` positions, stored in `dtype`."""
         if n_blocks < 2 or block_size < 1:
             raise ValueError(f"n_blocks must be >= 2 and block_size >= 1, got {n_blocks} and {block_size}")
-        shape = (args.n_layers, n_blocks, args.n_kv_heads, block_size, args.head_dim)
+        shape = cls.shape(args, n_blocks, block_size)
         k = torch.empty(shape, dtype=dtype, device=device)
         v = torch.empty(shape, dtype=dtype, device=device)
         positions = torch.empty((n_blocks, block_size), dtype=torch.long, device=device)
         pool = cls(k, v, positions, args.sliding_window)
         pool.clear([0])
         return pool
+
+    @staticmethod
+    def shape(args: ModelArgs, n_blocks: int, block_size: int) -> tuple[int, ...]:
+        """The shape of the key (and of the value) pool: [layers, blocks, kv_heads, block_size, head_dim]."""
+        return (args.n_layers, n_blocks, args.n_kv_heads, block_size, args.head_dim)
+
+    @classmethod
+    def pool_nbytes(cls, args: ModelArgs, n_blocks: int, block_size: int, dtype: torch.dtype) -> int:
+        """What `create` would reserve, before reserving it: keys, values and positions."""
+        return 2 * math.prod(cls.shape(args, n_blocks, block_size)) * dtype.itemsize + n_blocks * block_size * 8
 
     @property
     def n_blocks(self) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..generate import TokenLoop, check_language_model, check_prompt
+from ..loading.validate import available_memory
 from ..model import Transformer
 from ..sampling import Penalties, sample_rows, token_logprobs
 from ..textgen import TextTracker
@@ -93,6 +94,14 @@ class Engine:
         elif kv_blocks < per_context:
             raise ValueError(f"kv_blocks: {kv_blocks} blocks of {block_size} positions cannot hold one sequence "
                              f"of the context ({self.max_seq_len} positions needs {per_context})")
+        need = PagedKVCache.pool_nbytes(args, kv_blocks + 1, block_size, kv_dtype or model.dtype)
+        have = available_memory(model.device)
+        if have is not None and need > have:
+            # torch.empty would not fail here (pages are committed as blocks fill): the process would be
+            # killed for memory under load instead
+            raise ValueError(f"kv_blocks: the KV pool of {kv_blocks} blocks x {block_size} positions needs "
+                             f"{need / 2**30:.2f} GiB but only {have / 2**30:.2f} GiB is available; lower --kv-blocks, "
+                             "--max-batch or --max-seq-len, or store it smaller (--kv-cache-dtype)")
         self.model = model
         self.tokenizer = tokenizer
         self.pool = PagedKVCache.create(args, kv_blocks + 1, block_size, dtype=kv_dtype or model.dtype,
