@@ -107,29 +107,39 @@ def build_model(
         kept.append(loaded[name].data_ptr())
         bar.update(1)
 
-    for name, source_tensor, source in tensors:
-        picked = (name, source_tensor) if shard is None else shard.pick(name, source_tensor)
-        if picked is None:  # another rank's
+    def pick(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        return (name, tensor) if shard is None else shard.pick(name, tensor)
+
+    for source_name, source_tensor, source in tensors:
+        local = source_name if shard is None else shard.local_name(source_name)
+        if local is None:  # another rank's
             if pages is not None:
                 pages.release(source_tensor.data_ptr(), source_tensor.nbytes, [source])
             continue
-        name, tensor = picked
-        if name in targets and tensor.dtype.is_floating_point:  # a float weight to quantize as it arrives
-            module = targets[name]
-            shape = (module.out_features, module.in_features)
-            if tuple(tensor.shape) != shape:
-                raise TensorMismatchError(
-                    source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
-                )
+        if local in targets and source_tensor.dtype.is_floating_point:  # a float weight to quantize as it arrives
+            module = targets[local]
+            if shard is None and tuple(source_tensor.shape) != (module.out_features, module.in_features):
+                raise TensorMismatchError(source, f"tensor {source_name!r} has shape {list(source_tensor.shape)}, "
+                                                  f"expected {[module.out_features, module.in_features]}")
             assert quant is not None  # targets exist only for a quantized skeleton
-            prefix = name.removesuffix("weight")
-            for leaf, value in quantize_linear(quant, tensor.to(device)).state_dict().items():
-                put(_stored_key(prefix + leaf, expected) or prefix + leaf, value, source)
+            prefix = source_name.removesuffix("weight")
+            # whole rows quantized before a share is cut: the same numbers as in one process
+            for leaf, value in quantize_linear(quant, source_tensor.to(device)).state_dict().items():
+                picked = pick(prefix + leaf, value)
+                assert picked is not None  # local_name kept the weight, so it keeps its scales
+                put(_stored_key(picked[0], expected) or picked[0], picked[1], source)
             if pages is not None and pages.ext is not None:
                 # quantizing leaves float temporaries in the C heap, among weights that stay: give
                 # their pages back now (a 7B Q8_0 file loaded as int8: peak 10.2 -> 8.0 GiB)
                 pages.ext.trim_heap()
-        elif (stored := _stored_key(name, expected)) is not None:
+            if pages is not None:  # copied out: its mapped pages can go
+                pages.release(source_tensor.data_ptr(), source_tensor.nbytes, [source])
+            kept.clear()
+            continue
+        picked = pick(source_name, source_tensor)
+        assert picked is not None  # local_name kept it
+        name, tensor = picked
+        if (stored := _stored_key(name, expected)) is not None:
             put(stored, tensor, source)  # float model tensors, or already quantized ones (saved, GGUF Q4_0)
         else:
             raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")

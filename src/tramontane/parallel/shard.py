@@ -140,7 +140,7 @@ class ShardPlan:
                 if not whole:
                     raise ValueError(f"parallel: tp {self.tp} leaves {name} {cols} input columns per rank, not whole "
                                      f"{kind} units of {UNIT.get(kind, 32)}; use a smaller tp")
-            local = self._local_name(name)
+            local = self.local_name(name)
             if local is not None:
                 out[local] = kind
         return out
@@ -153,7 +153,8 @@ class ShardPlan:
         return widths
 
     # ------------------------------------------------------------------ while loading
-    def _local_name(self, name: str) -> str | None:
+    def local_name(self, name: str) -> str | None:
+        """This rank's name for checkpoint tensor `name` (layers renumbered in a stage), None if it keeps none of it."""
         parts = name.split(".")
         if parts[0] == "layers":
             i = int(parts[1])
@@ -170,7 +171,7 @@ class ShardPlan:
 
     def pick(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """This rank's name and slice (a copy) of checkpoint tensor `name`, or None if it keeps none of it."""
-        local = self._local_name(name)
+        local = self.local_name(name)
         if local is None:
             return None
         if self.tp == 1:

@@ -95,6 +95,12 @@ class Topology:
         _checked(dist.broadcast, value, src=0)
         return int(value.item())
 
+    def from_leader(self, value: object) -> object:
+        """Rank 0's `value` on every rank (a prompt, a request): rank 0 reads input, the others follow."""
+        box = [value if self.rank == 0 else None]
+        _checked(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
     def send_next(self, x: torch.Tensor) -> None:
         self.traffic.p2p += x.nbytes
         _checked(dist.send, x.contiguous(), dst=self.rank + self.config.tp)
