@@ -204,7 +204,7 @@ class ShardPlan:
                     layer.feed_forward = AllReduce(ff, t)
         embedding = model.tok_embeddings
         if t.last_stage:
-            head = model.output
+            head: nn.Module | None = model.output
             if head is None:  # a tied float model
                 assert isinstance(embedding, nn.Embedding)
                 head = TiedHead(embedding)
