@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -265,3 +266,21 @@ def test_cli_complete_under_torchrun_prints_the_one_process_completion() -> None
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
+
+
+def test_cli_chat_under_torchrun_answers_as_one_process() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = ["chat", "--max-tokens", "6", "--temperature", "0"]
+    message = "What is the capital of France?\n"
+
+    def answer(out: str) -> str:  # without the speed, which differs
+        return re.sub(r", [0-9.]+ tokens/s", "", out)
+
+    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], input=message, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "tramontane.cli", *cmd, "--pp", "2"],
+                         input=message, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr
+    assert answer(two.stdout) == answer(one.stdout) and "[6 tokens" in one.stdout

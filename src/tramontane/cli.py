@@ -414,8 +414,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if a.max_tokens < 1:
         raise CliError(f"--max-tokens must be >= 1, got {a.max_tokens}")
     model, tokenizer, path = load_for_generation(a)
-    if model.parallel is not None:
-        raise CliError("chat does not run under torchrun yet: use complete or demo (issue 17)")
+    if model.parallel is not None:  # rank 0 reads and prints; the others answer the same messages, silently
+        leader = is_leader(model)
+        session = ChatSession(model, tokenizer, system=a.system, max_tokens=a.max_tokens, seed=a.seed,
+                              sampling=sampling_kwargs(a), read=_leader_reader(model),
+                              out=sys.stdout if leader else open(os.devnull, "w"))  # noqa: SIM115
+        return session.run(interactive=leader and sys.stdin.isatty(), title=path.name)
     if sys.stdin.isatty():
         # Ctrl-C must interrupt an answer even when our parent started us with SIGINT ignored
         # (as a shell does for background jobs); Python would otherwise keep ignoring it.
@@ -423,6 +427,25 @@ def cmd_chat(a: argparse.Namespace) -> int:
     session = ChatSession(model, tokenizer, system=a.system, max_tokens=a.max_tokens, seed=a.seed,
                           sampling=sampling_kwargs(a))
     return session.run(interactive=sys.stdin.isatty(), title=path.name)
+
+
+def _leader_reader(model: Any) -> Callable[[str], str]:
+    """`input` on rank 0, its lines (and the end of input) shared with every rank. A Ctrl-C reaches rank
+    0 alone, so under torchrun it ends the job (the others fail on the collective timeout)."""
+
+    def read(prompt: str) -> str:
+        line: str | None = None
+        if is_leader(model):
+            try:
+                line = input(prompt)
+            except EOFError:
+                line = None
+        line = from_leader(model, line)
+        if line is None:
+            raise EOFError
+        return str(line)
+
+    return read
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
