@@ -162,6 +162,9 @@ def _kept_types(wanted: QuantConfig | None, dequantize: bool) -> tuple[str, ...]
 
 def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dtype | None = None) -> None:
     """Write `model` as a native ('native') or Hugging Face ('hf') folder; a quantized model only as native."""
+    if model.parallel is not None:
+        raise ValueError("model: this is one rank's share of a parallel model; load the checkpoint in one "
+                         "process (without parallel=) to save it")
     quant: QuantConfig | None = getattr(model, "quantization", None)
     if quant is None and (held := block_formats(model)):
         raise ValueError(f"to: this model holds GGUF block formats ({', '.join(sorted(held))}) that only a GGUF "
