@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .loading import load_model, read_model_args, save_model
     from .mask_viz import visualize_mask
     from .model import Transformer
+    from .parallel import ParallelConfig, ParallelError
     from .sampling import SamplingParams
     from .textgen import chat, complete, stream_chat, stream_text
     from .tokenizer import Tokenizer, load_tokenizer
@@ -31,6 +32,7 @@ _WHERE = {
     "loading": ["load_model", "read_model_args", "save_model"],
     "mask_viz": ["visualize_mask"],
     "model": ["Transformer"],
+    "parallel": ["ParallelConfig", "ParallelError"],
     "sampling": ["SamplingParams"],
     "textgen": ["chat", "complete", "stream_chat", "stream_text"],
     "tokenizer": ["Tokenizer", "load_tokenizer"],
@@ -38,7 +40,7 @@ _WHERE = {
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = [  # the names above (tests/test_package.py checks that both lists agree)
     "PRESETS", "CheckpointError", "ConfigError", "Generation", "HeadArgs", "KVCache", "ModelArgs", "MoeArgs",
-    "SamplingParams", "TaskModel", "TensorMismatchError", "Tokenizer", "TokenizerError", "Transformer", "chat",
+    "ParallelConfig", "ParallelError", "SamplingParams", "TaskModel", "TensorMismatchError", "Tokenizer", "TokenizerError", "Transformer", "chat",
     "classify", "compile_decode", "complete", "generate", "load_model", "load_tokenizer", "preset",
     "read_model_args", "save_model", "stream", "stream_chat", "stream_text", "visualize_mask",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import sys
 import time
@@ -189,8 +190,32 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def parallel_config(a: argparse.Namespace) -> Any:
+    """Under torchrun (or with --tp/--pp): join the job and return its ParallelConfig (default: tensor
+    parallel over every rank); else None, one process."""
+    from .parallel import ParallelConfig, init_distributed
+
+    if a.tp is None and a.pp is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    init_distributed(a.device)
+    world = torch.distributed.get_world_size()
+    pp = a.pp or (1 if a.tp is None else max(world // a.tp, 1))
+    return ParallelConfig(tp=a.tp or max(world // pp, 1), pp=pp)
+
+
+def is_leader(model: Any) -> bool:
+    """Whether this process reads input and prints: the only one, or rank 0 of a parallel job."""
+    return model.parallel is None or model.parallel.rank == 0
+
+
+def from_leader(model: Any, value: Any) -> Any:
+    """Rank 0's `value` on every rank of a parallel job (the prompt it read); `value` in one process."""
+    return value if model.parallel is None else model.parallel.from_leader(value)
+
+
 def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
-    """The model and tokenizer named by --model (default: the embedded demo model)."""
+    """The model and tokenizer named by --model (default: the embedded demo model); under torchrun, this
+    rank's share of the model (--tp, --pp)."""
     from .loading import load_model
     from .tokenizer import load_tokenizer
 
@@ -198,8 +223,10 @@ def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
         torch.set_num_threads(a.threads)
     path = resolve_model(a.model)
     tokenizer = load_tokenizer(path)
+    parallel = parallel_config(a)
     model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, quantize=a.quantize,
-                       dequantize=a.dequantize, progress=sys.stderr.isatty())
+                       dequantize=a.dequantize, progress=sys.stderr.isatty() and parallel is None,
+                       parallel=parallel)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
     if a.compile:
@@ -221,19 +248,26 @@ DEMO_PROMPTS = [
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from .loading import read_model_args
     from .textgen import complete
 
     model, tokenizer, path = load_for_generation(a)
-    print(f"model: {path.name} ({model.args.n_params / 1e6:.0f}M parameters, {str(model.dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads)")
+    say = print if is_leader(model) else _silent
+    where = "" if model.parallel is None else f", tp {model.parallel.config.tp} x pp {model.parallel.config.pp} ranks"
+    say(f"model: {path.name} ({read_model_args(path).n_params / 1e6:.0f}M parameters, "
+        f"{str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads{where})")
     t0 = time.perf_counter()
     results = complete(model, tokenizer, DEMO_PROMPTS, max_tokens=a.max_tokens, seed=a.seed, **sampling_kwargs(a))
     seconds = time.perf_counter() - t0
     n = sum(len(r.tokens) for r in results)
     for prompt, r in zip(DEMO_PROMPTS, results):
-        print(f"\n--- {prompt!r}\n{prompt}{r.text}")
-    print(f"\n{n} tokens for {len(results)} prompts in {seconds:.2f}s: {n / seconds:.1f} tokens/s (batched)")
+        say(f"\n--- {prompt!r}\n{prompt}{r.text}")
+    say(f"\n{n} tokens for {len(results)} prompts in {seconds:.2f}s: {n / seconds:.1f} tokens/s (batched)")
     return 0
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """What the ranks other than 0 of a parallel job print: nothing."""
 
 
 def read_prompt_arg(a: argparse.Namespace) -> str:
@@ -249,10 +283,13 @@ def cmd_complete(a: argparse.Namespace) -> int:
     from .sampling import SamplingParams
     from .textgen import stream_text
 
-    text = read_prompt_arg(a)
+    leader = int(os.environ.get("RANK", "0")) == 0  # torchrun's other ranks take the prompt from rank 0
+    text = read_prompt_arg(a) if leader else ""
     if a.max_tokens < 1:
         raise CliError(f"--max-tokens must be >= 1, got {a.max_tokens}")
     model, tokenizer, _ = load_for_generation(a)
+    text = from_leader(model, text)
+    say = print if is_leader(model) else _silent
     ids = tokenizer.encode(text, bos=True)
     t0 = time.perf_counter()
     first = None
@@ -267,17 +304,17 @@ def cmd_complete(a: argparse.Namespace) -> int:
         pieces.append(ev.text)
         reason = ev.finish_reason or reason
         if not a.json:
-            print(ev.text, end="", flush=True)
+            say(ev.text, end="", flush=True)
     seconds = time.perf_counter() - t0
     if a.json:
         decode_s = time.perf_counter() - (first or t0)
-        print(json.dumps({
+        say(json.dumps({
             "prompt": text, "text": "".join(pieces), "tokens": tokens, "finish_reason": reason,
             "prompt_tokens": len(ids), "completion_tokens": len(tokens), "seconds": round(seconds, 4),
             "tokens_per_second": round(max(len(tokens) - 1, 0) / decode_s, 2) if decode_s > 0 else None,
         }))
     else:
-        print()
+        say()
     return 0
 
 
@@ -398,6 +435,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if a.max_tokens < 1:
         raise CliError(f"--max-tokens must be >= 1, got {a.max_tokens}")
     model, tokenizer, path = load_for_generation(a)
+    if model.parallel is not None:  # rank 0 reads and prints; the others answer the same messages, silently
+        leader = is_leader(model)
+        session = ChatSession(model, tokenizer, system=a.system, max_tokens=a.max_tokens, seed=a.seed,
+                              sampling=sampling_kwargs(a), read=_leader_reader(model),
+                              out=sys.stdout if leader else open(os.devnull, "w"))  # noqa: SIM115
+        return session.run(interactive=leader and sys.stdin.isatty(), title=path.name)
     if sys.stdin.isatty():
         # Ctrl-C must interrupt an answer even when our parent started us with SIGINT ignored
         # (as a shell does for background jobs); Python would otherwise keep ignoring it.
@@ -405,6 +448,25 @@ def cmd_chat(a: argparse.Namespace) -> int:
     session = ChatSession(model, tokenizer, system=a.system, max_tokens=a.max_tokens, seed=a.seed,
                           sampling=sampling_kwargs(a))
     return session.run(interactive=sys.stdin.isatty(), title=path.name)
+
+
+def _leader_reader(model: Any) -> Callable[[str], str]:
+    """`input` on rank 0, its lines (and the end of input) shared with every rank. A Ctrl-C reaches rank
+    0 alone, so under torchrun it ends the job (the others fail on the collective timeout)."""
+
+    def read(prompt: str) -> str:
+        line: str | None = None
+        if is_leader(model):
+            try:
+                line = input(prompt)
+            except EOFError:
+                line = None
+        line = from_leader(model, line)
+        if line is None:
+            raise EOFError
+        return str(line)
+
+    return read
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -417,6 +479,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                           body_timeout=a.body_timeout)
     connections = ConnectionLimits(header_timeout=a.header_timeout, keep_alive_timeout=a.keep_alive_timeout,
                                    max_connections=a.max_connections, shutdown_timeout=a.shutdown_timeout)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CliError("serve does not run under torchrun yet: use complete or demo (issue 17)")
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
@@ -461,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     load.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     load.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    load.add_argument("--tp", type=bounded(int, 1), default=None,
+                      help="under torchrun: tensor-parallel ranks (default: world size / --pp)")
+    load.add_argument("--pp", type=bounded(int, 1), default=None,
+                      help="under torchrun: pipeline stages of contiguous layers (default 1)")
     load.add_argument("--quantize", choices=QUANT_METHODS, default=None,
                       help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
                            "Q4_0, or int4_asym with a minimum per group like Q4_1)")
@@ -599,13 +667,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tramontane: error: {error_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        from .parallel.topology import shutdown
+
+        shutdown()  # leave a torchrun job cleanly (nothing in one process)
 
 
 def error_line(e: BaseException) -> str:
     """One line for the terminal: our own errors as they are; anything else (a bug, or a check we lack)
     with its type and a pointer to --debug, never a traceback."""
     text = " ".join(str(e).split())
-    if isinstance(e, (CliError, CheckpointError, TokenizerError, ValueError, OSError)):
+    from .parallel import ParallelError
+
+    if isinstance(e, (CliError, CheckpointError, TokenizerError, ValueError, OSError, ParallelError)):
         return text
     return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 

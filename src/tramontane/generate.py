@@ -213,6 +213,8 @@ def stream(
     capacity = min(args.sliding_window, longest) if args.sliding_window else longest
     chunk = chunk_size or min(512, args.sliding_window or 512)
     cache = KVCache.create(args, len(prompts), capacity, dtype=model.dtype, device=device)
+    if model.parallel is not None:  # one share of a model: every rank must sample alike
+        seed = model.parallel.shared_seed(seed)
     generators = [torch.Generator(device=device).manual_seed(seed + i) if seed is not None else None
                   for i in range(len(prompts))]
     penalties = [Penalties.for_prompt(p, args.vocab_size, device) if params.penalised else None for p in prompts]

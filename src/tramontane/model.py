@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,9 @@ from .cache import KVCache, PagedBatch, step_meta
 from .layers import Block, RMSNorm
 from .native_decode import native_stack
 from .rope import rotary_angles
+
+if TYPE_CHECKING:
+    from .parallel.topology import Topology
 
 
 class Transformer(nn.Module):
@@ -31,6 +36,9 @@ class Transformer(nn.Module):
         # nor do models with a task head (heads.TaskModel), which project to labels instead.
         lm_head = not args.tied_embeddings and args.head is None
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if lm_head else None
+        # This rank's place when the model is one share of a torch.distributed job (parallel/shard.py
+        # sets it; `args` are then the share's: its heads, hidden units and layers).
+        self.parallel: Topology | None = None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -28,6 +28,8 @@ def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> Any | N
     rebuilt when a block's modules or weights have been replaced)."""
     from . import quantize  # late: quantize imports the model module
 
+    if model.parallel is not None:
+        return None  # a share of a model: its blocks end in collectives, which the native stack has not
     if h.shape[0] > quantize.SMALL_BATCH or torch.is_grad_enabled() or decode_kernels(h, meta) is None:
         return None
     key = _weights_key(model)

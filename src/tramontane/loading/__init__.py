@@ -16,6 +16,9 @@ from ..download import resolve_model_name
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
 from ..model import Transformer
+from ..parallel.config import ParallelConfig
+from ..parallel.shard import ShardPlan
+from ..parallel.topology import init_topology
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
 from .common import build_model
@@ -65,6 +68,7 @@ def load_model(
     quantize: str | QuantConfig | None = None,
     dequantize: bool = False,
     progress: bool = False,
+    parallel: str | dict[str, object] | ParallelConfig | None = None,
 ) -> Transformer:
     """Load a model for inference, optionally quantizing its weights as they stream in.
 
@@ -84,6 +88,10 @@ def load_model(
         >>> model = load_model("mistral-7b-instruct-v0.3")  # after `tramontane download mistral-7b-instruct-v0.3`
         >>> small = load_model("SmolLM2.gguf", quantize="int8")
 
+    `parallel` ("tensor", "pipeline", {"tp": 2, "pp": 2} or a ParallelConfig; every rank of a
+    torch.distributed job calls load_model alike) loads this rank's share only: see parallel/. The model
+    then returns the full logits on every rank.
+
     Before any memory is reserved, every config field is checked against the tensors the checkpoint
     holds (layers, experts, vocabulary, head sizes) and the weights' size against the memory available.
 
@@ -91,6 +99,7 @@ def load_model(
         CheckpointError: the path holds no usable checkpoint, names a model card not downloaded yet
             (`tramontane download NAME`), or does not fit in memory; the message names the file and
             problem (ConfigError: the config field).
+        ParallelError: `parallel` without torch.distributed initialised (the message says how to launch).
         ValueError: `quantize` names no known scheme, disagrees with the checkpoint's, or is given with
             `dequantize`.
     """
@@ -99,17 +108,25 @@ def load_model(
     wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
     if wanted is not None and dequantize:
         raise ValueError("quantize and dequantize exclude each other: give one")
+    topology = init_topology(parallel) if parallel is not None else None
+
+    def plan(args: ModelArgs) -> ShardPlan | None:
+        return None if topology is None else ShardPlan(args, topology)
+
+    def share(args: ModelArgs) -> ModelArgs:  # what this rank holds, for the memory check
+        return args if topology is None else ShardPlan(args, topology).local_args()
+
     if fmt == "native":
         args = native.read_args(p)
         saved = native.read_quantization(p, args)
         if saved is not None and wanted is not None and saved != wanted:
             raise ValueError(f"quantize: {p} is already quantized as {saved.method}; it cannot be loaded as {wanted.method}")
-        check_memory(args, dtype, saved or wanted, device, p)
-        return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted)
+        check_memory(share(args), dtype, saved or wanted, device, p)
+        return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted, shard=plan(args))
     if fmt == "hf":
         args = hf.read_args(p)
-        check_memory(args, dtype, wanted, device, p)
-        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
+        check_memory(share(args), dtype, wanted, device, p)
+        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted, shard=plan(args))
     from .gguf import (
         dequantized_types,
         iter_gguf_tensors,
@@ -124,12 +141,13 @@ def load_model(
     args = read_gguf_args(reader)
     keep = _kept_types(wanted, dequantize)
     formats = kept_formats(reader, args, keep) if wanted is None else {}
-    check_memory(args, dtype, wanted, device, file, need=None if wanted else loaded_bytes(reader, formats.values(), dtype))
+    need = None if wanted else loaded_bytes(reader, formats.values(), dtype) // (topology.config.world_size if topology else 1)
+    check_memory(share(args), dtype, wanted, device, file, need=need)
     if not dequantize and wanted is None and (lost := dequantized_types(reader, formats.values())):
         warnings.warn(f"{file}: no kernel for {', '.join(lost)}: those tensors are dequantized to {dtype}",
                       stacklevel=2)
     tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep=keep))
-    return build_model(args, tensors, file, dtype, device, progress, wanted, formats)
+    return build_model(args, tensors, file, dtype, device, progress, wanted, formats, shard=plan(args))
 
 
 def _kept_types(wanted: QuantConfig | None, dequantize: bool) -> tuple[str, ...]:
@@ -144,6 +162,9 @@ def _kept_types(wanted: QuantConfig | None, dequantize: bool) -> tuple[str, ...]
 
 def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dtype | None = None) -> None:
     """Write `model` as a native ('native') or Hugging Face ('hf') folder; a quantized model only as native."""
+    if model.parallel is not None:
+        raise ValueError("model: this is one rank's share of a parallel model; load the checkpoint in one "
+                         "process (without parallel=) to save it")
     quant: QuantConfig | None = getattr(model, "quantization", None)
     if quant is None and (held := block_formats(model)):
         raise ValueError(f"to: this model holds GGUF block formats ({', '.join(sorted(held))}) that only a GGUF "

@@ -20,6 +20,7 @@ from ..fuse import fuse_projections, use_fast_linears
 from ..heads import model_for
 from ..kernels import HUGE_PAGE, qlinear, weight_empty
 from ..model import Transformer
+from ..parallel.shard import ShardPlan
 from ..quantize import (
     Int4Linear,
     Int8Linear,
@@ -50,6 +51,7 @@ def build_model(
     progress: bool = False,
     quant: QuantConfig | None = None,
     formats: dict[str, str] | None = None,
+    shard: ShardPlan | None = None,
 ) -> Transformer:
     """Create the model on the meta device and assign each tensor as it streams in.
 
@@ -60,11 +62,18 @@ def build_model(
     weight name -> GGUF format) names the tensors that arrive as a GGUF file stores them
     (`blocks.use_block_formats` gives each a layer of its format).
 
+    With `shard`, the model is this rank's share (see parallel/shard.py): built at its local sizes, each
+    tensor sliced as it arrives (the rest of the source is never copied), the collectives swapped in.
+
     Raises TensorMismatchError naming the file and tensor for an unknown, duplicate, misshapen or
     missing tensor.
     """
     with torch.device("meta"):
-        model = model_for(args)  # with its task head, if the checkpoint has one
+        model = model_for(args if shard is None else shard.local_args())  # with its task head, if any
+        if shard is not None:
+            shard.check_quantization(quant)
+            shard.skeleton(model)
+            formats = shard.formats(formats or {})
     if quant is not None:
         quantize_model(model, quant)
     if formats:
@@ -98,28 +107,44 @@ def build_model(
         kept.append(loaded[name].data_ptr())
         bar.update(1)
 
-    for name, tensor, source in tensors:
-        if name in targets and tensor.dtype.is_floating_point:  # a float weight to quantize as it arrives
-            module = targets[name]
-            shape = (module.out_features, module.in_features)
-            if tuple(tensor.shape) != shape:
-                raise TensorMismatchError(
-                    source, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
-                )
+    def pick(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        return (name, tensor) if shard is None else shard.pick(name, tensor)
+
+    for source_name, source_tensor, source in tensors:
+        local = source_name if shard is None else shard.local_name(source_name)
+        if local is None:  # another rank's
+            if pages is not None:
+                pages.release(source_tensor.data_ptr(), source_tensor.nbytes, [source])
+            continue
+        if local in targets and source_tensor.dtype.is_floating_point:  # a float weight to quantize as it arrives
+            module = targets[local]
+            if shard is None and tuple(source_tensor.shape) != (module.out_features, module.in_features):
+                raise TensorMismatchError(source, f"tensor {source_name!r} has shape {list(source_tensor.shape)}, "
+                                                  f"expected {[module.out_features, module.in_features]}")
             assert quant is not None  # targets exist only for a quantized skeleton
-            prefix = name.removesuffix("weight")
-            for leaf, value in quantize_linear(quant, tensor.to(device)).state_dict().items():
-                put(_stored_key(prefix + leaf, expected) or prefix + leaf, value, source)
+            prefix = source_name.removesuffix("weight")
+            # whole rows quantized before a share is cut: the same numbers as in one process
+            for leaf, value in quantize_linear(quant, source_tensor.to(device)).state_dict().items():
+                picked = pick(prefix + leaf, value)
+                assert picked is not None  # local_name kept the weight, so it keeps its scales
+                put(_stored_key(picked[0], expected) or picked[0], picked[1], source)
             if pages is not None and pages.ext is not None:
                 # quantizing leaves float temporaries in the C heap, among weights that stay: give
                 # their pages back now (a 7B Q8_0 file loaded as int8: peak 10.2 -> 8.0 GiB)
                 pages.ext.trim_heap()
-        elif (stored := _stored_key(name, expected)) is not None:
+            if pages is not None:  # copied out: its mapped pages can go
+                pages.release(source_tensor.data_ptr(), source_tensor.nbytes, [source])
+            kept.clear()
+            continue
+        picked = pick(source_name, source_tensor)
+        assert picked is not None  # local_name kept it
+        name, tensor = picked
+        if (stored := _stored_key(name, expected)) is not None:
             put(stored, tensor, source)  # float model tensors, or already quantized ones (saved, GGUF Q4_0)
         else:
             raise TensorMismatchError(source, f"unexpected tensor {name!r} (not part of this model's architecture)")
-        if pages is not None and tensor.data_ptr() not in kept:  # copied out: its mapped pages can go
-            pages.release(tensor.data_ptr(), tensor.nbytes, [source])
+        if pages is not None and source_tensor.data_ptr() not in kept:  # copied out: its mapped pages can go
+            pages.release(source_tensor.data_ptr(), source_tensor.nbytes, [source])
         kept.clear()
     bar.close()
     missing = [n for n in expected if n not in loaded]
@@ -134,6 +159,8 @@ def build_model(
     targets.clear()
     tie_quantized_head(model)
     model = use_fast_linears(fuse_projections(model)).eval()
+    if shard is not None:
+        shard.parallelize(model)
     if torch.device(device).type == "cpu":
         settle_in_memory(model, sources)
     return model

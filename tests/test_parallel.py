@@ -1,0 +1,286 @@
+"""Tensor, expert and pipeline parallel on CPU with gloo: ranks started by the tests (torch.multiprocessing
+spawn on loopback) load shares of tiny checkpoints and must give the single-process logits and tokens.
+
+Starting processes that import torch costs seconds, so one spawned job runs every case of a world size
+and writes its findings; the tests read them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+import tramontane
+from tramontane.loading import load_model, save_model
+from tramontane.loading.common import expected_shapes
+from tramontane.loading.gguf_write import write_gguf
+from tramontane.parallel import ParallelConfig, ParallelError
+from tramontane.parallel.shard import stage_layers
+
+from .tiny import COMMON, TINY, save_hf
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # seconds a whole spawned job may take
+# wider feed-forward and heads than tiny.py's, so that column shards hold whole int4 groups / Q4_0 blocks
+WIDE = dict(COMMON, intermediate_size=128)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tokens(length: int = 20) -> torch.Tensor:
+    return torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def make_checkpoints(root: Path) -> dict[str, Path]:
+    """name -> checkpoint path: HF folders of every tiny model, native folders and GGUF files made from them."""
+    paths: dict[str, Path] = {}
+    for name in TINY:
+        paths[f"{name}-hf"] = root / f"{name}-hf"
+        save_hf(name, paths[f"{name}-hf"])
+    for name in ("mistral-nowindow", "mixtral"):
+        paths[f"{name}-native"] = root / f"{name}-native"
+        save_model(load_model(paths[f"{name}-hf"]), paths[f"{name}-native"], to="native")
+    for name in ("mistral-window", "llama-tied"):
+        model = load_model(paths[f"{name}-hf"])
+        paths[f"{name}-gguf"] = root / f"{name}.gguf"
+        write_gguf(paths[f"{name}-gguf"], model.args, _unfused(model))
+    wide_cls, wide_extra = TINY["mistral-window"]
+    torch.manual_seed(0)
+    wide = transformers.AutoModelForCausalLM.from_config(wide_cls(**WIDE, **wide_extra), attn_implementation="eager")
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 1.0)
+    paths["wide-hf"] = root / "wide-hf"
+    wide.save_pretrained(paths["wide-hf"])
+    paths["wide-int4-native"] = root / "wide-int4-native"
+    save_model(load_model(paths["wide-hf"], quantize="int4"), paths["wide-int4-native"], to="native")
+    model = load_model(paths["wide-hf"])
+    for qtype in ("Q4_0", "Q8_0"):
+        paths[f"wide-{qtype}-gguf"] = root / f"wide-{qtype}.gguf"
+        write_gguf(paths[f"wide-{qtype}-gguf"], model.args, _unfused(model), qtype=qtype)
+    return paths
+
+
+def _unfused(model: tramontane.Transformer) -> dict[str, torch.Tensor]:
+    from tramontane.fuse import unfused_state_dict
+
+    state = unfused_state_dict(model.state_dict(), model)
+    return {k: v for k, v in state.items() if k in expected_shapes(model.args)}
+
+
+# (case, checkpoint, load_model keywords, parallel); each runs on every rank of a 2-rank job
+CASES_2: list[tuple[str, str, dict[str, Any], Any]] = [
+    ("mistral-window-hf-tp", "mistral-window-hf", {}, "tensor"),
+    ("mistral-nowindow-native-tp", "mistral-nowindow-native", {}, "tensor"),
+    ("mixtral-native-expert", "mixtral-native", {}, "tensor"),
+    ("mixtral-hf-tensor-moe", "mixtral-hf", {}, {"tp": 2, "moe": "tensor"}),
+    ("llama-tied-hf-tp", "llama-tied-hf", {}, "tensor"),
+    ("llama-tied-gguf-tp", "llama-tied-gguf", {}, "tensor"),
+    ("mistral-window-gguf-tp", "mistral-window-gguf", {}, "tensor"),
+    ("wide-int8-tp", "wide-hf", {"quantize": "int8"}, "tensor"),
+    ("wide-int4-tp", "wide-hf", {"quantize": "int4"}, "tensor"),
+    ("wide-int4-saved-tp", "wide-int4-native", {}, "tensor"),
+    ("wide-Q4_0-gguf-tp", "wide-Q4_0-gguf", {}, "tensor"),
+    ("llama-tied-int8-tp", "llama-tied-hf", {"quantize": "int8"}, "tensor"),
+    ("mistral-window-pp", "mistral-window-hf", {}, "pipeline"),
+    ("llama-tied-pp", "llama-tied-hf", {}, "pipeline"),
+    ("mixtral-int8-pp", "mixtral-hf", {"quantize": "int8"}, "pipeline"),
+]
+# (case, checkpoint, load_model keywords, parallel): must raise ValueError on every rank
+ERRORS_2 = [
+    ("Q8_0-column-blocks", "wide-Q8_0-gguf", {}, "tensor"),  # wo: 32 columns per rank, Q8_0 units of 64
+    ("int4-column-groups", "mistral-window-hf", {"quantize": "int4"}, "tensor"),  # w2: 48 columns per rank
+    ("world-size", "mistral-window-hf", {}, {"tp": 4}),
+]
+
+
+def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[str, Any]:
+    ref = load_model(path, **kw)
+    model = load_model(path, **kw, parallel=parallel)
+    # Quantized layers multiply more than 16 rows in bf16 tiles (quantize.PREFILL_TILE), rounding each
+    # rank's partial sums: 2 x 8 rows keep them on the fp32 kernels, where only the order of sums differs.
+    x = tokens(8 if kw or "Q" in case or "int" in case else 20)
+    with torch.inference_mode():
+        want, got = ref(x), model(x)
+    prompts = [[1, 5, 9, 3], [7, 2]]
+    greedy = [g.tokens for g in tramontane.generate(model, prompts, max_tokens=10)]
+    sampled = [g.tokens for g in tramontane.generate(model, prompts, max_tokens=10, temperature=1.0)]
+    return {
+        "shape": list(got.shape), "error": (got - want).abs().max().item(), "scale": want.abs().max().item(),
+        "greedy": greedy, "greedy_ref": [g.tokens for g in tramontane.generate(ref, prompts, max_tokens=10)],
+        "sampled": sampled, "params": sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
+        "params_ref": sum(t.numel() for t in [*ref.parameters(), *ref.buffers()]),
+    }
+
+
+def _worker(rank: int, world: int, port: int, out: str, job: str, paths: dict[str, str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    results: dict[str, Any] = {}
+    try:
+        if job == "cases":
+            for case, ckpt, kw, parallel in CASES_2:
+                results[case] = _compare(case, Path(paths[ckpt]), kw, parallel)
+            for case, ckpt, kw, parallel in ERRORS_2:
+                try:
+                    load_model(Path(paths[ckpt]), **kw, parallel=parallel)
+                    results[case] = None
+                except ValueError as e:
+                    results[case] = str(e)
+        elif job == "mixed":  # 4 ranks: tp 2 inside each of 2 pipeline stages
+            wide = Path(paths["wide-hf"])
+            results["tp2-pp2"] = _compare("tp2-pp2", wide, {}, {"tp": 2, "pp": 2})
+            results["tp2-pp2-int8"] = _compare("tp2-pp2-int8", wide, {"quantize": "int8"}, {"tp": 2, "pp": 2})
+        elif job == "dead":  # rank 1 dies after loading; rank 0 must fail, not hang
+            model = load_model(Path(paths["mistral-window-hf"]), parallel="tensor")
+            dist.barrier()
+            if rank == 1:
+                os._exit(0)  # abruptly, no goodbye to its peers (0: so spawn does not kill rank 0 too)
+            time.sleep(1)
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    model(tokens())
+                results["raised"] = None
+            except ParallelError as e:
+                results["raised"] = str(e)
+            results["seconds"] = time.perf_counter() - t0
+    finally:
+        Path(out, f"{job}-{rank}.json").write_text(json.dumps(results))
+        if job != "dead":
+            dist.destroy_process_group()
+
+
+def spawn(job: str, world: int, out: Path, paths: dict[str, Path], check: bool = True) -> list[dict[str, Any]]:
+    ctx = mp.start_processes(_worker, args=(world, free_port(), str(out), job, {k: str(v) for k, v in paths.items()}),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 1)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"spawned job {job!r} did not finish in {TIMEOUT} s")
+    except mp.ProcessExitedException:
+        if check:
+            raise
+    return [json.loads((out / f"{job}-{r}.json").read_text()) for r in range(world)
+            if (out / f"{job}-{r}.json").exists()]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_checkpoints(tmp_path_factory.mktemp("parallel"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn("cases", 2, tmp_path_factory.mktemp("two"), checkpoints)
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("case", [c[0] for c in CASES_2])
+def test_logits_and_greedy_equal_one_process(two_ranks: list[dict[str, Any]], case: str) -> None:
+    for rank, results in enumerate(two_ranks):
+        r = results[case]
+        assert r["shape"][2] == 128, f"rank {rank}: full logits on every rank"
+        assert r["error"] <= 1e-4 * max(1.0, r["scale"]), f"rank {rank}: logits differ by {r['error']}"
+        assert r["greedy"] == r["greedy_ref"], f"rank {rank}: greedy tokens differ from one process"
+        assert r["params"] < r["params_ref"], f"rank {rank}: holds the whole model, not a share"
+    assert two_ranks[0][case]["sampled"] == two_ranks[1][case]["sampled"], "ranks sampled different tokens"
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("Q8_0-column-blocks", ["wo", "Q8_0", "tp 2"]),
+    ("int4-column-groups", ["w2", "48", "group"]),
+    ("world-size", ["tp 4", "2"]),
+])
+def test_shares_that_cannot_be_cut_are_clear_errors(two_ranks: list[dict[str, Any]], case: str,
+                                                     words: list[str]) -> None:
+    for results in two_ranks:
+        message = results[case]
+        assert message is not None, f"{case}: loaded without an error"
+        assert all(w in message for w in words), message
+
+
+def test_tensor_and_pipeline_combined_on_four_ranks(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    results = spawn("mixed", 4, tmp_path, checkpoints)
+    for rank, res in enumerate(results):
+        for case in ("tp2-pp2", "tp2-pp2-int8"):
+            r = res[case]
+            assert r["error"] <= 1e-4 * max(1.0, r["scale"]), f"rank {rank} {case}: {r['error']}"
+            assert r["greedy"] == r["greedy_ref"]
+    assert len({json.dumps(r["tp2-pp2"]["sampled"]) for r in results}) == 1
+
+
+def test_a_dead_rank_makes_the_others_fail_not_hang(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    results = spawn("dead", 2, tmp_path, checkpoints, check=False)
+    survivor = results[0]
+    assert survivor["raised"] is not None and "rank 0" in survivor["raised"], survivor
+    assert survivor["seconds"] < 30
+
+
+def test_parallel_without_torch_distributed_says_how_to_launch(checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(ParallelError, match="torchrun"):
+        load_model(checkpoints["mistral-window-hf"], parallel="tensor")
+
+
+def test_config_and_stages() -> None:
+    assert ParallelConfig.resolve("tensor", 4) == ParallelConfig(tp=4)
+    assert ParallelConfig.resolve({"tp": 2, "pp": 2}, 4).pp == 2
+    with pytest.raises(ValueError, match="moe"):
+        ParallelConfig(moe="nope")
+    with pytest.raises(ValueError, match="unknown field"):
+        ParallelConfig.resolve({"tp": 2, "dp": 2}, 4)
+    assert [list(stage_layers(5, 3, s)) for s in range(3)] == [[0, 1], [2, 3], [4]]
+
+
+def test_cli_complete_under_torchrun_prints_the_one_process_completion() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = ["complete", "--max-tokens", "8", "The tramontane is a cold wind that"]
+    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert one.returncode == 0, one.stderr
+    # SmolLM2's 9 heads do not split in 2: its layers do, in two pipeline stages
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "tramontane.cli", *cmd, "--pp", "2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()
+
+
+def test_cli_chat_under_torchrun_answers_as_one_process() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = ["chat", "--max-tokens", "6", "--temperature", "0"]
+    message = "What is the capital of France?\n"
+
+    def answer(out: str) -> str:  # without the speed, which differs
+        return re.sub(r", [0-9.]+ tokens/s", "", out)
+
+    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], input=message, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "tramontane.cli", *cmd, "--pp", "2"],
+                         input=message, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr
+    assert answer(two.stdout) == answer(one.stdout) and "[6 tokens" in one.stdout
