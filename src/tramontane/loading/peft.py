@@ -116,8 +116,8 @@ def from_native(adapters: Mapping[str, LoraWeights], args: ModelArgs, config: Lo
             b = permute_native_to_hf(b, args.n_heads if rest == "attention.wq" else args.n_kv_heads)
         modules[f"model.layers.{layer}.{_MODULE[rest]}"] = LoraWeights(w.a, b, w.scaling)
     params: set[str] = set()
-    for (layer, param), by_expert in sorted(experts.items()):
-        modules[f"model.layers.{layer}.mlp.experts.{param}"] = _join_experts(param, by_expert, args, config.scaling)
+    for (layer_no, param), by_expert in sorted(experts.items()):
+        modules[f"model.layers.{layer_no}.mlp.experts.{param}"] = _join_experts(param, by_expert, args, config.scaling)
         params.add(param)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
