@@ -1,4 +1,5 @@
-"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, info, quantize, download, models."""
+"""The `tramontane` command: demo, chat, complete, classify, mask, serve, convert, merge, info, quantize, download,
+models."""
 
 from __future__ import annotations
 
@@ -124,6 +125,23 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .loading import load_model, save_model
+    from .lora import LoraLinear
+
+    base, dst = source_and_destination(a)
+    dtype = source_dtype(base) if a.dtype == "auto" else parse_dtype(a.dtype)
+    t0 = time.perf_counter()
+    model = load_model(base, dtype=dtype, dequantize=True, progress=not a.quiet, lora=a.adapter)
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise CliError(f"{base}: a quantized checkpoint; merging needs float weights (merge into the float "
+                       "model, then `tramontane quantize` the result)")
+    save_model(model, dst, to=a.to)
+    print(f"wrote {a.to} checkpoint to {dst}: {base} with {a.adapter} merged ({dtype}, "
+          f"{time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     from .loading import load_model, save_model
     from .quantize import QuantConfig
@@ -199,7 +217,7 @@ def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
     path = resolve_model(a.model)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, quantize=a.quantize,
-                       dequantize=a.dequantize, progress=sys.stderr.isatty())
+                       dequantize=a.dequantize, progress=sys.stderr.isatty(), lora=a.lora)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
     if a.compile:
@@ -435,6 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
+    mg = sub.add_parser("merge", parents=[common], help="fold a LoRA adapter (PEFT or mistral format) into a model's "
+                        "weights and save the result")
+    mg.add_argument("src", metavar="BASE", help="the adapter's base model: native folder, Hugging Face folder or .gguf")
+    mg.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json or lora.safetensors)")
+    mg.add_argument("dst", metavar="OUT", help="output folder")
+    mg.add_argument("--to", choices=["native", "hf"], required=True, help="output format")
+    mg.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: keep the base's)")
+    mg.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.set_defaults(func=cmd_merge)
+
     load = argparse.ArgumentParser(add_help=False)  # what `load_for_generation` reads
     load.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     load.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
@@ -444,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
                            "Q4_0, or int4_asym with a minimum per group like Q4_1)")
     load.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    load.add_argument("--lora", metavar="DIR", default=None,
+                      help="a LoRA adapter folder (PEFT or mistral-finetune format): merged into float weights, "
+                           "kept beside quantized ones")
     load.add_argument("--compile", action="store_true",
                       help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
     gen = argparse.ArgumentParser(add_help=False, parents=[load])

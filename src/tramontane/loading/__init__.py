@@ -15,10 +15,12 @@ from ..blocks import BLOCK_FORMATS, block_formats
 from ..download import resolve_model_name
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
+from ..lora import LoraWeights, attach_lora
 from ..model import Transformer
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
-from .common import build_model
+from .adapter_files import merged_tensors, read_adapter
+from .common import NamedTensors, build_model
 from .validate import check_memory
 
 GGUF_MAGIC = b"GGUF"
@@ -65,6 +67,7 @@ def load_model(
     quantize: str | QuantConfig | None = None,
     dequantize: bool = False,
     progress: bool = False,
+    lora: str | Path | None = None,
 ) -> Transformer:
     """Load a model for inference, optionally quantizing its weights as they stream in.
 
@@ -78,6 +81,11 @@ def load_model(
     quantizing again; so do the Q4_0 (Q4_1) tensors of a GGUF file loaded as "int4" ("int4_asym").
 
     `path` may also be the name of a downloaded model card (`tramontane models` lists them).
+
+    `lora` is a LoRA adapter folder (PEFT's or mistral-finetune's format). On a float base it is merged
+    into the weights as they stream in (the model is then as fast as the base); on a quantized one
+    (`quantize`, a saved quantized checkpoint, a GGUF file's kept formats) it stays beside the frozen
+    weights as LoraLinear modules, as it was trained in QLoRA.
 
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
@@ -95,6 +103,21 @@ def load_model(
             `dequantize`.
     """
     p = resolve_model_name(path)
+    args = read_model_args(p) if lora is not None else None
+    adapters = read_adapter(lora, args) if lora is not None and args is not None else {}
+    model, merged = _load(p, dtype, device, quantize, dequantize, progress, adapters)
+    if adapters and not merged:
+        try:
+            attach_lora(model, adapters)
+        except ValueError as e:
+            raise CheckpointError(Path(str(lora)), str(e)) from e
+    return model
+
+
+def _load(p: Path, dtype: torch.dtype, device: torch.device | str, quantize: str | QuantConfig | None,
+          dequantize: bool, progress: bool, adapters: dict[str, LoraWeights]) -> tuple[Transformer, bool]:
+    """`load_model` less the unmerged adapters, and whether `adapters` were merged into its weights (a
+    float model: they are, as the tensors stream in)."""
     fmt = checkpoint_format(p)
     wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
     if wanted is not None and dequantize:
@@ -105,11 +128,15 @@ def load_model(
         if saved is not None and wanted is not None and saved != wanted:
             raise ValueError(f"quantize: {p} is already quantized as {saved.method}; it cannot be loaded as {wanted.method}")
         check_memory(args, dtype, saved or wanted, device, p)
-        return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted)
+        merge = saved is None and wanted is None
+        return _merged(build_model(args, _merging(native.iter_tensors(p), adapters, merge), p, dtype, device,
+                                   progress, saved or wanted), adapters, merge)
     if fmt == "hf":
         args = hf.read_args(p)
         check_memory(args, dtype, wanted, device, p)
-        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted)
+        merge = wanted is None
+        return _merged(build_model(args, _merging(hf.iter_tensors(p, args), adapters, merge), p, dtype, device,
+                                   progress, wanted), adapters, merge)
     from .gguf import (
         dequantized_types,
         iter_gguf_tensors,
@@ -129,7 +156,17 @@ def load_model(
         warnings.warn(f"{file}: no kernel for {', '.join(lost)}: those tensors are dequantized to {dtype}",
                       stacklevel=2)
     tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep=keep))
-    return build_model(args, tensors, file, dtype, device, progress, wanted, formats)
+    merge = wanted is None and not formats  # every weight arrives as floats
+    return _merged(build_model(args, _merging(tensors, adapters, merge), file, dtype, device, progress, wanted,
+                               formats), adapters, merge)
+
+
+def _merging(tensors: NamedTensors, adapters: dict[str, LoraWeights], merge: bool) -> NamedTensors:
+    return merged_tensors(tensors, adapters) if merge and adapters else tensors
+
+
+def _merged(model: Transformer, adapters: dict[str, LoraWeights], merge: bool) -> tuple[Transformer, bool]:
+    return model, merge and bool(adapters)
 
 
 def _kept_types(wanted: QuantConfig | None, dequantize: bool) -> tuple[str, ...]:

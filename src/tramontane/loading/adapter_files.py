@@ -23,6 +23,7 @@ from ..args import ModelArgs
 from ..errors import CheckpointError
 from ..lora import LoraConfig, LoraWeights
 from . import peft
+from .common import NamedTensors
 
 MISTRAL_FILE = "lora.safetensors"
 MISTRAL_PARAMS = "params.json"
@@ -103,6 +104,18 @@ def write_adapter(folder: str | Path, adapters: Mapping[str, LoraWeights], args:
     params["lora"] = {"enable": True, "rank": config.rank, "dropout": config.dropout, "scaling": scalings.pop()}
     (out / MISTRAL_PARAMS).write_text(json.dumps(params, indent=4) + "\n")
     return out
+
+
+def merged_tensors(tensors: NamedTensors, adapters: Mapping[str, LoraWeights]) -> NamedTensors:
+    """`tensors` (native names, float) with each adapted weight replaced by W + B @ A * scaling, computed in
+    fp32 and stored in the weight's dtype: merging as a checkpoint streams in, one weight at a time."""
+    for name, tensor, source in tensors:
+        w = adapters.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if w is not None:
+            assert tensor.dtype.is_floating_point  # callers merge only into float checkpoints
+            delta = (w.b.float() @ w.a.float()) * w.scaling  # [out, in]
+            tensor = (tensor.float() + delta.to(tensor.device)).to(tensor.dtype)
+        yield name, tensor, source
 
 
 def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
