@@ -113,3 +113,13 @@ def test_cli_lora_changes_the_completion(smollm2_gguf_path: Path, tmp_path: Path
     assert main(["complete", prompt, "--max-tokens", "8", "--json", "--model", str(smollm2_gguf_path),
                  "--dequantize", "--lora", str(tmp_path / "a")]) == 0  # merged at load
     assert json.loads(capsys.readouterr().out)["tokens"] == list(adapted)
+
+
+def test_serve_lora_flags_name_the_adapters() -> None:
+    from tramontane.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "--lora", "fr=/tmp/x", "--lora", "/data/de-adapter"])
+    assert a.lora == [("fr", Path("/tmp/x")), ("de-adapter", Path("/data/de-adapter"))]
+    assert build_parser().parse_args(["serve"]).lora == []
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora", "name="])

@@ -19,7 +19,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*EXE, *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
 
 
-@pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "info", "classify", "mask", "download",
+@pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "merge", "info", "classify", "mask", "download",
                                      "models"])
 def test_every_subcommand_has_help(command):
     r = run(command, "--help")
