@@ -19,8 +19,8 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*EXE, *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
 
 
-@pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "info", "classify", "answer", "mask", "download",
-                                     "models"])
+@pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "merge", "info", "classify", "answer", "mask",
+                                     "download", "models"])
 def test_every_subcommand_has_help(command):
     r = run(command, "--help")
     assert r.returncode == 0 and "usage: tramontane " + command in r.stdout

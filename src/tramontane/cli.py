@@ -1,4 +1,5 @@
-"""The `tramontane` command: demo, chat, complete, classify, answer, mask, serve, convert, info, quantize, download, models."""
+"""The `tramontane` command: demo, chat, complete, classify, answer, mask, serve, convert, merge, info, quantize,
+download, models."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def host_list(text: str) -> tuple[str, ...]:
     if not hosts:
         raise argparse.ArgumentTypeError("expected host names separated by commas")
     return hosts
+
+
+def named_adapter(text: str) -> tuple[str, Path]:
+    """`serve --lora NAME=DIR` as (NAME, DIR); a bare DIR is named after its folder."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        name, folder = Path(text).name, text
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, Path(folder)
 
 
 def demo_model_path() -> Path:
@@ -122,6 +133,23 @@ def cmd_convert(a: argparse.Namespace) -> int:
     model = load_model(src, dtype=dtype, dequantize=True, progress=not a.quiet)  # GGUF blocks become floats
     save_model(model, dst, to=a.to)
     print(f"wrote {a.to} checkpoint to {dst} ({dtype}, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .loading import load_model, save_model
+    from .lora import LoraLinear
+
+    base, dst = source_and_destination(a)
+    dtype = source_dtype(base) if a.dtype == "auto" else parse_dtype(a.dtype)
+    t0 = time.perf_counter()
+    model = load_model(base, dtype=dtype, dequantize=True, progress=not a.quiet, lora=a.adapter)
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise CliError(f"{base}: a quantized checkpoint; merging needs float weights (merge into the float "
+                       "model, then `tramontane quantize` the result)")
+    save_model(model, dst, to=a.to)
+    print(f"wrote {a.to} checkpoint to {dst}: {base} with {a.adapter} merged ({dtype}, "
+          f"{time.perf_counter() - t0:.1f}s)")
     return 0
 
 
@@ -226,7 +254,7 @@ def load_for_generation(a: argparse.Namespace) -> tuple[Any, Any, Path]:
     parallel = parallel_config(a)
     model = load_model(path, dtype=parse_dtype(a.dtype), device=a.device, quantize=a.quantize,
                        dequantize=a.dequantize, progress=sys.stderr.isatty() and parallel is None,
-                       parallel=parallel)
+                       parallel=parallel, lora=a.lora)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CliError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.args.vocab_size}")
     if a.compile:
@@ -486,16 +514,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
                                     dequantize=a.dequantize, compile=a.compile, kv_blocks=a.kv_blocks,
                                     prefix_cache=not a.no_prefix_cache,
-                                    kv_dtype=None if a.kv_cache_dtype is None else parse_dtype(a.kv_cache_dtype))
+                                    kv_dtype=None if a.kv_cache_dtype is None else parse_dtype(a.kv_cache_dtype),
+                                    lora=[folder for _, folder in a.lora])
     name = a.served_model_name or default_model_name(path)
     pool = engine.pool
     print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
           f"batch {a.max_batch}, KV pool of {pool.n_blocks - 1} blocks x {pool.block_size} positions, "
           f"up to {pool.nbytes() / 2**30:.2f} GiB, committed as used)"
-          f"{'; API key required' if a.api_key else ''}", flush=True)
+          f"{'; API key required' if a.api_key else ''}"
+          f"{'; adapters ' + ', '.join(n for n, _ in a.lora) if a.lora else ''}", flush=True)
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
         request_timeout=a.request_timeout or None, limits=limits, connections=connections,
-        extra_hosts=a.allowed_hosts, log_level=a.log_level)
+        extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora])
     return 0
 
 
@@ -520,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
+    mg = sub.add_parser("merge", parents=[common], help="fold a LoRA adapter (PEFT or mistral format) into a model's "
+                        "weights and save the result")
+    mg.add_argument("src", metavar="BASE", help="the adapter's base model: native folder, Hugging Face folder or .gguf")
+    mg.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json or lora.safetensors)")
+    mg.add_argument("dst", metavar="OUT", help="output folder")
+    mg.add_argument("--to", choices=["native", "hf"], required=True, help="output format")
+    mg.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: keep the base's)")
+    mg.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.set_defaults(func=cmd_merge)
+
     load = argparse.ArgumentParser(add_help=False)  # what `load_for_generation` reads
     load.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     load.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
@@ -533,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
                            "Q4_0, or int4_asym with a minimum per group like Q4_1)")
     load.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    load.add_argument("--lora", metavar="DIR", default=None,
+                      help="a LoRA adapter folder (PEFT or mistral-finetune format): merged into float weights, "
+                           "kept beside quantized ones")
     load.add_argument("--compile", action="store_true",
                       help="torch.compile the decode step (for GPUs; falls back to eager with a warning)")
     gen = argparse.ArgumentParser(add_help=False, parents=[load])
@@ -625,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     sv.add_argument("--quantize", choices=QUANT_METHODS, default=None, help="quantize weights while loading")
     sv.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP)
+    sv.add_argument("--lora", type=named_adapter, action="append", default=[], metavar="NAME=DIR",
+                    help="serve a LoRA adapter folder as model NAME (repeatable); requests pick one with "
+                         '"model": NAME, and rows with different adapters share each step')
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs)")
     sv.add_argument("--kv-blocks", type=int, default=None,
                     help="KV cache blocks of 16 positions (default: max-batch x max-seq-len / 4 positions)")

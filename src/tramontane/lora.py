@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -99,6 +100,57 @@ def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
     for _, parent, name in lora_slots(model, config.targets):
         setattr(parent, name, LoraLinear(getattr(parent, name), config))
     return model
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One projection's adapter as a file holds it, in native row order: the update is `b @ a * scaling`."""
+
+    a: torch.Tensor  # [rank, in]
+    b: torch.Tensor  # [out, rank]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+def attach_lora(model: Transformer, adapters: Mapping[str, LoraWeights]) -> Transformer:
+    """Freeze `model` and give each projection named in `adapters` (`layers.0.attention.wq`) a LoraLinear
+    holding those weights (each with its own rank and scaling), in place.
+
+    Raises:
+        ValueError: a name is not a projection of the model, or its weights do not fit it.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    unfuse_projections(model)
+    slots = {qualified: (parent, name) for qualified, parent, name in lora_slots(model)}
+    for qualified, w in adapters.items():
+        if qualified not in slots:
+            raise ValueError(f"{qualified}: not a projection of this model (choose a layer's {', '.join(TARGETS)})")
+        parent, name = slots[qualified]
+        base = getattr(parent, name)
+        if isinstance(base, LoraLinear):
+            raise ValueError(f"{qualified}: already has an adapter")
+        want_a, want_b = (w.rank, base.in_features), (base.out_features, w.rank)
+        if tuple(w.a.shape) != want_a or tuple(w.b.shape) != want_b:
+            raise ValueError(f"{qualified}: adapter shapes {tuple(w.a.shape)} and {tuple(w.b.shape)}, the model "
+                             f"wants {want_a} and {want_b}")
+        # alpha chosen so that alpha / rank is the file's scaling (PEFT's rsLoRA included)
+        lora = LoraLinear(base, LoraConfig(rank=w.rank, alpha=w.scaling * w.rank))
+        lora.scaling = w.scaling
+        with torch.no_grad():
+            lora.lora_A.weight.copy_(w.a)
+            lora.lora_B.weight.copy_(w.b)
+        setattr(parent, name, lora)
+    return model
+
+
+def lora_weights(model: Transformer) -> dict[str, LoraWeights]:
+    """Every adapter of `model` by projection name (`layers.0.attention.wq`): what the adapter files hold."""
+    return {qualified: LoraWeights(m.lora_A.weight.detach(), m.lora_B.weight.detach(), m.scaling)
+            for qualified, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def lora_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

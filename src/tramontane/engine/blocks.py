@@ -57,14 +57,15 @@ class BlockManager:
         """Blocks holding a registered prefix (held or in the LRU)."""
         return len(self._key_of)
 
-    def match(self, tokens: Sequence[int]) -> list[int]:
+    def match(self, tokens: Sequence[int], root: int = 0) -> list[int]:
         """The cached blocks holding the longest run of full blocks of `tokens` from position 0,
-        leaving at least the last token to compute (its logits are needed)."""
+        leaving at least the last token to compute (its logits are needed). `root` is the parent key of
+        the first block (0; another for prefixes computed otherwise, e.g. under a LoRA adapter)."""
         if not self.prefix_caching:
             return []
         size = self.block_size
         hit: list[int] = []
-        parent = 0
+        parent = root
         for i in range((len(tokens) - 1) // size):
             key_id = self._ids.get((parent, tuple(tokens[i * size : (i + 1) * size])))
             if key_id is None:

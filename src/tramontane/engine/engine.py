@@ -25,6 +25,7 @@ from ..cache import PagedKVCache
 from ..generate import TokenLoop, check_language_model, check_prompt
 from ..loading.validate import available_memory
 from ..model import Transformer
+from ..multi_lora import AdapterRows
 from ..sampling import Penalties, sample_rows, token_logprobs
 from ..textgen import TextTracker
 from .blocks import BlockManager
@@ -63,6 +64,8 @@ class Engine:
     are kept after their requests finish and reused by prompts that start with the same tokens (not for
     sliding-window models, whose sequences drop their first blocks). At most `max_batch` sequences run
     at once; the others wait in a queue of at most `max_queue`. Only the engine thread touches the model.
+    `adapters` is the selector of the LoRA adapters served on `model` (`multi_lora.serve_adapters`): a
+    request's `adapter` picks one, and rows with different adapters share each step.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Engine:
         block_size: int = 16,
         prefix_cache: bool = True,
         kv_dtype: torch.dtype | None = None,
+        adapters: AdapterRows | None = None,
     ) -> None:
         if max_batch < 1 or chunk_size < 1 or max_queue < 0:
             raise ValueError("max_batch and chunk_size must be >= 1 and max_queue >= 0")
@@ -109,7 +113,8 @@ class Engine:
         window = args.sliding_window
         self.blocks = BlockManager(kv_blocks + 1, block_size, prefix_caching=prefix_cache and window is None)
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, chunk_size=chunk_size, window=window)
-        self.runner = Runner(model, self.pool)
+        self.adapters = adapters
+        self.runner = Runner(model, self.pool, adapters)
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
@@ -123,6 +128,9 @@ class Engine:
         """Raise ValueError naming the field when a request cannot be served."""
         vocab = self.model.args.vocab_size
         check_prompt(req.prompt, "prompt", vocab, req.max_tokens, self.max_seq_len)
+        served = self.adapters.count if self.adapters is not None else 0
+        if not 0 <= req.adapter <= served:
+            raise ValueError(f"adapter: {req.adapter} is not one of the {served} adapters served (0: none)")
         if any(token >= vocab for token, _ in req.params.logit_bias):
             raise ValueError(f"logit_bias: token ids must lie in [0, {vocab})")
 
@@ -208,7 +216,7 @@ class Engine:
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
         tracker = TextTracker(self.tokenizer, req.stop_strings, req.continuation)
         loop = TokenLoop(req.max_tokens, stop_ids, penalties, stop_check=lambda token: tracker.stopped)
-        live = _Live(req, Sequence(list(req.prompt)), loop, tracker, gen, penalties)
+        live = _Live(req, Sequence(list(req.prompt), adapter=req.adapter), loop, tracker, gen, penalties)
         live.seq.owner = live
         return live
 

@@ -42,6 +42,7 @@ class Request:
     logprobs: bool = False
     timeout: float | None = None  # seconds from submission
     continuation: bool = False  # the output continues the prompt's text (a completion): keep a leading space
+    adapter: int = 0  # the served LoRA adapter (multi_lora.AdapterRows index; 0: the base model)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False

@@ -35,6 +35,7 @@ class Sequence:
     first_block: int = 0  # logical index of blocks[0] (> 0 once blocks left a sliding window)
     cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted)
     preemptions: int = 0
+    adapter: int = 0  # its LoRA adapter: KV of the same tokens differs per adapter, so prefixes are shared within one
     _chain: list[int] = field(default_factory=list)  # prefix key id of each registered full block
 
     @property
@@ -111,7 +112,7 @@ class Scheduler:
         # full blocks become prefix-cache entries (not for window models: they drop their first blocks)
         while self.window is None and len(seq._chain) < seq.computed // size:
             i = len(seq._chain)
-            parent = seq._chain[-1] if seq._chain else 0
+            parent = seq._chain[-1] if seq._chain else -seq.adapter  # each adapter's prefixes have their own root
             seq._chain.append(self.blocks.register(seq.blocks[i], parent, seq.tokens[i * size : (i + 1) * size]))
         if self.window is not None:
             # the next query sits at position `computed`; it sees positions > computed - window
@@ -146,7 +147,7 @@ class Scheduler:
         size = self.blocks.block_size
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            hit = self.blocks.match(seq.tokens)
+            hit = self.blocks.match(seq.tokens, root=-seq.adapter)
             needed = -(-len(seq.tokens) // size) - len(hit)
             if self.blocks.available - self.blocks.idle(hit) < needed:
                 return

@@ -15,13 +15,15 @@ from ..blocks import BLOCK_FORMATS, block_formats
 from ..download import resolve_model_name
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
+from ..lora import LoraWeights, attach_lora
 from ..model import Transformer
-from ..parallel.config import ParallelConfig
-from ..parallel.shard import ShardPlan
-from ..parallel.topology import init_topology
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
-from .common import build_model
+from ..parallel.config import ParallelConfig
+from ..parallel.shard import ShardPlan
+from ..parallel.topology import Topology, init_topology
+from .adapter_files import merged_tensors, read_adapter
+from .common import NamedTensors, build_model
 from .validate import check_memory
 
 GGUF_MAGIC = b"GGUF"
@@ -68,6 +70,7 @@ def load_model(
     quantize: str | QuantConfig | None = None,
     dequantize: bool = False,
     progress: bool = False,
+    lora: str | Path | None = None,
     parallel: str | dict[str, object] | ParallelConfig | None = None,
 ) -> Transformer:
     """Load a model for inference, optionally quantizing its weights as they stream in.
@@ -83,6 +86,11 @@ def load_model(
 
     `path` may also be the name of a downloaded model card (`tramontane models` lists them).
 
+    `lora` is a LoRA adapter folder (PEFT's or mistral-finetune's format). On a float base it is merged
+    into the weights as they stream in (the model is then as fast as the base); on a quantized one
+    (`quantize`, a saved quantized checkpoint, a GGUF file's kept formats) it stays beside the frozen
+    weights as LoraLinear modules, as it was trained in QLoRA.
+
     Example:
         >>> model = load_model("mistral-7B-v0.3/", dtype=torch.bfloat16, device="cuda")
         >>> model = load_model("mistral-7b-instruct-v0.3")  # after `tramontane download mistral-7b-instruct-v0.3`
@@ -90,7 +98,8 @@ def load_model(
 
     `parallel` ("tensor", "pipeline", {"tp": 2, "pp": 2} or a ParallelConfig; every rank of a
     torch.distributed job calls load_model alike) loads this rank's share only: see parallel/. The model
-    then returns the full logits on every rank.
+    then returns the full logits on every rank. An adapter is then merged as the weights stream in,
+    before they are cut; one that cannot be merged (a quantized base) is refused.
 
     Before any memory is reserved, every config field is checked against the tensors the checkpoint
     holds (layers, experts, vocabulary, head sizes) and the weights' size against the memory available.
@@ -99,16 +108,31 @@ def load_model(
         CheckpointError: the path holds no usable checkpoint, names a model card not downloaded yet
             (`tramontane download NAME`), or does not fit in memory; the message names the file and
             problem (ConfigError: the config field).
-        ParallelError: `parallel` without torch.distributed initialised (the message says how to launch).
         ValueError: `quantize` names no known scheme, disagrees with the checkpoint's, or is given with
-            `dequantize`.
+            `dequantize`; or `lora` on a quantized base with `parallel`.
+        ParallelError: `parallel` without torch.distributed initialised (the message says how to launch).
     """
     p = resolve_model_name(path)
-    fmt = checkpoint_format(p)
-    wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
-    if wanted is not None and dequantize:
-        raise ValueError("quantize and dequantize exclude each other: give one")
+    args = read_model_args(p) if lora is not None else None
+    adapters = read_adapter(lora, args) if lora is not None and args is not None else {}
     topology = init_topology(parallel) if parallel is not None else None
+    model, merged = _load(p, dtype, device, quantize, dequantize, progress, adapters, topology)
+    if adapters and not merged:
+        if topology is not None:
+            raise ValueError(f"lora: {lora} stays beside a quantized base, which parallel= cannot shard yet; "
+                             "load the base in floats to merge the adapter")
+        try:
+            attach_lora(model, adapters)
+        except ValueError as e:
+            raise CheckpointError(Path(str(lora)), str(e)) from e
+    return model
+
+
+def _load(p: Path, dtype: torch.dtype, device: torch.device | str, quantize: str | QuantConfig | None,
+          dequantize: bool, progress: bool, adapters: dict[str, LoraWeights], topology: Topology | None
+          ) -> tuple[Transformer, bool]:
+    """`load_model` less the unmerged adapters, and whether `adapters` were merged into its weights (a
+    float model: they are, as the tensors stream in)."""
 
     def plan(args: ModelArgs) -> ShardPlan | None:
         return None if topology is None else ShardPlan(args, topology)
@@ -116,17 +140,25 @@ def load_model(
     def share(args: ModelArgs) -> ModelArgs:  # what this rank holds, for the memory check
         return args if topology is None else ShardPlan(args, topology).local_args()
 
+    fmt = checkpoint_format(p)
+    wanted = QuantConfig(quantize) if isinstance(quantize, str) else quantize
+    if wanted is not None and dequantize:
+        raise ValueError("quantize and dequantize exclude each other: give one")
     if fmt == "native":
         args = native.read_args(p)
         saved = native.read_quantization(p, args)
         if saved is not None and wanted is not None and saved != wanted:
             raise ValueError(f"quantize: {p} is already quantized as {saved.method}; it cannot be loaded as {wanted.method}")
         check_memory(share(args), dtype, saved or wanted, device, p)
-        return build_model(args, native.iter_tensors(p), p, dtype, device, progress, saved or wanted, shard=plan(args))
+        merge = saved is None and wanted is None
+        return _merged(build_model(args, _merging(native.iter_tensors(p), adapters, merge), p, dtype, device,
+                                   progress, saved or wanted, shard=plan(args)), adapters, merge)
     if fmt == "hf":
         args = hf.read_args(p)
         check_memory(share(args), dtype, wanted, device, p)
-        return build_model(args, hf.iter_tensors(p, args), p, dtype, device, progress, wanted, shard=plan(args))
+        merge = wanted is None
+        return _merged(build_model(args, _merging(hf.iter_tensors(p, args), adapters, merge), p, dtype, device,
+                                   progress, wanted, shard=plan(args)), adapters, merge)
     from .gguf import (
         dequantized_types,
         iter_gguf_tensors,
@@ -147,7 +179,17 @@ def load_model(
         warnings.warn(f"{file}: no kernel for {', '.join(lost)}: those tensors are dequantized to {dtype}",
                       stacklevel=2)
     tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep=keep))
-    return build_model(args, tensors, file, dtype, device, progress, wanted, formats, shard=plan(args))
+    merge = wanted is None and not formats  # every weight arrives as floats
+    return _merged(build_model(args, _merging(tensors, adapters, merge), file, dtype, device, progress, wanted,
+                               formats, shard=plan(args)), adapters, merge)
+
+
+def _merging(tensors: NamedTensors, adapters: dict[str, LoraWeights], merge: bool) -> NamedTensors:
+    return merged_tensors(tensors, adapters) if merge and adapters else tensors
+
+
+def _merged(model: Transformer, adapters: dict[str, LoraWeights], merge: bool) -> tuple[Transformer, bool]:
+    return model, merge and bool(adapters)
 
 
 def _kept_types(wanted: QuantConfig | None, dequantize: bool) -> tuple[str, ...]:

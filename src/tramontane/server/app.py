@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -70,6 +70,7 @@ def create_app(
     request_timeout: float | None = 600.0,
     limits: ServerLimits | None = None,
     allowed_hosts: Iterable[str] = LOCAL_HOSTS,
+    adapters: Sequence[str] = (),
 ) -> FastAPI:
     """An OpenAI-compatible app serving `engine` under `model_name`.
 
@@ -78,10 +79,17 @@ def create_app(
     `Host` headers among `allowed_hosts` ('*': any) are answered and /docs only to loopback clients.
     Each request ends with an error after `request_timeout` seconds (None: never) and is bounded by
     `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with
-    an error (for shutdown).
+    an error (for shutdown). `adapters` names the LoRA adapters served on the engine's model (engine
+    adapter i + 1 for `adapters[i]`): a request's "model" picks one, or the base model by `model_name`.
     """
     limits = limits or ServerLimits()
-    server = OpenAIServer(engine, tokenizer, model_name, request_timeout, limits)
+    served = getattr(engine, "adapters", None)
+    if len(adapters) != (served.count if served is not None else 0):
+        raise ValueError(f"adapters: {len(adapters)} names for the {served.count if served else 0} adapters the "
+                         "engine serves")
+    if len(set(adapters)) != len(adapters) or model_name in adapters:
+        raise ValueError(f"adapters: names must differ from each other and from the model's ({model_name!r})")
+    server = OpenAIServer(engine, tokenizer, model_name, request_timeout, limits, tuple(adapters))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,8 +126,9 @@ class OpenAIServer:
     """The route handlers, over one engine, its tokenizer and the served model's name."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, request_timeout: float | None,
-                 limits: ServerLimits) -> None:
+                 limits: ServerLimits, adapters: tuple[str, ...] = ()) -> None:
         self.engine = engine
+        self.adapters = {name: i for i, name in enumerate(adapters, start=1)}  # "model" -> engine adapter
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.request_timeout = request_timeout
@@ -142,16 +151,19 @@ class OpenAIServer:
     async def metrics(self) -> Response:
         return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tramontane",
+    def _model_card(self, name: str) -> dict[str, Any]:
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "tramontane",
                 "max_model_len": self.engine.max_seq_len}
+        if name in self.adapters:
+            card["parent"] = self.model_name  # a LoRA adapter on the base model, as vLLM lists them
+        return card
 
     async def list_models(self) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in [self.model_name, *self.adapters]]})
 
     async def get_model(self, model: str) -> Response:
         self._check_model(model)
-        return JSONResponse(self._model_card())
+        return JSONResponse(self._model_card(model))
 
     async def tokenize(self, body: TokenizeRequest) -> Response:
         self._check_body(body, ("prompt", "messages", "tools"), "prompt" if body.messages is None else "messages")
@@ -195,7 +207,7 @@ class OpenAIServer:
             prefix = echoes[index // body.n] if body.echo else ""
             out.append(p.completion_choice(index, prefix + choice.text, choice.finish_reason, logprobs))
         used = p.usage(sum(map(len, prompts)), choices, body.n)
-        return JSONResponse(p.completion_body(cid, created, self.model_name, out, used))
+        return JSONResponse(p.completion_body(cid, created, self._answering(body), out, used))
 
     def _completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """Token ids of every prompt, and the text each one echoes."""
@@ -229,7 +241,7 @@ class OpenAIServer:
         n, want_lp, with_usage = body.n, body.logprobs is not None, body.include_usage
 
         def chunk(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None) -> str:
-            body_ = p.completion_body(cid, created, self.model_name, [p.completion_choice(index, text, reason, logprobs)],
+            body_ = p.completion_body(cid, created, self._answering(body), [p.completion_choice(index, text, reason, logprobs)],
                                       None)
             if with_usage:
                 body_["usage"] = None
@@ -260,7 +272,7 @@ class OpenAIServer:
                 yield chunk(index, event.text, event.finish_reason, lp)
         if with_usage:
             used = p.usage(sum(map(len, prompts)), choices, n)
-            yield p.sse(p.usage_chunk(cid, created, self.model_name, "text_completion", used))
+            yield p.sse(p.usage_chunk(cid, created, self._answering(body), "text_completion", used))
         yield p.DONE
 
     # ------------------------------------------------------------------------------------------ chat
@@ -288,7 +300,7 @@ class OpenAIServer:
                         if body.logprobs else None)
             out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         used = p.usage(len(prompt), choices, body.n)
-        return JSONResponse(p.chat_body(cid, created, self.model_name, out, used))
+        return JSONResponse(p.chat_body(cid, created, self._answering(body), out, used))
 
     async def _chat_stream(
         self, sub: Submission, cid: str, created: int, body: ChatCompletionRequest, prompt_tokens: int, tools: bool
@@ -297,7 +309,7 @@ class OpenAIServer:
 
         def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
                   logprobs: dict[str, Any] | None = None) -> str:
-            return p.sse(p.chat_chunk(cid, created, self.model_name, index, delta, finish_reason=reason,
+            return p.sse(p.chat_chunk(cid, created, self._answering(body), index, delta, finish_reason=reason,
                                       logprobs=logprobs, with_usage=with_usage))
 
         for index in range(len(sub.requests)):
@@ -335,7 +347,7 @@ class OpenAIServer:
             yield chunk(index, {}, reason)
         if with_usage:
             used = p.usage(prompt_tokens, choices, body.n)
-            yield p.sse(p.usage_chunk(cid, created, self.model_name, "chat.completion.chunk", used))
+            yield p.sse(p.usage_chunk(cid, created, self._answering(body), "chat.completion.chunk", used))
         yield p.DONE
 
     def _tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -377,9 +389,14 @@ class OpenAIServer:
                               f"at most {self.engine.max_queue} (--max-queue)", param)
 
     def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+        if name is not None and name != self.model_name and name not in self.adapters:
+            served = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+            raise APIError(404, f"the model '{name}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")
+
+    def _answering(self, body: GenerationFields) -> str:
+        """The model name an answer reports: the one asked for (checked), else the base model's."""
+        return body.model or self.model_name
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
@@ -392,7 +409,8 @@ class OpenAIServer:
         except ValueError as e:
             raise bad_request(str(e), field_of(str(e), SAMPLING_FIELDS)) from e
         return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=body.seed,
-                   logprobs=logprobs, timeout=self.request_timeout, continuation=continuation)
+                   logprobs=logprobs, timeout=self.request_timeout, continuation=continuation,
+                   adapter=self.adapters.get(body.model or "", 0))
 
     def _submit(self, prompts: list[list[int]], job: Job, prompt_param: str) -> Submission:
         if self.shutting_down:

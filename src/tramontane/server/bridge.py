@@ -26,6 +26,7 @@ class Job:
     logprobs: bool = False
     timeout: float | None = None
     continuation: bool = False  # completions continue the prompt's text; chat answers start afresh
+    adapter: int = 0  # the engine's LoRA adapter (0: the base model)
 
 
 class Submission:
@@ -84,6 +85,7 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
                 logprobs=job.logprobs,
                 timeout=job.timeout,
                 continuation=job.continuation,
+                adapter=job.adapter,
             )
             engine.validate(request)
             requests.append(request)

@@ -12,7 +12,7 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..engine import Engine
 from ..generate import compile_decode
 from ..loading import load_model
+from ..loading.adapter_files import read_adapter
+from ..multi_lora import serve_adapters
 from ..tokenizer import Tokenizer, load_tokenizer
 from .app import create_app
 from .errors import APIError
@@ -52,21 +54,24 @@ def load_engine(
     kv_blocks: int | None = None,
     prefix_cache: bool = True,
     kv_dtype: torch.dtype | None = None,
+    lora: Sequence[Path] = (),
 ) -> tuple[Engine, Tokenizer]:
     """A model and its tokenizer, read from `path`, in an engine whose KV pool is reserved now (not started);
     `compile` routes decode steps through torch.compile (`generate.compile_decode`); the KV options are
-    `Engine`'s.
+    `Engine`'s. `lora` are adapter folders served together on the model (`multi_lora`): engine adapter
+    i + 1 is `lora[i]`.
 
     Raises:
         ValueError: the KV pool does not fit in memory.
     """
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize)
+    rows = serve_adapters(model, [read_adapter(folder, model.args) for folder in lora]) if lora else None
     if compile:
         compile_decode(model)
     try:
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
-                        kv_blocks=kv_blocks, prefix_cache=prefix_cache, kv_dtype=kv_dtype)
+                        kv_blocks=kv_blocks, prefix_cache=prefix_cache, kv_dtype=kv_dtype, adapters=rows)
     except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError included)
         raise ValueError(f"max_batch ({max_batch}) x max_seq_len ({max_seq_len or 'the model context'}), "
                          f"kv_blocks ({kv_blocks}): the KV pool does not fit in memory ({str(e).splitlines()[0]})") from e
@@ -174,14 +179,16 @@ def run(
     connections: ConnectionLimits | None = None,
     extra_hosts: Iterable[str] = (),
     log_level: str = "info",
+    adapters: Sequence[str] = (),
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (`GracefulServer`) and return.
 
     Without `api_key`, only `Host` headers naming localhost, `host` or one of `extra_hosts` are answered.
+    `adapters` names the engine's LoRA adapters (`load_engine(lora=...)`), in order.
     """
     connections = connections or ConnectionLimits()
     app = create_app(engine, tokenizer, model_name, api_key, request_timeout=request_timeout, limits=limits,
-                     allowed_hosts=allowed_hosts(host, extra_hosts))
+                     allowed_hosts=allowed_hosts(host, extra_hosts), adapters=adapters)
     server = GracefulServer(server_config(app, host, port, connections, log_level), app.state.drain,
                             connections.shutdown_timeout)
     if threading.current_thread() is not threading.main_thread():
