@@ -182,7 +182,7 @@ def test_seeds_and_n(client):
 
 def test_chat_logprobs_match_the_model(served, client):
     _, _, model, tokenizer = served
-    out = ask(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=0)
+    out = ask(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=5)
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     assert b"".join(bytes(c.bytes) for c in content).decode() == out.choices[0].message.content
@@ -191,22 +191,66 @@ def test_chat_logprobs_match_the_model(served, client):
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + generated]))[0]
-    expected = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1].gather(-1, torch.tensor(generated)[:, None])
+    logp = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1]  # [generated, vocab]
+    expected = logp.gather(-1, torch.tensor(generated)[:, None])
     assert [c.logprob for c in content] == pytest.approx(expected[:, 0].tolist(), abs=2e-3)
-    assert all(c.top_logprobs == [] for c in content)
+    best_values, best_ids = logp.topk(5, dim=-1)
+    for c, ids, values in zip(content, best_ids.tolist(), best_values.tolist()):
+        assert len(c.top_logprobs) == 5
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)  # greedy: the chosen token is best
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(values, abs=2e-3)
+        assert [bytes(t.bytes) for t in c.top_logprobs][:2] == [tokenizer.token_bytes(i) for i in ids][:2]
+        assert all(t.token == bytes(t.bytes).decode("utf-8", errors="replace") for t in c.top_logprobs)
+    streamed = [x for chunk in ask(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=5, stream=True)
+                for ch in chunk.choices if ch.logprobs for x in ch.logprobs.content]
+    assert [t.logprob for x in streamed for t in x.top_logprobs] == \
+        pytest.approx([t.logprob for x in content for t in x.top_logprobs], abs=1e-5)
+    plain = ask(client, "What is 2+2?", max_tokens=4, logprobs=True)
+    assert all(c.top_logprobs == [] for c in plain.choices[0].logprobs.content)
+
+
+def test_top_logprobs_needs_logprobs_and_a_range(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Hi", top_logprobs=3)
+    assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Hi", logprobs=True, top_logprobs=21)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_max_completion_tokens_is_max_tokens(client):
+    out = ask(client, "Tell me a long story.", max_tokens=None, max_completion_tokens=5)
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    same = ask(client, "Tell me a long story.", max_tokens=5, max_completion_tokens=5)
+    assert same.choices[0].message.content == out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Tell me a long story.", max_tokens=5, max_completion_tokens=6)
+    assert e.value.body["param"] == "max_completion_tokens"
 
 
 def test_completion_logprobs(client):
     out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
-                                    logprobs=1)
+                                    logprobs=3)
     lp = out.choices[0].logprobs
     assert "".join(lp.tokens) == out.choices[0].text and len(lp.tokens) == 6
-    assert all(x <= 0 for x in lp.token_logprobs) and lp.top_logprobs is None
+    assert all(x <= 0 for x in lp.token_logprobs)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert [len(top) for top in lp.top_logprobs] == [3] * 6
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the chosen token leads
+        assert top[token] == pytest.approx(logprob, abs=1e-6)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
     chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
-                                            temperature=0, logprobs=1, stream=True))
+                                            temperature=0, logprobs=3, stream=True))
     streamed = [x for c in chunks for x in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
     assert streamed == pytest.approx(lp.token_logprobs)
+    tops = [x for c in chunks for x in (c.choices[0].logprobs.top_logprobs if c.choices[0].logprobs else [])]
+    assert [list(t) for t in tops] == [list(t) for t in lp.top_logprobs]
+    echoed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0,
+                                       logprobs=0, echo=True)
+    elp = echoed.choices[0].logprobs
+    assert elp.top_logprobs[0] is None and elp.top_logprobs[-1] == {}
+    assert "".join(elp.tokens) == echoed.choices[0].text
 
 
 def test_tools_reach_the_template(client):

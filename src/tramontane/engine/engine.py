@@ -24,7 +24,7 @@ import torch
 from ..cache import PagedKVCache
 from ..generate import TokenLoop, check_prompt
 from ..model import Transformer
-from ..sampling import Penalties, sample_rows, token_logprobs
+from ..sampling import Penalties, sample_rows, top_token_logprobs
 from ..textgen import TextTracker
 from .blocks import BlockManager
 from .metrics import Metrics
@@ -214,14 +214,19 @@ class Engine:
         chosen = sample_rows(logits, [x.req.params for x in lives], [x.generator for x in lives],
                              [x.penalties for x in lives])
         lps: list[float | None] = [None] * len(lives)
+        tops: list[list[tuple[int, float]]] = [[] for _ in lives]
         if any(x.req.logprobs for x in lives):
-            lps = [lp if x.req.logprobs else None for lp, x in zip(token_logprobs(logits, chosen), lives)]
+            k = max(x.req.top_logprobs if x.req.logprobs else 0 for x in lives)
+            picked, best = top_token_logprobs(logits, chosen, k)
+            lps = [lp if x.req.logprobs else None for lp, x in zip(picked, lives)]
+            tops = [row[: x.req.top_logprobs] if x.req.logprobs else [] for row, x in zip(best, lives)]
         self.metrics.batch_size.set(len(lives))
         self.metrics.batch_sizes.observe(len(lives))
-        for live, token, lp in zip(lives, chosen, lps):
-            self._accept(live, token, lp)
+        for live, token, lp, top in zip(lives, chosen, lps, tops):
+            self._accept(live, token, lp, tuple(top))
 
-    def _accept(self, live: _Live, token: int, logprob: float | None) -> None:
+    def _accept(self, live: _Live, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] = ()
+                ) -> None:
         """Record a sampled token, emit its text, and end the request when its loop says so."""
         now = time.monotonic()
         if live.loop.produced == 0:
@@ -235,7 +240,7 @@ class Engine:
             self._finish(live, "stop")
             return
         text, _ = live.tracker.feed(token)
-        live.req.emit(EngineEvent(live.req.id, text, token, logprob))
+        live.req.emit(EngineEvent(live.req.id, text, token, logprob, top))
         if (reason := live.loop.finish_reason(token)) is None:
             live.seq.tokens.append(token)
         else:

@@ -176,7 +176,7 @@ class OpenAIServer:
         self._check_fits(_prompt_count(body.prompt), body.n, "prompt")
         prompts, echoes = await asyncio.to_thread(self._completion_prompts, body)
         job = self._job(body, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs is not None,
-                        continuation=True)
+                        body.logprobs or 0, continuation=True)
         sub = self._submit(prompts, job, "prompt")
         cid, created = p.new_id("cmpl"), p.now()
         if body.stream:
@@ -188,10 +188,11 @@ class OpenAIServer:
             prompt = prompts[index // body.n]
             logprobs = None
             if body.logprobs is not None:
-                tokens, lps = choice.tokens, choice.logprobs
+                tokens, lps, tops = choice.tokens, choice.logprobs, list[p.Alternatives | None](choice.tops)
                 if body.echo:  # prompt tokens have no logprob: only generated ones are computed
                     tokens, lps = prompt + tokens, [*([None] * len(prompt)), *lps]
-                logprobs = p.completion_logprobs(p.TokenPieces(self.tokenizer), tokens, lps)
+                    tops = [*([None] * len(prompt)), *tops]
+                logprobs = p.completion_logprobs(p.TokenPieces(self.tokenizer), tokens, lps, tops)
             prefix = echoes[index // body.n] if body.echo else ""
             out.append(p.completion_choice(index, prefix + choice.text, choice.finish_reason, logprobs))
         used = p.usage(sum(map(len, prompts)), choices, body.n)
@@ -240,7 +241,8 @@ class OpenAIServer:
         if body.echo:
             for index in range(len(sub.requests)):
                 prompt = prompts[index // n]
-                lp = p.completion_logprobs(pieces[index], prompt, [None] * len(prompt)) if want_lp else None
+                lp = p.completion_logprobs(pieces[index], prompt, [None] * len(prompt), [None] * len(prompt)) \
+                    if want_lp else None
                 if lp:
                     offsets[index] = sum(map(len, lp["tokens"]))
                 yield chunk(index, echoes[index // n], None, lp)
@@ -254,7 +256,8 @@ class OpenAIServer:
                 return
             lp = None
             if want_lp and event.token is not None:
-                lp = p.completion_logprobs(pieces[index], [event.token], [event.logprob], offsets[index])
+                lp = p.completion_logprobs(pieces[index], [event.token], [event.logprob], [event.top_logprobs],
+                                           offsets[index])
                 offsets[index] += len(lp["tokens"][0])
             if event.text or lp or event.finish_reason:
                 yield chunk(index, event.text, event.finish_reason, lp)
@@ -274,7 +277,9 @@ class OpenAIServer:
         if len(prompt) >= self.engine.max_seq_len:
             raise bad_request(f"messages: the conversation is {len(prompt)} tokens; the context holds "
                               f"{self.engine.max_seq_len}", "messages", "context_length_exceeded")
-        job = self._job(body, body.max_completion_tokens or body.max_tokens, body.logprobs)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
+        job = self._job(body, self._chat_budget(body), body.logprobs, body.top_logprobs or 0)
         sub = self._submit([prompt], job, "messages")
         cid, created = p.new_id("chatcmpl"), p.now()
         if body.stream:
@@ -284,7 +289,7 @@ class OpenAIServer:
         out = []
         for index, choice in enumerate(choices):
             message, reason = p.assistant_message(self.tokenizer, choice, tools is not None)
-            logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs)
+            logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs, choice.tops)
                         if body.logprobs else None)
             out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         used = p.usage(len(prompt), choices, body.n)
@@ -317,7 +322,7 @@ class OpenAIServer:
                 held[index] = []
             logprobs = None
             if body.logprobs and event.token is not None:
-                logprobs = p.chat_logprobs(pieces[index], [event.token], [event.logprob])
+                logprobs = p.chat_logprobs(pieces[index], [event.token], [event.logprob], [event.top_logprobs])
             pending = held[index]
             if pending is not None:
                 pending.append(event.text)
@@ -337,6 +342,15 @@ class OpenAIServer:
             used = p.usage(prompt_tokens, choices, body.n)
             yield p.sse(p.usage_chunk(cid, created, self.model_name, "chat.completion.chunk", used))
         yield p.DONE
+
+    @staticmethod
+    def _chat_budget(body: ChatCompletionRequest) -> int | None:
+        """`max_completion_tokens`, OpenAI's newer name for `max_tokens`: either, or both when they agree."""
+        new, old = body.max_completion_tokens, body.max_tokens
+        if new is not None and old is not None and new != old:
+            raise bad_request(f"max_completion_tokens: {new} disagrees with max_tokens: {old}; give one of them",
+                              "max_completion_tokens")
+        return new if new is not None else old
 
     def _tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
         """The tools to show the model: none with tool_choice 'none'. A forced choice is not enforced."""
@@ -386,13 +400,15 @@ class OpenAIServer:
         if any(not 0 <= i < vocab for i in ids):
             raise bad_request(f"{param}: token ids must lie in [0, {vocab})", param)
 
-    def _job(self, body: GenerationFields, max_tokens: int | None, logprobs: bool, continuation: bool = False) -> Job:
+    def _job(self, body: GenerationFields, max_tokens: int | None, logprobs: bool, top_logprobs: int = 0,
+             continuation: bool = False) -> Job:
         try:
             params = body.sampling_params()
         except ValueError as e:
             raise bad_request(str(e), field_of(str(e), SAMPLING_FIELDS)) from e
         return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=body.seed,
-                   logprobs=logprobs, timeout=self.request_timeout, continuation=continuation)
+                   logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout,
+                   continuation=continuation)
 
     def _submit(self, prompts: list[list[int]], job: Job, prompt_param: str) -> Submission:
         if self.shutting_down:

@@ -24,6 +24,7 @@ class Job:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0
     timeout: float | None = None
     continuation: bool = False  # completions continue the prompt's text; chat answers start afresh
 
@@ -82,6 +83,7 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
                 stop_strings=job.stop_strings,
                 seed=None if job.seed is None else job.seed + j,
                 logprobs=job.logprobs,
+                top_logprobs=job.top_logprobs,
                 timeout=job.timeout,
                 continuation=job.continuation,
             )
