@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/engine_step.py --clients 1 --tokens 64 --quantize int4
 
 Drives `Engine.step` on this thread (no HTTP) with `--clients` concurrent greedy requests on the demo
-model and times each part of the step; for comparison, times `generate` decoding the same prompt alone
+model (`--json-schema`: each constrained by a small JSON schema) and times each part of the step; for comparison, times `generate` decoding the same prompt alone
 (the contiguous cache and the native decode stack). One measurement, not a benchmark.
 """
 
@@ -21,9 +21,15 @@ import torch
 from tramontane import generate
 from tramontane.cli import demo_model_path
 from tramontane.engine import Engine, Request
+from tramontane.engine.grammar import Matcher, response_format_grammar
 from tramontane.loading import load_model
 from tramontane.textgen import TextTracker
 from tramontane.tokenizer import load_tokenizer
+
+# a small schema whose strings never end (no maxLength), so a constrained request runs its --tokens
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array",
+                                                                              "items": {"type": "string"}}},
+          "required": ["name", "tags"]}
 
 
 def timed(totals: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,6 +50,7 @@ def main() -> None:
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json-schema", action="store_true", help="constrain every request to a small JSON schema")
     a = ap.parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
@@ -66,13 +73,16 @@ def main() -> None:
     engine._sample = timed(totals, "sample + accept + emit", engine._sample)  # type: ignore[method-assign]
     engine_module = sys.modules[Engine.__module__]
     engine_module.sample_rows = timed(totals, "  sampling", engine_module.sample_rows)  # type: ignore[attr-defined]
+    Matcher.mask = timed(totals, "  grammar mask", Matcher.mask)  # type: ignore[method-assign]
     feed = TextTracker.feed
     TextTracker.feed = timed(totals, "  detokenize", feed)  # type: ignore[method-assign]
+    grammar = response_format_grammar({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}) \
+        if a.json_schema else None
     for _round in ("warm-up", "measured"):
         totals.clear()
         for _ in range(a.clients):
             engine.submit(Request(list(prompt), max_tokens=a.tokens, emit=lambda ev: None,
-                                  stop_ids=frozenset()))
+                                  stop_ids=frozenset(), grammar=grammar))
         steps = 0
         start = time.perf_counter()
         while engine.step():

@@ -27,6 +27,7 @@ from ..model import Transformer
 from ..sampling import Penalties, sample_rows, top_token_logprobs
 from ..textgen import TextTracker
 from .blocks import BlockManager
+from .grammar import Matcher, Vocabulary
 from .metrics import Metrics
 from .request import EngineEvent, Request
 from .runner import Runner
@@ -49,6 +50,7 @@ class _Live:
     tracker: TextTracker
     generator: torch.Generator | None
     penalties: Penalties | None
+    matcher: Matcher | None = None  # the request's grammar, when its output is constrained
     last_time: float = 0.0
 
 
@@ -100,6 +102,7 @@ class Engine:
         self.blocks = BlockManager(kv_blocks + 1, block_size, prefix_caching=prefix_cache and window is None)
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, chunk_size=chunk_size, window=window)
         self.runner = Runner(model, self.pool)
+        self.vocabulary = Vocabulary(tokenizer, args.vocab_size)  # for constrained requests, built on first use
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
@@ -187,7 +190,12 @@ class Engine:
             taken = list(self._submitted)
             self._submitted.clear()
         for req in taken:
-            self._lives.append(live := self._new_live(req))
+            try:
+                live = self._new_live(req)
+            except ValueError as e:  # a grammar llguidance refuses (the server checks them first)
+                req.emit(EngineEvent(req.id, "", finish_reason="error", error=str(e)))
+                continue
+            self._lives.append(live)
             self.scheduler.add(live.seq)
 
     def _new_live(self, req: Request) -> _Live:
@@ -198,7 +206,8 @@ class Engine:
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
         tracker = TextTracker(self.tokenizer, req.stop_strings, req.continuation)
         loop = TokenLoop(req.max_tokens, stop_ids, penalties, stop_check=lambda token: tracker.stopped)
-        live = _Live(req, Sequence(list(req.prompt)), loop, tracker, gen, penalties)
+        matcher = None if req.grammar is None else self.vocabulary.matcher(req.grammar)
+        live = _Live(req, Sequence(list(req.prompt)), loop, tracker, gen, penalties, matcher)
         live.seq.owner = live
         return live
 
@@ -211,7 +220,13 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         lives: list[_Live] = [s.owner for s in seqs]
-        chosen = sample_rows(logits, [x.req.params for x in lives], [x.generator for x in lives],
+        masked = logits
+        if any(x.matcher is not None for x in lives):  # constrained rows: only what their grammar allows
+            masked = logits.clone()
+            for row, live in enumerate(lives):
+                if live.matcher is not None:
+                    live.matcher.mask(masked[row])
+        chosen = sample_rows(masked, [x.req.params for x in lives], [x.generator for x in lives],
                              [x.penalties for x in lives])
         lps: list[float | None] = [None] * len(lives)
         tops: list[list[tuple[int, float]]] = [[] for _ in lives]
@@ -238,6 +253,9 @@ class Engine:
         self.metrics.generation_tokens.inc()
         if not live.loop.accept(token):
             self._finish(live, "stop")
+            return
+        if live.matcher is not None and not live.matcher.consume(token):
+            self._finish(live, "error", f"the grammar refused token {token}: {live.matcher.error}")
             return
         text, _ = live.tracker.feed(token)
         live.req.emit(EngineEvent(live.req.id, text, token, logprob, top))

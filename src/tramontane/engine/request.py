@@ -42,6 +42,7 @@ class Request:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each step
+    grammar: str | None = None  # llguidance grammar the output must follow (engine.grammar builds them)
     timeout: float | None = None  # seconds from submission
     continuation: bool = False  # the output continues the prompt's text (a completion): keep a leading space
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")

@@ -25,6 +25,7 @@ class Job:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str | None = None  # structured output: the llguidance grammar every choice follows
     timeout: float | None = None
     continuation: bool = False  # completions continue the prompt's text; chat answers start afresh
 
@@ -84,6 +85,7 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
                 seed=None if job.seed is None else job.seed + j,
                 logprobs=job.logprobs,
                 top_logprobs=job.top_logprobs,
+                grammar=job.grammar,
                 timeout=job.timeout,
                 continuation=job.continuation,
             )
