@@ -443,6 +443,7 @@ def test_json_object_answers_parse(client):
     assert isinstance(json.loads(out.choices[0].message.content), dict)
 
 
+@pytest.mark.slow
 def test_constrained_and_free_answers_together_equal_answers_alone(client):
     calls = [("What is the weather in Paris? Answer in JSON.", WEATHER_FORMAT), ("Name a fruit.", None),
              ("What is the weather in Oslo? Answer in JSON.", WEATHER_FORMAT), ("Say hello.", None),

@@ -111,6 +111,7 @@ def test_forced_tool_calls_parse_and_validate(model, tok, name, layout):
         jsonschema.validate(json.loads(fn["arguments"]), by_name[fn["name"]])
 
 
+@pytest.mark.slow
 def test_what_cannot_be_enforced_names_its_field(tok, smollm2_gguf_path):
     with pytest.raises(ValueError, match=r"^response_format\.type"):
         response_format_grammar({"type": "yaml"})
