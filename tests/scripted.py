@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tramontane.engine import EngineEvent, QueueFullError, Request
+from tramontane.engine.grammar import Vocabulary
 from tramontane.engine.metrics import Metrics
 from tramontane.textgen import TextTracker
 
@@ -19,6 +20,7 @@ class ScriptedEngine:
         self.max_seq_len = 256
         self.max_queue = 64
         self.active = self.waiting = 0
+        self.vocabulary = Vocabulary(tokenizer, tokenizer.vocab_size)  # checks grammars; the script ignores them
         self.reset()
 
     def reset(self) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tramontane.layers as layers_module
+import tramontane.model as model_module
 from tramontane import load_model
-from tramontane.cache import PagedKVCache
+from tramontane.cache import PagedKVCache, quantize_vectors
 
 LENGTH = 40  # five times the tiny sliding window
 
@@ -77,3 +79,84 @@ def test_positions_outside_the_table_are_refused(tiny_hf):
     pool = PagedKVCache.create(model.args, n_blocks=3, block_size=4)
     with pytest.raises(ValueError, match="block tables"):
         model(prompt(1, 6), torch.arange(6)[None], cache=pool.batch([[1]], [0]))
+
+
+TABLES = [[9, 3, 17, 1, 12, 5], [4, 20, 2, 15]]
+
+
+def paged_decode(model, dtype: torch.dtype, native: bool, monkeypatch) -> tuple[torch.Tensor, PagedKVCache]:
+    """Two sequences of different lengths in scattered blocks, prefilled, then 6 decode steps together,
+    fed fixed tokens; on the native decode attention over block tables or on the torch gather."""
+    pool = PagedKVCache.create(model.args, n_blocks=24, block_size=4, dtype=dtype)
+    tables = TABLES
+    pool.clear(tables[0] + tables[1])
+    lengths = [13, 6]
+    for table, n, seed in zip(tables, lengths, (1, 2)):
+        model(prompt(seed, n), torch.arange(n)[None], cache=pool.batch([table], [0]))
+    out = []
+    with monkeypatch.context() as m:
+        if not native:
+            m.setattr(model_module, "native_stack", lambda *_: None)
+            m.setattr(layers_module, "decode_kernels", lambda *_: None)
+        for step in range(6):
+            tokens = torch.tensor([[(7 * step + 3) % 128], [(5 * step + 1) % 128]])
+            positions = torch.tensor([[lengths[0] + step], [lengths[1] + step]])
+            out.append(model(tokens, positions, cache=pool.batch(tables, [0, 0]))[:, 0])
+    return torch.stack(out), pool
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_native_paged_decode_equals_torch_gather(tiny_hf, dtype, quantize, monkeypatch):
+    _, folder = tiny_hf("mistral-window")
+    model = load_model(folder, quantize=quantize)
+    native, pool_n = paged_decode(model, dtype, True, monkeypatch)
+    torch_path, pool_t = paged_decode(model, dtype, False, monkeypatch)
+    torch.testing.assert_close(native, torch_path, atol=1e-4, rtol=1e-4)
+    # the kernel stores what `store` stores (int8: the same rounding, up to ties); other blocks are unused
+    used = torch.tensor(TABLES[0] + TABLES[1])
+    assert (pool_n.k[:, used].float() - pool_t.k[:, used].float()).abs().max() <= (1 if dtype == torch.int8 else 1e-5)
+    if dtype == torch.int8:
+        assert pool_n.k_scale is not None and pool_t.k_scale is not None
+        torch.testing.assert_close(pool_n.k_scale[:, used], pool_t.k_scale[:, used])
+
+
+@torch.no_grad()
+def test_int8_pool_stays_close_to_full_forward(tiny_hf):
+    _, folder = tiny_hf("llama-tied")
+    model = load_model(folder)
+    tokens = prompt(4, 16)
+    pool = PagedKVCache.create(model.args, n_blocks=6, block_size=4, dtype=torch.int8)
+    table = [5, 1, 3, 2]
+    pool.clear(table)
+    first = model(tokens[:, :10], torch.arange(10)[None], cache=pool.batch([table], [0]))
+    rest = [model(tokens[:, t : t + 1], torch.tensor([[t]]), cache=pool.batch([table], [0])) for t in range(10, 16)]
+    out = torch.cat([first, *rest], dim=1)
+    full = model(tokens)
+    assert pool.k.dtype == torch.int8
+    torch.testing.assert_close(out, full, atol=0.2, rtol=0.05)  # a random model's logits span about +-4
+    assert (out.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_pool_is_a_quarter_of_float32_plus_scales(tiny_hf):
+    _, folder = tiny_hf("llama-tied")
+    args = load_model(folder).args
+    f32 = PagedKVCache.create(args, n_blocks=4, block_size=16)
+    i8 = PagedKVCache.create(args, n_blocks=4, block_size=16, dtype=torch.int8)
+    per_block = 2 * args.n_layers * args.n_kv_heads * 16  # vectors in one block
+    assert f32.block_nbytes() - 16 * 8 == per_block * args.head_dim * 4
+    assert i8.block_nbytes() - 16 * 8 == per_block * (args.head_dim + 4)
+    with pytest.raises(ValueError, match="dtype"):
+        PagedKVCache.create(args, n_blocks=4, dtype=torch.float64)
+
+
+def test_quantize_vectors_round_trip():
+    x = torch.randn(3, 5, 64) * torch.tensor([0.01, 1.0, 100.0])[:, None, None]
+    q, scale = quantize_vectors(x)
+    assert q.dtype == torch.int8 and scale.shape == (3, 5)
+    assert int(q.abs().max()) == 127
+    err = (q.float() * scale[..., None] - x).abs()
+    assert bool((err <= scale[..., None] / 2 + 1e-6).all())  # within half a step of each vector's scale
+    q0, s0 = quantize_vectors(torch.zeros(2, 8))
+    assert bool((q0 == 0).all()) and bool((s0 == 0).all())

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_seeds_and_n(client):
 
 def test_chat_logprobs_match_the_model(served, client):
     _, _, model, tokenizer = served
-    out = ask(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=0)
+    out = ask(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=5)
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     assert b"".join(bytes(c.bytes) for c in content).decode() == out.choices[0].message.content
@@ -191,22 +192,66 @@ def test_chat_logprobs_match_the_model(served, client):
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + generated]))[0]
-    expected = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1].gather(-1, torch.tensor(generated)[:, None])
+    logp = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1]  # [generated, vocab]
+    expected = logp.gather(-1, torch.tensor(generated)[:, None])
     assert [c.logprob for c in content] == pytest.approx(expected[:, 0].tolist(), abs=2e-3)
-    assert all(c.top_logprobs == [] for c in content)
+    best_values, best_ids = logp.topk(5, dim=-1)
+    for c, ids, values in zip(content, best_ids.tolist(), best_values.tolist()):
+        assert len(c.top_logprobs) == 5
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)  # greedy: the chosen token is best
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(values, abs=2e-3)
+        assert [bytes(t.bytes) for t in c.top_logprobs][:2] == [tokenizer.token_bytes(i) for i in ids][:2]
+        assert all(t.token == bytes(t.bytes).decode("utf-8", errors="replace") for t in c.top_logprobs)
+    streamed = [x for chunk in ask(client, "What is 2+2?", max_tokens=8, logprobs=True, top_logprobs=5, stream=True)
+                for ch in chunk.choices if ch.logprobs for x in ch.logprobs.content]
+    assert [t.logprob for x in streamed for t in x.top_logprobs] == \
+        pytest.approx([t.logprob for x in content for t in x.top_logprobs], abs=1e-5)
+    plain = ask(client, "What is 2+2?", max_tokens=4, logprobs=True)
+    assert all(c.top_logprobs == [] for c in plain.choices[0].logprobs.content)
+
+
+def test_top_logprobs_needs_logprobs_and_a_range(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Hi", top_logprobs=3)
+    assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Hi", logprobs=True, top_logprobs=21)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_max_completion_tokens_is_max_tokens(client):
+    out = ask(client, "Tell me a long story.", max_tokens=None, max_completion_tokens=5)
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    same = ask(client, "Tell me a long story.", max_tokens=5, max_completion_tokens=5)
+    assert same.choices[0].message.content == out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Tell me a long story.", max_tokens=5, max_completion_tokens=6)
+    assert e.value.body["param"] == "max_completion_tokens"
 
 
 def test_completion_logprobs(client):
     out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
-                                    logprobs=1)
+                                    logprobs=3)
     lp = out.choices[0].logprobs
     assert "".join(lp.tokens) == out.choices[0].text and len(lp.tokens) == 6
-    assert all(x <= 0 for x in lp.token_logprobs) and lp.top_logprobs is None
+    assert all(x <= 0 for x in lp.token_logprobs)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert [len(top) for top in lp.top_logprobs] == [3] * 6
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the chosen token leads
+        assert top[token] == pytest.approx(logprob, abs=1e-6)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
     chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
-                                            temperature=0, logprobs=1, stream=True))
+                                            temperature=0, logprobs=3, stream=True))
     streamed = [x for c in chunks for x in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
     assert streamed == pytest.approx(lp.token_logprobs)
+    tops = [x for c in chunks for x in (c.choices[0].logprobs.top_logprobs if c.choices[0].logprobs else [])]
+    assert [list(t) for t in tops] == [list(t) for t in lp.top_logprobs]
+    echoed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0,
+                                       logprobs=0, echo=True)
+    elp = echoed.choices[0].logprobs
+    assert elp.top_logprobs[0] is None and elp.top_logprobs[-1] == {}
+    assert "".join(elp.tokens) == echoed.choices[0].text
 
 
 def test_tools_reach_the_template(client):
@@ -369,3 +414,66 @@ def test_tokenize_and_detokenize(served):
     assert chat["count"] == len(chat["tokens"]) > 3
     assert error_of(post(served, "/detokenize", {"tokens": [-1]}), 400)["param"] == "tokens"
     assert error_of(post(served, "/tokenize", {}), 400)["param"] == "prompt"
+
+
+# ---------------------------------------------------------------------------------------------- structured outputs
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "temperature": {"type": "integer", "minimum": -60, "maximum": 60}},
+           "required": ["city", "temperature"], "additionalProperties": False}
+WEATHER_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER, "strict": True}}
+
+
+def test_json_schema_answers_validate(client):
+    out = ask(client, "What is the weather in Paris? Answer in JSON.", max_tokens=60, response_format=WEATHER_FORMAT)
+    content = out.choices[0].message.content
+    jsonschema.validate(json.loads(content), WEATHER)
+    assert out.choices[0].finish_reason == "stop"
+    chunks = ask(client, "What is the weather in Paris? Answer in JSON.", max_tokens=60,
+                 response_format=WEATHER_FORMAT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    done = client.completions.create(model=MODEL, prompt="The weather in Rome, as JSON:", max_tokens=60,
+                                     temperature=0, extra_body={"response_format": WEATHER_FORMAT})
+    jsonschema.validate(json.loads(done.choices[0].text), WEATHER)
+
+
+def test_json_object_answers_parse(client):
+    out = ask(client, "Describe a cat as a JSON object with its name and age.", max_tokens=80,
+              response_format={"type": "json_object"})
+    assert out.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+@pytest.mark.slow
+def test_constrained_and_free_answers_together_equal_answers_alone(client):
+    calls = [("What is the weather in Paris? Answer in JSON.", WEATHER_FORMAT), ("Name a fruit.", None),
+             ("What is the weather in Oslo? Answer in JSON.", WEATHER_FORMAT), ("Say hello.", None),
+             ("A JSON object about a dog.", {"type": "json_object"})]
+
+    def one(call: tuple[str, dict | None]) -> str:
+        question, fmt = call
+        extra = {} if fmt is None else {"response_format": fmt}
+        return ask(client, question, max_tokens=40, **extra).choices[0].message.content
+
+    alone = [one(c) for c in calls]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        together = list(pool.map(one, calls))
+    assert together == alone
+    jsonschema.validate(json.loads(alone[0]), WEATHER)
+    jsonschema.validate(json.loads(alone[2]), WEATHER)
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": WEATHER}}}, "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/none"}}}},
+     "response_format.json_schema.schema"),
+    # SmolLM2's vocabulary has no tool-call token: a forced call cannot be enforced
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+])
+def test_what_cannot_be_enforced_is_a_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Hi", extra_body=extra)
+    assert e.value.body["param"] == param

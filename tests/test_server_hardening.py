@@ -177,8 +177,13 @@ def test_malformed_tools_are_400s(server, extra, param):
     assert error_of(httpx.post(server[0] + "/v1/chat/completions", json={**CHAT, **extra}), 400)["param"] == param
 
 
-def test_a_named_tool_choice_is_served(server):
-    body = {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "w"}}}
+def test_a_forced_tool_choice_this_vocabulary_cannot_enforce_is_a_400(server):
+    """SmolLM2's vocabulary has no tool-call token: a forced call is refused, never silently ignored."""
+    for choice in ({"type": "function", "function": {"name": "w"}}, "required"):
+        body = {**CHAT, "tools": [TOOL], "tool_choice": choice}
+        error = error_of(httpx.post(server[0] + "/v1/chat/completions", json=body), 400)
+        assert error["param"] == "tool_choice" and "enforced" in error["message"]
+    body = {**CHAT, "tools": [TOOL], "tool_choice": "auto"}
     assert httpx.post(server[0] + "/v1/chat/completions", json=body).status_code == 200
 
 

@@ -172,7 +172,25 @@ def test_bad_conversations(server, engine):
     assert status({"messages": [{"role": "tool", "content": "x", "tool_call_id": "abcdefghi"}]}) == (400, "messages")
     assert status({"messages": QUESTION, "tools": [{"type": "function"}]}) == (400, "tools[0]")
     assert status({"messages": QUESTION, "tool_choice": "auto"}) == (400, "tool_choice")
-    assert status({"messages": QUESTION, "response_format": {"type": "json_object"}}) == (400, "response_format")
+    assert status({"messages": QUESTION, "response_format": {"type": "xml"}}) == (400, "response_format.type")
     assert status({"messages": "hello"}) == (400, "messages")
     assert status({"messages": QUESTION, "stop": 3}) == (400, "stop")
     assert not engine.submitted
+
+
+def test_grammars_reach_the_engine(tok, engine, client):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert engine.submitted[-1].grammar is not None and "json_schema" in engine.submitted[-1].grammar
+    client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required")
+    forced = engine.submitted[-1].grammar
+    assert forced is not None and "get_weather" in forced
+    client.completions.create(model=MODEL, prompt="x", extra_body={"response_format": {"type": "json_object"}})
+    assert engine.submitted[-1].grammar is not None
+    client.chat.completions.create(model=MODEL, messages=QUESTION)
+    assert engine.submitted[-1].grammar is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required",
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "tool_choice"

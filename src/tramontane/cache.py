@@ -131,6 +131,34 @@ class KVCache:
 
 
 @dataclass
+class DecodeView:
+    """What the native decode attention (kernels/qlinear.cpp) reads and writes in one decode step.
+
+    The storage is a pool of blocks `k`, `v` [n_layers, n_blocks, n_kv_heads, S, head_dim] with the
+    position held by every slot `key_pos` [n_blocks, S]; row b attends to the first `scan` slots of each
+    block of its table `tables[b]` and writes its new key and value at flat slot `write[b]` (block * S +
+    offset). A contiguous `KVCache` is one block per row (S = capacity, the table holding the row); a
+    `PagedKVCache` is the general case. For an int8 pool, `k_scale`, `v_scale` [n_layers, n_blocks,
+    n_kv_heads, S] hold one scale per stored vector.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    tables: torch.Tensor  # [B, W]
+    key_pos: torch.Tensor  # [n_blocks, S]
+    write: torch.Tensor  # [B]
+    scan: int
+    window: int  # 0: none
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Layer i's keys, values and their scales (None unless int8)."""
+        ks, vs = self.k_scale, self.v_scale
+        return self.k[i], self.v[i], None if ks is None else ks[i], None if vs is None else vs[i]
+
+
+@dataclass
 class StepMeta:
     """What every layer needs to read and write the cache for one forward call (computed once per call).
 
@@ -149,6 +177,7 @@ class StepMeta:
     fresh: bool = False  # a chunk into empty rows: nothing old to attend to
     kv_len: int = 0  # decode: only slots [0, kv_len) can hold anything yet
     rot: torch.Tensor | None = None  # decode: (cos, sin) per rotary pair [B, head_dim // 2, 2], for fused kernels
+    view: DecodeView | None = None  # decode: where the native decode attention reads and writes
     # decode: the mask's inputs, for `attention_mask` (the native kernels build their own from the cache)
     key_positions: torch.Tensor | None = None  # [B, kv_len]
     window: int | None = None
@@ -250,14 +279,20 @@ def step_meta(
         # attention reads only what generation has filled, not the whole buffer.
         kv_len = min(cache.capacity, last + 1)
         key_positions = (cache.positions[:B] if rows is None else cache.positions[rows])[:, :kv_len]
+        # one block per cache row: the table of sequence b is its row, its slot row * capacity + slot
+        view = DecodeView(cache.k, cache.v, None, None, batch_index, cache.positions,
+                          batch_index[:, 0] * cache.capacity + slots[:, 0], kv_len, window or 0)
         return StepMeta(positions, None, False, cache, rows, batch_index, slots, decode=True, kv_len=kv_len,
-                        key_positions=key_positions, window=window)
+                        key_positions=key_positions, window=window, view=view)
     old_positions = cache.positions[:B] if rows is None else cache.positions[rows]  # [B, capacity]
     if int(old_positions.max()) < 0:  # empty rows (a prompt's first chunk): attend within the chunk only
         return StepMeta(positions, _visible(positions, positions, window), False, cache, rows, batch_index,
                         slots, fresh=True)
     mask = _visible(torch.cat([old_positions, positions], dim=1), positions, window)
     return StepMeta(positions, mask, False, cache, rows, batch_index, slots)
+
+
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 class PagedKVCache:
@@ -270,6 +305,11 @@ class PagedKVCache:
     with the rule of the module docstring, so blocks that left a sliding window can be dropped from the
     front of a table, and blocks holding a shared prompt prefix can sit in several tables at once.
 
+    In int8, every stored vector (one head's key or value at one position, `head_dim` values) has its
+    own float32 scale, `k_scale`, `v_scale` [n_layers, n_blocks, n_kv_heads, block_size]: x is kept as
+    round(x * 127 / max|x|), as GGUF's Q8_0 keeps blocks of 32 weights. Vectors are written once and
+    never rescaled, so nothing drifts as a block fills up.
+
     Block 0 is never handed out: it pads block tables and always reads as empty. The pool is allocated
     with `torch.empty` and a block is zeroed when it is handed out (`clear`), so the memory pages a
     large pool reserves are only committed as blocks come into use.
@@ -280,11 +320,16 @@ class PagedKVCache:
         >>> logits = model(tokens, positions, cache=pool.batch([[1, 2]], [0]))
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+        if (k.dtype == torch.int8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+            raise ValueError("an int8 pool needs k_scale and v_scale, and only an int8 pool has them")
         self.k = k
         self.v = v
         self.positions = positions
         self.window = window
+        self.k_scale = k_scale
+        self.v_scale = v_scale
 
     @classmethod
     def create(
@@ -296,14 +341,19 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> PagedKVCache:
-        """Reserve a pool of `n_blocks` blocks (block 0 included) of `block_size` positions, stored in `dtype`."""
+        """Reserve a pool of `n_blocks` blocks (block 0 included) of `block_size` positions, stored in `dtype`
+        (float32, bfloat16, float16, or int8 with a scale per vector)."""
         if n_blocks < 2 or block_size < 1:
             raise ValueError(f"n_blocks must be >= 2 and block_size >= 1, got {n_blocks} and {block_size}")
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"dtype: a KV pool is stored in one of {', '.join(map(str, KV_DTYPES))}, not {dtype}")
         shape = cls.shape(args, n_blocks, block_size)
         k = torch.empty(shape, dtype=dtype, device=device)
         v = torch.empty(shape, dtype=dtype, device=device)
+        scales = (torch.empty(shape[:-1], device=device), torch.empty(shape[:-1], device=device)) \
+            if dtype == torch.int8 else (None, None)
         positions = torch.empty((n_blocks, block_size), dtype=torch.long, device=device)
-        pool = cls(k, v, positions, args.sliding_window)
+        pool = cls(k, v, positions, args.sliding_window, *scales)
         pool.clear([0])
         return pool
 
@@ -314,8 +364,11 @@ class PagedKVCache:
 
     @classmethod
     def pool_nbytes(cls, args: ModelArgs, n_blocks: int, block_size: int, dtype: torch.dtype) -> int:
-        """What `create` would reserve, before reserving it: keys, values and positions."""
-        return 2 * math.prod(cls.shape(args, n_blocks, block_size)) * dtype.itemsize + n_blocks * block_size * 8
+        """What `create` would reserve, before reserving it: keys, values (and their fp32 scales, one per
+        stored vector, in int8), and positions."""
+        shape = cls.shape(args, n_blocks, block_size)
+        scales = 2 * math.prod(shape[:-1]) * 4 if dtype == torch.int8 else 0
+        return 2 * math.prod(shape) * dtype.itemsize + scales + n_blocks * block_size * 8
 
     @property
     def n_blocks(self) -> int:
@@ -325,21 +378,24 @@ class PagedKVCache:
     def block_size(self) -> int:
         return self.k.shape[3]
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
     def block_nbytes(self) -> int:
-        """Bytes of one block: keys, values and positions."""
-        return (self.k[:, 0].nbytes + self.v[:, 0].nbytes + self.positions[0].nbytes)
+        """Bytes of one block: keys, values, their scales (int8) and positions."""
+        return sum(t[:, 0].nbytes for t in self._tensors()) + self.positions[0].nbytes
 
     def nbytes(self) -> int:
         """Bytes the whole pool reserves (committed only as blocks come into use)."""
-        return self.k.nbytes + self.v.nbytes + self.positions.nbytes
+        return sum(t.nbytes for t in self._tensors()) + self.positions.nbytes
 
     def clear(self, blocks: list[int]) -> None:
         """Empty `blocks` (new to a sequence): zero keys and values, forget positions."""
         if not blocks:
             return
         index = torch.tensor(blocks, device=self.k.device)
-        self.k[:, index] = 0
-        self.v[:, index] = 0
+        for t in self._tensors():
+            t[:, index] = 0
         self.positions[index] = -1
 
     def batch(self, tables: list[list[int]], first_blocks: list[int]) -> PagedBatch:
@@ -349,6 +405,37 @@ class PagedKVCache:
         padded = [t + [0] * (width - len(t)) for t in tables]
         device = self.k.device
         return PagedBatch(self, torch.tensor(padded, device=device), torch.tensor(first_blocks, device=device))
+
+    def store(self, layer: int, block_index: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Write keys and values [B, T, kv_heads, head_dim] of layer `layer` at blocks and offsets [B, T]."""
+        for data, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            # data[layer][block, :, offset] for index tensors [B, T] selects [B, T, kv_heads, head_dim]
+            if scale is None:
+                data[layer][block_index, :, offsets] = x.to(data.dtype)
+            else:
+                q, s = quantize_vectors(x)
+                data[layer][block_index, :, offsets] = q
+                scale[layer][block_index, :, offsets] = s
+
+    def read(self, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer `layer` through block tables [B, W]: [B, kv_heads, W * S, head_dim]."""
+        out = []
+        for data, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = data[layer][tables]  # [B, W, kv_heads, S, head_dim]
+            x = x.to(dtype) if scale is None else x.to(dtype) * scale[layer][tables][..., None].to(dtype)
+            B, W, kv_heads, S, D = x.shape
+            out.append(x.transpose(1, 2).reshape(B, kv_heads, W * S, D))  # -> [B, kv_heads, W * S, D]
+        return out[0], out[1]
+
+
+def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and float32 scales [...] of vectors x [..., D], as the native decode attention stores
+    them: q = round(x * 127 / max|x|), scale = max|x| / 127."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(x * inv[..., None]).to(torch.int8), amax / 127.0
 
 
 @dataclass
@@ -365,7 +452,8 @@ class PagedBatch:
 class PagedStepMeta(StepMeta):
     """StepMeta over a paged pool. Every position has a slot of its own (nothing is ever overwritten),
     so each layer writes this step's keys first and then attends to its sequence's blocks, for a decode
-    step and a prompt chunk alike. There is no native kernel over block tables: attention runs in torch."""
+    step and a prompt chunk alike. A decode step carries a `DecodeView` of the pool for the native
+    decode attention, which reads the block tables directly; the torch path here gathers the blocks."""
 
     paged: PagedBatch | None = None
     block_index: torch.Tensor | None = None  # [B, T] pool block of each new position
@@ -374,16 +462,17 @@ class PagedStepMeta(StepMeta):
     def layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.paged is not None and self.block_index is not None and self.offsets is not None
         pool = self.paged.pool
-        ck, cv = pool.k[layer], pool.v[layer]  # [n_blocks, kv_heads, block_size, head_dim]
-        # ck[block, :, offset] for index tensors [B, T] selects [B, T, kv_heads, head_dim]
-        ck[self.block_index, :, self.offsets] = k.transpose(1, 2).to(ck.dtype)
-        cv[self.block_index, :, self.offsets] = v.transpose(1, 2).to(cv.dtype)
-        B, width = self.paged.tables.shape
-        kv_heads, size, dim = ck.shape[1], ck.shape[2], ck.shape[3]
-        # [B, width, kv_heads, size, dim] -> [B, kv_heads, width * size, dim]
-        keys = ck[self.paged.tables].transpose(1, 2).reshape(B, kv_heads, width * size, dim)
-        values = cv[self.paged.tables].transpose(1, 2).reshape(B, kv_heads, width * size, dim)
-        return keys.to(k.dtype), values.to(v.dtype)
+        pool.store(layer, self.block_index, self.offsets, k.transpose(1, 2), v.transpose(1, 2))
+        return pool.read(layer, self.paged.tables, k.dtype)
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Built on first use: the native decode path never needs it."""
+        if self.mask is None:
+            assert self.paged is not None
+            B = self.positions.shape[0]
+            key_positions = self.paged.pool.positions[self.paged.tables].view(B, -1)  # [B, width * size]
+            self.mask = _visible(key_positions, self.positions, self.window)
+        return self.mask
 
     def commit(self) -> None:
         """Positions were recorded when the step was planned (keys are written before attention)."""
@@ -401,6 +490,9 @@ def _paged_meta(positions: torch.Tensor, window: int | None, paged: PagedBatch) 
     block_index = paged.tables.gather(1, logical)
     offsets = positions % size
     pool.positions[block_index, offsets] = positions
-    key_positions = pool.positions[paged.tables].view(B, -1)  # [B, width * size]
-    mask = _visible(key_positions, positions, window)
-    return PagedStepMeta(positions, mask, False, paged=paged, block_index=block_index, offsets=offsets)
+    view = None
+    if T == 1:
+        view = DecodeView(pool.k, pool.v, pool.k_scale, pool.v_scale, paged.tables, pool.positions,
+                          (block_index * size + offsets).view(B), size, window or 0)
+    return PagedStepMeta(positions, None, False, decode=T == 1, window=window, view=view, paged=paged,
+                         block_index=block_index, offsets=offsets)

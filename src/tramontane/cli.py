@@ -96,6 +96,14 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def parse_kv_dtype(name: str) -> torch.dtype:
+    if name == "int8":
+        return torch.int8
+    if name not in DTYPES:
+        raise CliError(f"--kv-cache-dtype {name}: choose from {', '.join(DTYPES)}, int8")
+    return DTYPES[name]
+
+
 def source_dtype(path: Path) -> torch.dtype:
     """The dtype of a checkpoint's first weight (bf16 stays bf16 on convert); float32 for GGUF."""
     from safetensors import safe_open
@@ -514,7 +522,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
                                     dequantize=a.dequantize, compile=a.compile, kv_blocks=a.kv_blocks,
                                     prefix_cache=not a.no_prefix_cache,
-                                    kv_dtype=None if a.kv_cache_dtype is None else parse_dtype(a.kv_cache_dtype),
+                                    kv_dtype=None if a.kv_cache_dtype is None else parse_kv_dtype(a.kv_cache_dtype),
                                     lora=[folder for _, folder in a.lora])
     name = a.served_model_name or default_model_name(path)
     pool = engine.pool
@@ -675,8 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs)")
     sv.add_argument("--kv-blocks", type=int, default=None,
                     help="KV cache blocks of 16 positions (default: max-batch x max-seq-len / 4 positions)")
-    sv.add_argument("--kv-cache-dtype", default=None, help="KV cache dtype: float32, bfloat16, float16 "
-                    "(default: the compute dtype)")
+    sv.add_argument("--kv-cache-dtype", default=None, help="KV cache dtype: float32, bfloat16, float16, or int8 "
+                    "(a scale per stored vector; default: the compute dtype)")
     sv.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV blocks of shared prompt "
                     "prefixes")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

@@ -49,11 +49,11 @@ class Attention(nn.Module):
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None and (fast := decode_kernels(x, meta)) is not None:
             # one call: rotary, cache write and attention for this token of every sequence
-            cache, slots = meta.cache, meta.slots
-            assert cache is not None and slots is not None  # decode_kernels checked
-            out = fast.decode_attention(self.wqkv(x).view(B, -1), meta.rot, cache.k[layer], cache.v[layer],
-                                        slots.view(-1), cache.positions[:B], meta.positions.view(-1),
-                                        cache.window or 0, meta.kv_len, H, KV)
+            view = meta.view
+            assert view is not None  # decode_kernels checked
+            out = fast.decode_attention(self.wqkv(x).view(B, -1), meta.rot, *view.layer(layer), view.tables,
+                                        view.key_pos, view.write, meta.positions.view(-1), view.window,
+                                        view.scan, H, KV)
             return self.wo(out.view(B, 1, H * D))
         if self.wqkv is None:
             q = apply_rotary(self.wq(x).view(B, T, H, D), freqs_cis)
@@ -69,11 +69,11 @@ class Attention(nn.Module):
 
 
 def decode_kernels(x: torch.Tensor, meta: StepMeta) -> Any:
-    """The native kernels when this step can use them: an fp32 CPU decode step over cache rows 0..B-1
-    (the fused decode attention here, the whole native stack in `native_decode`); else None."""
-    if not meta.decode or meta.rows is not None or x.dtype != torch.float32 or x.device.type != "cpu":
+    """The native kernels when this step can use them: an fp32 CPU decode step over a float32 or int8
+    cache or pool (the fused decode attention here, the whole native stack in `native_decode`); else None."""
+    if not meta.decode or x.dtype != torch.float32 or x.device.type != "cpu" or meta.rot is None:
         return None
-    if meta.cache is None or meta.cache.k.dtype != torch.float32 or meta.slots is None or meta.rot is None:
+    if meta.view is None or meta.view.k.dtype not in (torch.float32, torch.int8) or meta.view.k.device.type != "cpu":
         return None
     return qlinear()
 

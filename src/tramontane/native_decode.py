@@ -2,9 +2,9 @@
 
 Decoding a token of a small model is hundreds of tiny operations; through Python each costs more
 than its arithmetic. `Transformer.forward` hands a decode step to the native stack when it is an
-fp32 CPU step over cache rows 0..B-1 (B up to the small-batch limit) of a dense model (projections
-fused as `load_model` leaves them, or side by side where a checkpoint keeps them in different
-formats). Everything else runs the Python blocks, which stay the reference: the tests check that
+fp32 CPU step (B up to the small-batch limit) over a KV cache or a paged pool in float32 or int8, of a
+dense model (projections fused as `load_model` leaves them, or side by side where a checkpoint keeps
+them in different formats). Everything else runs the Python blocks, which stay the reference: the tests check that
 both paths give the same logits.
 """
 

@@ -162,7 +162,18 @@ def sample_rows(
     return [sample_one(logits[i], p, g, pen) for i, (p, g, pen) in enumerate(zip(params, generators, penalties))]
 
 
+def top_token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int
+                       ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-probabilities under the model (before any sampling transform) of `tokens[i]` in row i of
+    logits [B, V], and each row's `k` most likely (token, logprob), best first: one log-softmax."""
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(-1, torch.tensor(list(tokens), device=logits.device)[:, None])[:, 0].tolist()
+    if k <= 0:
+        return picked, [[] for _ in tokens]
+    values, ids = logp.topk(k, dim=-1)  # [B, k], best first
+    return picked, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int]) -> list[float]:
     """Log-probability under the model (before any sampling transform) of `tokens[i]` in row i of [B, V]."""
-    picked = torch.tensor(list(tokens), device=logits.device)[:, None]
-    return torch.log_softmax(logits, -1).gather(-1, picked)[:, 0].tolist()
+    return top_token_logprobs(logits, tokens, 0)[0]

@@ -26,9 +26,10 @@ from ..generate import TokenLoop, check_language_model, check_prompt
 from ..loading.validate import available_memory
 from ..model import Transformer
 from ..multi_lora import AdapterRows
-from ..sampling import Penalties, sample_rows, token_logprobs
+from ..sampling import Penalties, sample_rows, top_token_logprobs
 from ..textgen import TextTracker
 from .blocks import BlockManager
+from .grammar import Matcher, Vocabulary
 from .metrics import Metrics
 from .request import EngineEvent, Request
 from .runner import Runner
@@ -51,6 +52,7 @@ class _Live:
     tracker: TextTracker
     generator: torch.Generator | None
     penalties: Penalties | None
+    matcher: Matcher | None = None  # the request's grammar, when its output is constrained
     last_time: float = 0.0
 
 
@@ -115,6 +117,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, chunk_size=chunk_size, window=window)
         self.adapters = adapters
         self.runner = Runner(model, self.pool, adapters)
+        self.vocabulary = Vocabulary(tokenizer, args.vocab_size)  # for constrained requests, built on first use
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
@@ -205,7 +208,12 @@ class Engine:
             taken = list(self._submitted)
             self._submitted.clear()
         for req in taken:
-            self._lives.append(live := self._new_live(req))
+            try:
+                live = self._new_live(req)
+            except ValueError as e:  # a grammar llguidance refuses (the server checks them first)
+                req.emit(EngineEvent(req.id, "", finish_reason="error", error=str(e)))
+                continue
+            self._lives.append(live)
             self.scheduler.add(live.seq)
 
     def _new_live(self, req: Request) -> _Live:
@@ -216,7 +224,8 @@ class Engine:
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
         tracker = TextTracker(self.tokenizer, req.stop_strings, req.continuation)
         loop = TokenLoop(req.max_tokens, stop_ids, penalties, stop_check=lambda token: tracker.stopped)
-        live = _Live(req, Sequence(list(req.prompt), adapter=req.adapter), loop, tracker, gen, penalties)
+        matcher = None if req.grammar is None else self.vocabulary.matcher(req.grammar)
+        live = _Live(req, Sequence(list(req.prompt), adapter=req.adapter), loop, tracker, gen, penalties, matcher)
         live.seq.owner = live
         return live
 
@@ -229,17 +238,28 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         lives: list[_Live] = [s.owner for s in seqs]
-        chosen = sample_rows(logits, [x.req.params for x in lives], [x.generator for x in lives],
+        masked = logits
+        if any(x.matcher is not None for x in lives):  # constrained rows: only what their grammar allows
+            masked = logits.clone()
+            for row, live in enumerate(lives):
+                if live.matcher is not None:
+                    live.matcher.mask(masked[row])
+        chosen = sample_rows(masked, [x.req.params for x in lives], [x.generator for x in lives],
                              [x.penalties for x in lives])
         lps: list[float | None] = [None] * len(lives)
+        tops: list[list[tuple[int, float]]] = [[] for _ in lives]
         if any(x.req.logprobs for x in lives):
-            lps = [lp if x.req.logprobs else None for lp, x in zip(token_logprobs(logits, chosen), lives)]
+            k = max(x.req.top_logprobs if x.req.logprobs else 0 for x in lives)
+            picked, best = top_token_logprobs(logits, chosen, k)
+            lps = [lp if x.req.logprobs else None for lp, x in zip(picked, lives)]
+            tops = [row[: x.req.top_logprobs] if x.req.logprobs else [] for row, x in zip(best, lives)]
         self.metrics.batch_size.set(len(lives))
         self.metrics.batch_sizes.observe(len(lives))
-        for live, token, lp in zip(lives, chosen, lps):
-            self._accept(live, token, lp)
+        for live, token, lp, top in zip(lives, chosen, lps, tops):
+            self._accept(live, token, lp, tuple(top))
 
-    def _accept(self, live: _Live, token: int, logprob: float | None) -> None:
+    def _accept(self, live: _Live, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] = ()
+                ) -> None:
         """Record a sampled token, emit its text, and end the request when its loop says so."""
         now = time.monotonic()
         if live.loop.produced == 0:
@@ -252,8 +272,11 @@ class Engine:
         if not live.loop.accept(token):
             self._finish(live, "stop")
             return
+        if live.matcher is not None and not live.matcher.consume(token):
+            self._finish(live, "error", f"the grammar refused token {token}: {live.matcher.error}")
+            return
         text, _ = live.tracker.feed(token)
-        live.req.emit(EngineEvent(live.req.id, text, token, logprob))
+        live.req.emit(EngineEvent(live.req.id, text, token, logprob, top))
         if (reason := live.loop.finish_reason(token)) is None:
             live.seq.tokens.append(token)
         else:

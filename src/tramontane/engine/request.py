@@ -22,6 +22,7 @@ class EngineEvent:
     text: str
     token: int | None = None
     logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their logprobs, best first
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0
@@ -40,6 +41,8 @@ class Request:
     stop_ids: frozenset[int] | None = None  # None: the tokenizer's stop ids
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each step
+    grammar: str | None = None  # llguidance grammar the output must follow (engine.grammar builds them)
     timeout: float | None = None  # seconds from submission
     continuation: bool = False  # the output continues the prompt's text (a completion): keep a leading space
     adapter: int = 0  # the served LoRA adapter (multi_lora.AdapterRows index; 0: the base model)

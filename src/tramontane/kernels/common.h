@@ -161,8 +161,9 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins,
                           int64_t group);
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
-                               torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
-                               int64_t kv_len, int64_t n_heads, int64_t n_kv_heads);
+                               c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
+                               torch::Tensor tables, torch::Tensor key_pos, torch::Tensor write, torch::Tensor q_pos,
+                               int64_t window, int64_t scan, int64_t n_heads, int64_t n_kv_heads);
 void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
                      const uint16_t* wmin, int64_t group, float* y, int64_t N);
 void int8_linear_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N);

@@ -89,20 +89,28 @@ class DecodeStack {
   }
 
   // h [B, dim] (one new token per sequence) through every block; the cache tensors are
-  // [layers, rows, kv_heads, capacity, head_dim], the other arguments as for decode_attention.
+  // [layers, blocks, kv_heads, S, head_dim] (scales [layers, blocks, kv_heads, S] for int8), the other
+  // arguments as for decode_attention.
   torch::Tensor forward(torch::Tensor h, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
-                        torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
-                        int64_t kv_len) const {
+                        c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
+                        torch::Tensor tables, torch::Tensor key_pos, torch::Tensor write, torch::Tensor q_pos,
+                        int64_t window, int64_t scan) const {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.device().is_cpu(), "h must be float32 [B, dim]");
     TORCH_CHECK(kcache.size(0) == int64_t(blocks_.size()), "cache has ", kcache.size(0), " layers, the stack ",
                 blocks_.size());
+    TORCH_CHECK(kscale.has_value() == vscale.has_value(), "give both scales or neither");
     h = h.contiguous().clone();
     const int64_t B = h.size(0);
     for (size_t l = 0; l < blocks_.size(); ++l) {
       const Block& blk = blocks_[l];
       auto qkv = blk.wqkv(rms_norm(h, blk.attention_norm, eps_));
-      auto attn = decode_attention(qkv, rot, kcache[l], vcache[l], slots, key_pos, q_pos, window, kv_len, heads_,
-                                   kv_heads_);
+      c10::optional<torch::Tensor> ksl, vsl;
+      if (kscale.has_value()) {
+        ksl = (*kscale)[l];
+        vsl = (*vscale)[l];
+      }
+      auto attn = decode_attention(qkv, rot, kcache[l], vcache[l], ksl, vsl, tables, key_pos, write, q_pos, window,
+                                   scan, heads_, kv_heads_);
       add_into(h, blk.wo(attn.view({B, -1})));
       add_into(h, blk.w2(swiglu(blk.w13(rms_norm(h, blk.ffn_norm, eps_)))));
     }

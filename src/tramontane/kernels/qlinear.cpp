@@ -214,57 +214,140 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
 
 // ---------------------------------------------------------------------------------------- decode attention
 // One decode step of attention for B sequences, one new token each, in a single call: rotary embedding
-// of q and k (Mistral's interleaved pairs), the write of k and v into the cache, and attention over the
-// first kv_len cache slots with the position mask (0 <= p <= q_pos, p > q_pos - window). Replaces a
-// dozen small tensor operations per layer, whose dispatch cost dominates decoding a small model.
+// of q and k (Mistral's interleaved pairs), the write of k and v into the cache, and attention with the
+// position mask (0 <= p <= q_pos, p > q_pos - window). Replaces a dozen small tensor operations per
+// layer, whose dispatch cost dominates decoding a small model.
+//
+// The cache is a pool of blocks [n_blocks, KV, S, D] with the position of every slot [n_blocks, S]
+// (-1: empty). Row b reads the blocks of its table tables[b] ([B, W]), the first `scan` slots of each,
+// and writes its new key and value at flat slot write[b] (block * S + offset). A contiguous cache is
+// the case of one block per row (S = capacity, tables[b] = {row}), a paged pool the general one.
+// Keys and values are float32, or int8 with one float32 scale per stored vector ([n_blocks, KV, S]).
+namespace {
+
+struct KvStore {
+  float* f = nullptr;       // float32 storage, or
+  int8_t* q = nullptr;      // int8 storage with
+  float* scale = nullptr;   // one scale per vector
+  int64_t D = 0;
+
+  // store x (D values) at vector index `at`
+  void put(int64_t at, const float* x) const {
+    if (f != nullptr) {
+      std::memcpy(f + at * D, x, D * sizeof(float));
+      return;
+    }
+    float amax = 0.f;
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* dst = q + at * D;
+    for (int64_t i = 0; i < D; ++i) dst[i] = int8_t(std::nearbyint(x[i] * inv));
+    scale[at] = s;
+  }
+
+  float dot(int64_t at, const float* x) const {
+    float acc = 0.f;
+    if (f != nullptr) {
+      const float* k = f + at * D;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < D; ++i) acc += x[i] * k[i];
+      return acc;
+    }
+    const int8_t* k = q + at * D;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < D; ++i) acc += x[i] * float(k[i]);
+    return acc * scale[at];
+  }
+
+  // o += w * vector
+  void axpy(int64_t at, float w, float* o) const {
+    if (f != nullptr) {
+      const float* v = f + at * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) o[i] += w * v[i];
+      return;
+    }
+    const int8_t* v = q + at * D;
+    const float ws = w * scale[at];
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) o[i] += ws * float(v[i]);
+  }
+};
+
+KvStore kv_store(const torch::Tensor& cache, const c10::optional<torch::Tensor>& scale, const char* name) {
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, name, " cache must be contiguous [blocks, KV, S, D]");
+  KvStore st;
+  st.D = cache.size(3);
+  if (cache.scalar_type() == torch::kFloat32) {
+    TORCH_CHECK(!scale.has_value(), name, " scales are only for an int8 cache");
+    st.f = cache.data_ptr<float>();
+    return st;
+  }
+  TORCH_CHECK(cache.scalar_type() == torch::kInt8 && scale.has_value(), name,
+              " cache must be float32, or int8 with scales");
+  TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
+                  scale->numel() == cache.numel() / st.D, name, " scales must be contiguous float32 [blocks, KV, S]");
+  st.q = cache.data_ptr<int8_t>();
+  st.scale = scale->data_ptr<float>();
+  return st;
+}
+
+}  // namespace
+
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
-                               torch::Tensor slots, torch::Tensor key_pos, torch::Tensor q_pos, int64_t window,
-                               int64_t kv_len, int64_t n_heads, int64_t n_kv_heads) {
+                               c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
+                               torch::Tensor tables, torch::Tensor key_pos, torch::Tensor write, torch::Tensor q_pos,
+                               int64_t window, int64_t scan, int64_t n_heads, int64_t n_kv_heads) {
   const int64_t B = qkv.size(0), KV = n_kv_heads, H = n_heads, rep = H / KV;
-  const int64_t S = kcache.size(2), D = kcache.size(3);
+  const int64_t NB = kcache.size(0), S = kcache.size(2), D = kcache.size(3);
   TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() && qkv.size(1) == (H + 2 * KV) * D,
               "qkv must be contiguous float32 [B, (H + 2 KV) D]");
-  TORCH_CHECK(kcache.scalar_type() == torch::kFloat32 && kcache.is_contiguous() && vcache.is_contiguous() &&
-                  kcache.size(1) == KV && kcache.size(0) >= B, "caches must be contiguous float32 [rows, KV, S, D]");
+  TORCH_CHECK(kcache.size(1) == KV && vcache.sizes() == kcache.sizes(), "caches must be [blocks, KV, S, D] alike");
+  const KvStore ks = kv_store(kcache, kscale, "key"), vs = kv_store(vcache, vscale, "value");
   TORCH_CHECK(rot.scalar_type() == torch::kFloat32 && rot.is_contiguous() && rot.numel() == B * D,
               "rot must be contiguous float32 [B, D/2, 2] (cos, sin)");
-  TORCH_CHECK(key_pos.scalar_type() == torch::kInt64 && key_pos.size(1) == S && key_pos.stride(1) == 1,
-              "key_pos must be int64 [B, S] with unit stride");
-  TORCH_CHECK(kv_len >= 1 && kv_len <= S, "kv_len out of range");
-  slots = slots.contiguous();
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.dim() == 2 && tables.size(0) == B,
+              "tables must be int64 [B, W]");
+  TORCH_CHECK(key_pos.scalar_type() == torch::kInt64 && key_pos.is_contiguous() && key_pos.numel() == NB * S,
+              "key_pos must be contiguous int64 [blocks, S]");
+  TORCH_CHECK(write.numel() == B && q_pos.numel() == B, "write and q_pos must hold one entry per row");
+  TORCH_CHECK(scan >= 1 && scan <= S, "scan out of range");
+  tables = tables.contiguous();
+  write = write.contiguous();
   q_pos = q_pos.contiguous();
+  const int64_t W = tables.size(1);
   auto out = torch::empty({B, H * D}, qkv.options());
   const float* qp = qkv.data_ptr<float>();
   const float* rp = rot.data_ptr<float>();
-  float* kc = kcache.data_ptr<float>();
-  float* vc = vcache.data_ptr<float>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* wp = write.data_ptr<int64_t>();
   const int64_t* kp = key_pos.data_ptr<int64_t>();
-  const int64_t kp_stride = key_pos.stride(0);
   const int64_t* qpos = q_pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(wp[b] >= 0 && wp[b] < NB * S, "write slot out of range");
+    for (int64_t j = 0; j < W; ++j) TORCH_CHECK(tp[b * W + j] >= 0 && tp[b * W + j] < NB, "block out of range");
+  }
   float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kv_len), q(D);
+    std::vector<float> scores(W * scan), q(D), k(D);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / KV, g = bk % KV;
       const float* row = qp + b * (H + 2 * KV) * D;
       const float* r = rp + b * D;  // (cos, sin) pairs
-      // rotate k of this kv head and write it with v into the cache slot
-      float* kdst = kc + ((b * KV + g) * S + sp[b]) * D;
-      float* vdst = vc + ((b * KV + g) * S + sp[b]) * D;
+      // rotate k of this kv head and write it with v into its slot: vector (block, g, offset)
+      const int64_t blk = wp[b] / S, off = wp[b] % S;
+      const int64_t at = (blk * KV + g) * S + off;
       const float* ksrc = row + (H + g) * D;
-      const float* vsrc = row + (H + KV + g) * D;
       for (int64_t i = 0; i < D / 2; ++i) {
         const float c = r[2 * i], s = r[2 * i + 1], x0 = ksrc[2 * i], x1 = ksrc[2 * i + 1];
-        kdst[2 * i] = x0 * c - x1 * s;
-        kdst[2 * i + 1] = x0 * s + x1 * c;
+        k[2 * i] = x0 * c - x1 * s;
+        k[2 * i + 1] = x0 * s + x1 * c;
       }
-      std::memcpy(vdst, vsrc, D * sizeof(float));
-      const int64_t* pos = kp + b * kp_stride;
+      ks.put(at, k.data());
+      vs.put(at, row + (H + KV + g) * D);
       const int64_t qn = qpos[b];
-      const float* kbase = kc + (b * KV + g) * S * D;
-      const float* vbase = vc + (b * KV + g) * S * D;
+      const int64_t* table = tp + b * W;
       for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
         const float* qsrc = row + h * D;
         for (int64_t i = 0; i < D / 2; ++i) {
@@ -273,32 +356,33 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
           q[2 * i + 1] = (x0 * s + x1 * c) * scale;
         }
         float mx = -INFINITY;
-        for (int64_t t = 0; t < kv_len; ++t) {
-          const int64_t p = pos[t];
-          if (p < 0 || p > qn || (window > 0 && p <= qn - window)) {
-            scores[t] = -INFINITY;
-            continue;
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t* pos = kp + table[j] * S;
+          const int64_t base = (table[j] * KV + g) * S;
+          for (int64_t t = 0; t < scan; ++t) {
+            const int64_t p = pos[t];
+            float& sc = scores[j * scan + t];
+            if (p < 0 || p > qn || (window > 0 && p <= qn - window)) {
+              sc = -INFINITY;
+              continue;
+            }
+            sc = ks.dot(base + t, q.data());
+            mx = std::max(mx, sc);
           }
-          const float* kt = kbase + t * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < D; ++i) dot += q[i] * kt[i];
-          scores[t] = dot;
-          mx = std::max(mx, dot);
         }
         float denom = 0.f;
-        for (int64_t t = 0; t < kv_len; ++t) {
-          scores[t] = scores[t] == -INFINITY ? 0.f : std::exp(scores[t] - mx);
-          denom += scores[t];
+        for (float& sc : scores) {
+          sc = sc == -INFINITY ? 0.f : std::exp(sc - mx);
+          denom += sc;
         }
         float* o = op + b * H * D + h * D;
         for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-        for (int64_t t = 0; t < kv_len; ++t) {
-          if (scores[t] == 0.f) continue;
-          const float w = scores[t] / denom;
-          const float* vt = vbase + t * D;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) o[i] += w * vt[i];
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t base = (table[j] * KV + g) * S;
+          for (int64_t t = 0; t < scan; ++t) {
+            const float sc = scores[j * scan + t];
+            if (sc != 0.f) vs.axpy(base + t, sc / denom, o);
+          }
         }
       }
     }
@@ -386,7 +470,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &f32_linear, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
   m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]");
-  m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step");
+  m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step",
+        py::arg("qkv"), py::arg("rot"), py::arg("kcache"), py::arg("vcache"), py::arg("kscale"), py::arg("vscale"),
+        py::arg("tables"), py::arg("key_pos"), py::arg("write"), py::arg("q_pos"), py::arg("window"), py::arg("scan"),
+        py::arg("n_heads"), py::arg("n_kv_heads"));
   m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
   m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
   m.def("block_linear", &block_linear, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");

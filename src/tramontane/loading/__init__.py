@@ -17,11 +17,11 @@ from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
 from ..lora import LoraWeights, attach_lora
 from ..model import Transformer
-from ..quantize import QuantConfig, quantized_state_dict
-from . import hf, native
 from ..parallel.config import ParallelConfig
 from ..parallel.shard import ShardPlan
 from ..parallel.topology import Topology, init_topology
+from ..quantize import QuantConfig, quantized_state_dict
+from . import hf, native
 from .adapter_files import merged_tensors, read_adapter
 from .common import NamedTensors, build_model
 from .validate import check_memory

@@ -25,6 +25,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.types import Receive, Scope, Send
 
 from ..engine import Engine, QueueFullError
+from ..engine.grammar import response_format_grammar, tool_call_grammar
 from ..errors import TokenizerError
 from ..tokenizer import Tokenizer
 from . import protocol as p
@@ -187,8 +188,9 @@ class OpenAIServer:
             raise bad_request("best_of: only best_of == n is supported", "best_of")
         self._check_fits(_prompt_count(body.prompt), body.n, "prompt")
         prompts, echoes = await asyncio.to_thread(self._completion_prompts, body)
+        grammar = await self._format_grammar(body.response_format)
         job = self._job(body, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs is not None,
-                        continuation=True)
+                        body.logprobs or 0, grammar, continuation=True)
         sub = self._submit(prompts, job, "prompt")
         cid, created = p.new_id("cmpl"), p.now()
         if body.stream:
@@ -200,10 +202,11 @@ class OpenAIServer:
             prompt = prompts[index // body.n]
             logprobs = None
             if body.logprobs is not None:
-                tokens, lps = choice.tokens, choice.logprobs
+                tokens, lps, tops = choice.tokens, choice.logprobs, list[p.Alternatives | None](choice.tops)
                 if body.echo:  # prompt tokens have no logprob: only generated ones are computed
                     tokens, lps = prompt + tokens, [*([None] * len(prompt)), *lps]
-                logprobs = p.completion_logprobs(p.TokenPieces(self.tokenizer), tokens, lps)
+                    tops = [*([None] * len(prompt)), *tops]
+                logprobs = p.completion_logprobs(p.TokenPieces(self.tokenizer), tokens, lps, tops)
             prefix = echoes[index // body.n] if body.echo else ""
             out.append(p.completion_choice(index, prefix + choice.text, choice.finish_reason, logprobs))
         used = p.usage(sum(map(len, prompts)), choices, body.n)
@@ -252,7 +255,8 @@ class OpenAIServer:
         if body.echo:
             for index in range(len(sub.requests)):
                 prompt = prompts[index // n]
-                lp = p.completion_logprobs(pieces[index], prompt, [None] * len(prompt)) if want_lp else None
+                lp = p.completion_logprobs(pieces[index], prompt, [None] * len(prompt), [None] * len(prompt)) \
+                    if want_lp else None
                 if lp:
                     offsets[index] = sum(map(len, lp["tokens"]))
                 yield chunk(index, echoes[index // n], None, lp)
@@ -266,7 +270,8 @@ class OpenAIServer:
                 return
             lp = None
             if want_lp and event.token is not None:
-                lp = p.completion_logprobs(pieces[index], [event.token], [event.logprob], offsets[index])
+                lp = p.completion_logprobs(pieces[index], [event.token], [event.logprob], [event.top_logprobs],
+                                           offsets[index])
                 offsets[index] += len(lp["tokens"][0])
             if event.text or lp or event.finish_reason:
                 yield chunk(index, event.text, event.finish_reason, lp)
@@ -279,14 +284,15 @@ class OpenAIServer:
     async def chat_completions(self, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
         self._check_body(body, ("messages", "tools"), "messages")
         self._check_fits(1, body.n, "messages")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
         tools = self._tools(body)
+        grammar = await self._chat_grammar(body, tools)
         prompt = await self._encode_chat(body.messages, tools)
         if len(prompt) >= self.engine.max_seq_len:
             raise bad_request(f"messages: the conversation is {len(prompt)} tokens; the context holds "
                               f"{self.engine.max_seq_len}", "messages", "context_length_exceeded")
-        job = self._job(body, body.max_completion_tokens or body.max_tokens, body.logprobs)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
+        job = self._job(body, self._chat_budget(body), body.logprobs, body.top_logprobs or 0, grammar)
         sub = self._submit([prompt], job, "messages")
         cid, created = p.new_id("chatcmpl"), p.now()
         if body.stream:
@@ -296,7 +302,7 @@ class OpenAIServer:
         out = []
         for index, choice in enumerate(choices):
             message, reason = p.assistant_message(self.tokenizer, choice, tools is not None)
-            logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs)
+            logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs, choice.tops)
                         if body.logprobs else None)
             out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         used = p.usage(len(prompt), choices, body.n)
@@ -329,7 +335,7 @@ class OpenAIServer:
                 held[index] = []
             logprobs = None
             if body.logprobs and event.token is not None:
-                logprobs = p.chat_logprobs(pieces[index], [event.token], [event.logprob])
+                logprobs = p.chat_logprobs(pieces[index], [event.token], [event.logprob], [event.top_logprobs])
             pending = held[index]
             if pending is not None:
                 pending.append(event.text)
@@ -350,8 +356,54 @@ class OpenAIServer:
             yield p.sse(p.usage_chunk(cid, created, self._answering(body), "chat.completion.chunk", used))
         yield p.DONE
 
+    @staticmethod
+    def _chat_budget(body: ChatCompletionRequest) -> int | None:
+        """`max_completion_tokens`, OpenAI's newer name for `max_tokens`: either, or both when they agree."""
+        new, old = body.max_completion_tokens, body.max_tokens
+        if new is not None and old is not None and new != old:
+            raise bad_request(f"max_completion_tokens: {new} disagrees with max_tokens: {old}; give one of them",
+                              "max_completion_tokens")
+        return new if new is not None else old
+
+    async def _chat_grammar(self, body: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> str | None:
+        """The grammar of a chat answer: a forced tool call (tool_choice 'required' or a named function),
+        or `response_format`; both at once are refused."""
+        choice = body.tool_choice
+        forced = tools is not None and (choice == "required" or isinstance(choice, dict))
+        if not forced:
+            return await self._format_grammar(body.response_format)
+        if body.response_format is not None and body.response_format.get("type", "text") != "text":
+            raise bad_request("tool_choice: a forced tool call cannot be combined with a response_format",
+                              "tool_choice")
+        assert tools is not None
+        name = _tool_name(choice, "tool_choice") if isinstance(choice, dict) else None
+        return await self._grammar(lambda: tool_call_grammar(self.tokenizer, tools, name), "tool_choice")
+
+    async def _format_grammar(self, fmt: dict[str, Any] | None) -> str | None:
+        """The grammar of a `response_format`; what its schema cannot enforce names the schema."""
+        field = "response_format.json_schema.schema" if fmt is not None and fmt.get("type") == "json_schema" \
+            else "response_format"
+        return await self._grammar(lambda: response_format_grammar(fmt), "response_format", field)
+
+    async def _grammar(self, build: Callable[[], str | None], param: str, check_field: str | None = None
+                       ) -> str | None:
+        """Build a grammar and check that the engine can enforce it (off the event loop: the first check
+        builds llguidance's view of the vocabulary); a 400 naming the field it came from if not."""
+        def checked() -> str | None:
+            grammar = build()
+            if grammar is not None:
+                self.engine.vocabulary.check(grammar, check_field or param)
+            return grammar
+
+        try:
+            return await asyncio.to_thread(checked)
+        except ValueError as e:
+            message = str(e)
+            raise bad_request(message, message.split(":", 1)[0] if message.startswith(param) else param) from e
+
     def _tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
-        """The tools to show the model: none with tool_choice 'none'. A forced choice is not enforced."""
+        """The tools to show the model: none with tool_choice 'none'. A forced choice is enforced by a grammar
+        (`_chat_grammar`)."""
         tools, choice = _tool_specs(body.tools), body.tool_choice
         if choice is not None and choice != "none" and tools is None:
             raise bad_request("tool_choice: needs tools", "tool_choice")
@@ -403,14 +455,15 @@ class OpenAIServer:
         if any(not 0 <= i < vocab for i in ids):
             raise bad_request(f"{param}: token ids must lie in [0, {vocab})", param)
 
-    def _job(self, body: GenerationFields, max_tokens: int | None, logprobs: bool, continuation: bool = False) -> Job:
+    def _job(self, body: GenerationFields, max_tokens: int | None, logprobs: bool, top_logprobs: int = 0,
+             grammar: str | None = None, continuation: bool = False) -> Job:
         try:
             params = body.sampling_params()
         except ValueError as e:
             raise bad_request(str(e), field_of(str(e), SAMPLING_FIELDS)) from e
         return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=body.seed,
-                   logprobs=logprobs, timeout=self.request_timeout, continuation=continuation,
-                   adapter=self.adapters.get(body.model or "", 0))
+                   logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar, timeout=self.request_timeout,
+                   continuation=continuation, adapter=self.adapters.get(body.model or "", 0))
 
     def _submit(self, prompts: list[list[int]], job: Job, prompt_param: str) -> Submission:
         if self.shutting_down:

@@ -24,6 +24,8 @@ class Job:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: str | None = None  # structured output: the llguidance grammar every choice follows
     timeout: float | None = None
     continuation: bool = False  # completions continue the prompt's text; chat answers start afresh
     adapter: int = 0  # the engine's LoRA adapter (0: the base model)
@@ -83,6 +85,8 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
                 stop_strings=job.stop_strings,
                 seed=None if job.seed is None else job.seed + j,
                 logprobs=job.logprobs,
+                top_logprobs=job.top_logprobs,
+                grammar=job.grammar,
                 timeout=job.timeout,
                 continuation=job.continuation,
                 adapter=job.adapter,

@@ -18,15 +18,18 @@ from .errors import APIError
 
 DONE = "data: [DONE]\n\n"
 TOOL_CALLS_PIECE = "[TOOL_CALLS]"  # the control token that opens a tool call in Mistral's vocabularies
+Alternatives = tuple[tuple[int, float], ...]  # (token, logprob) of the most likely tokens at one step, best first
 
 
 @dataclass
 class Choice:
-    """One choice's output so far: text pieces, generated token ids and their logprobs."""
+    """One choice's output so far: text pieces, generated token ids, their logprobs and the most likely
+    alternatives at each step (`tops`, when top logprobs were asked for)."""
 
     pieces: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
+    tops: list[Alternatives] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0
@@ -37,6 +40,7 @@ class Choice:
         if event.token is not None:
             self.tokens.append(event.token)
             self.logprobs.append(event.logprob)
+            self.tops.append(event.top_logprobs)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
@@ -100,6 +104,10 @@ class TokenPieces:
         self.tokenizer = tokenizer
         self.first = True
 
+    def peek(self, token: int) -> bytes:
+        """The bytes `token` would add here, without moving on (for the alternatives of a step)."""
+        return self.tokenizer.token_bytes(token, first=self.first)
+
     def next(self, token: int) -> bytes:
         raw = self.tokenizer.token_bytes(token, first=self.first)
         if not self.tokenizer.is_special(token):
@@ -112,24 +120,36 @@ def is_tool_call_start(tokenizer: Tokenizer, token: int | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- logprobs
-def completion_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float | None], offset: int = 0
-                        ) -> dict[str, Any]:
-    """Legacy completions logprobs: chosen tokens only (`top_logprobs` is null), `text_offset` from `offset`."""
-    texts = [pieces.next(t).decode("utf-8", errors="replace") for t in tokens]
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def completion_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float | None],
+                        tops: list[Alternatives | None], offset: int = 0) -> dict[str, Any]:
+    """Legacy completions logprobs, `text_offset` from `offset`: `top_logprobs` holds one {text: logprob}
+    per token (null for echoed prompt tokens, whose `tops` entry is None)."""
+    texts, alternatives = [], []
+    for token, top in zip(tokens, tops):
+        alternatives.append(None if top is None else {_text(pieces.peek(t)): lp for t, lp in top})
+        texts.append(_text(pieces.next(token)))
     offsets = []
     for text in texts:
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": alternatives, "text_offset": offsets}
 
 
-def chat_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float | None]) -> dict[str, Any]:
-    """Chat logprobs: one entry per chosen token; alternatives (`top_logprobs`) are not computed."""
+def chat_logprobs(pieces: TokenPieces, tokens: list[int], logprobs: list[float | None], tops: list[Alternatives]
+                  ) -> dict[str, Any]:
+    """Chat logprobs: one entry per chosen token, with `top_logprobs` alternatives as OpenAI shapes them."""
     content = []
-    for token, logprob in zip(tokens, logprobs):
+    for token, logprob, top in zip(tokens, logprobs, tops):
+        alternatives = []
+        for t, lp in top:
+            raw = pieces.peek(t)
+            alternatives.append({"token": _text(raw), "logprob": lp, "bytes": list(raw)})
         raw = pieces.next(token)
-        content.append({"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw),
-                        "top_logprobs": []})
+        content.append({"token": _text(raw), "logprob": logprob, "bytes": list(raw), "top_logprobs": alternatives})
     return {"content": content}
 
 

@@ -94,6 +94,7 @@ class CompletionRequest(GenerationFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(GenerationFields):
