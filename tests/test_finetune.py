@@ -69,6 +69,7 @@ def _hf_loss(hf, examples: list[Example]) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["mistral-nowindow", "mistral-window", "llama-tied"])
 def test_one_step_matches_peft(tiny_hf, name: str) -> None:
     hf_ref, folder = tiny_hf(name)
+    torch.manual_seed(0)  # lora_A's init
     config = LoraConfig(rank=4, alpha=8)
     model = apply_lora(load_model(folder), config)
     _randomize(model)
@@ -95,8 +96,10 @@ def test_one_step_matches_peft(tiny_hf, name: str) -> None:
     for n, p in ours.items():
         hf_name, proj = _hf_name(n)
         assert p.grad is not None and p.grad.abs().sum() > 0, n
-        torch.testing.assert_close(_to_hf(p.grad, proj, n.split(".")[4], model), hf_params[hf_name].grad,
-                                   rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()), msg=n)
+        ref = hf_params[hf_name].grad
+        assert ref is not None
+        error = float((_to_hf(p.grad, proj, n.split(".")[4], model) - ref).norm() / ref.norm())
+        assert error < 1e-4, (n, error)  # relative to the gradient's size (elements near 0 have none)
 
     # the optimizer step: AdamW at lr 1e-3 on both, then the loss on the same batch again
     model.zero_grad()

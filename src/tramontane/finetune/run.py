@@ -56,13 +56,13 @@ def finetune(
     quantize: str | None = None,
     config: TrainConfig = DEFAULT_CONFIG,
     resume: str | Path | None = None,
-    adapter_format: str = "mistral",
+    adapter_format: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> Trainer:
     """Train on `data` (JSONL, see finetune.data) and write to `out`: the adapter (format
-    `adapter_format`) or, for full training (`lora` None), the whole model as a native folder.
+    `adapter_format`, else save_adapter's default) or, for full training (`lora` None), the whole model as a native folder.
     Checkpoints go to `out/checkpoint-N` every `config.save_every` steps; `resume` is one of them (or
     a run's `out` folder: its latest). Returns the trainer (its `history` holds the losses).
     """
@@ -76,8 +76,10 @@ def finetune(
     if resume is not None:
         trainer.resume(Path(resume))
     trainer.train(progress=progress, checkpoints=out)
-    if lora is not None:
+    if lora is not None and adapter_format is not None:
         save_adapter(model, out, lora, fmt=adapter_format)
+    elif lora is not None:
+        save_adapter(model, out, lora)
     else:
         save_model(model, out, "native")
     return trainer
