@@ -194,3 +194,36 @@ def test_qlora_trains_on_a_quantized_base(tiny_hf) -> None:
     wq = model.layers[0].attention.wq
     assert isinstance(wq, LoraLinear) and isinstance(wq.base, Int4Linear)
     assert wq.lora_A.weight.grad is None and trainer.evaluate() < before
+
+
+def test_full_training_updates_every_weight_and_saves_native(tiny_hf, tmp_path) -> None:
+    from tramontane import save_model
+    from tramontane.finetune import prepare_model
+
+    _, folder = tiny_hf("llama-tied")
+    model = prepare_model(folder, lora=None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, _examples(6), TrainConfig(lr=1e-3, steps=3, batch_tokens=200), _examples(2))
+    start = trainer.evaluate()
+    trainer.train()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert trainer.evaluate() < start
+    save_model(model, tmp_path / "full", "native")
+    tokens = torch.tensor([_examples(1)[0].tokens])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "full")(tokens), model(tokens))
+    with pytest.raises(ValueError, match="quantize: full training"):
+        prepare_model(folder, lora=None, quantize="int8")
+
+
+def test_bf16_autocast_step_is_close_to_fp32(tiny_hf) -> None:
+    _, folder = tiny_hf("mistral-nowindow")
+    losses = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = apply_lora(load_model(folder), LoraConfig(rank=4, alpha=8))
+        _randomize(model)
+        trainer = Trainer(model, _examples(4), TrainConfig(batch_tokens=1000, bf16=bf16))
+        batch = make_batch(_examples(4))
+        losses.append(float(trainer.loss_sum(batch) / batch.n_targets))
+    assert losses[1] == pytest.approx(losses[0], rel=3e-2)
