@@ -8,7 +8,7 @@ Each run is a fresh subprocess, so peak RSS is its own. Prints PASS/MISS lines f
   - the loss curves of the first --curve-steps steps agree with PEFT's (max |diff| <= 0.02)
 TRL's SFTTrainer is run too when `trl` imports (it wraps the same PEFT model and loop).
 
-Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--bf16]
+Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--bf16]
   --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
 """
 
@@ -139,6 +139,12 @@ def smollm2_folders() -> tuple[Path, Path, Path]:
     return gguf, hf_folder, data
 
 
+def emit(lines: list[str], text: str) -> None:
+    """Print a verdict as soon as it is known (a long run loses nothing) and keep it for the results file."""
+    print(text, flush=True)
+    lines.append(text)
+
+
 def verdict(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'MISS'} {text}"
 
@@ -147,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both systems")
     ap.add_argument("--seq", type=int)
     ap.add_argument("--steps", type=int, help="timed steps per run (the first is not timed)")
@@ -156,23 +163,25 @@ def main() -> None:
     seq = a.seq or (128 if a.quick else 512)
     steps = a.steps or (3 if a.quick else 6)
     curve = a.curve_steps or (6 if a.quick else 50)
-    lines, results = [], {}
+    lines: list[str] = []
+    results: dict[str, dict] = {}
 
-    gguf, hf_folder, data = smollm2_folders()
-    for system in ("tramontane", "peft"):
-        results[f"smollm2 {system}"] = run(system, gguf, hf_folder, seq, steps, a.grad_accum, bf16=a.bf16)
-    ours, peft = results["smollm2 tramontane"], results["smollm2 peft"]
-    ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
-    lines.append(verdict(ratio >= 1.5, f"SmolLM2 tokens/s {ours['tokens_per_s']:.0f} vs PEFT {peft['tokens_per_s']:.0f} "
-                                       f"({ratio:.2f}x, target 1.5x)"))
-    lines.append(verdict(ours["peak_rss"] <= peft["peak_rss"], f"SmolLM2 peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
-                                                               f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
-    for system in ("tramontane", "peft"):
-        results[f"curve {system}"] = run(system, gguf, hf_folder, seq, curve, 1, data=str(data), bf16=a.bf16)
-    a_curve, b_curve = results["curve tramontane"]["losses"], results["curve peft"]["losses"]
-    diff = max(abs(x - y) for x, y in zip(a_curve, b_curve, strict=True))
-    lines.append(verdict(diff <= 0.02, f"loss curve over {curve} steps: max |diff| {diff:.4f} vs PEFT "
-                                       f"(first {a_curve[0]:.3f}/{b_curve[0]:.3f}, last {a_curve[-1]:.3f}/{b_curve[-1]:.3f})"))
+    if not a.skip_smollm2:
+        gguf, hf_folder, data = smollm2_folders()
+        for system in ("tramontane", "peft"):
+            results[f"smollm2 {system}"] = run(system, gguf, hf_folder, seq, steps, a.grad_accum, bf16=a.bf16)
+        ours, peft = results["smollm2 tramontane"], results["smollm2 peft"]
+        ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
+        emit(lines, verdict(ratio >= 1.5, f"SmolLM2 tokens/s {ours['tokens_per_s']:.0f} vs PEFT {peft['tokens_per_s']:.0f} "
+                                           f"({ratio:.2f}x, target 1.5x)"))
+        emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"SmolLM2 peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
+                                                                   f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
+        for system in ("tramontane", "peft"):
+            results[f"curve {system}"] = run(system, gguf, hf_folder, seq, curve, 1, data=str(data), bf16=a.bf16)
+        a_curve, b_curve = results["curve tramontane"]["losses"], results["curve peft"]["losses"]
+        diff = max(abs(x - y) for x, y in zip(a_curve, b_curve, strict=True))
+        emit(lines, verdict(diff <= 0.02, f"loss curve over {curve} steps: max |diff| {diff:.4f} vs PEFT "
+                                           f"(first {a_curve[0]:.3f}/{b_curve[0]:.3f}, last {a_curve[-1]:.3f}/{b_curve[-1]:.3f})"))
 
     if not a.skip_1b:
         import torch
@@ -190,22 +199,20 @@ def main() -> None:
                                                                   a.grad_accum, quant, bf16=a.bf16)
         ours, peft, q4 = (results[f"{label} {k}"] for k in ("tramontane fp32", "peft fp32", "tramontane int4"))
         ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
-        lines.append(verdict(ratio >= 1.5, f"{label} tokens/s {ours['tokens_per_s']:.0f} vs PEFT "
+        emit(lines, verdict(ratio >= 1.5, f"{label} tokens/s {ours['tokens_per_s']:.0f} vs PEFT "
                                            f"{peft['tokens_per_s']:.0f} ({ratio:.2f}x, target 1.5x)"))
-        lines.append(verdict(ours["peak_rss"] <= peft["peak_rss"], f"{label} peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
+        emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"{label} peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
                                                                    f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
-        lines.append(verdict(q4["peak_rss"] <= 0.5 * ours["peak_rss"],
+        emit(lines, verdict(q4["peak_rss"] <= 0.5 * ours["peak_rss"],
                              f"{label} QLoRA int4 peak RSS {q4['peak_rss'] / 2**30:.2f} GiB vs fp32 LoRA "
                              f"{ours['peak_rss'] / 2**30:.2f} GiB ({q4['peak_rss'] / ours['peak_rss']:.2f}x, target 0.5x); "
                              f"{q4['tokens_per_s']:.0f} tokens/s"))
     try:
         import trl  # noqa: F401
 
-        lines.append("NOTE TRL is installed but its SFTTrainer run is not wired in yet")
+        emit(lines, "NOTE TRL is installed but its SFTTrainer run is not wired in yet")
     except ImportError:
-        lines.append("SKIP TRL SFTTrainer: trl is not installed (it needs `datasets`; PEFT above is the loop it wraps)")
-    for line in lines:
-        print(line)
+        emit(lines, "SKIP TRL SFTTrainer: trl is not installed (it needs `datasets`; PEFT above is the loop it wraps)")
     print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'bf16': a.bf16, 'runs': results, 'verdicts': lines})}")
 
 
