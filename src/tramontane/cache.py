@@ -246,9 +246,21 @@ def step_meta(
     window: int | None,
     cache: KVCache | PagedBatch | None = None,
     rows: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> StepMeta:
-    """Build the metadata for one forward call of tokens at `positions` [B, T]."""
+    """Build the metadata for one forward call of tokens at `positions` [B, T].
+
+    `segments` [B, T] (packed training rows, no cache): keys are visible only to queries of the same
+    segment, on top of the positions rule. Example, two sequences packed in one row:
+        positions 0 1 2 0 1, segments 0 0 0 1 1: the query at index 3 (position 0 of the second
+        sequence) sees only itself, although keys 0..2 hold positions <= 0..2.
+    """
     B, T = positions.shape
+    if segments is not None:
+        if cache is not None:
+            raise ValueError("segments pack sequences for a forward without a cache; a cache row holds one sequence")
+        mask = _visible(positions, positions, window) & (segments[:, None, :, None] == segments[:, None, None, :])
+        return StepMeta(positions, mask, False)
     if isinstance(cache, PagedBatch):
         if rows is not None:
             raise ValueError("rows do not apply to a paged cache: its block tables say where each sequence is")

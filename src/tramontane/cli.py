@@ -1,5 +1,5 @@
 """The `tramontane` command: demo, chat, complete, classify, answer, mask, serve, convert, merge, info, quantize,
-download, models."""
+download, models, finetune."""
 
 from __future__ import annotations
 
@@ -698,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     qz.add_argument("--quiet", action="store_true", help="no progress bar")
     qz.set_defaults(func=cmd_quantize)
+
+    from .finetune.cli import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub, common, bounded)
 
     i = sub.add_parser("info", parents=[common], help="describe a model: architecture, size, tokenizer, chat format")
     i.add_argument("model", nargs="?", help="model path (default: the embedded demo model)")

@@ -86,11 +86,13 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, like: torch.T
 class FastLinear(nn.Linear):
     """nn.Linear whose few-row fp32 CPU products (batched decode) go to the native kernel: PyTorch's own
     matmul reads the weights well for one row (measured faster there) but not for a handful, and every
-    batched decode step is a handful. Same parameters and state-dict names as nn.Linear."""
+    batched decode step is a handful. Same parameters and state-dict names as nn.Linear. The kernel has
+    no backward: products that autograd follows (training) stay in PyTorch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if 2 <= rows <= SMALL_BATCH and x.dtype == torch.float32 and self.weight.dtype == torch.float32 \
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not training and 2 <= rows <= SMALL_BATCH and x.dtype == torch.float32 and self.weight.dtype == torch.float32 \
                 and x.device.type == "cpu":
             ext = qlinear()
             if ext is not None:

@@ -69,8 +69,13 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base(x) + (update * self.scaling).to(x.dtype)
+        low = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # [..., rank]
+        y = self.base(x)
+        if y.dtype == low.dtype:  # one addmm: B's product, the scaling and the sum in a single pass
+            flat = torch.addmm(y.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]),
+                               self.lora_B.weight.t(), alpha=self.scaling)
+            return flat.view(y.shape)
+        return y + (self.lora_B(low) * self.scaling).to(x.dtype)
 
     def delta(self) -> torch.Tensor:
         """The update as a dense weight [out, in]: what merging adds to the base weight."""

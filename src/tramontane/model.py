@@ -56,15 +56,22 @@ class Transformer(nn.Module):
         cache: KVCache | PagedBatch | None = None,
         rows: torch.Tensor | None = None,
         last_only: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (fp32) for `tokens` [B, T] at `positions` [B, T].
 
         Without a cache and positions this is the causal forward from position 0. With a cache,
         positions are required; `rows` [B] picks the cache rows (default rows 0..B-1), or a `PagedBatch`
         gives block tables instead. `last_only` computes logits for the last position only
-        ([B, 1, vocab]), which is all a prefill needs.
+        ([B, 1, vocab]), which is all a prefill needs. `segments` [B, T] (no cache) packs several
+        sequences into one row, as training batches do: a token attends only to earlier tokens of its
+        own segment, and each sequence's positions start again at 0.
         """
-        h = self.features(tokens, positions, cache, rows, last_only)
+        return self.project(self.features(tokens, positions, cache, rows, last_only, segments))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32) of final-norm hidden states `h` [..., dim]: training scores only the rows it
+        needs (the targets) through this."""
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight).float()
         return self.output(h).float()
@@ -76,6 +83,7 @@ class Transformer(nn.Module):
         cache: KVCache | PagedBatch | None = None,
         rows: torch.Tensor | None = None,
         last_only: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim] (T = 1 with `last_only`) that the output head reads;
         arguments as for `forward`."""
@@ -88,7 +96,9 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         elif positions.shape != tokens.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
-        meta = step_meta(positions, self.args.sliding_window, cache, rows)
+        if segments is not None and segments.shape != tokens.shape:
+            raise ValueError(f"segments {tuple(segments.shape)} must match tokens {tuple(tokens.shape)}")
+        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments)
         freqs_cis = rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
         if meta.decode:
             meta.rot = torch.view_as_real(freqs_cis[:, 0]).contiguous()

@@ -88,6 +88,11 @@ class QuantLinearBase(nn.Module):
         return rows <= SMALL_BATCH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenQuantMatmul.apply(x, self)  # training through a frozen base (QLoRA)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, in]
         ext = qlinear() if flat.device.type == "cpu" else None
         if ext is not None and self._fused_wins(ext, flat.shape[0]):
@@ -111,6 +116,27 @@ class QuantLinearBase(nn.Module):
             r1 = min(r0 + PREFILL_TILE, self.out_features)
             torch.mm(self.dequantize(slice(r0, r1)).to(dtype), xt, out=out[r0:r1])
         return torch.empty(x.shape[0], self.out_features).copy_(out.t())  # [M, out] fp32, contiguous
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """y = x @ W.T through a frozen quantized W: the backward passes grad_x = grad_y @ W, dequantizing
+    PREFILL_TILE rows of W at a time, so no float copy of the weight outlives one tile (W gets no grad)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinearBase) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.x_dtype = x.dtype
+        return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layer: QuantLinearBase = ctx.layer
+        gy = grad_y.reshape(-1, layer.out_features).float()  # [M, out]
+        gx = torch.zeros(gy.shape[0], layer.in_features, dtype=torch.float32, device=gy.device)  # [M, in]
+        for r0 in range(0, layer.out_features, PREFILL_TILE):
+            r1 = min(r0 + PREFILL_TILE, layer.out_features)
+            gx.addmm_(gy[:, r0:r1], layer.dequantize(slice(r0, r1)).to(gy.device))
+        return gx.to(ctx.x_dtype).view(*grad_y.shape[:-1], layer.in_features), None
 
 
 @functools.lru_cache(maxsize=1)

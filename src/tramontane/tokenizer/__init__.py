@@ -6,6 +6,7 @@
 """
 
 from .base import (
+    ChatPiece,
     IncrementalDecoder,
     ParsedOutput,
     Tokenizer,
@@ -19,6 +20,7 @@ from .load import load_tokenizer
 from .mistral import MistralCommonTokenizer
 
 __all__ = [
+    "ChatPiece",
     "HFTokenizer",
     "IncrementalDecoder",
     "MistralCommonTokenizer",

@@ -15,7 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import TokenizerError
+
 ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatPiece:
+    """Consecutive ids of a tokenized conversation; `assistant` is the index of the assistant message
+    they belong to, or None (prompt, headers, tool results)."""
+
+    ids: list[int]
+    assistant: int | None
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,20 @@ class Tokenizer(ABC):
             ValueError: the conversation is invalid (empty, unknown role, tool result without a call...).
             TokenizerError: the tokenizer has no chat format.
         """
+
+    def encode_chat_turns(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[ChatPiece]:
+        """A whole conversation (a training example) as consecutive pieces of ids, each tagged with the
+        index in `messages` of the assistant message it holds (None for everything else). Joined, the
+        pieces are the conversation as the model sees it at inference: each assistant piece is what the
+        model writes after the prompt of the messages before it, end-of-turn token included.
+
+        Raises:
+            ValueError: the conversation is invalid for this chat format.
+            TokenizerError: the tokenizer has no chat format.
+        """
+        raise TokenizerError(self.path, f"{self.name} cannot split a conversation into turns")
 
     @abstractmethod
     def encode_fim(self, prefix: str, suffix: str) -> list[int]:

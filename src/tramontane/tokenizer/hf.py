@@ -17,7 +17,7 @@ import jinja2
 import tokenizers
 
 from ..errors import TokenizerError
-from .base import Tokenizer, check_conversation
+from .base import ChatPiece, Tokenizer, check_conversation
 from .chat_template import compile_chat_template, render_chat_template
 
 # Special tokens that close a turn in common chat formats; each becomes a stop id when the chat
@@ -146,15 +146,54 @@ class HFTokenizer(Tokenizer):
         return self._backend.decode(list(ids), skip_special_tokens=True)
 
     def render_chat(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> str:
-        """The chat template's text for the conversation, with the assistant header at the end."""
+        """The chat template's text for the conversation, with the assistant header at the end
+        (`add_generation_prompt`)."""
         check_conversation(messages, tools)
         template = self._templates.get("tool_use") if tools else None
         template = template or self._templates.get("default")
         if template is None:
             raise TokenizerError(self.path, f"{self.name} has no chat template, so it cannot encode a conversation")
-        return render_chat_template(template, messages, tools, self._special_tokens)
+        return render_chat_template(template, messages, tools, self._special_tokens, add_generation_prompt)
+
+    def encode_chat_turns(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[ChatPiece]:
+        """The template's text of the whole conversation, cut where each assistant answer starts (after
+        the prompt of the messages before it, generation header included) and where the next message's
+        text starts; each cut tokenized as `encode_chat` tokenizes a prompt.
+
+        Raises:
+            ValueError: the template renders a longer conversation with different earlier text (it
+                rewrites past turns), so the assistant text cannot be located.
+        """
+        whole = self.render_chat(messages, tools, add_generation_prompt=False)
+        cuts: list[tuple[int, int, int]] = []  # (answer start, answer end, message index) in `whole`
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            before = self.render_chat(messages[:i], tools, add_generation_prompt=True) if i else ""
+            through = self.render_chat(messages[: i + 1], tools, add_generation_prompt=False)
+            start = cuts[-1][1] if cuts else 0
+            if not (whole.startswith(through) and through.startswith(before)) or len(before) < start:
+                raise ValueError(f"the chat template of {self.name} renders messages[{i}] differently as the "
+                                 "conversation grows, so its answer cannot be located in the text")
+            cuts.append((len(before), len(through), i))
+        pieces: list[ChatPiece] = []
+        done = 0
+        for start, end, index in cuts:
+            pieces += [ChatPiece(self._encode_text(whole[done:start]), None),
+                       ChatPiece(self._encode_text(whole[start:end]), index)]
+            done = end
+        pieces.append(ChatPiece(self._encode_text(whole[done:]), None))
+        if self.add_bos and self.bos_id is not None and [i for p in pieces for i in p.ids][:1] != [self.bos_id]:
+            pieces.insert(0, ChatPiece([self.bos_id], None))
+        return [p for p in pieces if p.ids]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return list(self._backend.encode(text, add_special_tokens=False).ids) if text else []
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None

