@@ -64,7 +64,7 @@ if system == "tramontane":
         return trainer.train_step()
 else:
     import peft, transformers
-    from tramontane.loading.hf import permute_native_to_hf
+    from tramontane.layout import permute_native_to_hf
     hf_folder = {hf!r}
     del ours
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="sdpa")

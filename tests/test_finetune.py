@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tramontane import load_model
 from tramontane.finetune import Example, TrainConfig, Trainer, make_batch
-from tramontane.loading.hf import permute_native_to_hf
+from tramontane.layout import permute_native_to_hf
 from tramontane.lora import LoraConfig, LoraLinear, apply_lora
 from tramontane.quantize import Int4Linear, Int8Linear
 
