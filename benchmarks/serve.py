@@ -49,7 +49,10 @@ def free_port() -> int:
 class Server:
     def __init__(self, label: str, argv: list[str], port: int) -> None:
         self.label, self.port, self.model = label, port, ""
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the server's own log, for when it fails mid-run (benchmarks/work/ is ignored by git)
+        self.log_path = HERE / "work" / f"serve-{port}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"))
         self.model = wait_for_server(self.proc, f"http://127.0.0.1:{port}", label)
 
     def stop(self) -> None:
