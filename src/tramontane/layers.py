@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,15 +130,25 @@ class MoeFeedForward(nn.Module):
         self.top_k = moe.num_experts_per_tok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # [N, dim]
-        logits, chosen = torch.topk(self.gate(flat), self.top_k, dim=-1)  # [N, k]
-        weights = torch.softmax(logits.float(), dim=-1).type_as(x)
-        out = torch.zeros_like(flat)
-        for e in chosen.unique().tolist():
-            token, slot = torch.where(chosen == e)
-            expert_out = self.experts[e](flat[token]) * weights[token, slot, None]
-            out.index_add_(0, token, expert_out)
-        return out.view_as(x)
+        return route_to_experts(x, self.gate, self.top_k, self.experts.__getitem__)
+
+
+def route_to_experts(x: torch.Tensor, gate: nn.Module, top_k: int,
+                     expert: Callable[[int], nn.Module | None]) -> torch.Tensor:
+    """Each token of `x` through its top-k experts by `gate`, weighted by a softmax over those k logits.
+    `expert(e)` is expert e's module, or None where this process does not hold it (its share of the sum
+    is then left out: another rank adds it)."""
+    flat = x.reshape(-1, x.shape[-1])  # [N, dim]
+    logits, chosen = torch.topk(gate(flat), top_k, dim=-1)  # [N, k]
+    weights = torch.softmax(logits.float(), dim=-1).type_as(x)
+    out = torch.zeros_like(flat)
+    for e in chosen.unique().tolist():
+        module = expert(e)
+        if module is None:
+            continue
+        token, slot = torch.where(chosen == e)
+        out.index_add_(0, token, module(flat[token]) * weights[token, slot, None])
+    return out.view_as(x)
 
 
 class Block(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import StepMeta
-from ..layers import FeedForward
+from ..layers import FeedForward, route_to_experts
 from .topology import Topology
 
 
@@ -79,17 +79,8 @@ class LocalExperts(nn.Module):
         self.top_k = top_k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # [N, dim]
-        logits, chosen = torch.topk(self.gate(flat), self.top_k, dim=-1)  # [N, k]
-        weights = torch.softmax(logits.float(), dim=-1).type_as(x)
-        out = torch.zeros_like(flat)
-        for e in chosen.unique().tolist():
-            expert = self.experts[str(e)] if str(e) in self.experts else None
-            if expert is None:
-                continue  # another rank's expert
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.view_as(x)
+        return route_to_experts(x, self.gate, self.top_k,
+                                lambda e: self.experts[str(e)] if str(e) in self.experts else None)
 
 
 class ReceiveHidden(nn.Module):
