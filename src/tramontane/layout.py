@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError, safe_open
 
 from .args import ModelArgs
 from .errors import CheckpointError, TensorMismatchError
@@ -164,3 +167,14 @@ def _inside(folder: Path, name: str, index: Path) -> Path:
 def _brief(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_safetensors(path: Path, framework: str) -> Iterator[tuple[str, Any]]:
+    """Tensors of a safetensors file as `framework`'s arrays ("pt", "flax", "numpy"), one at a time from
+    the memory map."""
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(path, f"cannot read safetensors file ({e}); is it truncated or corrupt?") from e

@@ -9,11 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from safetensors import SafetensorError, safe_open
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
-from ..layout import to_internal, weight_files
+from ..layout import read_safetensors, to_internal, weight_files
 from .model import Params
 
 
@@ -33,24 +32,15 @@ def load_params(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, Mod
         if not files:
             raise CheckpointError(p, "no consolidated*.safetensors file (a .pth checkpoint needs torch: "
                                      "`tramontane convert` it to safetensors first)")
-        tensors: Iterator[tuple[str, jax.Array, Path]] = ((n, t, f) for f in files for n, t in _read(f))
+        tensors: Iterator[tuple[str, jax.Array, Path]] = ((n, t, f) for f in files for n, t in read_safetensors(f, "flax"))
     elif (p / "config.json").is_file():
         args = ModelArgs.from_hf_config_json(p / "config.json")
-        tensors = ((i, t, f) for f in weight_files(p) for n, raw in _read(f) for i, t in to_internal(n, raw, args, f))
+        tensors = ((i, t, f) for f in weight_files(p) for n, raw in read_safetensors(f, "flax") for i, t in to_internal(n, raw, args, f))
     else:
         raise CheckpointError(p, "no params.json, config.json or .gguf file: not a checkpoint")
     if args.head is not None:
         raise CheckpointError(p, "task heads are not in the JAX model; load it with tramontane.load_model")
     return _assemble(args, ((n, t.astype(dtype), f) for n, t, f in tensors), p), args
-
-
-def _read(file: Path) -> Iterator[tuple[str, jax.Array]]:
-    try:
-        with safe_open(str(file), framework="flax") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(file, f"cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
 
 def _from_torch(path: Path, dtype: Any) -> tuple[Params, ModelArgs]:

@@ -19,6 +19,7 @@ from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
 from ..heads import model_for
 from ..kernels import HUGE_PAGE, qlinear, weight_empty
+from ..layout import read_safetensors
 from ..model import Transformer
 from ..parallel.shard import ShardPlan
 from ..quantize import (
@@ -247,12 +248,7 @@ def _stored_key(name: str, expected: dict[str, torch.Tensor]) -> str | None:
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a safetensors file, read one at a time from the memory map."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(path, f"cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+    return read_safetensors(path, "pt")
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
