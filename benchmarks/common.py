@@ -137,3 +137,12 @@ def wait_for_server(proc: subprocess.Popen, url: str, label: str, exited: Callab
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{label} did not come up in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGTERM, then SIGKILL if it is not gone within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from tramontane.cli import demo_model_path  # noqa: E402
 
-from common import RESULTS, machine, wait_for_server  # noqa: E402
+from common import RESULTS, machine, stop_server, wait_for_server  # noqa: E402
 from llama_tools import build  # noqa: E402
 
 PROMPTS = [
@@ -56,11 +56,7 @@ class Server:
         self.model = wait_for_server(self.proc, f"http://127.0.0.1:{port}", label)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
 
 
 async def one_request(client: httpx.AsyncClient, port: int, model: str, prompt: str,

@@ -36,7 +36,7 @@ from serve import free_port  # noqa: E402
 
 from tramontane.cli import demo_model_path  # noqa: E402
 
-from common import wait_for_server  # noqa: E402
+from common import stop_server, wait_for_server  # noqa: E402
 
 SUBJECTS = ["the sea", "a lighthouse", "the north wind", "a fisherman", "an old map", "the harbour", "a storm",
             "the mountains", "a sailing boat", "the moon", "a market", "the island"]
@@ -76,11 +76,7 @@ class ServerProcess:
         self.model = wait_for_server(self.proc, self.url, "tramontane serve", log_tail)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
 
 
 async def ask(client: httpx.AsyncClient, server: ServerProcess, prompt: str, max_tokens: int, stream: bool,
