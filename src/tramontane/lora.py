@@ -77,9 +77,12 @@ class LoraLinear(nn.Module):
             return flat.view(y.shape)
         return y + (self.lora_B(low) * self.scaling).to(x.dtype)
 
-    def delta(self) -> torch.Tensor:
-        """The update as a dense weight [out, in]: what merging adds to the base weight."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+def merge_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """weight + b @ a * scaling ([out, in] + [out, rank] @ [rank, in]), computed in fp32 and stored in the
+    weight's dtype and device."""
+    delta = (b.float() @ a.float()) * scaling  # [out, in]
+    return (weight.float() + delta.to(weight.device)).to(weight.dtype)
 
 
 def lora_slots(model: Transformer, targets: tuple[str, ...] = TARGETS) -> list[tuple[str, nn.Module, str]]:
@@ -178,7 +181,7 @@ def merge_lora(model: Transformer) -> Transformer:
                 raise ValueError(f"{qualified}.{name}: cannot merge an adapter into a {type(base).__name__} "
                                  "base; load the base model in floats (dequantize) to merge")
             with torch.no_grad():
-                merged = (base.weight.float() + child.delta().float()).to(base.weight.dtype)
+                merged = merge_update(base.weight, child.lora_A.weight, child.lora_B.weight, child.scaling)
             base.weight = nn.Parameter(merged, requires_grad=False)
             setattr(module, name, base)
     return model

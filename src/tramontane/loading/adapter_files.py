@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..args import ModelArgs
 from ..errors import CheckpointError
-from ..lora import LoraConfig, LoraWeights
+from ..lora import LoraConfig, LoraWeights, merge_update
 from . import peft
 from .common import NamedTensors
 
@@ -113,8 +113,7 @@ def merged_tensors(tensors: NamedTensors, adapters: Mapping[str, LoraWeights]) -
         w = adapters.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
         if w is not None:
             assert tensor.dtype.is_floating_point  # callers merge only into float checkpoints
-            delta = (w.b.float() @ w.a.float()) * w.scaling  # [out, in]
-            tensor = (tensor.float() + delta.to(tensor.device)).to(tensor.dtype)
+            tensor = merge_update(tensor, w.a, w.b, w.scaling)
         yield name, tensor, source
 
 
