@@ -102,7 +102,7 @@ def wait_for_requests(url: str, count: int, timeout: float = 120) -> None:
     """Until the engine holds `count` requests, running or waiting."""
     deadline = time.monotonic() + timeout
     while True:
-        health = httpx.get(url + "/health").json()
+        health = httpx.get(url + "/health", timeout=30).json()  # the test is not about latency
         if health["active"] + health["waiting"] >= count:
             return
         assert time.monotonic() < deadline, f"the engine never held {count} requests: {health}"

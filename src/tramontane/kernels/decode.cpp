@@ -140,6 +140,6 @@ void bind_decode_stack(pybind11::module_& m) {
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<double, int64_t, int64_t>(), py::arg("eps"), py::arg("n_heads"), py::arg("n_kv_heads"))
       .def("add_block", &DecodeStack::add_block)
-      .def("forward", &DecodeStack::forward)
+      .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>())
       .def("__len__", &DecodeStack::size);
 }

@@ -467,20 +467,22 @@ void release_pages(int64_t address, int64_t nbytes) {
 void bind_decode_stack(pybind11::module_& m);  // decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("f32_linear", &f32_linear, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
-  m.def("int8_linear", &int8_linear, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
-  m.def("int4_linear", &int4_linear, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]");
-  m.def("decode_attention", &decode_attention, "rotary + cache write + masked attention for one decode step",
+  // the compute runs without the interpreter lock: the server's event loop answers meanwhile
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("f32_linear", &f32_linear, nogil, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
+  m.def("int8_linear", &int8_linear, nogil, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
+  m.def("int4_linear", &int4_linear, nogil, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]");
+  m.def("decode_attention", &decode_attention, nogil, "rotary + cache write + masked attention for one decode step",
         py::arg("qkv"), py::arg("rot"), py::arg("kcache"), py::arg("vcache"), py::arg("kscale"), py::arg("vscale"),
         py::arg("tables"), py::arg("key_pos"), py::arg("write"), py::arg("q_pos"), py::arg("window"), py::arg("scan"),
         py::arg("n_heads"), py::arg("n_kv_heads"));
-  m.def("int4_dequantize", &int4_dequantize, "packed int4 rows to fp32 [N, K]");
+  m.def("int4_dequantize", &int4_dequantize, nogil, "packed int4 rows to fp32 [N, K]");
   m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
-  m.def("block_linear", &block_linear, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
-  m.def("block_dequantize", &block_dequantize, "rows of a GGUF block format to fp32 [N, K]");
+  m.def("block_linear", &block_linear, nogil, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
+  m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 [N, K]");
   m.def("huge_page_empty", &huge_page_empty, "uninitialised uint8 [nbytes], in 2 MiB pages where Linux allows");
   m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");
-  m.def("release_pages", &release_pages, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
+  m.def("release_pages", &release_pages, nogil, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
   m.def("isa", &isa, "the instruction set in use");
   m.def("has_bf16", &has_bf16, "whether the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16)");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
