@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 import tramontane.loading.common as common
 from tramontane import CheckpointError, ConfigError, TensorMismatchError, TokenizerError, load_model
 from tramontane.cli import main
+from tramontane.gguf_file import read_gguf
 from tramontane.loading import read_model_args
 from tramontane.loading import validate as validate_module
-from tramontane.loading.gguf_layout import check_gguf_layout
 from tramontane.tokenizer import load_tokenizer
 
 from damaged import (
@@ -282,12 +282,12 @@ def test_gguf_tensor_past_the_end(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[at:at + 8] = (len(data) * 2 // 32 * 32).to_bytes(8, "little")
     path.write_bytes(bytes(data))
-    fails_fast(CheckpointError, r"tensor output_norm\.weight's data .* runs past the end of the file", check_gguf_layout, path)
+    fails_fast(CheckpointError, r"tensor output_norm\.weight's data .* runs past the end of the file", read_gguf, path)
 
 
 def test_gguf_layout_of_a_good_file(tmp_path: Path) -> None:
     path = gguf_file(tmp_path / "m.gguf")
-    regions = check_gguf_layout(path)
+    regions = sorted(read_gguf(path).tensors, key=lambda t: t.start)
     assert len(regions) == len(random_state())  # one GGUF tensor per internal tensor (dense, untied)
     assert all(a.end <= b.start for a, b in zip(regions, regions[1:]))
     assert regions[-1].end <= path.stat().st_size

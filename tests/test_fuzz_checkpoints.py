@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tramontane import TokenizerError, load_model
-from tramontane.loading.gguf_layout import check_gguf_layout
+from tramontane.gguf_file import read_gguf
 from tramontane.tokenizer import load_tokenizer
 
 from damaged import GGUF_TOKENIZER, gguf_file, hf_folder, load_all_ways, native_folder
@@ -57,7 +57,7 @@ def rss_budget():
 
 def _header_end(path: Path) -> int:
     """Where a GGUF file's tensor data starts: the header before it is what the fuzzers damage."""
-    return check_gguf_layout(path)[0].start
+    return min(t.start for t in read_gguf(path).tensors)
 
 
 # ---------------------------------------------------------------------------------------------- GGUF

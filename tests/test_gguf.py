@@ -14,13 +14,13 @@ from gguf.quants import dequantize, quantize
 
 from tramontane.args import ModelArgs, MoeArgs
 from tramontane.errors import CheckpointError, ConfigError, TensorMismatchError
+from tramontane.gguf_file import GGUFFile, read_gguf
 from tramontane.layout import permute_hf_to_native, permute_native_to_hf
 from tramontane.loading.common import expected_shapes
 from tramontane.loading.gguf import (
     gguf_tensor_info,
     iter_gguf_tensors,
     load_gguf_state_dict,
-    open_gguf,
     read_gguf_args,
     read_gguf_metadata,
 )
@@ -42,12 +42,12 @@ TINY = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv
 
 
 @pytest.fixture(scope="module")
-def smollm2_reader(smollm2_gguf_path: Path) -> GGUFReader:
-    return open_gguf(smollm2_gguf_path)
+def smollm2_reader(smollm2_gguf_path: Path) -> GGUFFile:
+    return read_gguf(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_reader: GGUFReader) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def ours(smollm2_reader: GGUFFile) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     args = read_gguf_args(smollm2_reader)
     return args, dict(iter_gguf_tensors(smollm2_reader, args))
 
@@ -142,7 +142,7 @@ def test_permutation_turns_rotate_half_into_interleaved_pairs() -> None:
     assert torch.equal(permute_native_to_hf(permute_hf_to_native(w_hf, n_heads), n_heads), w_hf)
 
 
-def test_smollm2_tensor_info_and_metadata(smollm2_reader: GGUFReader) -> None:
+def test_smollm2_tensor_info_and_metadata(smollm2_reader: GGUFFile) -> None:
     info = gguf_tensor_info(smollm2_reader)
     assert len(info) == 272
     assert info["token_embd.weight"] == ("Q8_0", (49152, 576))
@@ -227,10 +227,10 @@ def test_bad_magic(tmp_path: Path) -> None:
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot read"):
-        open_gguf(tmp_path / "absent.gguf")
+        read_gguf(tmp_path / "absent.gguf")
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(CheckpointError, match="not a GGUF file"):
-        open_gguf(tmp_path / "empty.gguf")
+        read_gguf(tmp_path / "empty.gguf")
 
 
 @pytest.mark.parametrize("size", [6, 24, 5000, 1_785_700, 60_000_000])
@@ -316,7 +316,7 @@ def test_unknown_tensor_type_id(tmp_path: Path) -> None:
     data[offset:offset + 4] = (99).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="unsupported tensor type"):
-        open_gguf(path)
+        read_gguf(path)
 
 
 def test_unknown_metadata_warns(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The JAX model against the torch one: logits on the tiny models from native and Hugging Face folders
-(fp32, 1e-4), greedy tokens on the real SmolLM2 weights, and loading without torch."""
+and GGUF files (fp32, 1e-4), greedy tokens on the real SmolLM2 weights, and loading without torch."""
 
 from __future__ import annotations
 
@@ -86,6 +86,31 @@ def test_loads_without_torch(tiny_hf) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(eval(out.stdout)) == 4
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_loads_without_torch_and_gives_torchs_logits(tiny_hf, qtype: str, tmp_path: Path) -> None:
+    """A GGUF file (Mixtral: experts stacked per layer) read by `gguf_file`/`gguf_args` and dequantized
+    by gguf-py in a process where torch cannot be imported: the logits of torch's loader of that file."""
+    from tramontane.fuse import unfused_state_dict
+    from tramontane.loading.gguf_write import write_gguf
+
+    _, folder = tiny_hf("mixtral")
+    ours = load_model(folder)
+    path = tmp_path / f"m.{qtype}.gguf"
+    write_gguf(path, ours.args, unfused_state_dict(ours.state_dict(), ours), qtype=qtype)
+    with torch.no_grad():
+        want = load_model(path, dequantize=True)(torch.tensor(TOKENS)).numpy()
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, jax.numpy as jnp\n"
+            "from tramontane.jax import forward, init_cache, load_params\n"
+            f"params, args = load_params({str(path)!r})\n"
+            f"tokens = jnp.asarray({TOKENS!r})\n"
+            "logits, _ = forward(params, args, tokens, 0, init_cache(args, 1, tokens.shape[1]))\n"
+            f"np.save({str(tmp_path / 'got.npy')!r}, np.asarray(logits))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_folder_names_it(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from test_tokenizer import CORPUS
 
 from tramontane import Tokenizer, TokenizerError, load_tokenizer
-from tramontane.tokenizer import gguf_tokenizer_from_reader
+from tramontane.gguf_file import read_gguf
+from tramontane.tokenizer import gguf_tokenizer_from_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,8 +201,7 @@ def test_smollm2_invalid_conversation(smol, messages, reason):
 
 
 def test_gguf_tokenizer_from_an_open_reader(smol):
-    reader = gguf.GGUFReader(SMOL_DIR / SMOL_GGUF)
-    tok = gguf_tokenizer_from_reader(reader, SMOL_DIR / SMOL_GGUF)
+    tok = gguf_tokenizer_from_file(read_gguf(SMOL_DIR / SMOL_GGUF))
     assert tok.encode_chat(CHATS[1]) == smol.encode_chat(CHATS[1])
 
 

@@ -1,19 +1,21 @@
 """A Hugging Face checkpoint's files, and its tensor names and layouts <-> the internal (Mistral native)
 ones, for any array type with `shape`, `reshape` and `swapaxes` (torch tensors, numpy and JAX arrays):
-the torch loaders and the torch-free JAX loader share them. Nothing here imports torch."""
+the torch loaders and the torch-free JAX loader share them; and the check every loader runs before
+building a model, that the config's counts agree with the tensors present (`check_against_tensors`).
+Nothing here imports torch."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
 from .args import ModelArgs
-from .errors import CheckpointError, TensorMismatchError
+from .errors import CheckpointError, ConfigError, TensorMismatchError
 
 Array = Any  # torch.Tensor or numpy.ndarray
 
@@ -178,3 +180,54 @@ def read_safetensors(path: Path, framework: str) -> Iterator[tuple[str, Any]]:
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(path, f"cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+
+
+# ModelArgs field -> how each format's config names it, for the error messages.
+NATIVE_FIELDS = {"n_layers": "n_layers", "vocab_size": "vocab_size", "num_experts": "moe.num_experts"}
+HF_FIELDS = {"n_layers": "num_hidden_layers", "vocab_size": "vocab_size", "num_experts": "num_local_experts"}
+
+
+def gguf_fields(arch: str) -> dict[str, str]:
+    """The GGUF metadata keys of an `arch` file, under the same ModelArgs names."""
+    keys = {"n_layers": "block_count", "vocab_size": "vocab_size", "num_experts": "expert_count"}
+    return {field: f"{arch}.{key}" for field, key in keys.items()}
+
+
+_INTERNAL_LAYER = re.compile(r"layers\.(\d+)\.")
+_INTERNAL_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.")
+
+
+def check_against_tensors(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], source: str | Path,
+                          fields: Mapping[str, str]) -> None:
+    """Compare the counts in `args` (layers, experts, vocabulary) with the tensors present: `shapes`
+    maps internal names to shapes (for quantized tensors, the rows must be the logical ones).
+
+    Raises:
+        ConfigError: a count or size in the config disagrees with the tensors (named: the config field,
+            the value it holds, and what the tensors say).
+    """
+
+    def refuse(field: str, value: object, found: str) -> ConfigError:
+        return ConfigError(source, f"{fields[field]} is {value}, but {found}")
+
+    # Counts above what the weights hold are refused here (they would size the model); counts below
+    # leave tensors over, which loading reports by name as unexpected.
+    layers = {int(m.group(1)) for name in shapes if (m := _INTERNAL_LAYER.match(name))}
+    if args.n_layers > max(layers, default=-1) + 1:
+        raise refuse("n_layers", args.n_layers, f"the weights hold {len(layers)} layers")
+    experts: dict[int, set[int]] = {}
+    for name in shapes:
+        if (m := _INTERNAL_EXPERT.match(name)) is not None:
+            experts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if args.moe is None and experts:
+        most = max(len(e) for e in experts.values())
+        raise ConfigError(source, f"the weights hold {most} experts per layer, but {fields['num_experts']} is not set")
+    if args.moe is not None and args.moe.num_experts > max((max(e) + 1 for e in experts.values()), default=0):
+        found = ", ".join(str(c) for c in sorted({len(e) for e in experts.values()})) or "no"
+        raise refuse("num_experts", args.moe.num_experts, f"the weights hold {found} experts per layer")
+
+    embedding = shapes.get("tok_embeddings.weight") or shapes.get("tok_embeddings.table.weight")
+    if embedding and embedding[0] != args.vocab_size:
+        raise refuse("vocab_size", args.vocab_size, f"the embedding tok_embeddings.weight has {embedding[0]} rows")
+    # Other sizes (dim, heads, feed-forward) need no check here: they do not multiply the modules built,
+    # and each tensor's shape is compared with the model's before any weight is read.

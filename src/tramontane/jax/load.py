@@ -1,5 +1,7 @@
-"""Weights for the JAX model: native and Hugging Face safetensors folders read without torch (names and
-q/k layout through `tramontane.layout`, the torch loaders' own table); GGUF through the torch loader."""
+"""Weights for the JAX model, read without torch: native and Hugging Face safetensors folders (names and
+q/k layout through `tramontane.layout`, the torch loaders' own table) and GGUF files (header, hyper-
+parameters and names through `gguf_file` and `gguf_args`, as the torch loader reads them; the blocks
+dequantized by gguf-py's numpy code)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from gguf.quants import dequantize
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
+from ..gguf_args import gguf_to_internal, read_gguf_args
+from ..gguf_file import GGUFFile, read_gguf
 from ..layout import read_safetensors, to_internal, weight_files
 from .model import Params
 
@@ -25,7 +30,9 @@ def load_params(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, Mod
     """
     p = Path(path)
     if p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf"))):
-        return _from_torch(p, dtype)
+        file = read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0])
+        args = read_gguf_args(file)
+        return _assemble(args, _gguf_arrays(file, dtype), file.path), args
     if (p / "params.json").is_file():
         args = ModelArgs.from_params_json(p / "params.json")
         files = sorted(p.glob("consolidated*.safetensors"))
@@ -43,19 +50,22 @@ def load_params(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, Mod
     return _assemble(args, ((n, t.astype(dtype), f) for n, t, f in tensors), p), args
 
 
-def _from_torch(path: Path, dtype: Any) -> tuple[Params, ModelArgs]:
-    """A GGUF file's weights dequantized by the torch loader, handed over as arrays."""
-    import numpy as np
-
-    from ..fuse import unfused_state_dict  # these need torch: only this path does
-    from ..loading import load_model
-
-    model = load_model(path, dequantize=True)
-    tied = model.args.tied_embeddings
-    state = ((name, jnp.asarray(np.asarray(t.detach().float().numpy()), dtype), path)
-             for name, t in unfused_state_dict(model.state_dict(), model).items()
-             if not (tied and name == "output.weight"))
-    return _assemble(model.args, state, path), model.args
+def _gguf_arrays(file: GGUFFile, dtype: Any) -> Iterator[tuple[str, jax.Array, Path]]:
+    """Each GGUF tensor dequantized, under its internal name(s): a stack of experts gives one per expert."""
+    for tensor in file.tensors:
+        mapped = gguf_to_internal(tensor.name, tensor.shape, file.path)
+        if mapped is None:
+            raise TensorMismatchError(file.path, f"unknown tensor {tensor.name} (shape {tensor.shape})")
+        names, each = mapped
+        try:
+            values = dequantize(file.array(tensor), tensor.type)  # float32 [*tensor.shape]
+        except (NotImplementedError, ValueError) as e:
+            raise CheckpointError(file.path, f"tensor {tensor.name}: cannot dequantize {tensor.type.name}: {e}") from e
+        if each == tensor.shape:
+            yield names[0], jnp.asarray(values, dtype), file.path
+        else:  # [n_experts, rows, cols]
+            for expert, name in enumerate(names):
+                yield name, jnp.asarray(values[expert], dtype), file.path
 
 
 def _assemble(args: ModelArgs, tensors: Iterator[tuple[str, jax.Array, Path]], source: Path) -> Params:

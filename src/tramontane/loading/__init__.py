@@ -15,6 +15,7 @@ from ..blocks import BLOCK_FORMATS, block_formats
 from ..download import resolve_model_name
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
+from ..gguf_file import read_gguf
 from ..lora import LoraWeights, attach_lora
 from ..model import Transformer
 from ..parallel.config import ParallelConfig
@@ -164,21 +165,20 @@ def _load(p: Path, dtype: torch.dtype, device: torch.device | str, quantize: str
         iter_gguf_tensors,
         kept_formats,
         loaded_bytes,
-        open_gguf,
         read_gguf_args,
     )
 
     file = gguf_file(p)
-    reader = open_gguf(file)
-    args = read_gguf_args(reader)
+    header = read_gguf(file)
+    args = read_gguf_args(header)
     keep = _kept_types(wanted, dequantize)
-    formats = kept_formats(reader, args, keep) if wanted is None else {}
-    need = None if wanted else loaded_bytes(reader, formats.values(), dtype) // (topology.config.world_size if topology else 1)
+    formats = kept_formats(header, args, keep) if wanted is None else {}
+    need = None if wanted else loaded_bytes(header, formats.values(), dtype) // (topology.config.world_size if topology else 1)
     check_memory(share(args), dtype, wanted, device, file, need=need)
-    if not dequantize and wanted is None and (lost := dequantized_types(reader, formats.values())):
+    if not dequantize and wanted is None and (lost := dequantized_types(header, formats.values())):
         warnings.warn(f"{file}: no kernel for {', '.join(lost)}: those tensors are dequantized to {dtype}",
                       stacklevel=2)
-    tensors = ((k, v, file) for k, v in iter_gguf_tensors(reader, args, dtype=dtype, device=device, keep=keep))
+    tensors = ((k, v, file) for k, v in iter_gguf_tensors(header, args, dtype=dtype, device=device, keep=keep))
     merge = wanted is None and not formats  # every weight arrives as floats
     return _merged(build_model(args, _merging(tensors, adapters, merge), file, dtype, device, progress, wanted,
                                formats, shard=plan(args)), adapters, merge)

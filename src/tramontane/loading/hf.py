@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..args import ModelArgs
-from ..layout import to_hf, to_internal, weight_files
+from ..layout import HF_FIELDS, check_against_tensors, to_hf, to_internal, weight_files
 from .common import iter_safetensors, safetensors_shapes
-from .validate import HF_FIELDS, check_against_tensors
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
+from ..layout import NATIVE_FIELDS, check_against_tensors
 from ..quantize import QuantConfig
 from .common import iter_safetensors, load_pth, safetensors_shapes
-from .validate import NATIVE_FIELDS, check_against_tensors
 
 
 def is_native_folder(path: Path) -> bool:

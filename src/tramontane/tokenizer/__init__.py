@@ -14,7 +14,7 @@ from .base import (
     check_conversation,
     new_tool_call_id,
 )
-from .gguf import gguf_tokenizer_from_reader
+from .gguf import gguf_tokenizer_from_file
 from .hf import HFTokenizer
 from .load import load_tokenizer
 from .mistral import MistralCommonTokenizer
@@ -28,7 +28,7 @@ __all__ = [
     "Tokenizer",
     "ToolCallParseError",
     "check_conversation",
-    "gguf_tokenizer_from_reader",
+    "gguf_tokenizer_from_file",
     "load_tokenizer",
     "new_tool_call_id",
 ]

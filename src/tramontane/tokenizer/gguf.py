@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import gguf
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from ..errors import CheckpointError, TokenizerError
-from ..loading.gguf_layout import check_gguf_layout
+from ..gguf_file import GGUFFile, read_gguf
 from .hf import HFTokenizer, byte_level_alphabet
 
 # llama.cpp token types (gguf.TokenType)
@@ -56,16 +55,12 @@ PRE_TOKENIZER_SPLITS = {
 _GPT2_LIKE = {"default", "gpt-2", "gpt2", "smollm", "starcoder", "refact", "olmo"}
 
 
-def _field(reader: gguf.GGUFReader, key: str, path: Path, kind: type | tuple[type, ...],
+def _field(file: GGUFFile, key: str, path: Path, kind: type | tuple[type, ...],
            each: type | tuple[type, ...] | None = None) -> Any:
     """The value of metadata field `key` (None when absent), checked to be a `kind` (a list of `each`)."""
-    found = reader.fields.get(key)
-    if found is None:
+    value = file.get(key)
+    if value is None:
         return None
-    try:
-        value = found.contents()
-    except (UnicodeDecodeError, IndexError, ValueError) as exc:
-        raise TokenizerError(path, f"metadata field {key} is corrupt: {exc}") from exc
     ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _as_tuple(kind))
     if ok and each is not None:
         ok = all(isinstance(v, each) for v in value)
@@ -131,34 +126,35 @@ def _byte_level_backend(tokens: list[str], merges: list[tuple[str, str]], pre: s
     return backend
 
 
-def gguf_tokenizer_from_reader(reader: gguf.GGUFReader, path: str | Path) -> HFTokenizer:
-    """The tokenizer described by an open GGUF file's metadata (the model loader can pass its reader).
+def gguf_tokenizer_from_file(file: GGUFFile) -> HFTokenizer:
+    """The tokenizer described by a GGUF file's metadata (`gguf_file.read_gguf`; the model loader can
+    pass the file it read).
 
     Raises:
         TokenizerError: no tokenizer in the metadata, or a `tokenizer.ggml.model` other than llama/gpt2.
     """
-    path = Path(path)
-    model = _field(reader, "tokenizer.ggml.model", path, str)
-    tokens = _field(reader, "tokenizer.ggml.tokens", path, list, str)
+    path = file.path
+    model = _field(file, "tokenizer.ggml.model", path, str)
+    tokens = _field(file, "tokenizer.ggml.tokens", path, list, str)
     if model is None or not tokens:
         raise TokenizerError(path, "GGUF metadata holds no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens)")
-    types = _field(reader, "tokenizer.ggml.token_type", path, list, int) or [1] * len(tokens)
+    types = _field(file, "tokenizer.ggml.token_type", path, list, int) or [1] * len(tokens)
     if len(types) != len(tokens):
         raise TokenizerError(path, f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    raw_merges = _field(reader, "tokenizer.ggml.merges", path, list, str)
+    raw_merges = _field(file, "tokenizer.ggml.merges", path, list, str)
     merges = None
     if raw_merges:
         merges = [tuple(m.split(" ", 1)) for m in raw_merges]
         if any(len(m) != 2 for m in merges):
             raise TokenizerError(path, "tokenizer.ggml.merges has an entry that is not two tokens")
-    pre = _field(reader, "tokenizer.ggml.pre", path, str)
+    pre = _field(file, "tokenizer.ggml.pre", path, str)
     if model == "llama":
-        scores = _field(reader, "tokenizer.ggml.scores", path, list, (int, float))
+        scores = _field(file, "tokenizer.ggml.scores", path, list, (int, float))
         if scores is not None and len(scores) != len(tokens):
             raise TokenizerError(path, f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
         if scores is None and merges is None:
             raise TokenizerError(path, "llama tokenizer without tokenizer.ggml.scores or merges")
-        add_space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix", path, (bool, int))
+        add_space_prefix = _field(file, "tokenizer.ggml.add_space_prefix", path, (bool, int))
         backend = _sentencepiece_backend(tokens, scores or [], merges, add_space_prefix is not False)
         default_add_bos = True  # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise
     elif model == "gpt2":
@@ -171,7 +167,7 @@ def gguf_tokenizer_from_reader(reader: gguf.GGUFReader, path: str | Path) -> HFT
 
     special: dict[str, str] = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
-        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id", path, int)
+        token_id = _field(file, f"tokenizer.ggml.{key}_token_id", path, int)
         if token_id is not None and 0 <= token_id < len(tokens):
             special[name] = tokens[token_id]
     # Control tokens (and the named specials) are matched whole and dropped when decoding; user-defined
@@ -188,11 +184,11 @@ def gguf_tokenizer_from_reader(reader: gguf.GGUFReader, path: str | Path) -> HFT
     user_defined = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED and backend.token_to_id(t) is not None]
     backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
 
-    templates = {"default": _field(reader, "tokenizer.chat_template", path, str)}
-    tool_use = _field(reader, "tokenizer.chat_template.tool_use", path, str)
+    templates = {"default": _field(file, "tokenizer.chat_template", path, str)}
+    tool_use = _field(file, "tokenizer.chat_template.tool_use", path, str)
     if tool_use:
         templates["tool_use"] = tool_use
-    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", path, (bool, int))
+    add_bos = _field(file, "tokenizer.ggml.add_bos_token", path, (bool, int))
     return HFTokenizer(
         path,
         backend,
@@ -208,10 +204,7 @@ def gguf_tokenizer_from_reader(reader: gguf.GGUFReader, path: str | Path) -> HFT
 def load_gguf_tokenizer(path: Path) -> HFTokenizer:
     """Open a GGUF file and build its tokenizer."""
     try:
-        check_gguf_layout(path)  # the reader would trust a count of 2^40 tokens and loop on it
-        reader = gguf.GGUFReader(path)
+        file = read_gguf(path)
     except CheckpointError as exc:
         raise TokenizerError(path, f"not a readable GGUF file: {exc.problem}") from exc
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
-        raise TokenizerError(path, f"not a readable GGUF file: {exc}") from exc
-    return gguf_tokenizer_from_reader(reader, path)
+    return gguf_tokenizer_from_file(file)
