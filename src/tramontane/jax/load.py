@@ -53,7 +53,7 @@ def load_params(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, Mod
 def _gguf_arrays(file: GGUFFile, dtype: Any) -> Iterator[tuple[str, jax.Array, Path]]:
     """Each GGUF tensor dequantized, under its internal name(s): a stack of experts gives one per expert."""
     for tensor in file.tensors:
-        mapped = gguf_to_internal(tensor.name, tensor.shape, file.path)
+        mapped = gguf_to_internal(tensor.name, tensor.shape, str(file.path))
         if mapped is None:
             raise TensorMismatchError(file.path, f"unknown tensor {tensor.name} (shape {tensor.shape})")
         names, each = mapped
