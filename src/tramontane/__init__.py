@@ -7,6 +7,8 @@ used where torch is not installed.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +47,19 @@ __all__ = [  # the names above (tests/test_package.py checks that both lists agr
     "read_model_args", "save_model", "stream", "stream_chat", "stream_text", "visualize_mask",
 ]
 __version__ = "0.1.0"
+
+
+class _Package(types.ModuleType):
+    """The package, which keeps its names over its submodules': loading `tramontane.generate` binds
+    that module as the package's attribute `generate`, where the function `generate` belongs."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _MODULE_OF and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
