@@ -60,7 +60,9 @@ def test_sigterm_finishes_what_it_can_and_ends_the_rest_with_errors(smollm2_gguf
         for w in workers:
             w.start()
         wait_for_requests(url, 2)
-        short = threading.Thread(target=whole, args=("short", {"prompt": "Hello", "max_tokens": 2, "temperature": 0}))
+        # long enough to be seen in the engine (a 2-token answer could end between two polls), short enough
+        # to finish within the shutdown timeout
+        short = threading.Thread(target=whole, args=("short", {**COUNTING, "max_tokens": 40}))
         short.start()
         workers.append(short)
         wait_for_requests(url, 3)

@@ -23,6 +23,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..generate import TokenLoop, check_language_model, check_prompt
+from ..kernels import release_threads
 from ..loading.validate import available_memory
 from ..model import Transformer
 from ..multi_lora import AdapterRows
@@ -151,6 +152,8 @@ class Engine:
         if self._thread is not None:
             return
         self._running = True
+        if self.model.device.type == "cpu":
+            release_threads()  # the engine thread computes from now on: this thread's idle team would slow it
         self._thread = threading.Thread(target=self._loop, name="tramontane-engine", daemon=True)
         self._thread.start()
 

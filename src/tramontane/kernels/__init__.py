@@ -72,6 +72,15 @@ def _exclusive(folder: Path) -> Iterator[None]:
         yield
 
 
+def release_threads() -> None:
+    """End the calling thread's OpenMP workers, before handing the computing to another thread: with
+    two threads' teams alive on few cores, libgomp stops spinning between parallel regions, and every
+    step pays for waking its workers (see `release_threads` in qlinear.cpp). Without the kernels, nothing."""
+    ext = qlinear()
+    if ext is not None:
+        ext.release_threads()
+
+
 def weight_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """Uninitialised memory for a weight: on CPU, from 2 MiB pages when it is that large and the kernels
     are built (see `settle_in_memory`), so that loading puts it where it stays and freeing it gives its
