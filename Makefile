@@ -54,6 +54,8 @@ bench: setup
 	$(PY) benchmarks/llama_tools.py --files
 	$(PY) benchmarks/gguf_files.py
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/prefix_cache.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/tramontane/kernels/_native*.so

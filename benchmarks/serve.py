@@ -84,16 +84,26 @@ async def load(server: Server, clients: int, requests: int, max_tokens: int) -> 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
+        errors: list[str] = []
+
         async def user(i: int) -> list[tuple[float, int]]:
-            return [await one_request(client, port, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
-                    for j in range(requests)]
+            done = []
+            for j in range(requests):
+                try:
+                    done.append(await one_request(client, port, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens))
+                except httpx.TransportError as e:  # counted and reported, not fatal: which server dropped it matters
+                    errors.append(f"{type(e).__name__}: {e}")
+            return done
 
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(user(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
-    ttfts = sorted(t for t, _ in results)
+    for error in sorted(set(errors)):
+        print(f"  {server.label}: {errors.count(error)} request(s) failed: {error}", flush=True)
+    ttfts = sorted(t for t, _ in results) or [float("nan")]
     p99 = ttfts[min(len(ttfts) - 1, int(round(0.99 * (len(ttfts) - 1))))]
-    return {"tok_s": sum(n for _, n in results) / wall, "ttft_p50": statistics.median(ttfts), "ttft_p99": p99}
+    return {"tok_s": sum(n for _, n in results) / wall, "ttft_p50": statistics.median(ttfts), "ttft_p99": p99,
+            "errors": len(errors)}
 
 
 def main() -> None:
