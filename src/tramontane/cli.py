@@ -200,10 +200,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     if fmt == "gguf":
         from collections import Counter
 
-        from .loading import gguf_file
+        from .gguf_file import find_gguf
         from .loading.gguf import gguf_tensor_info
 
-        types = Counter(kind for kind, _ in gguf_tensor_info(gguf_file(path)).values())
+        types = Counter(kind for kind, _ in gguf_tensor_info(find_gguf(path)).values())
         info["tensor_types"] = ", ".join(f"{kind} {n}" for kind, n in types.most_common())
     if args.head:
         labels = ", ".join(args.head.label(i) for i in range(args.head.num_labels))

@@ -63,7 +63,7 @@ def read_gguf_args(source: GGUFFile | str | Path) -> ModelArgs:
         >>> args.n_heads, args.n_kv_heads, args.tied_embeddings  # doctest: +SKIP
         (9, 3, True)
     """
-    file = source if isinstance(source, GGUFFile) else read_gguf(source)
+    file = read_gguf(source)
     path = str(file.path)
     arch = file.get("general.architecture")
     if arch is None:

@@ -101,15 +101,18 @@ class GGUFFile:
         return raw.reshape(*tensor.shape[:-1], -1)
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Read the header of the GGUF file at `path` (metadata and tensor table); the data stays on disk.
+def read_gguf(source: GGUFFile | str | Path) -> GGUFFile:
+    """Read the header of the GGUF file at `source` (metadata and tensor table); the data stays on disk.
+    A `GGUFFile` already read is returned as it is, so that callers take either.
 
     Raises:
         CheckpointError: not a GGUF file, or a count or length runs past the end of the file, a value
             has an unknown type or is not UTF-8, a tensor has a bad shape, type or offset, its data
             leaves the file, or two tensors' data overlap (the message names them).
     """
-    path = Path(path)
+    if isinstance(source, GGUFFile):
+        return source
+    path = Path(source)
     try:
         with path.open("rb") as f:
             if path.stat().st_size == 0:
@@ -118,6 +121,11 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 return _walk(_Cursor(data, path))
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+
+
+def find_gguf(path: Path) -> Path:
+    """The GGUF file a path names: itself, or the first `.gguf` file of a folder (by name)."""
+    return path if path.is_file() else sorted(path.glob("*.gguf"))[0]
 
 
 class _Cursor:

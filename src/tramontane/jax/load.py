@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
 from ..gguf_args import gguf_to_internal, read_gguf_args
-from ..gguf_file import GGUFFile, read_gguf
+from ..gguf_file import GGUFFile, find_gguf, read_gguf
 from ..layout import read_safetensors, to_internal, weight_files
 from .model import Params
 
@@ -30,7 +30,7 @@ def load_params(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, Mod
     """
     p = Path(path)
     if p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf"))):
-        file = read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0])
+        file = read_gguf(find_gguf(p))
         args = read_gguf_args(file)
         return _assemble(args, _gguf_arrays(file, dtype), file.path), args
     if (p / "params.json").is_file():

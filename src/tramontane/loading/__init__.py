@@ -15,7 +15,8 @@ from ..blocks import BLOCK_FORMATS, block_formats
 from ..download import resolve_model_name
 from ..errors import CheckpointError
 from ..fuse import unfused_state_dict
-from ..gguf_file import read_gguf
+from ..gguf_args import read_gguf_args
+from ..gguf_file import find_gguf, read_gguf
 from ..lora import LoraWeights, attach_lora
 from ..model import Transformer
 from ..parallel.config import ParallelConfig
@@ -58,9 +59,7 @@ def read_model_args(path: str | Path) -> ModelArgs:
         return native.read_args(p)
     if fmt == "hf":
         return hf.read_args(p)
-    from .gguf import read_gguf_args
-
-    return read_gguf_args(gguf_file(p))
+    return read_gguf_args(find_gguf(p))
 
 
 def load_model(
@@ -165,10 +164,9 @@ def _load(p: Path, dtype: torch.dtype, device: torch.device | str, quantize: str
         iter_gguf_tensors,
         kept_formats,
         loaded_bytes,
-        read_gguf_args,
     )
 
-    file = gguf_file(p)
+    file = find_gguf(p)
     header = read_gguf(file)
     args = read_gguf_args(header)
     keep = _kept_types(wanted, dequantize)
@@ -224,7 +222,3 @@ def save_model(model: Transformer, folder: str | Path, to: str, dtype: torch.dty
     else:
         raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
 
-
-def gguf_file(p: Path) -> Path:
-    """The GGUF file a path names: itself, or the one .gguf file in a folder."""
-    return p if p.is_file() else sorted(p.glob("*.gguf"))[0]

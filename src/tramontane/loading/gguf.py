@@ -34,9 +34,6 @@ from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..kernels import qlinear, weight_empty
 from .common import expected_shapes
 
-__all__ = ["read_gguf_args", "iter_gguf_tensors", "load_gguf_state_dict", "gguf_tensor_info", "read_gguf_metadata",
-           "kept_formats", "loaded_bytes", "dequantized_types"]
-
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64}
 _INT_TYPES = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64}
 
@@ -45,12 +42,12 @@ _INT_TYPES = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizatio
 
 def read_gguf_metadata(source: GGUFFile | str | Path, prefix: str = "") -> dict[str, Any]:
     """Metadata key/values whose key starts with `prefix`, as plain Python values (str, int, float, lists)."""
-    return {key: value for key, value in _file(source).metadata.items() if key.startswith(prefix)}
+    return {key: value for key, value in read_gguf(source).metadata.items() if key.startswith(prefix)}
 
 
 def gguf_tensor_info(source: GGUFFile | str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF tensor name -> (ggml type name, shape in torch order), read without touching the weights."""
-    return {t.name: (t.type.name, t.shape) for t in _file(source).tensors}
+    return {t.name: (t.type.name, t.shape) for t in read_gguf(source).tensors}
 
 
 def iter_gguf_tensors(
@@ -78,7 +75,7 @@ def iter_gguf_tensors(
         TensorMismatchError: a tensor is missing, unknown, or has the wrong shape.
         CheckpointError: a tensor has a type that cannot be dequantized.
     """
-    file = _file(source)
+    file = read_gguf(source)
     path = str(file.path)
     if args is None:
         args = read_gguf_args(file)
@@ -109,7 +106,7 @@ def iter_gguf_tensors(
 def kept_formats(source: GGUFFile | str | Path, args: ModelArgs, keep: Collection[str]) -> dict[str, str]:
     """Internal weight name -> GGUF format, for every tensor `iter_gguf_tensors(..., keep=keep)` yields as
     stored (a layer of that format must take it)."""
-    file = _file(source)
+    file = read_gguf(source)
     formats: dict[str, str] = {}
     for tensor, names, _ in _plan(file, args, str(file.path)):
         kind = _kept(tensor, keep)
@@ -121,13 +118,13 @@ def kept_formats(source: GGUFFile | str | Path, args: ModelArgs, keep: Collectio
 def loaded_bytes(source: GGUFFile | str | Path, keep: Collection[str], dtype: torch.dtype) -> int:
     """The bytes a load keeping the formats in `keep` will hold: those tensors' own bytes, and the
     others' elements as `dtype`."""
-    file = _file(source)
+    file = read_gguf(source)
     return sum(int(t.n_bytes) if _kept(t, keep) else int(t.n_elements) * dtype.itemsize for t in file.tensors)
 
 
 def dequantized_types(source: GGUFFile | str | Path, keep: Collection[str]) -> list[str]:
     """The quantized GGUF types of the file that loading with `keep` turns into floats."""
-    file = _file(source)
+    file = read_gguf(source)
     return sorted({t.type.name for t in file.tensors
                    if t.type not in _FLOAT_TYPES and t.type.name not in keep})
 
@@ -173,10 +170,6 @@ def load_gguf_state_dict(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _file(source: GGUFFile | str | Path) -> GGUFFile:
-    return source if isinstance(source, GGUFFile) else read_gguf(source)
 
 
 def _plan(file: GGUFFile, args: ModelArgs, path: str) -> list[tuple[GGUFTensor, list[str], bool]]:
