@@ -70,11 +70,11 @@ def main() -> None:
     a = ap.parse_args()
     system = system_prompt(a.system_tokens)
     gguf = str(demo_model_path())
-    common = ["serve", "--model", gguf, "--max-batch", "4", "--max-seq-len", "2048", "--log-level", "warning"]
+    serve_args = ["serve", "--model", gguf, "--max-batch", "4", "--max-seq-len", "2048", "--log-level", "warning"]
     servers = {}
     for label, extra in (("cache", []), ("no cache", ["--no-prefix-cache"])):
         port = free_port()
-        servers[label] = Server(label, [sys.executable, "-m", "tramontane.cli", *common, "--port", str(port), *extra],
+        servers[label] = Server(label, [sys.executable, "-m", "tramontane.cli", *serve_args, "--port", str(port), *extra],
                                 port)
     info = machine()
     print(f"{info['date']}  {info['cpu']}  {info['cores']} cores; SmolLM2-135M Q4_1 GGUF; "
