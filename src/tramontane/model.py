@@ -109,11 +109,7 @@ class Transformer(nn.Module):
             meta.rot = torch.view_as_real(freqs_cis[:, 0]).contiguous()
         h = self.tok_embeddings(tokens)
         if (stack := native_stack(self, meta, h)) is not None:
-            view = meta.view
-            assert view is not None  # native_stack checked
-            h = stack.forward(h.view(B, -1), meta.rot, view.k, view.v, view.k_scale, view.v_scale, view.tables,
-                              view.key_pos, view.write, meta.positions.view(-1), view.window,
-                              view.scan).view(B, 1, -1)
+            h = stack.forward(h, meta)
         else:
             for i, layer in enumerate(self.layers):
                 h = layer(h, freqs_cis, meta, i)

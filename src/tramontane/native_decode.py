@@ -4,13 +4,15 @@ Decoding a token of a small model is hundreds of tiny operations; through Python
 than its arithmetic. `Transformer.forward` hands a decode step to the native stack when it is an
 fp32 CPU step (B up to the small-batch limit) over a KV cache or a paged pool in float32 or int8, of a
 dense model (projections fused as `load_model` leaves them, or side by side where a checkpoint keeps
-them in different formats). Everything else runs the Python blocks, which stay the reference: the tests check that
-both paths give the same logits.
+them in different formats), or of a pipeline stage's blocks (which hands its output on after the stack).
+Everything else runs the Python blocks, which stay the reference: the tests check that both paths give
+the same logits.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,24 +20,47 @@ from torch import nn
 from .cache import StepMeta
 from .kernels import qlinear
 from .layers import Block, FeedForward, decode_kernels
+from .parallel.modules import SendAfter
 
 if TYPE_CHECKING:
     from .model import Transformer
 
 
-def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> Any | None:
+@dataclass
+class NativeStack:
+    """The native stack of a model's blocks, and where a pipeline stage sends their output (None: nowhere)."""
+
+    blocks: Any  # the extension's DecodeStack
+    send: SendAfter | None
+
+    def forward(self, h: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+        """h [B, 1, dim] through every block for a decode step of B sequences."""
+        view = meta.view
+        assert view is not None  # native_stack checked
+        B = h.shape[0]
+        h = self.blocks.forward(h.view(B, -1), meta.rot, view.k, view.v, view.k_scale, view.v_scale, view.tables,
+                                view.key_pos, view.write, meta.positions.view(-1), view.window,
+                                view.scan).view(B, 1, -1)
+        if self.send is not None:
+            self.send.topology.send_next(h)
+        return h
+
+
+def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> NativeStack | None:
     """The model's native block stack if this step can use it, else None (built on first use and
     rebuilt when a block's modules or weights have been replaced)."""
     from . import quantize  # late: quantize imports the model module
 
-    if model.parallel is not None:
-        return None  # a share of a model: its blocks end in collectives, which the native stack has not
+    if model.parallel is not None and model.parallel.config.tp > 1:
+        return None  # a tensor-parallel share: its blocks end in collectives, which the native stack has not
     if h.shape[0] > quantize.SMALL_BATCH or torch.is_grad_enabled() or decode_kernels(h, meta) is None:
         return None
     key = _weights_key(model)
     built = model.__dict__.get("_native_stack")
     if built is None or built[0] != key:
-        built = (key, _build(model))
+        blocks = _build(model)
+        last = model.layers[-1]
+        built = (key, None if blocks is None else NativeStack(blocks, last if isinstance(last, SendAfter) else None))
         model.__dict__["_native_stack"] = built
     return built[1]
 
@@ -45,7 +70,7 @@ def _weights_key(model: Transformer) -> tuple[int, ...]:
     runs every step, and through nn.Module attribute lookup it took 199 us per step on the 1B shape
     instead of 25 (warm caches; both grow several times after a step's weights have streamed by)."""
     ids: list[int] = []
-    for layer in model.layers:
+    for layer in _blocks(model):
         mods = layer._modules
         a, f = mods["attention"], mods["feed_forward"]
         assert a is not None and f is not None  # every Block has both
@@ -59,13 +84,18 @@ def _weights_key(model: Transformer) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _blocks(model: Transformer) -> list[Block]:
+    """The model's blocks, a pipeline stage's last one unwrapped from its hand-off."""
+    return [layer.block if isinstance(layer, SendAfter) else layer for layer in model.layers]  # type: ignore[misc]
+
+
 def _build(model: Transformer) -> Any | None:
     ext = qlinear()
     if ext is None:
         return None
     args = model.args
     stack = ext.DecodeStack(args.norm_eps, args.n_heads, args.n_kv_heads)
-    for layer in cast("list[Block]", model.layers):
+    for layer in _blocks(model):
         a, f = layer.attention, layer.feed_forward
         if not isinstance(f, FeedForward):
             return None
