@@ -119,7 +119,8 @@ def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[s
     model = load_model(path, **kw, parallel=parallel)
     # Quantized layers multiply more than 16 rows in bf16 tiles (quantize.PREFILL_TILE), rounding each
     # rank's partial sums: 2 x 8 rows keep them on the fp32 kernels, where only the order of sums differs.
-    x = tokens(8 if kw or "Q" in case or "int" in case else 20)
+    quantized = bool(kw) or "Q" in case or "int" in case
+    x = tokens(8 if quantized else 20)
     with torch.inference_mode():
         want, got = ref(x), model(x)
     prompts = [[1, 5, 9, 3], [7, 2]]
@@ -127,6 +128,7 @@ def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[s
     sampled = [g.tokens for g in tramontane.generate(model, prompts, max_tokens=10, temperature=1.0)]
     return {
         "shape": list(got.shape), "error": (got - want).abs().max().item(), "scale": want.abs().max().item(),
+        "quantized": quantized, "native_stack": model.__dict__.get("_native_stack", (None, None))[1] is not None,
         "greedy": greedy, "greedy_ref": [g.tokens for g in tramontane.generate(ref, prompts, max_tokens=10)],
         "sampled": sampled, "params": sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
         "params_ref": sum(t.numel() for t in [*ref.parameters(), *ref.buffers()]),
@@ -198,15 +200,30 @@ def two_ranks(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 
 
 # ---------------------------------------------------------------------------------- tests
+def tolerance(r: dict[str, Any]) -> float:
+    """How far a share's logits may be from one process's. Float layers: summation order only. Quantized
+    ones round activations (to int8 in blocks of 32, or to bf16 on AMX tiles), and rounding is not
+    continuous: a partial sum that differs in its last bit can round one activation the other way, and
+    a shard can take another kernel than the whole matrix (AMX takes whole blocks of 32 columns only).
+    That moves logits by a fraction of a percent; a wrong cut moves them by their whole size."""
+    return (2e-2 if r["quantized"] else 1e-4) * max(1.0, r["scale"])
+
+
 @pytest.mark.parametrize("case", [c[0] for c in CASES_2])
 def test_logits_and_greedy_equal_one_process(two_ranks: list[dict[str, Any]], case: str) -> None:
     for rank, results in enumerate(two_ranks):
         r = results[case]
         assert r["shape"][2] == 128, f"rank {rank}: full logits on every rank"
-        assert r["error"] <= 1e-4 * max(1.0, r["scale"]), f"rank {rank}: logits differ by {r['error']}"
+        assert r["error"] <= tolerance(r), f"rank {rank}: logits differ by {r['error']}"
         assert r["greedy"] == r["greedy_ref"], f"rank {rank}: greedy tokens differ from one process"
         assert r["params"] < r["params_ref"], f"rank {rank}: holds the whole model, not a share"
     assert two_ranks[0][case]["sampled"] == two_ranks[1][case]["sampled"], "ranks sampled different tokens"
+
+
+@pytest.mark.parametrize("case", ["mistral-window-pp", "llama-tied-pp"])
+def test_pipeline_stages_decode_through_the_native_stack(two_ranks: list[dict[str, Any]], case: str) -> None:
+    # the same kernels as one process: integer kernels' rounding then cannot make the answers differ
+    assert all(results[case]["native_stack"] for results in two_ranks)
 
 
 @pytest.mark.parametrize(("case", "words"), [
@@ -227,7 +244,7 @@ def test_tensor_and_pipeline_combined_on_four_ranks(checkpoints: dict[str, Path]
     for rank, res in enumerate(results):
         for case in ("tp2-pp2", "tp2-pp2-int8"):
             r = res[case]
-            assert r["error"] <= 1e-4 * max(1.0, r["scale"]), f"rank {rank} {case}: {r['error']}"
+            assert r["error"] <= tolerance(r), f"rank {rank} {case}: {r['error']}"
             assert r["greedy"] == r["greedy_ref"]
     assert len({json.dumps(r["tp2-pp2"]["sampled"]) for r in results}) == 1
 
