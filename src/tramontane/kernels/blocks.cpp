@@ -46,9 +46,32 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
   }
 }
 
+#ifdef TRAMONTANE_X86
+// The float16 values at p, p + stride, ... (n <= 8 of them), each in two lanes: the scales of n blocks
+// of 32, one lane per 16 elements. One gather of 32-bit words (each block has bytes to spare after
+// its value, so none is read past the row) instead of a value at a time.
+T512VNNI inline __m512 halves_by_16(const uint8_t* p, int64_t stride, int64_t n) {
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                        _mm512_set1_epi32(int(stride)));
+  const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), __mmask16((1u << (2 * n)) - 1), at, p, 1);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+}
+
+// The nibbles of v's bytes: 16-bit lanes shifted right by `shifts` (0 or 4 each), then masked to 4 bits.
+// With v loaded by broadcasts, this splits bytes into low and high nibbles without port-5 shuffles.
+T512VNNI inline __m512i nibbles(__m512i v, __m512i shifts) {
+  return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(15));
+}
+
+// Shift counts for `nibbles`: 4 in the 16-bit lanes set in `high`, 0 in the others.
+T512VNNI inline __m512i shift_lanes(__mmask32 high) { return _mm512_maskz_set1_epi16(high, 4); }
+#endif
+
 // ---------------------------------------------------------------------------------------- formats
 // Each: kUnit elements in kBytes bytes; scales(u, sc, off) fills kUnit / 16 entries; code(u, i) is
-// element i's code; codes512(u, c) elements [64c, 64c + 64) as bytes (AVX-512BW).
+// element i's code. For the vector kernels: codes512(u, c) elements [64c, 64c + 64) as bytes
+// (AVX-512BW), and scales16(u, n, sc, off) the scales and offsets of n units (256 elements at most),
+// one lane per 16 elements, read with vector instructions instead of one element at a time.
 
 struct Q8_0 {  // blocks of 32: float16 d, 32 x int8; value = d * q
   static constexpr int64_t kUnit = 64, kBytes = 68;
@@ -61,6 +84,10 @@ struct Q8_0 {  // blocks of 32: float16 d, 32 x int8; value = d * q
   }
   static int code(const uint8_t* u, int64_t i) { return (u[34 * (i / 32) + 2 + i % 32] ^ 0x80); }
 #ifdef TRAMONTANE_X86
+  T512VNNI static void scales16(const uint8_t* u, int64_t n, __m512& sc, __m512& off) {
+    sc = halves_by_16(u, 34, 2 * n);
+    off = _mm512_mul_ps(sc, _mm512_set1_ps(-128.f));
+  }
   T512VNNI static __m512i codes512(const uint8_t* u, int64_t) {
     const __m256i a = _mm256_loadu_si256((const __m256i*)(u + 2)), b = _mm256_loadu_si256((const __m256i*)(u + 36));
     return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1), _mm512_set1_epi8(char(0x80)));
@@ -88,16 +115,19 @@ struct Q5 {
     return nib | int((u32_at(blk + kHead) >> e) & 1) << 4;
   }
 #ifdef TRAMONTANE_X86
+  T512VNNI static void scales16(const uint8_t* u, int64_t n, __m512& sc, __m512& off) {
+    sc = halves_by_16(u, kBlock, 2 * n);
+    off = kMin ? halves_by_16(u + 2, kBlock, 2 * n) : _mm512_mul_ps(sc, _mm512_set1_ps(-16.f));
+  }
   T512VNNI static __m512i codes512(const uint8_t* u, int64_t) {
-    const __m256i v = _mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(u + kHead + 4))),
-        _mm_loadu_si128((const __m128i*)(u + kBlock + kHead + 4)), 1);  // [nibbles block 0, block 1]
-    const __m512i nib = _mm512_and_si512(
-        _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), _mm512_set1_epi8(15));
-    // [lo0, lo1, hi0, hi1] (16 bytes each) -> [lo0, hi0, lo1, hi1]: the row's order
-    const __m512i ordered = _mm512_shuffle_i64x2(nib, nib, _MM_SHUFFLE(3, 1, 2, 0));
+    // 128-bit lanes [block 0's 16 bytes, again, block 1's, again]; their low, high, low, high nibbles
+    // are the row's elements in order
+    const __m512i both = _mm512_mask_broadcast_i32x4(
+        _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(u + kHead + 4))), 0xFF00,
+        _mm_loadu_si128((const __m128i*)(u + kBlock + kHead + 4)));
+    const __m512i q = nibbles(both, shift_lanes(0xFF00FF00));
     const uint64_t high = uint64_t(u32_at(u + kHead)) | uint64_t(u32_at(u + kBlock + kHead)) << 32;
-    return _mm512_or_si512(ordered, _mm512_and_si512(_mm512_movm_epi8(high), _mm512_set1_epi8(16)));
+    return _mm512_mask_add_epi8(q, __mmask64(high), q, _mm512_set1_epi8(16));
   }
 #endif
 };
@@ -125,17 +155,30 @@ struct QK45 {
     return nib | ((u[16 + l] >> (2 * c + hi)) & 1) << 4;
   }
 #ifdef TRAMONTANE_X86
+  T512VNNI static void scales16(const uint8_t* u, int64_t, __m512& sc, __m512& off) {
+    // the 12 bytes as 8 scales then 8 minimums, a byte each (what scale_min_k4 reads, 4 at a time)
+    uint32_t q[3], b[4];
+    std::memcpy(q, u + 4, 12);
+    b[0] = q[0] & 0x3f3f3f3f;
+    b[1] = (q[2] & 0x0f0f0f0f) | (((q[0] >> 6) & 0x03030303) << 4);
+    b[2] = q[1] & 0x3f3f3f3f;
+    b[3] = ((q[2] >> 4) & 0x0f0f0f0f) | (((q[1] >> 6) & 0x03030303) << 4);
+    const __m128i v = _mm_loadu_si128((const __m128i*)b);
+    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // a sub-block of 32: 2 lanes
+    const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, twice)));
+    const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, _mm_add_epi8(twice, _mm_set1_epi8(8)))));
+    sc = _mm512_mul_ps(s, _mm512_set1_ps(_cvtsh_ss(uint16_t(u[0] | u[1] << 8))));
+    off = _mm512_mul_ps(m, _mm512_set1_ps(-_cvtsh_ss(uint16_t(u[2] | u[3] << 8))));
+  }
   T512VNNI static __m512i codes512(const uint8_t* u, int64_t c) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(u + kQs + 32 * c));
-    __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1),
-                                 _mm512_set1_epi8(15));
-    if (kHigh) {
-      const __m256i h = _mm256_loadu_si256((const __m256i*)(u + 16));
-      const uint64_t lo = _mm256_test_epi8_mask(h, _mm256_set1_epi8(char(1 << (2 * c))));
-      const uint64_t hi = _mm256_test_epi8_mask(h, _mm256_set1_epi8(char(2 << (2 * c))));
-      q = _mm512_or_si512(q, _mm512_and_si512(_mm512_movm_epi8(lo | hi << 32), _mm512_set1_epi8(16)));
-    }
-    return q;
+    // the 32 bytes twice: low nibbles (sub-block 2c), then high ones (2c + 1)
+    const __m512i q = nibbles(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(u + kQs + 32 * c))),
+                              shift_lanes(0xFFFF0000));
+    if (!kHigh) return q;
+    // bit 2c of byte l is element l's fifth bit, bit 2c + 1 element 32 + l's
+    const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(u + 16)));
+    const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8(char(1 << (2 * c))), _mm256_set1_epi8(char(2 << (2 * c))), 1);
+    return _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(h, bit), q, _mm512_set1_epi8(16));
   }
 #endif
 };
@@ -159,6 +202,11 @@ struct Q6_K {
     return (p < 2 ? ql & 15 : ql >> 4) | ((u[128 + 32 * n + l] >> (2 * p)) & 3) << 4;
   }
 #ifdef TRAMONTANE_X86
+  T512VNNI static void scales16(const uint8_t* u, int64_t, __m512& sc, __m512& off) {
+    const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(u + 192))));
+    sc = _mm512_mul_ps(s, _mm512_set1_ps(_cvtsh_ss(uint16_t(u[208] | u[209] << 8))));
+    off = _mm512_mul_ps(sc, _mm512_set1_ps(-32.f));
+  }
   T512VNNI static __m512i codes512(const uint8_t* u, int64_t c) {
     const int64_t n = c / 2, part = c % 2;  // part 0: p = 0, 1; part 1: p = 2, 3
     const __m512i ql = _mm512_loadu_si512(u + 64 * n);
@@ -279,40 +327,45 @@ void dequantize_rows_ref(const uint8_t* w, int64_t K, float* out, int64_t begin,
 
 #ifdef TRAMONTANE_X86
 // ---------------------------------------------------------------------------------------- AVX-512 VNNI
-// A tile of R weight rows x T rows of x. Per unit: each row's scales (combined with x's into one factor
-// per 16 elements, spread over the 4 lanes of dpbusd sums that cover them by a permute) and offsets
-// (straight into the accumulators, 16 groups in one multiply-add); per 64 elements: codes decoded once,
-// used for every row of x.
+// A tile of R weight rows x T rows of x, in steps of 256 elements (16 groups of 16: one K-quant unit, or
+// four units of the formats in blocks of 32; a row's last step may be shorter). Per step: each row's
+// scales and offsets, one lane per group, read by vector instructions; the scales combined with x's
+// into one factor per group (spread over the 4 lanes of the dpbusd sums that cover it by a permute),
+// the offsets straight into the accumulators. Per 64 elements: codes decoded once, used for every
+// row of x.
 template <int R, int T, class F>
 T512VNNI inline void tile_vnni(F, const Act& a, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t o,
                                int64_t m0) {
-  constexpr int64_t G = F::kUnit / 16;
+  constexpr int64_t kStep = 256 / F::kUnit;  // units per step
   const int64_t units = K / F::kUnit, row_bytes = units * F::kBytes, K16 = K / 16;
-  const __mmask16 live = __mmask16((1u << G) - 1);
   const NextTile<R> next(w, row_bytes, o, N, m0);
-  alignas(64) float sc[R][16], off[R][16], gs[R][T][16];
+  alignas(64) float gs[R][T][16];
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t u = 0; u < units; ++u) {
-    for (int64_t b = (u * F::kBytes) & ~int64_t(63); b < (u + 1) * F::kBytes; b += 64) next.at(b);
+  for (int64_t u0 = 0; u0 < units; u0 += kStep) {
+    const int64_t n = std::min(kStep, units - u0), groups = n * F::kUnit / 16;
+    const __mmask16 live = __mmask16((1u << groups) - 1);
+    for (int64_t b = (u0 * F::kBytes) & ~int64_t(63); b < (u0 + n) * F::kBytes; b += 64) next.at(b);
     for (int r = 0; r < R; ++r) {
-      F::scales(w + (o + r) * row_bytes + u * F::kBytes, sc[r], off[r]);
-      const __m512 s = _mm512_maskz_load_ps(live, sc[r]), f = _mm512_maskz_load_ps(live, off[r]);
+      __m512 s, f;
+      F::scales16(w + (o + r) * row_bytes + u0 * F::kBytes, n, s, f);
       for (int t = 0; t < T; ++t) {
-        const int64_t g0 = (m0 + t) * K16 + u * G;
+        const int64_t g0 = (m0 + t) * K16 + u0 * F::kUnit / 16;
         _mm512_store_ps(gs[r][t], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, a.dxp + g0)));
         acc[r][t] = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(live, a.xsp + g0), acc[r][t]);
       }
     }
-    for (int64_t c = 0; c < F::kUnit / 64; ++c) {
-      // lane i of a dpbusd sum covers elements 4i..4i+3 of the 64: group 4c + i / 4 of the unit
+    for (int64_t c = 0; c < groups / 4; ++c) {
+      // lane i of a dpbusd sum covers elements 4i..4i+3 of the 64: group 4c + i / 4 of the step
       const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(int(4 * c)),
                                               _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+      // elements [64c, 64c + 64) of the step: chunk c of a K-quant unit, or the whole unit c of 64
+      const int64_t unit = F::kUnit == 64 ? u0 + c : u0, chunk = F::kUnit == 64 ? 0 : c;
       __m512i codes[R];
-      for (int r = 0; r < R; ++r) codes[r] = F::codes512(w + (o + r) * row_bytes + u * F::kBytes, c);
+      for (int r = 0; r < R; ++r) codes[r] = F::codes512(w + (o + r) * row_bytes + unit * F::kBytes, chunk);
       for (int t = 0; t < T; ++t) {
-        const __m512i xv = _mm512_loadu_si512(a.qp + (m0 + t) * K + u * F::kUnit + 64 * c);
+        const __m512i xv = _mm512_loadu_si512(a.qp + (m0 + t) * K + u0 * F::kUnit + 64 * c);
         for (int r = 0; r < R; ++r) {
           const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], xv);
           const __m512 factor = _mm512_permutexvar_ps(spread, _mm512_load_ps(gs[r][t]));
