@@ -16,7 +16,7 @@ SOURCES = [HERE / name for name in ("qlinear.cpp", "int4.cpp", "amx.cpp", "decod
 HEADERS = [HERE / "common.h"]
 # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already loaded, so
 # the kernels share torch's thread pool instead of starting a second one.
-CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-g0"]
 LDFLAGS = ["-fopenmp"]
 
 
