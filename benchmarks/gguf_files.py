@@ -1,13 +1,15 @@
 """GGUF files as people download them, beside llama.cpp's own C++ `llama-bench` on the same files.
 
 For each SmolLM2 file (the embedded Q4_1, and Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q6_K written from it by
-`llama-quantize`; see llama_tools.py) our worker loads it in its default mode (every tensor in the
-file's own format) and both systems measure batch-1 decode of 64 tokens and a 512-token prefill, taking
-turns round by round; medians are reported with ratios and PASS/MISS against the GGUF issue's targets
-(>= 1.0x llama-bench for both). Also: top-1 agreement and perplexity of the Q4_K_M file against the
-same weights dequantized to fp32.
+`llama-quantize`; see llama_tools.py) and each Mistral 7B-shaped file (random Q4_0 blocks as run.py
+writes them, and that file requantized into Q4_K_M by `llama-quantize`) our worker loads it in its
+default mode (every tensor in the file's own format) and both systems measure batch-1 decode (64
+tokens; 16 on the 7B) and a 512-token prefill, taking turns round by round; medians are reported with
+ratios and PASS/MISS against the GGUF issue's targets (>= 1.0x llama-bench for both; loading the 7B
+Q4_K_M in <= 1.15x its file size). Also: top-1 agreement and perplexity of the SmolLM2 Q4_K_M file
+against the same weights dequantized to fp32.
 
-    python benchmarks/gguf_files.py [--rounds 3] [--threads 2] [--files Q4_0,Q4_K_M]
+    python benchmarks/gguf_files.py [--rounds 3] [--threads 2] [--files Q4_0,Q4_K_M,7B_Q4_K_M]
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from tramontane import preset  # noqa: E402
 from tramontane.cli import demo_model_path  # noqa: E402
+from tramontane.loading.gguf import read_gguf_metadata  # noqa: E402
 
-from common import RESULTS, machine  # noqa: E402
-from llama_tools import llama_bench, smollm2_files  # noqa: E402
+from common import RESULTS, WORK, machine, random_quantized_gguf  # noqa: E402
+from llama_tools import llama_bench, requantize, smollm2_files  # noqa: E402
 from run import Worker, section  # noqa: E402
 
 
@@ -55,24 +59,40 @@ def quality(path: Path, n_tokens: int) -> dict[str, float]:
     return {"ppl_fp32": stats["fp32"]["perplexity"], "ppl_blocks": stats["blocks"]["perplexity"], "top1": agree}
 
 
+def mistral_7b_files() -> dict[str, Path]:
+    """The Mistral 7B shape (SmolLM2's vocabulary and tokenizer) as random Q4_0 blocks, and as Q4_K_M."""
+    import dataclasses
+
+    args = dataclasses.replace(preset("mistral-7b-v0.3"), vocab_size=49152)
+    tokenizer = read_gguf_metadata(demo_model_path(), "tokenizer.")
+    q4_0 = random_quantized_gguf(WORK / "mistral7b-q4_0.gguf", args, tokenizer, "Q4_0")
+    return {"7B_Q4_0": q4_0, "7B_Q4_K_M": requantize(q4_0, "Q4_K_M", WORK / "mistral7b-q4_k_m.gguf")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--files", default="Q4_1,Q4_0,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
+    ap.add_argument("--files", default="Q4_1,Q4_0,Q8_0,Q4_K_M,Q5_K_M,Q6_K,7B_Q4_0,7B_Q4_K_M")
     a = ap.parse_args()
     info = machine()
     print(f"{info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}  threads {a.threads}")
-    files = {k: v for k, v in smollm2_files(demo_model_path()).items() if k in a.files.split(",")}
+    wanted = a.files.split(",")
+    files = {k: v for k, v in smollm2_files(demo_model_path()).items() if k in wanted}
+    if any(k.startswith("7B_") for k in wanted):
+        files |= {k: v for k, v in mistral_7b_files().items() if k in wanted}
     results: dict[str, Any] = {"machine": info, "threads": a.threads, "files": {}}
     checks: list[tuple[str, bool, str]] = []
     for kind, path in files.items():
-        section(f"SmolLM2 {kind} ({path.stat().st_size / 2**20:.0f} MiB)")
+        big = kind.startswith("7B_")
+        model = f"Mistral 7B shape {kind[3:]}" if big else f"SmolLM2 {kind}"
+        section(f"{model} ({path.stat().st_size / 2**20:.0f} MiB)")
         worker = Worker(f"ours {kind}", "ours", str(path), "--threads", str(a.threads))
         samples: dict[str, list[float]] = {k: [] for k in ("ours tg", "llama tg", "ours pp", "llama pp")}
-        for _ in range(a.rounds):  # each round: both systems, decode then prefill
-            samples["ours tg"].append(worker.ask(cmd="decode", batch=1, n=64)["tok_s"])
-            samples["llama tg"].append(llama_bench(path, a.threads, 0, 64))
+        n = 16 if big else 64
+        for _ in range(1 if big else a.rounds):  # each round: both systems, decode then prefill
+            samples["ours tg"].append(worker.ask(cmd="decode", batch=1, n=n)["tok_s"])
+            samples["llama tg"].append(llama_bench(path, a.threads, 0, n))
             samples["ours pp"].append(worker.ask(cmd="prefill", n=512)["tok_s"])
             samples["llama pp"].append(llama_bench(path, a.threads, 512, 0))
         rss = worker.ask(cmd="rss")
@@ -80,12 +100,18 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in samples.items()}
         med["ours rss_gib"] = (rss["peak_rss"] - rss["base_rss"]) / 2**30
         med["ours load_s"] = worker.info["load_s"]
+        med["ours load_rss_gib"] = (worker.info["load_peak_rss"] - worker.info["base_rss"]) / 2**30
         results["files"][kind] = med
         for what, label in (("tg", "decode b1"), ("pp", "prefill 512")):
             r = med[f"ours {what}"] / med[f"llama {what}"]
             print(f"{label:<12} ours {med[f'ours {what}']:8.1f}  llama-bench {med[f'llama {what}']:8.1f} tok/s  {r:.2f}x")
-            checks.append((f"SmolLM2 {kind} {label} >= 1.0x llama-bench", r >= 1, f"{r:.2f}x"))
-        print(f"ours: load {med['ours load_s']:.2f} s, peak RSS {med['ours rss_gib']:.2f} GiB", flush=True)
+            checks.append((f"{model} {label} >= 1.0x llama-bench", r >= 1, f"{r:.2f}x"))
+        size = path.stat().st_size / 2**30
+        print(f"ours: load {med['ours load_s']:.2f} s, peak RSS loading {med['ours load_rss_gib']:.2f} GiB "
+              f"({med['ours load_rss_gib'] / size:.2f}x the file), after the runs {med['ours rss_gib']:.2f} GiB", flush=True)
+        if kind == "7B_Q4_K_M":
+            r = med["ours load_rss_gib"] / size
+            checks.append((f"{model}: peak RSS loading <= 1.15x the file", r <= 1.15, f"{r:.2f}x"))
     if "Q4_K_M" in files:
         section("quality: SmolLM2 Q4_K_M in its formats against the same weights in fp32, 4096 tokens")
         q = quality(files["Q4_K_M"], 4096)

@@ -76,20 +76,23 @@ def llama_bench(path: Path, threads: int, prompt: int, gen: int) -> float:
     return float(out[0]["avg_ts"])
 
 
+def requantize(source: Path, kind: str, dst: Path) -> Path:
+    """`source` written as `kind` (Q4_K_M, Q8_0, ...) by llama-quantize into `dst`, once."""
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_suffix(".tmp")
+        subprocess.run([str(build() / "llama-quantize"), "--allow-requantize", str(source), str(tmp), kind],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.move(tmp, dst)
+    return dst
+
+
 def smollm2_files(source: Path) -> dict[str, Path]:
     """type -> the SmolLM2 file in that format (requantized from `source` by llama-quantize, once)."""
-    bin_dir = build()
     out_dir = cache_dir() / "models"
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = {"Q4_1": source}
     for kind in SMOLLM2_TYPES:
-        dst = out_dir / f"SmolLM2-135M-Instruct.{kind}.gguf"
-        if not dst.exists():
-            tmp = dst.with_suffix(".tmp")
-            subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(source), str(tmp), kind],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            shutil.move(tmp, dst)
-        files[kind] = dst
+        files[kind] = requantize(source, kind, out_dir / f"SmolLM2-135M-Instruct.{kind}.gguf")
     return files
 
 

@@ -156,7 +156,7 @@ def main() -> None:
     else:
         system = HF(a.path, a.gguf)
     print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, "base_rss": base,
-                      "rss": current_rss_bytes()}), flush=True)
+                      "rss": current_rss_bytes(), "load_peak_rss": peak_rss_bytes()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
