@@ -79,6 +79,13 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
 def test_products_equal_dequantize_then_matmul(kind, rows, isa):
     K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576  # 576 is SmolLM2's width: whole 64s, not 256s
     w = random_blocks(kind, 37, K, seed=rows)
+    if BLOCK_FORMATS_UNIT[kind] == 64:  # the kernels step 256 elements: rows ending 64, 128 or 192 into a step
+        for width in (64, 640, 704):
+            short = random_blocks(kind, 5, width, seed=width)
+            xs = torch.randn(rows, width, generator=torch.Generator().manual_seed(width))
+            ref = quantized_x(xs).double() @ reference(kind, short).double().T
+            torch.testing.assert_close(qlinear().block_linear(xs, short, BLOCK_FORMATS[kind]).double(), ref,
+                                       rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     layer = BlockLinear.from_blocks(w, K, kind)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     want = quantized_x(x).double() @ reference(kind, w).double().T
