@@ -53,8 +53,9 @@ def isas() -> list[str]:
     ext = qlinear()
     if ext is None:
         return []
-    best = ext.isa()
-    return ["portable"] + [i for i in ("avx2", "avx512") if i == best or (i == "avx2" and best in ("avx512", "amx"))]
+    # the block formats have no AMX kernel: an AMX CPU runs their AVX-512 path, which must be tested there too
+    has = {"avx2": ("avx2", "avx512", "amx"), "avx512": ("avx512", "amx")}
+    return ["portable"] + [i for i in ("avx2", "avx512") if ext.isa() in has[i]]
 
 
 @pytest.fixture(params=isas())
