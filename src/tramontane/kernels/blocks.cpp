@@ -57,6 +57,9 @@ T512VNNI inline __m512 halves_by_16(const uint8_t* p, int64_t stride, int64_t n)
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
 }
 
+// The float16 value at p (F16C), for the vector paths; half_at is the portable one.
+T512VNNI inline float half_f16c(const uint8_t* p) { return _cvtsh_ss(uint16_t(p[0] | p[1] << 8)); }
+
 // The nibbles of v's bytes: 16-bit lanes shifted right by `shifts` (0 or 4 each), then masked to 4 bits.
 // With v loaded by broadcasts, this splits bytes into low and high nibbles without port-5 shuffles.
 T512VNNI inline __m512i nibbles(__m512i v, __m512i shifts) {
@@ -167,8 +170,8 @@ struct QK45 {
     const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // a sub-block of 32: 2 lanes
     const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, twice)));
     const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, _mm_add_epi8(twice, _mm_set1_epi8(8)))));
-    sc = _mm512_mul_ps(s, _mm512_set1_ps(_cvtsh_ss(uint16_t(u[0] | u[1] << 8))));
-    off = _mm512_mul_ps(m, _mm512_set1_ps(-_cvtsh_ss(uint16_t(u[2] | u[3] << 8))));
+    sc = _mm512_mul_ps(s, _mm512_set1_ps(half_f16c(u)));
+    off = _mm512_mul_ps(m, _mm512_set1_ps(-half_f16c(u + 2)));
   }
   T512VNNI static __m512i codes512(const uint8_t* u, int64_t c) {
     // the 32 bytes twice: low nibbles (sub-block 2c), then high ones (2c + 1)
@@ -204,7 +207,7 @@ struct Q6_K {
 #ifdef TRAMONTANE_X86
   T512VNNI static void scales16(const uint8_t* u, int64_t, __m512& sc, __m512& off) {
     const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(u + 192))));
-    sc = _mm512_mul_ps(s, _mm512_set1_ps(_cvtsh_ss(uint16_t(u[208] | u[209] << 8))));
+    sc = _mm512_mul_ps(s, _mm512_set1_ps(half_f16c(u + 208)));
     off = _mm512_mul_ps(sc, _mm512_set1_ps(-32.f));
   }
   T512VNNI static __m512i codes512(const uint8_t* u, int64_t c) {
