@@ -75,6 +75,14 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
     assert torch.equal(ours, reference(kind, w))
 
 
+def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """block_linear's product, checked against the dequantized weights times x as the kernels round it."""
+    want = quantized_x(x).double() @ reference(kind, w).double().T
+    got = qlinear().block_linear(x, w, BLOCK_FORMATS[kind])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    return got
+
+
 @pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
 @pytest.mark.parametrize("rows", [1, 3, 5, 16])
 def test_products_equal_dequantize_then_matmul(kind, rows, isa):
@@ -82,16 +90,11 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
     w = random_blocks(kind, 37, K, seed=rows)
     if BLOCK_FORMATS_UNIT[kind] == 64:  # the kernels step 256 elements: rows ending 64, 128 or 192 into a step
         for width in (64, 640, 704):
-            short = random_blocks(kind, 5, width, seed=width)
             xs = torch.randn(rows, width, generator=torch.Generator().manual_seed(width))
-            ref = quantized_x(xs).double() @ reference(kind, short).double().T
-            torch.testing.assert_close(qlinear().block_linear(xs, short, BLOCK_FORMATS[kind]).double(), ref,
-                                       rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            kernel_product(kind, random_blocks(kind, 5, width, seed=width), xs)
     layer = BlockLinear.from_blocks(w, K, kind)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
-    want = quantized_x(x).double() @ reference(kind, w).double().T
-    got = qlinear().block_linear(x, w, BLOCK_FORMATS[kind])
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    got = kernel_product(kind, w, x)
     # the layer itself: the kernel for decode-sized inputs, dequantize + matmul beyond
     torch.testing.assert_close(layer(x), got)
     big = torch.randn(40, K)
