@@ -5,9 +5,10 @@ For 1, 4, 16 and 32 concurrent clients (the two servers taking turns at each lev
 `--requests` completions of `--max-tokens` tokens at temperature 0 and the run reports aggregate output
 tokens/s and p50/p99 time to first token, then the ratios and PASS/MISS for the issue's targets.
 
-With `--mistral-7b [Q4_0|Q4_K_M]` the file is the Mistral 7B shape as random Q4_0 blocks, or those requantized
-into Q4_K_M (gguf_files.py writes both; SmolLM2's tokenizer), at 1 and 8 clients with 8 slots each, 32 tokens per completion, one request per client: the
-serving issue's 7B target (>= 1.2x llama-server at 1 and at 8 clients).
+With `--mistral-7b [Q4_0|Q4_K_M]` the file is the Mistral 7B shape as random Q4_0 blocks, or those
+requantized into Q4_K_M (gguf_files.py writes both; SmolLM2's tokenizer), at 1 and 8 clients with 8
+slots each, 32 tokens per completion, one request per client: the serving issue's 7B target (>= 1.2x
+llama-server at 1 and at 8 clients).
 
 Usage: python benchmarks/serve.py [--quick] [--quantize int4_asym] [--mistral-7b [Q4_K_M]]
 """
@@ -115,8 +116,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quantize", default="none",
                     help="tramontane's weights: none (default: the file's own Q4_1 blocks), int4, int8")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, help="tokens per completion (default 64; 32 with --mistral-7b)")
+    ap.add_argument("--requests", type=int, help="requests per client (default 2; 1 with --mistral-7b)")
     ap.add_argument("--mistral-7b", nargs="?", const="Q4_0", choices=["Q4_0", "Q4_K_M"],
                     help="the 7B shape's random Q4_0 file (or its Q4_K_M requantization) at 1 and 8 clients")
     a = ap.parse_args()
@@ -125,10 +126,12 @@ def main() -> None:
 
         kind = a.mistral_7b
         gguf, name, slots, levels = str(mistral_7b_files()[f"7B_{kind}"]), f"Mistral 7B shape {kind}", 8, [1, 8]
-        a.max_tokens, a.requests = 32, 1
+        tokens, requests = 32, 1
     else:
         gguf, name, slots = str(demo_model_path()), "SmolLM2-135M Q4_1", 32
         levels = [1, 4, 16] if a.quick else [1, 4, 16, 32]
+        tokens, requests = 64, 2
+    tokens, requests = a.max_tokens or tokens, a.requests or requests
     threads = str(os.cpu_count() or 1)
     ours_port, llama_port = free_port(), free_port()
     ours_argv = [sys.executable, "-m", "tramontane.cli", "serve", "--model", gguf, "--port", str(ours_port),
@@ -149,7 +152,7 @@ def main() -> None:
         print(f"{'clients':>7}  {'server':<22} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
         for c in levels:
             for server in servers:
-                r = asyncio.run(load(server, c, a.requests, a.max_tokens))
+                r = asyncio.run(load(server, c, requests, tokens))
                 rows.append({"clients": c, "server": server.label, **r})
                 print(f"{c:>7}  {server.label:<22} {r['tok_s']:8.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s",
                       flush=True)
