@@ -5,12 +5,16 @@
   collectives and the Python blocks cost; goal >= 0.8x);
 - bytes each rank hands to collectives per decoded token, against the analytic count: 2 all-reduces of
   `dim` floats per layer (after wo and w2), one for the vocabulary-parallel embedding, and the gather of
-  the logits (vocab / tp floats).
+  the logits (vocab / tp floats);
+- pipeline parallel (2 stages x 1 thread), `--sequences` (16) decoding together: tokens/s with 2
+  micro-batches in flight against 1 (no overlap: one stage waits while the other computes). With weights
+  read once per step whatever its rows, splitting pays only as far as a step's cost grows with its rows;
+  reported, no target.
 
 Each side runs in fresh processes (one with `python`, the other with torchrun). On a shared 2-core
 machine the speeds are indicative only.
 
-Usage: python benchmarks/distributed.py [--shape small|1b] [--steps 32]
+Usage: python benchmarks/distributed.py [--shape small|1b] [--steps 32] [--sequences 16]
 """
 
 from __future__ import annotations
@@ -34,6 +38,24 @@ SHAPES = {
     "1b": MISTRAL_1B,
     "small": dataclasses.replace(MISTRAL_1B, dim=1024, n_layers=8, hidden_dim=3584, head_dim=64),
 }
+
+
+def pipeline_child(path: str, steps: int, micro_batches: int, sequences: int) -> None:
+    """One pipeline stage: `sequences` decode `steps` tokens each; rank 0 prints tokens/s as JSON."""
+    import torch.distributed as dist
+
+    import tramontane
+
+    dist.init_process_group("gloo")
+    model = tramontane.load_model(path, parallel={"pp": 2, "micro_batches": micro_batches})
+    prompts = [list(range(1 + i, 17 + i)) for i in range(sequences)]
+    tramontane.generate(model, prompts, max_tokens=2)  # warm up
+    t0 = time.perf_counter()
+    out = tramontane.generate(model, prompts, max_tokens=steps)
+    seconds = time.perf_counter() - t0
+    if dist.get_rank() == 0:
+        print(json.dumps({"tokens_per_second": sum(len(g.tokens) for g in out) / seconds}))
+    dist.destroy_process_group()
 
 
 def child(path: str, steps: int, parallel: bool) -> None:
@@ -70,7 +92,7 @@ def child(path: str, steps: int, parallel: bool) -> None:
         dist.destroy_process_group()
 
 
-def run(path: Path, steps: int, ranks: int) -> dict:
+def run(path: Path, steps: int, ranks: int, extra: tuple[str, ...] = ("--parallel",)) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(2 // ranks))
     me = [str(Path(__file__).resolve()), "--child", str(path), "--steps", str(steps)]
     if ranks == 1:
@@ -80,7 +102,7 @@ def run(path: Path, steps: int, ranks: int) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-               str(port), *me, "--parallel"]
+               str(port), *me, *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -91,13 +113,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--parallel", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sequences", type=int, default=16, help="sequences decoding together in the pipeline run")
+    p.add_argument("--micro-batches", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child and a.micro_batches:
+        pipeline_child(a.child, a.steps, a.micro_batches, a.sequences)
+        return
     if a.child:
         child(a.child, a.steps, a.parallel)
         return
     args = SHAPES[a.shape]
     path = ensure_checkpoint(f"mistral-{a.shape}", args, "native", torch.float32)
     one, two = run(path, a.steps, 1), run(path, a.steps, 2)
+    # interleaved rounds, the best of each: without and with micro-batches in flight
+    pipe: dict[int, float] = {1: 0.0, 2: 0.0}
+    for _ in range(2):
+        for mb in pipe:
+            extra = ("--micro-batches", str(mb), "--sequences", str(a.sequences))
+            pipe[mb] = max(pipe[mb], run(path, a.steps, 2, extra)["tokens_per_second"])
     tp = 2
     analytic = {"all_reduce": (2 * args.n_layers + 1) * args.dim * 4, "all_gather": args.vocab_size // tp * 4}
     rows = {
@@ -109,9 +142,13 @@ def main() -> None:
         "speed_ratio": two["tokens_per_second"] / one["tokens_per_second"],
         "bytes_per_token_measured": two["traffic"],
         "bytes_per_token_analytic": analytic,
+        "pipeline_tokens_per_second_1_micro_batch": pipe[1],
+        "pipeline_tokens_per_second_2_micro_batches": pipe[2],
+        "pipeline_overlap_ratio": pipe[2] / pipe[1],
+        "pipeline_sequences": a.sequences,
     }
     for k, v in rows.items():
-        print(f"{k:<28} {v}")
+        print(f"{k:<42} {v}")
     print(f"saved {save_result(f'distributed_{a.shape}', {'shape': dataclasses.asdict(args), **rows})}")
 
 

@@ -105,6 +105,9 @@ CASES_2: list[tuple[str, str, dict[str, Any], Any]] = [
     ("mistral-window-pp", "mistral-window-hf", {}, "pipeline"),
     ("llama-tied-pp", "llama-tied-hf", {}, "pipeline"),
     ("mixtral-int8-pp", "mixtral-hf", {"quantize": "int8"}, "pipeline"),
+    # two groups of sequences in flight (generate.py's _Flight): the same tokens as one process
+    ("mistral-window-pp-micro", "mistral-window-hf", {}, {"pp": 2, "micro_batches": 2}),
+    ("mixtral-int8-pp-micro", "mixtral-hf", {"quantize": "int8"}, {"pp": 2, "micro_batches": 2}),
 ]
 # (case, checkpoint, load_model keywords, parallel): must raise ValueError on every rank
 ERRORS_2 = [
@@ -136,6 +139,30 @@ def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[s
     }
 
 
+def _overlap(path: Path) -> list[str]:
+    """What the first stage does, in order, while 2 groups of a pipeline decode: 's' a send to the next
+    stage, 'w' a wait for a group's logits."""
+    gen = sys.modules[tramontane.generate.__module__]  # the module (the package's name is the function)
+    model = load_model(path, parallel={"pp": 2, "micro_batches": 2})
+    log: list[str] = []
+    topology, send, wait = model.parallel, model.parallel.send_next, gen.wait_all
+
+    def logged_send(x: torch.Tensor) -> None:
+        log.append("s")
+        send(x)
+
+    def logged_wait(works: list[Any]) -> None:
+        log.append("w")
+        wait(works)
+
+    topology.send_next, gen.wait_all = logged_send, logged_wait  # type: ignore[method-assign]
+    try:
+        tramontane.generate(model, [[1, 5, 9, 3], [7, 2]], max_tokens=3)
+    finally:
+        gen.wait_all = wait
+    return log
+
+
 def _worker(rank: int, world: int, port: int, out: str, job: str, paths: dict[str, str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -151,10 +178,12 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, paths: dict[st
                     results[case] = None
                 except ValueError as e:
                     results[case] = str(e)
+            results["overlap"] = _overlap(Path(paths["llama-tied-hf"]))
         elif job == "mixed":  # 4 ranks: tp 2 inside each of 2 pipeline stages
             wide = Path(paths["wide-hf"])
             results["tp2-pp2"] = _compare("tp2-pp2", wide, {}, {"tp": 2, "pp": 2})
             results["tp2-pp2-int8"] = _compare("tp2-pp2-int8", wide, {"quantize": "int8"}, {"tp": 2, "pp": 2})
+            results["tp2-pp2-micro"] = _compare("tp2-pp2-micro", wide, {}, {"tp": 2, "pp": 2, "micro_batches": 2})
         elif job == "dead":  # rank 1 dies after loading; rank 0 must fail, not hang
             model = load_model(Path(paths["mistral-window-hf"]), parallel="tensor")
             dist.barrier()
@@ -243,11 +272,20 @@ def test_shares_that_cannot_be_cut_are_clear_errors(two_ranks: list[dict[str, An
 def test_tensor_and_pipeline_combined_on_four_ranks(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     results = spawn("mixed", 4, tmp_path, checkpoints)
     for rank, res in enumerate(results):
-        for case in ("tp2-pp2", "tp2-pp2-int8"):
+        for case in ("tp2-pp2", "tp2-pp2-int8", "tp2-pp2-micro"):
             r = res[case]
             assert r["error"] <= tolerance(r), f"rank {rank} {case}: {r['error']}"
             assert r["greedy"] == r["greedy_ref"]
     assert len({json.dumps(r["tp2-pp2"]["sampled"]) for r in results}) == 1
+
+
+def test_the_first_stage_starts_the_next_group_before_the_last_stage_answers(
+        two_ranks: list[dict[str, Any]]) -> None:
+    # two prefills (one send each), then both groups' first decode steps are sent before the first wait
+    # for logits: the first stage computes group 2 while the last computes group 1
+    first, last = ("".join(r["overlap"]) for r in two_ranks)
+    assert first == "ss" + "ss" + "wsws" + "ww", first  # 3 tokens: after the third, nothing more is sent
+    assert last == "wwww", last  # the last stage sends nothing; it waits for its own broadcasts
 
 
 def test_a_dead_rank_makes_the_others_fail_not_hang(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -269,6 +307,12 @@ def test_config_and_stages() -> None:
         ParallelConfig(moe="nope")
     with pytest.raises(ValueError, match="unknown field"):
         ParallelConfig.resolve({"tp": 2, "dp": 2}, 4)
+    with pytest.raises(ValueError, match="micro_batches"):
+        ParallelConfig(pp=2, micro_batches=0)
+    pipeline = ParallelConfig(pp=2)
+    assert [pipeline.groups_for(n) for n in (1, 4, 15, 16, 40)] == [1, 1, 1, 2, 2]
+    assert ParallelConfig(pp=2, micro_batches=3).groups_for(2) == 2
+    assert ParallelConfig(tp=2, micro_batches=3).groups_for(40) == 1  # no pipeline: nothing to overlap
     assert [list(stage_layers(5, 3, s)) for s in range(3)] == [[0, 1], [2, 3], [4]]
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .cache import KVCache
 from .model import Transformer
+from .parallel.topology import wait_all
 from .sampling import Penalties, SamplingParams, sample_rows, token_logprobs
 
 
@@ -203,6 +204,9 @@ def stream(
     All prompts decode together in one batch; each is prefilled on its own (no padding), and a prompt
     that finishes leaves the batch at once. `stop_check(index, token)`, called after each token is
     yielded, ends that prompt with reason 'stop' when it returns True (e.g. a stop string matched).
+    On a pipeline-parallel model the prompts may decode as several micro-batches in flight
+    (`ParallelConfig.groups_for`, `_Flight`), so every stage computes while the others do; each prompt's
+    tokens are the same.
     """
     params = params or SamplingParams()
     check_language_model(model)
@@ -212,7 +216,6 @@ def stream(
     longest = max(len(p) for p in prompts) + max_tokens
     capacity = min(args.sliding_window, longest) if args.sliding_window else longest
     chunk = chunk_size or min(512, args.sliding_window or 512)
-    cache = KVCache.create(args, len(prompts), capacity, dtype=model.dtype, device=device)
     if model.parallel is not None:  # one share of a model: every rank must sample alike
         seed = model.parallel.shared_seed(seed)
     generators = [torch.Generator(device=device).manual_seed(seed + i) if seed is not None else None
@@ -221,32 +224,78 @@ def stream(
 
     loops = [TokenLoop(max_tokens, stop_ids, penalties[i],
                        None if stop_check is None else functools.partial(stop_check, i)) for i in range(len(prompts))]
-    active = list(range(len(prompts)))  # prompt index of each cache row, rows kept contiguous
     lengths = [len(p) for p in prompts]
     with torch.inference_mode():
-        logits = torch.stack([prefill(model, p, cache, i, chunk) for i, p in enumerate(prompts)])
-        while active:
-            chosen = sample_rows(logits, [params] * len(active), [generators[i] for i in active],
-                                 [penalties[i] for i in active])
-            lps: list[float | None] = list(token_logprobs(logits, chosen)) if logprobs else [None] * len(active)
-            keep: list[int] = []
-            for r, i in enumerate(active):
-                if not loops[i].accept(chosen[r]):
-                    yield FinishEvent(i, "stop")
+        flights = []
+        groups = _groups(model, len(prompts))
+        for group in groups:
+            cache = KVCache.create(args, len(group), capacity, dtype=model.dtype, device=device)
+            logits = torch.stack([prefill(model, prompts[i], cache, r, chunk) for r, i in enumerate(group)])
+            flights.append(_Flight(group, cache, logits, overlap=len(groups) > 1))
+        while flights:
+            for flight in list(flights):  # each group's step is in flight while the others are handled
+                flight.arrive()
+                active, logits = flight.active, flight.logits
+                chosen = sample_rows(logits, [params] * len(active), [generators[i] for i in active],
+                                     [penalties[i] for i in active])
+                lps: list[float | None] = list(token_logprobs(logits, chosen)) if logprobs else [None] * len(active)
+                keep: list[int] = []
+                for r, i in enumerate(active):
+                    if not loops[i].accept(chosen[r]):
+                        yield FinishEvent(i, "stop")
+                        continue
+                    yield TokenEvent(i, chosen[r], lps[r])
+                    if (reason := loops[i].finish_reason(chosen[r])) is not None:
+                        yield FinishEvent(i, reason)
+                    else:
+                        keep.append(r)
+                if not keep:
+                    flights.remove(flight)
                     continue
-                yield TokenEvent(i, chosen[r], lps[r])
-                if (reason := loops[i].finish_reason(chosen[r])) is not None:
-                    yield FinishEvent(i, reason)
-                else:
-                    keep.append(r)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                cache.keep(torch.tensor(keep, device=device))
-                active = [active[r] for r in keep]
-            toks = torch.tensor([chosen[r] for r in keep], device=device)
-            pos = torch.tensor([lengths[i] + loops[i].produced - 1 for i in active], device=device)
-            logits = decode_step(model, toks, pos, cache)
+                if len(keep) < len(active):
+                    flight.cache.keep(torch.tensor(keep, device=device))
+                    flight.active = [active[r] for r in keep]
+                toks = torch.tensor([chosen[r] for r in keep], device=device)
+                pos = torch.tensor([lengths[i] + loops[i].produced - 1 for i in flight.active], device=device)
+                flight.depart(model, toks, pos)
+    if model.parallel is not None:
+        model.parallel.settle()
+
+
+def _groups(model: Transformer, n: int) -> list[list[int]]:
+    """The prompts [0, n) in the groups that decode in flight together: one group, or on a pipeline
+    `ParallelConfig.groups_for(n)` contiguous groups as even as can be."""
+    count = 1 if model.parallel is None else model.parallel.config.groups_for(n)
+    bounds = [n * g // count for g in range(count + 1)]
+    return [list(range(bounds[g], bounds[g + 1])) for g in range(count)]
+
+
+@dataclass
+class _Flight:
+    """One group of sequences decoding together over its own cache: `active` holds the prompt index of
+    each cache row (rows kept contiguous), `logits` [len(active), V] their next-token logits once
+    `arrive` returns. With `overlap` (a pipeline's groups), `pending` is what must finish before they
+    are there: the broadcast of the last stage's logits."""
+
+    active: list[int]
+    cache: KVCache
+    logits: torch.Tensor
+    overlap: bool = False
+    pending: list[torch.distributed.Work] = field(default_factory=list)
+
+    def depart(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Start the step of `tokens` [B] at `positions` [B]; with `overlap`, the logits arrive later and
+        the first stage goes on to the next group meanwhile."""
+        if not self.overlap or model.parallel is None:
+            self.logits = decode_step(model, tokens, positions, self.cache)
+            return
+        with model.parallel.deferred_logits() as self.pending:
+            self.logits = decode_step(model, tokens, positions, self.cache)
+
+    def arrive(self) -> None:
+        if self.pending:
+            wait_all(self.pending)
+            self.pending = []
 
 
 def generate(

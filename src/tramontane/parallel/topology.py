@@ -8,6 +8,8 @@ tensor-parallel group, and rank (s, t) sends its activations to rank (s + 1, t).
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +50,10 @@ class Topology:
     stage: int
     tp_group: dist.ProcessGroup | None  # None when tp == 1
     traffic: Traffic = field(default_factory=Traffic)
+    # sends to the next stage still in flight, with the tensors they read (kept alive until done)
+    _sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list, repr=False)
+    # inside `deferred_logits`: the broadcasts of logits started but not waited for
+    _deferred: list[dist.Work] | None = field(default=None, repr=False)
 
     @property
     def first_stage(self) -> bool:
@@ -80,11 +86,33 @@ class Topology:
         return torch.cat(parts, dim=-1)
 
     def broadcast_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` from the last stage's first rank on every rank, in place."""
+        """`x` from the last stage's first rank on every rank, in place; inside `deferred_logits` only
+        started (read `x` after waiting for what that block yielded)."""
         if self.rank == self.logits_root:
             self.traffic.broadcast += x.nbytes
-        _checked(dist.broadcast, x, src=self.logits_root)
+        if self._deferred is None:
+            _checked(dist.broadcast, x, src=self.logits_root)
+        else:
+            work = _started(dist.broadcast, x, src=self.logits_root, async_op=True)
+            self._deferred.append(work)
         return x
+
+    @contextmanager
+    def deferred_logits(self) -> Iterator[list[dist.Work]]:
+        """Forwards inside this block return logits that are still arriving; wait for the works it yields
+        (`wait_all`) before reading them. A pipeline keeps several micro-batches in flight this way: the
+        first stage starts the next one while the last stage computes this one.
+
+        Example:
+            >>> with topology.deferred_logits() as pending:
+            ...     logits = model(tokens, positions, cache=cache)
+            >>> wait_all(pending)  # now `logits` holds the last stage's values
+        """
+        self._deferred = []
+        try:
+            yield self._deferred
+        finally:
+            self._deferred = None
 
     def shared_seed(self, seed: int | None) -> int | None:
         """`seed`, or when None one drawn on rank 0 and given to every rank: sampling then picks the same
@@ -102,8 +130,21 @@ class Topology:
         return box[0]
 
     def send_next(self, x: torch.Tensor) -> None:
+        """Start sending `x` to the same tensor rank of the next stage; this stage goes on computing
+        meanwhile (a send completes once the next stage receives it: waiting here would keep this stage
+        idle for as long as the next one computes)."""
         self.traffic.p2p += x.nbytes
-        _checked(dist.send, x.contiguous(), dst=self.rank + self.config.tp)
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        if len(self._sends) >= 4 * self.config.pp:  # bound what waits: the oldest must have arrived by now
+            wait_all([w for w, _ in self._sends])
+            self._sends = []
+        copy = x.detach().clone(memory_format=torch.contiguous_format)  # the caller may reuse x's memory
+        self._sends.append((_started(dist.isend, copy, dst=self.rank + self.config.tp), copy))
+
+    def settle(self) -> None:
+        """Wait until every send to the next stage has arrived (before a job or a generation ends)."""
+        wait_all([w for w, _ in self._sends])
+        self._sends = []
 
     def recv_prev(self, x: torch.Tensor) -> torch.Tensor:
         _checked(dist.recv, x, src=self.rank - self.config.tp)
@@ -112,12 +153,30 @@ class Topology:
 
 def _checked(op: object, *args: object, **kwargs: object) -> None:
     """Run a c10d operation; a peer that died or timed out becomes a ParallelError naming the rank."""
+    _started(op, *args, **kwargs)
+
+
+def _started(op: object, *args: object, **kwargs: object) -> dist.Work:
+    """Start (async_op=True, isend) or run a c10d operation; a failure is a ParallelError (`_failed`)."""
     try:
-        op(*args, **kwargs)  # type: ignore[operator]
+        return op(*args, **kwargs)  # type: ignore[operator, no-any-return]
     except RuntimeError as e:
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise ParallelError(f"rank {rank}: {getattr(op, '__name__', op)} failed; a peer process died, hung "
-                            f"or timed out ({str(e).strip().splitlines()[0] if str(e).strip() else e})") from e
+        raise _failed(getattr(op, "__name__", str(op)), e) from e
+
+
+def wait_all(works: list[dist.Work]) -> None:
+    """Wait for started c10d operations; a failure is a ParallelError naming the rank."""
+    for work in works:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise _failed("wait", e) from e
+
+
+def _failed(what: str, e: RuntimeError) -> ParallelError:
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    return ParallelError(f"rank {rank}: {what} failed; a peer process died, hung or timed out "
+                         f"({str(e).strip().splitlines()[0] if str(e).strip() else e})")
 
 
 def init_topology(parallel: str | dict[str, object] | ParallelConfig) -> Topology:
