@@ -11,13 +11,16 @@ import datetime
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import torch.distributed as dist
@@ -346,3 +349,93 @@ def test_cli_chat_under_torchrun_answers_as_one_process() -> None:
                          input=message, capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr
     assert answer(two.stdout) == answer(one.stdout) and "[6 tokens" in one.stdout
+
+
+# ---------------------------------------------------------------------------------- serve under torchrun
+PROMPTS = ["The tramontane is a cold wind that", "def fibonacci(n):", "Three winds of the Mediterranean:"]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited ({proc.returncode}): {proc.communicate()[1][-2000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+def _answers(url: str) -> list[str]:
+    """Greedy completions of PROMPTS, sent at once (they share the engine's steps)."""
+    def ask(prompt: str) -> str:
+        body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["text"])
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(ask, PROMPTS))
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The pid of the torchrun worker of `rank` under the launcher `parent`."""
+    for child in Path("/proc").iterdir():
+        try:
+            if child.name.isdigit() and int((child / "stat").read_text().split()[3]) == parent:
+                if f"RANK={rank}".encode() in (child / "environ").read_bytes().split(b"\0"):
+                    return int(child.name)
+        except OSError:
+            continue
+    raise LookupError(f"no rank {rank} under {parent}")
+
+
+def test_serve_under_torchrun_answers_as_one_process_and_stops_with_rank_0() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    one_port, two_port = free_port(), free_port()
+    one = subprocess.Popen([sys.executable, "-m", "tramontane.cli", "serve", "--port", str(one_port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{one_port}", one)
+        want = _answers(f"http://127.0.0.1:{one_port}")
+    finally:
+        one.terminate()
+        one.communicate(timeout=60)
+    # SmolLM2's 9 heads do not split in 2: its layers do, in two pipeline stages
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(free_port()), "-m", "tramontane.cli", "serve", "--pp", "2", "--port", str(two_port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{two_port}", two)
+        assert _answers(f"http://127.0.0.1:{two_port}") == want
+        os.kill(_rank_pid(two.pid, 0), signal.SIGTERM)  # a stop of the server, not of the job
+        out, err = two.communicate(timeout=60)
+    finally:
+        two.kill()
+    assert two.returncode == 0, err[-3000:]  # rank 1 left when rank 0 told it to, and nothing failed
+    assert "tp 1 x pp 2 ranks" in out + err
+
+
+def test_serve_rank_0_exits_with_an_error_when_a_follower_dies(tmp_path: Path) -> None:
+    # ranks started by hand, as torchrun would start them (its own agent would stop rank 0 for us)
+    port, http = free_port(), free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tramontane.cli", "serve", "--pp", "2", "--port", str(http)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        _wait_healthy(f"http://127.0.0.1:{http}", procs[0])
+        procs[1].kill()
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        seconds = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "tramontane: error: rank 0:" in err and "peer process died" in err, err[-3000:]
+    assert seconds < 60  # the next keep-alive finds the peer gone

@@ -515,18 +515,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
                           body_timeout=a.body_timeout)
     connections = ConnectionLimits(header_timeout=a.header_timeout, keep_alive_timeout=a.keep_alive_timeout,
                                    max_connections=a.max_connections, shutdown_timeout=a.shutdown_timeout)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CliError("serve does not run under torchrun yet: use complete or demo (issue 17)")
     path = resolve_model(a.model)
     engine, tokenizer = load_engine(path, dtype=parse_dtype(a.dtype), device=a.device, max_batch=a.max_batch,
                                     max_queue=a.max_queue, max_seq_len=a.max_seq_len, quantize=a.quantize,
                                     dequantize=a.dequantize, compile=a.compile, kv_blocks=a.kv_blocks,
                                     prefix_cache=not a.no_prefix_cache,
                                     kv_dtype=None if a.kv_cache_dtype is None else parse_kv_dtype(a.kv_cache_dtype),
-                                    lora=[folder for _, folder in a.lora])
+                                    lora=[folder for _, folder in a.lora], parallel=parallel_config(a))
+    if not is_leader(engine.model):
+        engine.follow()  # rank 0 serves; this rank runs its share of every step until rank 0 stops
+        return 0
+    # a peer rank that fails stops the engine: the server then shuts down as on SIGTERM, and serve fails
+    engine.on_fatal = lambda error: os.kill(os.getpid(), signal.SIGTERM)
     name = a.served_model_name or default_model_name(path)
     pool = engine.pool
-    print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}, "
+    split = engine.model.parallel
+    where = "" if split is None else f", tp {split.config.tp} x pp {split.config.pp} ranks"
+    print(f"tramontane: serving {name} at http://{a.host}:{a.port}/v1 (context {engine.max_seq_len}{where}, "
           f"batch {a.max_batch}, KV pool of {pool.n_blocks - 1} blocks x {pool.block_size} positions, "
           f"up to {pool.nbytes() / 2**30:.2f} GiB, committed as used)"
           f"{'; API key required' if a.api_key else ''}"
@@ -534,6 +539,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
         request_timeout=a.request_timeout or None, limits=limits, connections=connections,
         extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora])
+    if engine.failed is not None:
+        from .parallel import ParallelError
+
+        raise ParallelError(engine.failed)
     return 0
 
 
@@ -569,15 +578,16 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
     mg.set_defaults(func=cmd_merge)
 
-    load = argparse.ArgumentParser(add_help=False)  # what `load_for_generation` reads
+    split = argparse.ArgumentParser(add_help=False)  # what `parallel_config` reads
+    split.add_argument("--tp", type=bounded(int, 1), default=None,
+                       help="under torchrun: tensor-parallel ranks (default: world size / --pp)")
+    split.add_argument("--pp", type=bounded(int, 1), default=None,
+                       help="under torchrun: pipeline stages of contiguous layers (default 1)")
+    load = argparse.ArgumentParser(add_help=False, parents=[split])  # what `load_for_generation` reads
     load.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     load.add_argument("--dtype", default="float32", help="compute dtype: float32 (default), bfloat16, float16")
     load.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     load.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    load.add_argument("--tp", type=bounded(int, 1), default=None,
-                      help="under torchrun: tensor-parallel ranks (default: world size / --pp)")
-    load.add_argument("--pp", type=bounded(int, 1), default=None,
-                      help="under torchrun: pipeline stages of contiguous layers (default 1)")
     load.add_argument("--quantize", choices=QUANT_METHODS, default=None,
                       help="quantize weights while loading (int8 per channel; int4 in groups of 32, symmetric like "
                            "Q4_0, or int4_asym with a minimum per group like Q4_1)")
@@ -643,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--json", action="store_true", help="print a JSON list with every card's fields")
     ms.set_defaults(func=cmd_models)
 
-    sv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (continuous batching)")
+    sv = sub.add_parser("serve", parents=[common, split], help="OpenAI-compatible HTTP server (continuous batching); "
+                        "under torchrun, rank 0 serves and every rank runs its share of each step")
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port (default 8000)")

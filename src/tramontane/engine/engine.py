@@ -4,6 +4,10 @@ The `Scheduler` decides (admission, KV blocks, preemption) and returns a plan, t
 on the model over a paged KV pool, and the sampled tokens go through each request's `TokenLoop` (the
 same stop, penalty and length handling as `generate.stream`) before they are emitted.
 
+In a parallel job (a model loaded with `parallel=`), rank 0's engine schedules and samples, and hands
+each step's `StepInputs` to the other ranks, whose engines `follow`: every step is the same sequence of
+collectives on every rank.
+
 Example:
     >>> engine = Engine(model, tokenizer, max_batch=16)
     >>> engine.start()
@@ -16,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +32,22 @@ from ..kernels import release_threads
 from ..loading.validate import available_memory
 from ..model import Transformer
 from ..multi_lora import AdapterRows
+from ..parallel import ParallelError
 from ..sampling import Penalties, sample_rows, top_token_logprobs
 from ..textgen import TextTracker
 from .blocks import BlockManager
 from .grammar import Matcher, Vocabulary
 from .metrics import Metrics
 from .request import EngineEvent, Request
-from .runner import Runner
+from .runner import Runner, StepInputs
 from .scheduler import Plan, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
+
+# What rank 0 hands the other ranks of a parallel job besides a step's inputs: that it is idle (sent every
+# KEEPALIVE seconds, so that a quiet server does not run into the collectives' timeout), or that it stops.
+IDLE, STOP = "idle", "stop"
+KEEPALIVE = 5.0
 
 
 class QueueFullError(Exception):
@@ -69,6 +80,9 @@ class Engine:
     at once; the others wait in a queue of at most `max_queue`. Only the engine thread touches the model.
     `adapters` is the selector of the LoRA adapters served on `model` (`multi_lora.serve_adapters`): a
     request's `adapter` picks one, and rows with different adapters share each step.
+
+    When a peer rank of a parallel job fails, the engine fails what runs, stops, keeps the reason in
+    `failed` and calls `on_fatal` with it (the server sets it to shut itself down).
     """
 
     def __init__(
@@ -126,6 +140,8 @@ class Engine:
         self._lives: list[_Live] = []
         self._thread: threading.Thread | None = None
         self._running = False
+        self.failed: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ client side (any thread)
     def validate(self, req: Request) -> None:
@@ -139,8 +155,11 @@ class Engine:
             raise ValueError(f"logit_bias: token ids must lie in [0, {vocab})")
 
     def submit(self, req: Request) -> None:
-        """Queue a request. Raises ValueError for a bad request and QueueFullError when the queue is full."""
+        """Queue a request. Raises ValueError for a bad request, QueueFullError when the queue is full and
+        ParallelError once a peer rank has failed."""
         self.validate(req)
+        if self.failed is not None:
+            raise ParallelError(self.failed)
         with self._cond:
             if self.waiting >= self.max_queue:
                 raise QueueFullError(f"the queue holds {self.max_queue} waiting requests")
@@ -177,9 +196,20 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        topology = self.model.parallel
+        told = time.monotonic()  # when the other ranks last heard from this one
         while self._running:
             try:
                 busy = self.step()
+                if busy:
+                    told = time.monotonic()
+                elif topology is not None and time.monotonic() - told > KEEPALIVE:
+                    topology.from_leader(IDLE)
+                    told = time.monotonic()
+            except ParallelError as e:  # a peer rank is gone: no step can run any more
+                log.error("engine stopped: %s", e)
+                self._fatal(str(e))
+                return
             except Exception as e:  # never let one bad step kill the server: fail what was running
                 log.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
@@ -188,6 +218,26 @@ class Engine:
                 with self._cond:
                     if self._running and not self._submitted:
                         self._cond.wait(timeout=0.1)
+        if topology is not None:
+            topology.from_leader(STOP)
+
+    def follow(self) -> None:
+        """On the ranks other than 0 of a parallel job: run the steps rank 0's engine hands out, until it
+        stops. Raises ParallelError when rank 0 is gone (after the collectives' timeout at most)."""
+        topology = self.model.parallel
+        if topology is None or topology.rank == 0:
+            raise ValueError("follow: only the ranks other than 0 of a parallel job follow; rank 0 starts the engine")
+        with torch.inference_mode():
+            while (message := topology.from_leader(None)) != STOP:
+                if isinstance(message, StepInputs):
+                    self.runner.run(message)
+
+    def _fatal(self, error: str) -> None:
+        self.failed = error
+        self._running = False
+        self._fail_all(error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def step(self) -> bool:
         """One iteration: take in new requests, retire cancelled/expired ones, schedule, run, emit.
@@ -199,7 +249,10 @@ class Engine:
             self.metrics.preemptions.inc(len(plan.preempted))
             if plan.empty:
                 return False
-            seqs, logits = self.runner.execute(plan)
+            inputs = self.runner.inputs(plan)
+            if self.model.parallel is not None:
+                self.model.parallel.from_leader(inputs)  # the other ranks run the same step
+            seqs, logits = self.runner.execute(plan, inputs)
             self._advance(plan)
             if logits is not None:
                 self._sample(seqs, logits)

@@ -1,5 +1,9 @@
 """The runner: executes a scheduler's `Plan` on the model over the paged KV pool, and nothing else.
 
+A plan becomes `StepInputs` first: token ids, positions and block ids only, so that in a parallel job
+rank 0 can hand them to the other ranks (`Topology.from_leader`), which run the same step on their
+shares of the model without a scheduler of their own.
+
 Example:
     >>> runner = Runner(model, pool)
     >>> seqs, logits = runner.execute(scheduler.schedule())   # logits [len(seqs), vocab]
@@ -7,12 +11,41 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..cache import PagedKVCache
 from ..model import Transformer
 from ..multi_lora import AdapterRows
 from .scheduler import Plan, Sequence
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward call: row b feeds `tokens[b]` from position `starts[b]` over block table `tables[b]`
+    (whose first entry is logical block `first_blocks[b]`) with LoRA adapter `adapters[b]`."""
+
+    tokens: list[list[int]]
+    starts: list[int]
+    tables: list[list[int]]
+    first_blocks: list[int]
+    adapters: list[int]
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> Forward:
+        return cls(tokens, starts, [list(s.blocks) for s in seqs], [s.first_block for s in seqs],
+                   [s.adapter for s in seqs])
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What every rank needs to run one step: blocks to zero first, a prompt chunk (its last position's
+    logits), and one decode token per decoding sequence."""
+
+    new_blocks: list[int]
+    prefill: Forward | None
+    decode: Forward | None
 
 
 class Runner:
@@ -23,34 +56,48 @@ class Runner:
         self.pool = pool
         self.adapters = adapters  # with served LoRA adapters: set to each row's before every forward
 
-    def _select(self, seqs: list[Sequence]) -> None:
-        if self.adapters is not None:
-            self.adapters.index = torch.tensor([s.adapter for s in seqs], device=self.model.device)
+    @staticmethod
+    def inputs(plan: Plan) -> StepInputs:
+        prefill = None
+        if (chunk := plan.prefill) is not None:
+            tokens = chunk.seq.tokens[chunk.start : chunk.start + chunk.length]
+            prefill = Forward.of([chunk.seq], [tokens], [chunk.start])
+        decode = None
+        if plan.decode:
+            decode = Forward.of(plan.decode, [[s.tokens[-1]] for s in plan.decode],
+                                [len(s.tokens) - 1 for s in plan.decode])
+        return StepInputs(list(plan.new_blocks), prefill, decode)
 
-    def execute(self, plan: Plan) -> tuple[list[Sequence], torch.Tensor | None]:
-        """The sequences that produced next-token logits this step (a prompt's last chunk, every decode)
-        and those logits [N, vocab], or None when there are none. The caller advances the scheduler."""
+    def run(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of the prompt chunk's last position [1, vocab] and of the decode rows [B, vocab]
+        (None for a part the step does not have)."""
+        self.pool.clear(inputs.new_blocks)
+        prefill = None if inputs.prefill is None else self._forward(inputs.prefill, last_only=True)[:, -1]
+        decode = None if inputs.decode is None else self._forward(inputs.decode, last_only=False)[:, 0]
+        return prefill, decode
+
+    def _forward(self, f: Forward, last_only: bool) -> torch.Tensor:
         device = self.model.device
-        self.pool.clear(plan.new_blocks)
+        tokens = torch.tensor(f.tokens, device=device)  # [B, T]
+        positions = torch.tensor(f.starts, device=device)[:, None] + torch.arange(tokens.shape[1], device=device)
+        if self.adapters is not None:
+            self.adapters.index = torch.tensor(f.adapters, device=device)
+        batch = self.pool.batch(f.tables, f.first_blocks)
+        return self.model(tokens, positions, cache=batch, last_only=last_only)
+
+    def execute(self, plan: Plan, inputs: StepInputs | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The sequences that produced next-token logits this step (a prompt's last chunk, every decode)
+        and those logits [N, vocab], or None when there are none. The caller advances the scheduler.
+        `inputs` are the plan's (`inputs(plan)`) when the caller has them already."""
+        prefill, decode = self.run(inputs or self.inputs(plan))
         seqs: list[Sequence] = []
         rows: list[torch.Tensor] = []
-        if (chunk := plan.prefill) is not None:
-            seq = chunk.seq
-            tokens = torch.tensor([seq.tokens[chunk.start : chunk.start + chunk.length]], device=device)
-            positions = torch.arange(chunk.start, chunk.start + chunk.length, device=device)[None]
-            batch = self.pool.batch([seq.blocks], [seq.first_block])
-            self._select([seq])
-            logits = self.model(tokens, positions, cache=batch, last_only=True)[:, -1]
-            if chunk.last:
-                seqs.append(seq)
-                rows.append(logits)
-        if plan.decode:
-            tokens = torch.tensor([[s.tokens[-1]] for s in plan.decode], device=device)
-            positions = torch.tensor([[len(s.tokens) - 1] for s in plan.decode], device=device)
-            batch = self.pool.batch([s.blocks for s in plan.decode], [s.first_block for s in plan.decode])
+        if plan.prefill is not None and plan.prefill.last and prefill is not None:
+            seqs.append(plan.prefill.seq)
+            rows.append(prefill)
+        if decode is not None:
             seqs.extend(plan.decode)
-            self._select(plan.decode)
-            rows.append(self.model(tokens, positions, cache=batch)[:, 0])
+            rows.append(decode)
         if not rows:
             return seqs, None
         return seqs, rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -55,17 +55,21 @@ def load_engine(
     prefix_cache: bool = True,
     kv_dtype: torch.dtype | None = None,
     lora: Sequence[Path] = (),
+    parallel: Any = None,
 ) -> tuple[Engine, Tokenizer]:
     """A model and its tokenizer, read from `path`, in an engine whose KV pool is reserved now (not started);
     `compile` routes decode steps through torch.compile (`generate.compile_decode`); the KV options are
     `Engine`'s. `lora` are adapter folders served together on the model (`multi_lora`): engine adapter
-    i + 1 is `lora[i]`.
+    i + 1 is `lora[i]`. `parallel` (as `load_model`'s) holds this rank's share of the model: rank 0's
+    engine serves, the others' `follow` it.
 
     Raises:
-        ValueError: the KV pool does not fit in memory.
+        ValueError: the KV pool does not fit in memory, or adapters are asked for under `parallel`.
     """
+    if lora and parallel is not None:
+        raise ValueError("lora: serving adapters is not supported on a parallel model yet; serve them in one process")
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize)
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize, parallel=parallel)
     rows = serve_adapters(model, [read_adapter(folder, model.args) for folder in lora]) if lora else None
     if compile:
         compile_decode(model)
