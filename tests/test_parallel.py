@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -439,3 +440,71 @@ def test_serve_rank_0_exits_with_an_error_when_a_follower_dies(tmp_path: Path) -
     assert procs[0].returncode == 1, err[-3000:]
     assert "tramontane: error: rank 0:" in err and "peer process died" in err, err[-3000:]
     assert seconds < 60  # the next keep-alive finds the peer gone
+
+
+# ---------------------------------------------------------------------------------- two hosts
+class _Hosts:
+    """Two network namespaces joined by a veth pair: two hosts of one test, 10.231.<n>.1 and .2, that
+    reach nothing else (made here, removed after)."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 10000}"
+        self.names = [f"tram{tag}a", f"tram{tag}b"]
+        self.ifaces = [f"tr{tag}a", f"tr{tag}b"]
+        self.addrs = [f"10.231.{os.getpid() % 250}.{i + 1}" for i in range(2)]
+
+    def __enter__(self) -> _Hosts:
+        try:
+            subprocess.run(["ip", "link", "add", self.ifaces[0], "type", "veth", "peer", "name", self.ifaces[1]],
+                           check=True, capture_output=True)
+            for name, iface, addr in zip(self.names, self.ifaces, self.addrs):
+                subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+                subprocess.run(["ip", "link", "set", iface, "netns", name], check=True, capture_output=True)
+                for cmd in (["addr", "add", f"{addr}/24", "dev", iface], ["link", "set", iface, "up"],
+                            ["link", "set", "lo", "up"]):
+                    subprocess.run(["ip", "-n", name, *cmd], check=True, capture_output=True)
+        except subprocess.CalledProcessError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.names:  # removing a namespace removes its end of the pair, and so the pair
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.ifaces[0]], capture_output=True)  # if it never moved
+
+
+def _can_make_hosts() -> bool:
+    probe = f"tramprobe{os.getpid()}"
+    made = shutil.which("ip") is not None and subprocess.run(["ip", "netns", "add", probe],
+                                                             capture_output=True).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return made
+
+
+@pytest.mark.skipif(not _can_make_hosts(), reason="needs `ip netns` (root, CAP_NET_ADMIN) to make two test hosts")
+def test_pipeline_between_two_hosts_completes_as_one_process() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    cmd = ["complete", "--max-tokens", "8", "The tramontane is a cold wind that"]
+    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert one.returncode == 0, one.stderr
+    with _Hosts() as hosts:
+        port = free_port()
+        nodes = [subprocess.Popen(["ip", "netns", "exec", hosts.names[rank], sys.executable, "-m",
+                                   "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+                                   str(rank), "--master-addr", hosts.addrs[0], "--master-port", str(port),
+                                   "-m", "tramontane.cli", *cmd, "--pp", "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=dict(env, GLOO_SOCKET_IFNAME=hosts.ifaces[rank]))
+                 for rank in range(2)]
+        try:
+            outs = [node.communicate(timeout=300) for node in nodes]
+        finally:
+            for node in nodes:
+                node.kill()
+    for node, (_, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-3000:]
+    assert outs[0][0] == one.stdout and one.stdout.strip()  # host 0 holds rank 0, which prints
+    assert outs[1][0] == ""
