@@ -53,9 +53,9 @@ def isas() -> list[str]:
     ext = qlinear()
     if ext is None:
         return []
-    # the block formats have no AMX kernel: an AMX CPU runs their AVX-512 path, which must be tested there too
-    has = {"avx2": ("avx2", "avx512", "amx"), "avx512": ("avx512", "amx")}
-    return ["portable"] + [i for i in ("avx2", "avx512") if ext.isa() in has[i]]
+    # an AMX CPU runs the AVX-512 kernels below AMX_MIN_ROWS_BLOCKS rows, which must be tested there too
+    has = {"avx2": ("avx2", "avx512", "amx"), "avx512": ("avx512", "amx"), "amx": ("amx",)}
+    return ["portable"] + [i for i in ("avx2", "avx512", "amx") if ext.isa() in has[i]]
 
 
 @pytest.fixture(params=isas())
@@ -76,9 +76,14 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
 
 
 def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """block_linear's product, checked against the dequantized weights times x as the kernels round it."""
-    want = quantized_x(x).double() @ reference(kind, w).double().T
-    got = qlinear().block_linear(x, w, BLOCK_FORMATS[kind])
+    """block_linear's product, checked against the dequantized weights times x as the kernels round them:
+    x to int8 in blocks of 32, or on AMX tiles (from AMX_MIN_ROWS_BLOCKS rows) x and the weights to bf16."""
+    ext = qlinear()
+    if ext.isa() == "amx" and x.shape[0] >= ext.AMX_MIN_ROWS_BLOCKS:
+        want = x.bfloat16().double() @ reference(kind, w).bfloat16().double().T
+    else:
+        want = quantized_x(x).double() @ reference(kind, w).double().T
+    got = ext.block_linear(x, w, BLOCK_FORMATS[kind])
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     return got
 
@@ -101,6 +106,17 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
     want = big @ reference(kind, w).T
     tol = 1e-4 if prefill_dtype() == torch.float32 else 1e-2  # bf16 operands where the CPU has them
     torch.testing.assert_close(layer(big), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.skipif(qlinear() is None or qlinear().isa() != "amx", reason="this CPU has no AMX")
+@pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
+@pytest.mark.parametrize("rows", [9, 17, 33, 70])
+def test_amx_products_of_every_row_count(kind, rows):
+    # 9: the first row count on tiles; 17 and 33: a second x chunk, a second pair of chunks (a unit's
+    # blocks decoded once and reused); 70 weight rows: two 32-row units and a partial one
+    K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    kernel_product(kind, random_blocks(kind, 70, K, seed=rows), x)
 
 
 BLOCK_FORMATS_UNIT = {"Q8_0": 64, "Q5_0": 64, "Q5_1": 64, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
@@ -180,9 +196,15 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, monkeypatch):
     assert not block_formats(floats)
     tokens = torch.randint(0, MIXED.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     want = floats(tokens)
-    # prefill: dequantize + GEMM, with exact fp32 products (the bf16 ones are tested in test_quantize.py)
+    # prefill: dequantize + GEMM, with exact fp32 products (the bf16 ones are tested in test_quantize.py,
+    # the AMX tiles that take every row count on AMX CPUs in test_amx_products_of_every_row_count)
     monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)
-    torch.testing.assert_close(blocks(tokens), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    ext, best = qlinear(), qlinear().isa()
+    ext.set_isa("avx512" if best == "amx" else best)
+    try:
+        torch.testing.assert_close(blocks(tokens), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    finally:
+        ext.set_isa(best)
     # decode steps: the integer kernels, activations rounded to int8 per block of 32
     for native, python, *_ in paired_steps(blocks, [[1, 2, 3, 4], [5, 6]], 3, monkeypatch):
         torch.testing.assert_close(native, python, rtol=1e-4, atol=1e-4 * python.abs().max().item())

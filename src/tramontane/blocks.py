@@ -1,9 +1,10 @@
 """GGUF block formats kept as the file stores them: a linear layer over rows of Q8_0, Q5_0, Q5_1, Q4_K, Q5_K
 or Q6_K blocks, the bytes unchanged (Q4_0 and Q4_1 are `Int4Linear`'s own layouts, see quantize.py).
 
-Decode-sized inputs run the native integer kernels of `kernels/blocks.cpp`; larger ones dequantize
-tiles and multiply, like every quantized layer (`QuantLinearBase`). Without the kernels the rows are
-dequantized by gguf-py's reference code.
+Decode-sized inputs run the native integer kernels of `kernels/blocks.cpp` (on AMX CPUs, from 9 rows
+on and for every larger input, its AMX tiles); larger ones dequantize tiles and multiply, like every
+quantized layer (`QuantLinearBase`). Without the kernels the rows are dequantized by gguf-py's
+reference code.
 
 Example:
     >>> layer = BlockLinear.from_blocks(rows, in_features=4096, kind="Q4_K")  # rows: uint8 [out, row bytes]
@@ -46,6 +47,7 @@ class BlockLinear(QuantLinearBase):
     """y = x @ dequant(W).T with W's rows in a GGUF block format (uint8 [out, row bytes])."""
 
     weight: torch.Tensor
+    amx_tiles = True
 
     def __init__(self, in_features: int, out_features: int, kind: str) -> None:
         super().__init__()

@@ -83,9 +83,14 @@ class QuantLinearBase(nn.Module):
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # Whether on AMX the kernel beats dequantize + GEMM at any number of rows: its AMX path decodes each
+    # block of 32 to bf16 once for all rows (kernels/amx.h; 2x faster than the GEMM for int4, and for
+    # Q4_K and Q6_K at 64 and 512 rows). Such a kernel takes rows of whole blocks of 32 only.
+    amx_tiles = False
+
     def _fused_wins(self, ext: Any, rows: int) -> bool:
         """Whether the kernel beats dequantize + GEMM for this many rows of activations."""
-        return rows <= SMALL_BATCH
+        return rows <= SMALL_BATCH or (self.amx_tiles and ext.isa() == "amx" and self.in_features % 32 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -171,6 +176,7 @@ class Int8Linear(QuantLinearBase):
     """y = x @ (q * scale).T with int8 q [out, in] and one fp32 scale per output channel."""
 
     weight: torch.Tensor
+    amx_tiles = True
     scale: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -192,10 +198,6 @@ class Int8Linear(QuantLinearBase):
 
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
         return ext.int8_linear(flat, self.weight, self.scale)
-
-    def _fused_wins(self, ext: Any, rows: int) -> bool:
-        # (see Int4Linear; the AMX kernel takes rows of whole blocks of 32)
-        return rows <= SMALL_BATCH or (ext.isa() == "amx" and self.in_features % 32 == 0)
 
 
 # ------------------------------------------------------------------------------------------ int4
@@ -257,6 +259,8 @@ class Int4Linear(QuantLinearBase):
     """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte; symmetric, or with a
     minimum per group (`zero_point`)."""
 
+    amx_tiles = True
+
     weight: torch.Tensor
     scale: torch.Tensor
     mins: torch.Tensor | None
@@ -296,9 +300,6 @@ class Int4Linear(QuantLinearBase):
     def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
         return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
 
-    def _fused_wins(self, ext: Any, rows: int) -> bool:
-        # on AMX the kernel decodes each block to bf16 once for all rows, faster than a GEMM at any size
-        return rows <= SMALL_BATCH or ext.isa() == "amx"
 
 
 QuantLinear = Int8Linear | Int4Linear

@@ -15,8 +15,11 @@
 // integers (AVX-512 VNNI's dpbusd multiplies unsigned codes by signed x without saturation). Values
 // dequantize exactly as gguf-py's reference does: each product scale * code is exact in fp32, so one
 // rounding remains, the same one.
+//
+// On AMX CPUs, from kAmxMinRowsBlocks rows of x on, products go through AMX tiles instead (amx.h): each
+// weight dequantizes once to bf16, whatever the number of rows of x, and x rounds to bf16 instead of int8.
 
-#include "common.h"
+#include "amx.h"
 
 #include <tuple>
 #include <vector>
@@ -410,6 +413,57 @@ T512VNNI void dequantize_rows_vnni(const uint8_t* w, int64_t K, float* out, int6
 }
 #endif  // TRAMONTANE_X86
 
+// ---------------------------------------------------------------------------------------- AMX
+#ifdef TRAMONTANE_AMX
+// A format's rows for the tile loop of amx.h: at the start of each unit, every row of a 16-row group
+// dequantizes the whole unit to bf16 (as dequantize_rows_vnni computes it, then rounded to nearest even);
+// each block of 32 is then a copy. Values come in the row's order (k_of(t) = t).
+template <class F>
+struct BlockRows {
+  const uint8_t* w;
+  int64_t K, row_bytes;
+  alignas(64) uint16_t unit[2][16][F::kUnit];  // [group][row][element of the unit being decoded]
+
+  static int64_t k_of(int64_t t) { return t; }
+
+  TAMX void prepare(int g, int64_t o, int64_t rows, int64_t b) {
+    if (b % (F::kUnit / 32)) return;
+    const int64_t u = b / (F::kUnit / 32);
+    alignas(64) float sc[16], off[16];
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = w + (o + r) * row_bytes + u * F::kBytes;
+      __m512 scv, offv;
+      F::scales16(src, 1, scv, offv);
+      _mm512_store_ps(sc, scv);
+      _mm512_store_ps(off, offv);
+      for (int64_t c = 0; c < F::kUnit / 64; ++c) {
+        const __m512i codes = F::codes512(src, c);
+        __m512 v[4];
+        v[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 0)));
+        v[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 1)));
+        v[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 2)));
+        v[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 3)));
+        for (int p = 0; p < 4; ++p)
+          v[p] = _mm512_fmadd_ps(v[p], _mm512_set1_ps(sc[4 * c + p]), _mm512_set1_ps(off[4 * c + p]));
+        uint16_t* dst = unit[g][r] + 64 * c;
+        _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+        _mm512_store_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
+      }
+    }
+  }
+
+  TAMX void decode(int g, int64_t, int64_t rows, int64_t b, uint16_t* dst) const {
+    const int64_t at = b % (F::kUnit / 32) * 32;
+    for (int64_t r = 0; r < 16; ++r)
+      _mm512_store_si512(dst + r * 32, r < rows ? _mm512_load_si512(unit[g][r] + at) : _mm512_setzero_si512());
+  }
+
+  void prefetch_side(int64_t, int64_t) const {}
+
+  float row_factor(int64_t) const { return 1.f; }
+};
+#endif
+
 // ---------------------------------------------------------------------------------------- dispatch
 // ggml's type numbers, as GGUF files store them.
 enum Kind : int64_t { kQ8_0 = 8, kQ5_0 = 6, kQ5_1 = 7, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
@@ -450,9 +504,15 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
     using F = decltype(f);
     const int64_t K = check_blocks(f, w), N = w.size(0), M = x.size(0);
     check_x(x, K);
+    auto y = torch::empty({M, N}, x.options());
+#ifdef TRAMONTANE_AMX
+    if (M >= kAmxMinRowsBlocks && amx_in_use()) {
+      amx::run(x.data_ptr<float>(), M, BlockRows<F>{w.data_ptr<uint8_t>(), K, w.size(1), {}}, y.data_ptr<float>(), N);
+      return y;
+    }
+#endif
     const bool vnni = use_vnni();
     const Act a = quantize_act(x.data_ptr<float>(), M, K, vnni);
-    auto y = torch::empty({M, N}, x.options());
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {

@@ -496,6 +496,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
   m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;
   m.attr("AMX_MIN_ROWS_INT8") = kAmxMinRowsInt8;
+  m.attr("AMX_MIN_ROWS_BLOCKS") = kAmxMinRowsBlocks;
   // the digest of the sources this build was made from (kernels/sources.py), to tell a stale build
 #define TRAMONTANE_STR2(x) #x
 #define TRAMONTANE_STR(x) TRAMONTANE_STR2(x)
