@@ -53,7 +53,7 @@ def isas() -> list[str]:
     ext = qlinear()
     if ext is None:
         return []
-    # an AMX CPU runs the AVX-512 kernels below AMX_MIN_ROWS_BLOCKS rows, which must be tested there too
+    # an AMX CPU runs the AVX-512 kernels below block_amx_min_rows rows, which must be tested there too
     has = {"avx2": ("avx2", "avx512", "amx"), "avx512": ("avx512", "amx"), "amx": ("amx",)}
     return ["portable"] + [i for i in ("avx2", "avx512", "amx") if ext.isa() in has[i]]
 
@@ -77,9 +77,9 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
 
 def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """block_linear's product, checked against the dequantized weights times x as the kernels round them:
-    x to int8 in blocks of 32, or on AMX tiles (from AMX_MIN_ROWS_BLOCKS rows) x and the weights to bf16."""
+    x to int8 in blocks of 32, or on AMX tiles (from block_amx_min_rows rows) x and the weights to bf16."""
     ext = qlinear()
-    if ext.isa() == "amx" and x.shape[0] >= ext.AMX_MIN_ROWS_BLOCKS:
+    if ext.isa() == "amx" and x.shape[0] >= ext.block_amx_min_rows(BLOCK_FORMATS[kind]):
         want = x.bfloat16().double() @ reference(kind, w).bfloat16().double().T
     else:
         want = quantized_x(x).double() @ reference(kind, w).double().T
@@ -110,13 +110,14 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
 
 @pytest.mark.skipif(qlinear() is None or qlinear().isa() != "amx", reason="this CPU has no AMX")
 @pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
-@pytest.mark.parametrize("rows", [9, 17, 33, 70])
+@pytest.mark.parametrize("rows", [6, 9, 17, 33, 70])
 def test_amx_products_of_every_row_count(kind, rows):
-    # 9: the first row count on tiles; 17 and 33: a second x chunk, a second pair of chunks (a unit's
-    # blocks decoded once and reused); 70 weight rows: two 32-row units and a partial one
+    # 6 and 9: the first row counts on tiles (K-quants, blocks of 32); 17 and 33: a second x chunk, a second
+    # pair of chunks (a unit's blocks decoded once and reused); 70 weight rows: two 32-row units and a part
     K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     kernel_product(kind, random_blocks(kind, 70, K, seed=rows), x)
+    assert qlinear().block_amx_min_rows(BLOCK_FORMATS[kind]) in (6, 9)
 
 
 BLOCK_FORMATS_UNIT = {"Q8_0": 64, "Q5_0": 64, "Q5_1": 64, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}

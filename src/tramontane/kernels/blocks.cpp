@@ -16,7 +16,7 @@
 // dequantize exactly as gguf-py's reference does: each product scale * code is exact in fp32, so one
 // rounding remains, the same one.
 //
-// On AMX CPUs, from kAmxMinRowsBlocks rows of x on, products go through AMX tiles instead (amx.h): each
+// On AMX CPUs, from amx_min_rows<F>() rows of x on, products go through AMX tiles instead (amx.h): each
 // weight dequantizes once to bf16, whatever the number of rows of x, and x rounds to bf16 instead of int8.
 
 #include "amx.h"
@@ -415,47 +415,44 @@ T512VNNI void dequantize_rows_vnni(const uint8_t* w, int64_t K, float* out, int6
 
 // ---------------------------------------------------------------------------------------- AMX
 #ifdef TRAMONTANE_AMX
-// A format's rows for the tile loop of amx.h: at the start of each unit, every row of a 16-row group
-// dequantizes the whole unit to bf16 (as dequantize_rows_vnni computes it, then rounded to nearest even);
-// each block of 32 is then a copy. Values come in the row's order (k_of(t) = t).
+// A format's rows for the tile loop of amx.h: at the start of each unit, the scales and offsets of every
+// row of a 16-row group; each block of 32 then decodes straight into its A tile, as dequantize_rows_vnni
+// computes the values, rounded to bf16 (nearest even). Values come in the row's order (k_of(t) = t).
 template <class F>
 struct BlockRows {
   const uint8_t* w;
   int64_t K, row_bytes;
-  alignas(64) uint16_t unit[2][16][F::kUnit];  // [group][row][element of the unit being decoded]
+  alignas(64) float sc[2][16][16], off[2][16][16];  // [group][row][16 elements of the unit being decoded]
 
   static int64_t k_of(int64_t t) { return t; }
 
   TAMX void prepare(int g, int64_t o, int64_t rows, int64_t b) {
     if (b % (F::kUnit / 32)) return;
     const int64_t u = b / (F::kUnit / 32);
-    alignas(64) float sc[16], off[16];
     for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* src = w + (o + r) * row_bytes + u * F::kBytes;
       __m512 scv, offv;
-      F::scales16(src, 1, scv, offv);
-      _mm512_store_ps(sc, scv);
-      _mm512_store_ps(off, offv);
-      for (int64_t c = 0; c < F::kUnit / 64; ++c) {
-        const __m512i codes = F::codes512(src, c);
-        __m512 v[4];
-        v[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 0)));
-        v[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 1)));
-        v[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 2)));
-        v[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 3)));
-        for (int p = 0; p < 4; ++p)
-          v[p] = _mm512_fmadd_ps(v[p], _mm512_set1_ps(sc[4 * c + p]), _mm512_set1_ps(off[4 * c + p]));
-        uint16_t* dst = unit[g][r] + 64 * c;
-        _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
-        _mm512_store_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
-      }
+      F::scales16(w + (o + r) * row_bytes + u * F::kBytes, 1, scv, offv);
+      _mm512_store_ps(sc[g][r], scv);
+      _mm512_store_ps(off[g][r], offv);
     }
   }
 
-  TAMX void decode(int g, int64_t, int64_t rows, int64_t b, uint16_t* dst) const {
-    const int64_t at = b % (F::kUnit / 32) * 32;
-    for (int64_t r = 0; r < 16; ++r)
-      _mm512_store_si512(dst + r * 32, r < rows ? _mm512_load_si512(unit[g][r] + at) : _mm512_setzero_si512());
+  TAMX void decode(int g, int64_t o, int64_t rows, int64_t b, uint16_t* dst) const {
+    const int64_t u = b / (F::kUnit / 32), at = b % (F::kUnit / 32) * 32;  // the block's first element in its unit
+    const int64_t c = at / 64, s16 = at / 16;
+    for (int64_t r = 0; r < 16; ++r) {
+      if (r >= rows) {
+        _mm512_store_si512(dst + r * 32, _mm512_setzero_si512());
+        continue;
+      }
+      const __m512i codes = F::codes512(w + (o + r) * row_bytes + u * F::kBytes, c);
+      const __m256i q = at % 64 ? _mm512_extracti64x4_epi64(codes, 1) : _mm512_castsi512_si256(codes);
+      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q))),
+                                        _mm512_set1_ps(sc[g][r][s16]), _mm512_set1_ps(off[g][r][s16]));
+      const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1))),
+                                        _mm512_set1_ps(sc[g][r][s16 + 1]), _mm512_set1_ps(off[g][r][s16 + 1]));
+      _mm512_store_si512(dst + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
   }
 
   void prefetch_side(int64_t, int64_t) const {}
@@ -485,6 +482,15 @@ auto with_format(int64_t kind, Fn fn) {
 
 bool use_vnni() { return current_isa() == Isa::kAvx512 && has_avx512_vnni(); }
 
+// From this many rows of x on, AMX tiles beat the integer kernel: dequantizing every weight to bf16 costs
+// what that many rows of dot products do. 4096 x 4096, 2 threads, Xeon with AMX, tiles against VNNI:
+// Q4_K 1.15 / 1.21 ms at 6 rows, 1.13 / 1.50 at 8; Q6_K 1.25 / 1.34 at 6; Q8_0 1.41 / 1.39 at 8, 1.39 /
+// 1.70 at 9 (a gather of each block's scale, where K-quant units read theirs with a few vector loads).
+template <class F>
+constexpr int64_t amx_min_rows() {
+  return F::kUnit == 256 ? 6 : 9;
+}
+
 template <class F>
 int64_t check_blocks(F, const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.device().is_cpu(),
@@ -499,6 +505,10 @@ std::tuple<int64_t, int64_t> block_unit(int64_t kind) {
   return with_format(kind, [](auto f) { return std::make_tuple(decltype(f)::kUnit, decltype(f)::kBytes); });
 }
 
+int64_t block_amx_min_rows(int64_t kind) {
+  return with_format(kind, [](auto f) { return amx_min_rows<decltype(f)>(); });
+}
+
 torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
@@ -506,8 +516,8 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
     check_x(x, K);
     auto y = torch::empty({M, N}, x.options());
 #ifdef TRAMONTANE_AMX
-    if (M >= kAmxMinRowsBlocks && amx_in_use()) {
-      amx::run(x.data_ptr<float>(), M, BlockRows<F>{w.data_ptr<uint8_t>(), K, w.size(1), {}}, y.data_ptr<float>(), N);
+    if (M >= amx_min_rows<F>() && amx_in_use()) {
+      amx::run(x.data_ptr<float>(), M, BlockRows<F>{w.data_ptr<uint8_t>(), K, w.size(1), {}, {}}, y.data_ptr<float>(), N);
       return y;
     }
 #endif

@@ -48,13 +48,12 @@ inline Isa& current_isa() {
   return isa;
 }
 
-// AMX tiles for int4, int8 and GGUF block products from these many rows of x (amx.h; below, the vector
-// kernels win): whether the CPU and the operating system allow them, and whether they are in use. In
-// use implies the AVX-512 path: set_isa sets both (tests turn AMX off with set_isa("avx512")). The block
-// formats dequantize every weight to bf16 for the tiles, which costs as much as 9 rows of their integer
-// kernel (4096 x 4096 Q4_K, 2 threads: 1.86 ms against 1.58 at 8 rows, 1.69 against 2.04 at 10).
+// AMX tiles for int4 and int8 products from these many rows of x (amx.h; below, the vector kernels win;
+// the GGUF block formats' counts are block_amx_min_rows): whether the CPU and the operating system allow
+// them, and whether they are in use. In use implies the AVX-512 path: set_isa sets both (tests turn AMX
+// off with set_isa("avx512")).
 bool amx_available();
-constexpr int64_t kAmxMinRowsInt4 = 5, kAmxMinRowsInt8 = 4, kAmxMinRowsBlocks = 9;
+constexpr int64_t kAmxMinRowsInt4 = 5, kAmxMinRowsInt8 = 4;
 inline bool& amx_in_use() {
   static bool on = amx_available();
   return on;
@@ -171,6 +170,7 @@ void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, con
 void int8_linear_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N);
 // GGUF block formats (blocks.cpp), by ggml type number: (elements, bytes) per unit, products, dequantization.
 std::tuple<int64_t, int64_t> block_unit(int64_t kind);
+int64_t block_amx_min_rows(int64_t kind);
 torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind);
 torch::Tensor block_dequantize(torch::Tensor w, int64_t kind);
 torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group);

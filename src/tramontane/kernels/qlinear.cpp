@@ -485,6 +485,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_heads"), py::arg("n_kv_heads"));
   m.def("int4_dequantize", &int4_dequantize, nogil, "packed int4 rows to fp32 [N, K]");
   m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
+  m.def("block_amx_min_rows", &block_amx_min_rows, "rows of x from which a GGUF block format's products run on AMX tiles");
   m.def("block_linear", &block_linear, nogil, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
   m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 [N, K]");
   m.def("huge_page_empty", &huge_page_empty, "uninitialised uint8 [nbytes], in 2 MiB pages where Linux allows");
@@ -496,7 +497,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
   m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;
   m.attr("AMX_MIN_ROWS_INT8") = kAmxMinRowsInt8;
-  m.attr("AMX_MIN_ROWS_BLOCKS") = kAmxMinRowsBlocks;
   // the digest of the sources this build was made from (kernels/sources.py), to tell a stale build
 #define TRAMONTANE_STR2(x) #x
 #define TRAMONTANE_STR(x) TRAMONTANE_STR2(x)
