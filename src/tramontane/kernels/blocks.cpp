@@ -74,13 +74,13 @@ T512VNNI inline __m512i shift_lanes(__mmask32 high) { return _mm512_maskz_set1_e
 #endif
 
 // ---------------------------------------------------------------------------------------- formats
-// Each: kUnit elements in kBytes bytes; scales(u, sc, off) fills kUnit / 16 entries; code(u, i) is
-// element i's code. For the vector kernels: codes512(u, c) elements [64c, 64c + 64) as bytes
+// Each: kUnit elements in kBytes bytes, codes of kCodeBits bits; scales(u, sc, off) fills kUnit / 16
+// entries; code(u, i) is element i's code. For the vector kernels: codes512(u, c) elements [64c, 64c + 64) as bytes
 // (AVX-512BW), and scales16(u, n, sc, off) the scales and offsets of n units (256 elements at most),
 // one lane per 16 elements, read with vector instructions instead of one element at a time.
 
 struct Q8_0 {  // blocks of 32: float16 d, 32 x int8; value = d * q
-  static constexpr int64_t kUnit = 64, kBytes = 68;
+  static constexpr int64_t kUnit = 64, kBytes = 68, kCodeBits = 8;
   static void scales(const uint8_t* u, float* sc, float* off) {
     for (int b = 0; b < 2; ++b) {
       const float d = half_at(u + 34 * b);
@@ -106,7 +106,7 @@ struct Q8_0 {  // blocks of 32: float16 d, 32 x int8; value = d * q
 template <bool kMin>
 struct Q5 {
   static constexpr int64_t kBlock = kMin ? 24 : 22, kHead = kMin ? 4 : 2;
-  static constexpr int64_t kUnit = 64, kBytes = 2 * kBlock;
+  static constexpr int64_t kUnit = 64, kBytes = 2 * kBlock, kCodeBits = 5;
   static void scales(const uint8_t* u, float* sc, float* off) {
     for (int b = 0; b < 2; ++b) {
       const float d = half_at(u + kBlock * b);
@@ -143,7 +143,7 @@ struct Q5 {
 // sub-block 2c in their low nibbles and 2c + 1 in their high ones. value = d * sc * q - dmin * m.
 template <bool kHigh>
 struct QK45 {
-  static constexpr int64_t kUnit = 256, kBytes = kHigh ? 176 : 144, kQs = kHigh ? 48 : 16;
+  static constexpr int64_t kUnit = 256, kBytes = kHigh ? 176 : 144, kQs = kHigh ? 48 : 16, kCodeBits = kHigh ? 5 : 4;
   static void scales(const uint8_t* u, float* sc, float* off) {
     const float d = half_at(u), dmin = half_at(u + 2);
     for (int j = 0; j < 8; ++j) {
@@ -194,7 +194,7 @@ struct QK45 {
 // element 32p + l takes the low (p = 0, 1) or high (p = 2, 3) nibble of ql[l + 32 (p % 2)] and bits
 // 2p, 2p + 1 of qh[l].
 struct Q6_K {
-  static constexpr int64_t kUnit = 256, kBytes = 210;
+  static constexpr int64_t kUnit = 256, kBytes = 210, kCodeBits = 6;
   static void scales(const uint8_t* u, float* sc, float* off) {
     const float d = half_at(u + 208);
     for (int g = 0; g < 16; ++g) {
@@ -447,6 +447,16 @@ struct BlockRows {
       }
       const __m512i codes = F::codes512(w + (o + r) * row_bytes + u * F::kBytes, c);
       const __m256i q = at % 64 ? _mm512_extracti64x4_epi64(codes, 1) : _mm512_castsi512_si256(codes);
+      if constexpr (F::kCodeBits <= 5) {
+        // codes of at most 5 bits under one scale per block of 32 (both of its groups of 16 alike): the
+        // block's 32 possible values, bf16(j * scale + offset), as a table that one permute reads
+        const __m512 j = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 d = _mm512_set1_ps(sc[g][r][s16]), base = _mm512_set1_ps(off[g][r][s16]);
+        const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
+            _mm512_fmadd_ps(_mm512_add_ps(j, _mm512_set1_ps(16.f)), d, base), _mm512_fmadd_ps(j, d, base));
+        _mm512_store_si512(dst + r * 32, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table));
+        continue;
+      }
       const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q))),
                                         _mm512_set1_ps(sc[g][r][s16]), _mm512_set1_ps(off[g][r][s16]));
       const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1))),
