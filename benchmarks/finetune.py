@@ -58,8 +58,10 @@ total = steps
 if system == "tramontane":
     model = ours
     examples = [Example(s, [False] + [True] * seq, "bench") for s in seqs]
+    # gradient checkpointing on a quantized base, as `tramontane finetune --quantize` does by default
     trainer = Trainer(model, examples, TrainConfig(lr=2e-4, warmup=2, steps=total, batch_tokens=seq,
-                      grad_accum=accum, shuffle=False, max_grad_norm=None, bf16=bf16))
+                      grad_accum=accum, shuffle=False, max_grad_norm=None, bf16=bf16,
+                      gradient_checkpointing=quantize is not None))
     def step():
         return trainer.train_step()
 else:

@@ -3,6 +3,7 @@ unpacked examples, exact resume, and gradients through frozen quantized bases.""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import peft
@@ -227,3 +228,45 @@ def test_bf16_autocast_step_is_close_to_fp32(tiny_hf) -> None:
         batch = make_batch(_examples(4))
         losses.append(float(trainer.loss_sum(batch) / batch.n_targets))
     assert losses[1] == pytest.approx(losses[0], rel=3e-2)
+
+
+def _note_size(sizes: list[int], t: torch.Tensor) -> torch.Tensor:
+    sizes.append(t.numel() * t.element_size())
+    return t
+
+
+@pytest.mark.parametrize(("name", "quantize"), [("mistral-window", None), ("mixtral", None), ("mistral-nowindow", "int4")])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_hf, name: str, quantize: str | None) -> None:
+    # dropout on: the recomputed blocks must draw the same masks as the first pass
+    _, folder = tiny_hf(name)
+    model = apply_lora(load_model(folder, quantize=quantize), LoraConfig(rank=4, alpha=8, dropout=0.1))
+    _randomize(model)
+    model.train()
+    batch = make_batch(_examples(4, seed=3))
+    results, held = [], []
+    for recompute in (False, True):
+        trainer = Trainer(model, _examples(4), TrainConfig(batch_tokens=1000, gradient_checkpointing=recompute))
+        torch.manual_seed(7)
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_note_size, sizes), lambda t: t):
+            loss = trainer.loss_sum(batch) / batch.n_targets  # sizes: what the forward keeps for the backward
+        held.append(sum(sizes))
+        results.append((loss, torch.autograd.grad(loss, [p for _, p in trainer.named])))
+    assert held[1] < 0.5 * held[0], held  # only each block's input, not its activations
+    (loss_kept, grads_kept), (loss_again, grads_again) = results
+    torch.testing.assert_close(loss_again, loss_kept, rtol=0, atol=0)
+    for a, b in zip(grads_again, grads_kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_cli_turns_gradient_checkpointing_on_for_quantized_bases() -> None:
+    from tramontane.cli import build_parser
+    from tramontane.finetune.cli import training_config
+
+    def config(*flags: str) -> TrainConfig:
+        return training_config(build_parser().parse_args(["finetune", "--model", "m", "--data", "d", *flags]))
+
+    assert not config().gradient_checkpointing
+    assert config("--quantize", "int4").gradient_checkpointing
+    assert not config("--quantize", "int4", "--no-gradient-checkpointing").gradient_checkpointing
+    assert config("--gradient-checkpointing").gradient_checkpointing

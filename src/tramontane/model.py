@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
 from .cache import KVCache, PagedBatch, step_meta
@@ -89,9 +90,12 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         last_only: bool = False,
         segments: torch.Tensor | None = None,
+        recompute: bool = False,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim] (T = 1 with `last_only`) that the output head reads;
-        arguments as for `forward`."""
+        arguments as for `forward`. With `recompute` (training: gradient checkpointing), autograd keeps
+        only each block's input and runs the block again in the backward pass: one block's activations
+        held at a time instead of every block's, for about a third more arithmetic."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -112,7 +116,10 @@ class Transformer(nn.Module):
             h = stack.forward(h, meta)
         else:
             for i, layer in enumerate(self.layers):
-                h = layer(h, freqs_cis, meta, i)
+                if recompute and torch.is_grad_enabled():
+                    h = checkpoint(layer, h, freqs_cis, meta, i, use_reentrant=False)  # RNG kept: same dropout
+                else:
+                    h = layer(h, freqs_cis, meta, i)
         meta.commit()
         if last_only:
             h = h[:, -1:]

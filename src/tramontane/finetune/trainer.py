@@ -53,6 +53,8 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     bf16: bool = False  # bf16 autocast of the matmuls (where the device has bf16 arithmetic)
+    # keep one block's activations at a time and recompute them in the backward pass (Transformer.features)
+    gradient_checkpointing: bool = False
     shuffle: bool = True
 
     def __post_init__(self) -> None:
@@ -114,7 +116,8 @@ class Trainer:
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed cross-entropy over the scored targets of `batch`; logits only where a target is."""
         with self._autocast():
-            h = self.model.features(batch.tokens, batch.positions, segments=batch.segments)  # [1, T, dim]
+            h = self.model.features(batch.tokens, batch.positions, segments=batch.segments,
+                                    recompute=self.config.gradient_checkpointing)  # [1, T, dim]
             scored = batch.targets.view(-1) != IGNORE
             logits = self.model.project(h.view(-1, h.shape[-1])[scored])  # [n_targets, vocab]
         return F.cross_entropy(logits.float(), batch.targets.view(-1)[scored], reduction="sum")
