@@ -320,12 +320,24 @@ def test_config_and_stages() -> None:
     assert [list(stage_layers(5, 3, s)) for s in range(3)] == [[0, 1], [2, 3], [4]]
 
 
-def test_cli_complete_under_torchrun_prints_the_one_process_completion() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    cmd = ["complete", "--max-tokens", "8", "The tramontane is a cold wind that"]
-    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], capture_output=True, text=True,
-                         timeout=600, env=env)
+COMPLETE = ["complete", "--max-tokens", "8", "The tramontane is a cold wind that"]
+
+
+def cli_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+
+
+def one_process(cmd: list[str], message: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI's `cmd` in one process (what every parallel run must print)."""
+    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], input=message, capture_output=True,
+                         text=True, timeout=600, env=cli_env())
     assert one.returncode == 0, one.stderr
+    return one
+
+
+def test_cli_complete_under_torchrun_prints_the_one_process_completion() -> None:
+    env, cmd = cli_env(), COMPLETE
+    one = one_process(cmd)
     # SmolLM2's 9 heads do not split in 2: its layers do, in two pipeline stages
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", str(free_port()), "-m", "tramontane.cli", *cmd, "--pp", "2"],
@@ -335,16 +347,14 @@ def test_cli_complete_under_torchrun_prints_the_one_process_completion() -> None
 
 
 def test_cli_chat_under_torchrun_answers_as_one_process() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env = cli_env()
     cmd = ["chat", "--max-tokens", "6", "--temperature", "0"]
     message = "What is the capital of France?\n"
 
     def answer(out: str) -> str:  # without the speed, which differs
         return re.sub(r", [0-9.]+ tokens/s", "", out)
 
-    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], input=message, capture_output=True,
-                         text=True, timeout=600, env=env)
-    assert one.returncode == 0, one.stderr
+    one = one_process(cmd, message)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", str(free_port()), "-m", "tramontane.cli", *cmd, "--pp", "2"],
                          input=message, capture_output=True, text=True, timeout=600, env=env)
@@ -394,7 +404,7 @@ def _rank_pid(parent: int, rank: int) -> int:
 
 
 def test_serve_under_torchrun_answers_as_one_process_and_stops_with_rank_0() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env = cli_env()
     one_port, two_port = free_port(), free_port()
     one = subprocess.Popen([sys.executable, "-m", "tramontane.cli", "serve", "--port", str(one_port)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -424,8 +434,8 @@ def test_serve_rank_0_exits_with_an_error_when_a_follower_dies(tmp_path: Path) -
     port, http = free_port(), free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = dict(cli_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "tramontane.cli", "serve", "--pp", "2", "--port", str(http)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     try:
@@ -485,11 +495,8 @@ def _can_make_hosts() -> bool:
 
 @pytest.mark.skipif(not _can_make_hosts(), reason="needs `ip netns` (root, CAP_NET_ADMIN) to make two test hosts")
 def test_pipeline_between_two_hosts_completes_as_one_process() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    cmd = ["complete", "--max-tokens", "8", "The tramontane is a cold wind that"]
-    one = subprocess.run([sys.executable, "-m", "tramontane.cli", *cmd], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert one.returncode == 0, one.stderr
+    env, cmd = cli_env(), COMPLETE
+    one = one_process(cmd)
     with _Hosts() as hosts:
         port = free_port()
         nodes = [subprocess.Popen(["ip", "netns", "exec", hosts.names[rank], sys.executable, "-m",
