@@ -173,6 +173,14 @@ def test_hf_index_weight_map_malformed(tmp_path: Path, weight_map) -> None:
     fails_fast(CheckpointError, "weight_map must be an object of tensor name -> file name", load_model, folder)
 
 
+def test_hf_index_file_name_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    # found by test_fuzz_checkpoints: pathlib raised a bare "embedded null byte" ValueError
+    folder = _sharded(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"": "\x00"}}))
+    e = fails_fast(CheckpointError, "NUL byte", load_model, folder)
+    assert e.path == str(folder / "model.safetensors.index.json")
+
+
 @pytest.mark.parametrize("escape", ["../../../../etc/passwd", "/etc/passwd", "../outside.safetensors"])
 def test_hf_index_outside_the_folder_is_refused_before_opening(tmp_path: Path, escape: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:

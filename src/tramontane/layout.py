@@ -158,7 +158,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _inside(folder: Path, name: str, index: Path) -> Path:
-    """`folder / name`, refused when `name` is absolute or leads out of the folder (`..`, a symlink)."""
+    """`folder / name`, refused when `name` is absolute or leads out of the folder (`..`, a symlink), or
+    cannot be a file name at all (a NUL byte, which the operating system refuses in paths)."""
+    if "\0" in name:
+        raise CheckpointError(index, f"weight_map names {name!r}, which holds a NUL byte: not a file name")
     root = folder.resolve()
     target = (folder / name).resolve()
     if Path(name).is_absolute() or not target.is_relative_to(root) or target == root:
