@@ -45,8 +45,9 @@ def pipeline_child(path: str, steps: int, micro_batches: int, sequences: int) ->
     import torch.distributed as dist
 
     import tramontane
+    from tramontane.parallel import init_distributed
 
-    dist.init_process_group("gloo")
+    init_distributed("cpu")  # as the CLI joins a job: each rank on its own cores
     model = tramontane.load_model(path, parallel={"pp": 2, "micro_batches": micro_batches})
     prompts = [list(range(1 + i, 17 + i)) for i in range(sequences)]
     tramontane.generate(model, prompts, max_tokens=2)  # warm up
@@ -64,10 +65,11 @@ def child(path: str, steps: int, parallel: bool) -> None:
 
     import tramontane
     from tramontane.generate import decode_step, prefill
+    from tramontane.parallel import init_distributed
 
     base = current_rss_bytes()
     if parallel:
-        dist.init_process_group("gloo")
+        init_distributed("cpu")
     model = tramontane.load_model(path, parallel="tensor" if parallel else None)
     cache = tramontane.KVCache.create(model.args, 1, 256)
     with torch.inference_mode():

@@ -34,6 +34,7 @@ from tramontane.loading.common import expected_shapes
 from tramontane.loading.gguf_write import write_gguf
 from tramontane.parallel import ParallelConfig, ParallelError
 from tramontane.parallel.shard import stage_layers
+from tramontane.parallel.topology import core_share
 
 from .tiny import COMMON, TINY, save_hf
 
@@ -318,6 +319,9 @@ def test_config_and_stages() -> None:
     assert ParallelConfig(pp=2, micro_batches=3).groups_for(2) == 2
     assert ParallelConfig(tp=2, micro_batches=3).groups_for(40) == 1  # no pipeline: nothing to overlap
     assert [list(stage_layers(5, 3, s)) for s in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [core_share([0, 1], r, 2) for r in range(2)] == [[0], [1]]
+    assert [core_share(list(range(5)), r, 2) for r in range(2)] == [[0, 1], [2, 3, 4]]
+    assert core_share([0, 1], 0, 4) == [0, 1] and core_share([3, 7], 0, 1) == [3, 7]  # too few cores: all
 
 
 COMPLETE = ["complete", "--max-tokens", "8", "The tramontane is a cold wind that"]
