@@ -7,6 +7,7 @@ and writes its findings; the tests read them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -395,15 +396,31 @@ def _answers(url: str) -> list[str]:
         return list(pool.map(ask, PROMPTS))
 
 
+def _children(parent: int) -> list[int]:
+    """The pids of `parent`'s child processes."""
+    found = []
+    for child in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if child.name.isdigit() and int((child / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(child.name))
+    return found
+
+
+def _kill_job(launcher: subprocess.Popen[str]) -> None:
+    """Kill a torchrun launcher and the workers it started (they live in sessions of their own: killing
+    the launcher alone leaves them running)."""
+    for pid in [*_children(launcher.pid), launcher.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+
+
 def _rank_pid(parent: int, rank: int) -> int:
     """The pid of the torchrun worker of `rank` under the launcher `parent`."""
-    for child in Path("/proc").iterdir():
-        try:
-            if child.name.isdigit() and int((child / "stat").read_text().split()[3]) == parent:
-                if f"RANK={rank}".encode() in (child / "environ").read_bytes().split(b"\0"):
-                    return int(child.name)
-        except OSError:
-            continue
+    for pid in _children(parent):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
     raise LookupError(f"no rank {rank} under {parent}")
 
 
@@ -428,7 +445,7 @@ def test_serve_under_torchrun_answers_as_one_process_and_stops_with_rank_0() -> 
         os.kill(_rank_pid(two.pid, 0), signal.SIGTERM)  # a stop of the server, not of the job
         out, err = two.communicate(timeout=60)
     finally:
-        two.kill()
+        _kill_job(two)
     assert two.returncode == 0, err[-3000:]  # rank 1 left when rank 0 told it to, and nothing failed
     assert "tp 1 x pp 2 ranks" in out + err
 
@@ -514,7 +531,7 @@ def test_pipeline_between_two_hosts_completes_as_one_process() -> None:
             outs = [node.communicate(timeout=300) for node in nodes]
         finally:
             for node in nodes:
-                node.kill()
+                _kill_job(node)
     for node, (_, err) in zip(nodes, outs):
         assert node.returncode == 0, err[-3000:]
     assert outs[0][0] == one.stdout and one.stdout.strip()  # host 0 holds rank 0, which prints
