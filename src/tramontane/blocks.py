@@ -1,9 +1,9 @@
 """GGUF block formats kept as the file stores them: a linear layer over rows of Q8_0, Q5_0, Q5_1, Q4_K, Q5_K
 or Q6_K blocks, the bytes unchanged (Q4_0 and Q4_1 are `Int4Linear`'s own layouts, see quantize.py).
 
-Decode-sized inputs run the native integer kernels of `kernels/blocks.cpp` (on AMX CPUs, from 9 rows
-on and for every larger input, its AMX tiles); larger ones dequantize tiles and multiply, like every
-quantized layer (`QuantLinearBase`). Without the kernels the rows are dequantized by gguf-py's
+Decode-sized inputs run the native integer kernels of `kernels/blocks.cpp` (on AMX CPUs its AMX tiles
+instead, from 6 rows for the K-quants and 9 for the others, and for every larger input); larger ones
+dequantize tiles and multiply, like every quantized layer (`QuantLinearBase`). Without the kernels the rows are dequantized by gguf-py's
 reference code.
 
 Example:
