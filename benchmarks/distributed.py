@@ -151,6 +151,9 @@ def main() -> None:
     }
     for k, v in rows.items():
         print(f"{k:<42} {v}")
+    for ok, what in ((rows["rss_ratio"] <= 0.55, f"peak RSS per rank {rows['rss_ratio']:.2f}x one process (goal 0.55x)"),
+                     (rows["speed_ratio"] >= 0.8, f"decode 2 ranks x 1 thread {rows['speed_ratio']:.2f}x 1 x 2 (goal 0.8x)")):
+        print(f"{'PASS' if ok else 'MISS'}  {what}")
     print(f"saved {save_result(f'distributed_{a.shape}', {'shape': dataclasses.asdict(args), **rows})}")
 
 
