@@ -137,6 +137,28 @@ def test_sliding_window_releases_blocks_behind_it():
     assert len(seq.blocks) <= 8 // 4 + 1 and blocks.used == len(seq.blocks)
 
 
+def test_window_prefixes_stay_cached_after_they_leave_the_window():
+    """A window model's blocks are registered before they leave the window, so a later prompt with the
+    same start hits them all, and then holds only the hit blocks its window still sees."""
+    blocks = BlockManager(n_blocks=64, block_size=4)
+    s = Scheduler(blocks, max_batch=4, chunk_size=64, window=8)
+    shared = list(range(100, 120))  # 5 full blocks, longer than the window
+    first = Sequence(shared + [1, 2])
+    s.add(first)
+    step(s)
+    assert first.first_block == 3 and blocks.cached == 5  # blocks 0..2 left the window but stay cached
+    later = Sequence(shared + [9, 9, 9])
+    s.add(later)
+    s.schedule()
+    assert later.cached_tokens == 20 and later.computed == 20
+    # the next query sits at 20 and sees 13..20: logical blocks 3 and 4 of the hit, then a fresh one
+    assert later.first_block == 3 and len(later.blocks) == 3 and later.blocks[:2] == first.blocks[:2]
+    check_tables(s)
+    s.finish(first)
+    s.finish(later)
+    assert blocks.used == 0 and blocks.cached == 5
+
+
 def test_prefix_hits_share_full_blocks_and_keep_one_token_to_compute():
     blocks = BlockManager(n_blocks=32, block_size=4)
     s = Scheduler(blocks, max_batch=4, chunk_size=64)

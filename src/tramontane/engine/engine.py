@@ -75,8 +75,8 @@ class Engine:
     `max_batch x max_seq_len` positions, and never less than one full context), stored in `kv_dtype`
     (default: the model's dtype). Blocks are handed out as sequences grow; when none is left, the last
     admitted sequence is preempted and recomputed later. With `prefix_cache`, full blocks of prompts
-    are kept after their requests finish and reused by prompts that start with the same tokens (not for
-    sliding-window models, whose sequences drop their first blocks). At most `max_batch` sequences run
+    are kept after their requests finish and reused by prompts that start with the same tokens (in
+    sliding-window models too: a block that leaves a sequence's window stays cached). At most `max_batch` sequences run
     at once; the others wait in a queue of at most `max_queue`. Only the engine thread touches the model.
     `adapters` is the selector of the LoRA adapters served on `model` (`multi_lora.serve_adapters`): a
     request's `adapter` picks one, and rows with different adapters share each step.
@@ -127,9 +127,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.pool = PagedKVCache.create(args, kv_blocks + 1, block_size, dtype=kv_dtype or model.dtype,
                                         device=model.device)  # + the padding block
-        window = args.sliding_window
-        self.blocks = BlockManager(kv_blocks + 1, block_size, prefix_caching=prefix_cache and window is None)
-        self.scheduler = Scheduler(self.blocks, max_batch=max_batch, chunk_size=chunk_size, window=window)
+        self.blocks = BlockManager(kv_blocks + 1, block_size, prefix_caching=prefix_cache)
+        self.scheduler = Scheduler(self.blocks, max_batch=max_batch, chunk_size=chunk_size,
+                                   window=args.sliding_window)
         self.adapters = adapters
         self.runner = Runner(model, self.pool, adapters)
         self.vocabulary = Vocabulary(tokenizer, args.vocab_size)  # for constrained requests, built on first use

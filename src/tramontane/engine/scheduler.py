@@ -109,11 +109,13 @@ class Scheduler:
         """The runner has written `fed` more tokens of `seq` into its blocks."""
         seq.computed += fed
         size = self.blocks.block_size
-        # full blocks become prefix-cache entries (not for window models: they drop their first blocks)
-        while self.window is None and len(seq._chain) < seq.computed // size:
+        # full blocks become prefix-cache entries, before a window can release them (their keys and values
+        # depend only on the tokens from position 0, window or not)
+        while len(seq._chain) < seq.computed // size:
             i = len(seq._chain)
             parent = seq._chain[-1] if seq._chain else -seq.adapter  # each adapter's prefixes have their own root
-            seq._chain.append(self.blocks.register(seq.blocks[i], parent, seq.tokens[i * size : (i + 1) * size]))
+            block = seq.blocks[i - seq.first_block]
+            seq._chain.append(self.blocks.register(block, parent, seq.tokens[i * size : (i + 1) * size]))
         if self.window is not None:
             # the next query sits at position `computed`; it sees positions > computed - window
             gone = (seq.computed - self.window + 1) // size - seq.first_block
