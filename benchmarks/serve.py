@@ -1,9 +1,12 @@
 """Serving throughput: `tramontane serve` beside llama.cpp's own C++ `llama-server` (llama_tools.py) on the same
 SmolLM2 GGUF, both on 127.0.0.1, driven by the same streaming OpenAI-style clients.
 
-For 1, 4, 16 and 32 concurrent clients (the two servers taking turns at each level), every client sends
-`--requests` completions of `--max-tokens` tokens at temperature 0 and the run reports aggregate output
-tokens/s and p50/p99 time to first token, then the ratios and PASS/MISS for the issue's targets.
+The SmolLM2 file is Q4_0 by default (the issue's), written by `llama-quantize` from the embedded Q4_1
+(`--file` picks another). For 1, 4, 16 and 32 concurrent clients (the two servers taking turns at each
+level), every client sends `--requests` completions (default 16 / clients, at least 2: a connection's
+first request pays for the connection, so one client's TTFT needs more than two samples) of
+`--max-tokens` tokens at temperature 0, and the run reports aggregate output tokens/s and p50/p99 time
+to first token, then the ratios and PASS/MISS for the issue's targets.
 
 With `--mistral-7b [Q4_0|Q4_K_M]` the file is the Mistral 7B shape as random Q4_0 blocks, or those
 requantized into Q4_K_M (gguf_files.py writes both; SmolLM2's tokenizer), at 1 and 8 clients with 8
@@ -35,7 +38,7 @@ sys.path.insert(0, str(HERE))
 from tramontane.cli import demo_model_path  # noqa: E402
 
 from common import RESULTS, machine, stop_server, wait_for_server  # noqa: E402
-from llama_tools import build  # noqa: E402
+from llama_tools import build, smollm2_files  # noqa: E402
 
 PROMPTS = [
     "The history of the Mediterranean winds begins with",
@@ -115,11 +118,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--quantize", default="none",
-                    help="tramontane's weights: none (default: the file's own Q4_1 blocks), int4, int8")
+                    help="tramontane's weights: none (default: the file's own blocks), int4, int8")
     ap.add_argument("--max-tokens", type=int, help="tokens per completion (default 64; 32 with --mistral-7b)")
-    ap.add_argument("--requests", type=int, help="requests per client (default 2; 1 with --mistral-7b)")
+    ap.add_argument("--requests", type=int, help="requests per client (default: 16 / clients, at least 2, so that "
+                                                 "one client's TTFT p50 is a median of 16; 1 with --mistral-7b)")
     ap.add_argument("--mistral-7b", nargs="?", const="Q4_0", choices=["Q4_0", "Q4_K_M"],
                     help="the 7B shape's random Q4_0 file (or its Q4_K_M requantization) at 1 and 8 clients")
+    ap.add_argument("--file", default="Q4_0", choices=["Q4_1", "Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"],
+                    help="which SmolLM2 file: the embedded Q4_1 or one llama-quantize writes from it (default "
+                         "Q4_0, the issue's file)")
     a = ap.parse_args()
     if a.mistral_7b:
         from gguf_files import mistral_7b_files
@@ -128,10 +135,10 @@ def main() -> None:
         gguf, name, slots, levels = str(mistral_7b_files()[f"7B_{kind}"]), f"Mistral 7B shape {kind}", 8, [1, 8]
         tokens, requests = 32, 1
     else:
-        gguf, name, slots = str(demo_model_path()), "SmolLM2-135M Q4_1", 32
+        gguf, name, slots = str(smollm2_files(demo_model_path())[a.file]), f"SmolLM2-135M {a.file}", 32
         levels = [1, 4, 16] if a.quick else [1, 4, 16, 32]
-        tokens, requests = 64, 2
-    tokens, requests = a.max_tokens or tokens, a.requests or requests
+        tokens, requests = 64, None
+    tokens = a.max_tokens or tokens
     threads = str(os.cpu_count() or 1)
     ours_port, llama_port = free_port(), free_port()
     ours_argv = [sys.executable, "-m", "tramontane.cli", "serve", "--model", gguf, "--port", str(ours_port),
@@ -149,12 +156,13 @@ def main() -> None:
     try:
         for server in servers:  # warm-up
             asyncio.run(load(server, 1, 1, 8))
-        print(f"{'clients':>7}  {'server':<22} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
+        print(f"{'clients':>7}  {'server':<22} {'tok/s':>8} {'TTFT p50':>10} {'TTFT p99':>10}")
         for c in levels:
             for server in servers:
-                r = asyncio.run(load(server, c, requests, tokens))
+                r = asyncio.run(load(server, c, a.requests or requests or max(2, 16 // c), tokens))
                 rows.append({"clients": c, "server": server.label, **r})
-                print(f"{c:>7}  {server.label:<22} {r['tok_s']:8.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s",
+                print(f"{c:>7}  {server.label:<22} {r['tok_s']:8.1f} {r['ttft_p50'] * 1e3:8.1f}ms "
+                      f"{r['ttft_p99'] * 1e3:8.1f}ms",
                       flush=True)
     finally:
         for server in servers:
@@ -173,7 +181,8 @@ def main() -> None:
     for label, ratio, target in checks:
         print(f"{'PASS' if ratio >= target else 'MISS'}  {label}: {ratio:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / (f"serve_7b_{a.mistral_7b.lower()}.json" if a.mistral_7b else "serve.json")
+    out = RESULTS / (f"serve_7b_{a.mistral_7b.lower()}.json" if a.mistral_7b
+                     else "serve.json" if a.file == "Q4_0" else f"serve_{a.file.lower()}.json")
     out.write_text(json.dumps({"machine": info, "rows": rows,
                                "targets": [{"target": t, "ratio": r, "pass": r >= g} for t, r, g in checks]},
                               indent=2) + "\n")

@@ -106,3 +106,61 @@ def test_mixture_of_experts_stays_in_python(tiny_hf, monkeypatch):
     model = load_model(folder)
     decode_logits(model, PROMPTS[:1], 2, True, monkeypatch)
     assert model.__dict__["_native_stack"][1] is None
+
+
+def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, native: bool, monkeypatch
+                    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Logits of `tokens` fed in chunks of the given sizes over a fresh cache (a paged pool, or one
+    KVCache row), the keys stored, and how many chunks ran on the native stack."""
+    from tramontane.cache import PagedKVCache
+    from tramontane.native_decode import NativeStack
+
+    runs = 0
+    real = NativeStack.forward
+
+    def counted(self, h, meta):
+        nonlocal runs
+        runs += 1
+        return real(self, h, meta)
+
+    if paged:
+        pool = PagedKVCache.create(model.args, n_blocks=12, block_size=4)
+        table = [9, 3, 11, 1, 7, 5, 2]
+        pool.clear(table)
+        cache, keys = pool.batch([table], [0]), pool.k[:, table]  # (the other blocks were never cleared)
+    else:
+        cache = KVCache.create(model.args, 1, 32, dtype=model.dtype)  # a window model: capacity = window
+        keys = cache.k
+    logits = []
+    with monkeypatch.context() as m, torch.inference_mode():
+        m.setattr(NativeStack, "forward", counted)
+        if not native:
+            m.setattr(model_module, "native_stack", lambda *_: None)
+        start = 0
+        for n in chunks:
+            ids = torch.tensor([tokens[start : start + n]])
+            logits.append(model(ids, torch.arange(start, start + n)[None], cache=cache))
+            start += n
+    return logits, keys, runs
+
+
+@pytest.mark.parametrize("paged", [True, False])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("name", ["mistral-window", "llama-tied"])
+def test_short_chunks_run_as_rows_of_the_native_stack(tiny_hf, name, quantize, paged, monkeypatch):
+    """A prompt chunk of up to 16 tokens runs on the native stack, each token a row whose key is written
+    before any row attends; its logits and stored keys equal the Python blocks'. Chunks of 6, 1 and 9
+    from position 0: the second and third attend to earlier chunks, and in the window model (window 8)
+    cross the window. A contiguous cache of a window model is a rolling buffer of 8: only the first
+    chunk fits before it wraps, and the chunks that wrap stay on the Python blocks."""
+    _, folder = tiny_hf(name)
+    model = load_model(folder, quantize=quantize)
+    tokens = [(7 * i + 3) % model.args.vocab_size for i in range(16)]
+    chunks = [6, 1, 9]
+    native, native_k, runs = chunked_prefill(model, tokens, chunks, paged, True, monkeypatch)
+    python, python_k, none = chunked_prefill(model, tokens, chunks, paged, False, monkeypatch)
+    rolling = not paged and model.args.sliding_window is not None
+    assert none == 0 and runs == (2 if rolling else 3)  # (the 1-token chunk is a decode step either way)
+    for a, b in zip(native, python):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native_k, python_k, atol=1e-5, rtol=1e-5)

@@ -140,6 +140,11 @@ class DecodeView:
     offset). A contiguous `KVCache` is one block per row (S = capacity, the table holding the row); a
     `PagedKVCache` is the general case. For an int8 pool, `k_scale`, `v_scale` [n_layers, n_blocks,
     n_kv_heads, S] hold one scale per stored vector.
+
+    A row is one query: B sequences x T tokens are B * T rows (row b * T + t), all of them written
+    before any attends, each query seeing the keys up to its own position. So a short prompt chunk runs
+    as rows of a decode step (`step_meta(flat=True)`), wherever no key it writes takes the slot of a key
+    that an earlier query of the chunk still sees.
     """
 
     k: torch.Tensor
@@ -247,8 +252,13 @@ def step_meta(
     cache: KVCache | PagedBatch | None = None,
     rows: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
+    flat: bool = False,
 ) -> StepMeta:
     """Build the metadata for one forward call of tokens at `positions` [B, T].
+
+    With `flat` (the caller runs the native stack, which takes every token as a row of its own) a chunk
+    of T > 1 tokens gets a `DecodeView` too, where its keys can all be written first: always in a paged
+    pool, in a contiguous cache when the chunk does not wrap around the rolling buffer.
 
     `segments` [B, T] (packed training rows, no cache): keys are visible only to queries of the same
     segment, on top of the positions rule. Example, two sequences packed in one row:
@@ -264,7 +274,7 @@ def step_meta(
     if isinstance(cache, PagedBatch):
         if rows is not None:
             raise ValueError("rows do not apply to a paged cache: its block tables say where each sequence is")
-        return _paged_meta(positions, window, cache)
+        return _paged_meta(positions, window, cache, flat)
     if cache is None:
         if rows is not None:
             raise ValueError("rows only make sense with a cache")
@@ -285,16 +295,16 @@ def step_meta(
     cache.check(last)
     written = min(T, cache.capacity)
     slots = positions[:, -written:] % cache.capacity  # [B, written]
-    if T == 1:
+    if T == 1 or (flat and last < cache.capacity):  # (a chunk past the capacity may overwrite keys it needs)
         cache.positions[batch_index, slots] = positions
         # Position p sits in slot p % capacity, so no slot at or past last + 1 is in use yet:
         # attention reads only what generation has filled, not the whole buffer.
         kv_len = min(cache.capacity, last + 1)
         key_positions = (cache.positions[:B] if rows is None else cache.positions[rows])[:, :kv_len]
         # one block per cache row: the table of sequence b is its row, its slot row * capacity + slot
-        view = DecodeView(cache.k, cache.v, None, None, batch_index, cache.positions,
-                          batch_index[:, 0] * cache.capacity + slots[:, 0], kv_len, window or 0)
-        return StepMeta(positions, None, False, cache, rows, batch_index, slots, decode=True, kv_len=kv_len,
+        view = DecodeView(cache.k, cache.v, None, None, batch_index.repeat_interleave(T, 0), cache.positions,
+                          (batch_index * cache.capacity + slots).view(-1), kv_len, window or 0)
+        return StepMeta(positions, None, False, cache, rows, batch_index, slots, decode=T == 1, kv_len=kv_len,
                         key_positions=key_positions, window=window, view=view)
     old_positions = cache.positions[:B] if rows is None else cache.positions[rows]  # [B, capacity]
     if int(old_positions.max()) < 0:  # empty rows (a prompt's first chunk): attend within the chunk only
@@ -490,7 +500,7 @@ class PagedStepMeta(StepMeta):
         """Positions were recorded when the step was planned (keys are written before attention)."""
 
 
-def _paged_meta(positions: torch.Tensor, window: int | None, paged: PagedBatch) -> PagedStepMeta:
+def _paged_meta(positions: torch.Tensor, window: int | None, paged: PagedBatch, flat: bool) -> PagedStepMeta:
     pool = paged.pool
     B, T = positions.shape
     if paged.tables.shape[0] != B:
@@ -503,8 +513,8 @@ def _paged_meta(positions: torch.Tensor, window: int | None, paged: PagedBatch) 
     offsets = positions % size
     pool.positions[block_index, offsets] = positions
     view = None
-    if T == 1:
-        view = DecodeView(pool.k, pool.v, pool.k_scale, pool.v_scale, paged.tables, pool.positions,
-                          (block_index * size + offsets).view(B), size, window or 0)
+    if T == 1 or flat:
+        view = DecodeView(pool.k, pool.v, pool.k_scale, pool.v_scale, paged.tables.repeat_interleave(T, 0),
+                          pool.positions, (block_index * size + offsets).view(-1), size, window or 0)
     return PagedStepMeta(positions, None, False, decode=T == 1, window=window, view=view, paged=paged,
                          block_index=block_index, offsets=offsets)

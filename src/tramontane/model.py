@@ -107,12 +107,13 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
         if segments is not None and segments.shape != tokens.shape:
             raise ValueError(f"segments {tuple(segments.shape)} must match tokens {tuple(tokens.shape)}")
-        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments)
+        stack = native_stack(self, tokens, cache)
+        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments, flat=stack is not None)
         freqs_cis = rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
-        if meta.decode:
-            meta.rot = torch.view_as_real(freqs_cis[:, 0]).contiguous()
+        if meta.view is not None:  # the native kernels' rotary: (cos, sin) pairs of each token [B * T, D / 2, 2]
+            meta.rot = torch.view_as_real(freqs_cis.reshape(B * T, -1)).contiguous()
         h = self.tok_embeddings(tokens)
-        if (stack := native_stack(self, meta, h)) is not None:
+        if stack is not None and meta.view is not None:
             h = stack.forward(h, meta)
         else:
             for i, layer in enumerate(self.layers):

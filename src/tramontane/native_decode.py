@@ -1,8 +1,9 @@
 """The blocks of a decode step as one native call (kernels/decode.cpp), where the model allows it.
 
 Decoding a token of a small model is hundreds of tiny operations; through Python each costs more
-than its arithmetic. `Transformer.forward` hands a decode step to the native stack when it is an
-fp32 CPU step (B up to the small-batch limit) over a KV cache or a paged pool in float32 or int8, of a
+than its arithmetic. `Transformer.forward` hands a step to the native stack when it is an fp32 CPU
+step of up to the small-batch limit of tokens (a decode step of B sequences, or a short prompt chunk
+whose tokens become rows) over a KV cache or a paged pool in float32 or int8, of a
 dense model (projections fused as `load_model` leaves them, or side by side where a checkpoint keeps
 them in different formats), or of a pipeline stage's blocks (which hands its output on after the stack).
 Everything else runs the Python blocks, which stay the reference: the tests check that both paths give
@@ -17,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .cache import StepMeta
+from .cache import KVCache, PagedBatch, StepMeta
 from .kernels import qlinear
-from .layers import Block, FeedForward, decode_kernels
+from .layers import Block, FeedForward
 from .parallel.modules import SendAfter
 
 if TYPE_CHECKING:
@@ -34,26 +35,33 @@ class NativeStack:
     send: SendAfter | None
 
     def forward(self, h: torch.Tensor, meta: StepMeta) -> torch.Tensor:
-        """h [B, 1, dim] through every block for a decode step of B sequences."""
+        """h [B, T, dim] through every block, each of the B * T tokens a row of a decode step over
+        `meta.view` (T = 1 for a decode step, T > 1 for a short prompt chunk)."""
         view = meta.view
-        assert view is not None  # native_stack checked
-        B = h.shape[0]
-        h = self.blocks.forward(h.view(B, -1), meta.rot, view.k, view.v, view.k_scale, view.v_scale, view.tables,
-                                view.key_pos, view.write, meta.positions.view(-1), view.window,
-                                view.scan).view(B, 1, -1)
+        assert view is not None and meta.rot is not None  # the model set them for this step
+        shape = h.shape
+        h = self.blocks.forward(h.reshape(-1, shape[-1]), meta.rot, view.k, view.v, view.k_scale, view.v_scale,
+                                view.tables, view.key_pos, view.write, meta.positions.reshape(-1), view.window,
+                                view.scan).view(shape)
         if self.send is not None:
             self.send.topology.send_next(h)
         return h
 
 
-def native_stack(model: Transformer, meta: StepMeta, h: torch.Tensor) -> NativeStack | None:
-    """The model's native block stack if this step can use it, else None (built on first use and
-    rebuilt when a block's modules or weights have been replaced)."""
+def native_stack(model: Transformer, tokens: torch.Tensor, cache: KVCache | PagedBatch | None) -> NativeStack | None:
+    """The model's native block stack if a step of `tokens` [B, T] over `cache` can use it, else None
+    (built on first use and rebuilt when a block's modules or weights have been replaced). Up to
+    SMALL_BATCH tokens in all: a decode step of B sequences, or a short prompt chunk, whose tokens the
+    stack takes as rows (with `step_meta(flat=True)`), so it runs without Python's per-operation cost."""
     from . import quantize  # late: quantize imports the model module
 
     if model.parallel is not None and model.parallel.config.tp > 1:
         return None  # a tensor-parallel share: its blocks end in collectives, which the native stack has not
-    if h.shape[0] > quantize.SMALL_BATCH or torch.is_grad_enabled() or decode_kernels(h, meta) is None:
+    if cache is None or tokens.numel() > quantize.SMALL_BATCH or torch.is_grad_enabled():
+        return None
+    store = cache.pool.k if isinstance(cache, PagedBatch) else cache.k
+    if model.dtype != torch.float32 or model.device.type != "cpu" or store.dtype not in (torch.float32, torch.int8) \
+            or store.device.type != "cpu" or qlinear() is None:
         return None
     key = _weights_key(model)
     built = model.__dict__.get("_native_stack")

@@ -330,23 +330,34 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
   }
   float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(D));
+  // Every row's key and value are written before any row attends: rows may be tokens of one prompt
+  // chunk, each seeing the keys of the rows before it (the positions mask the ones after). Writing is a
+  // rotation per kv head, little next to attention, so it runs on this thread.
+  {
+    std::vector<float> k(D);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = qp + b * (H + 2 * KV) * D;
+      const float* r = rp + b * D;  // (cos, sin) pairs
+      const int64_t blk = wp[b] / S, off = wp[b] % S;
+      for (int64_t g = 0; g < KV; ++g) {
+        const float* ksrc = row + (H + g) * D;
+        for (int64_t i = 0; i < D / 2; ++i) {
+          const float c = r[2 * i], s = r[2 * i + 1], x0 = ksrc[2 * i], x1 = ksrc[2 * i + 1];
+          k[2 * i] = x0 * c - x1 * s;
+          k[2 * i + 1] = x0 * s + x1 * c;
+        }
+        const int64_t at = (blk * KV + g) * S + off;  // vector (block, g, offset)
+        ks.put(at, k.data());
+        vs.put(at, row + (H + KV + g) * D);
+      }
+    }
+  }
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(W * scan), q(D), k(D);
+    std::vector<float> scores(W * scan), q(D);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / KV, g = bk % KV;
       const float* row = qp + b * (H + 2 * KV) * D;
       const float* r = rp + b * D;  // (cos, sin) pairs
-      // rotate k of this kv head and write it with v into its slot: vector (block, g, offset)
-      const int64_t blk = wp[b] / S, off = wp[b] % S;
-      const int64_t at = (blk * KV + g) * S + off;
-      const float* ksrc = row + (H + g) * D;
-      for (int64_t i = 0; i < D / 2; ++i) {
-        const float c = r[2 * i], s = r[2 * i + 1], x0 = ksrc[2 * i], x1 = ksrc[2 * i + 1];
-        k[2 * i] = x0 * c - x1 * s;
-        k[2 * i + 1] = x0 * s + x1 * c;
-      }
-      ks.put(at, k.data());
-      vs.put(at, row + (H + KV + g) * D);
       const int64_t qn = qpos[b];
       const int64_t* table = tp + b * W;
       for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
