@@ -1,4 +1,5 @@
-"""Where one engine step goes: scheduling, block tables, the model forward, sampling, detokenizing.
+"""Where one engine step goes: scheduling, block tables, the model forward, sampling, emitting (the
+text is made by the consumer, off the engine thread: `engine.text.TextOutput`).
 
     PYTHONPATH=src python benchmarks/engine_step.py --clients 1 --tokens 64 --quantize int4
 
@@ -23,7 +24,6 @@ from tramontane.cli import demo_model_path
 from tramontane.engine import Engine, Request
 from tramontane.engine.grammar import Matcher, response_format_grammar
 from tramontane.loading import load_model
-from tramontane.textgen import TextTracker
 from tramontane.tokenizer import load_tokenizer
 
 # a small schema whose strings never end (no maxLength), so a constrained request runs its --tokens
@@ -74,8 +74,6 @@ def main() -> None:
     engine_module = sys.modules[Engine.__module__]
     engine_module.sample_rows = timed(totals, "  sampling", engine_module.sample_rows)  # type: ignore[attr-defined]
     Matcher.mask = timed(totals, "  grammar mask", Matcher.mask)  # type: ignore[method-assign]
-    feed = TextTracker.feed
-    TextTracker.feed = timed(totals, "  detokenize", feed)  # type: ignore[method-assign]
     grammar = response_format_grammar({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}) \
         if a.json_schema else None
     for _round in ("warm-up", "measured"):

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from tramontane.engine import EngineEvent, QueueFullError, Request
 from tramontane.engine.grammar import Vocabulary
 from tramontane.engine.metrics import Metrics
-from tramontane.textgen import TextTracker
 
 
 class ScriptedEngine:
@@ -44,15 +43,11 @@ class ScriptedEngine:
         if self.full:
             raise QueueFullError("the queue holds 0 waiting requests")
         self.submitted.append(req)
-        tracker = TextTracker(self.tokenizer, req.stop_strings)
+        # token events only, as the engine emits them: the server makes their text (and stops at stop strings)
         for token in self.script(req)[: req.max_tokens]:
             if token in self.tokenizer.stop_ids:
-                req.emit(EngineEvent(req.id, tracker.finish(), finish_reason="stop"))
-                return
-            text, hit = tracker.feed(token)
-            req.emit(EngineEvent(req.id, text, token, -0.25 if req.logprobs else None))
-            if hit:
                 req.emit(EngineEvent(req.id, "", finish_reason="stop"))
                 return
+            req.emit(EngineEvent(req.id, "", token, -0.25 if req.logprobs else None))
         error = None if self.finish == "length" else "deadline exceeded" if self.finish == "timeout" else "boom"
-        req.emit(EngineEvent(req.id, tracker.finish(), finish_reason=self.finish, error=error))
+        req.emit(EngineEvent(req.id, "", finish_reason=self.finish, error=error))

@@ -11,6 +11,7 @@ import torch
 from tramontane import generate, load_model
 from tramontane.cache import PagedKVCache
 from tramontane.engine import Engine, EngineEvent, QueueFullError, Request
+from tramontane.engine.text import TextOutput
 from tramontane.sampling import SamplingParams
 
 
@@ -52,6 +53,20 @@ class Collector:
         return [e.token for e in self.events[rid] if e.token is not None]
 
 
+def with_text(request: Request, stops: tuple[str, ...] = (), continuation: bool = False) -> Request:
+    """`request` with its events' text made on their way out, as the server makes it on its event loop;
+    a stop string cancels the request in the engine."""
+    output = TextOutput(IdTokenizer(), stops, continuation, on_stop=lambda: request.cancel("stop"))
+    sink = request.emit
+
+    def emit(event: EngineEvent) -> None:
+        for e in output.feed(event):
+            sink(e)
+
+    request.emit = emit
+    return request
+
+
 def prompt(seed: int, n: int) -> list[int]:
     return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -77,7 +92,7 @@ def test_concurrent_requests_match_generation_alone(model):
     sink = Collector()
     engine = Engine(model, IdTokenizer(), max_batch=4, chunk_size=5)
     lengths = [3, 17, 9, 1, 30, 12, 5, 8, 21, 2, 14, 6]
-    reqs = [Request(prompt(i, n), max_tokens=6 + i, emit=sink) for i, n in enumerate(lengths)]
+    reqs = [with_text(Request(prompt(i, n), max_tokens=6 + i, emit=sink)) for i, n in enumerate(lengths)]
     run_all(engine, reqs, sink)
     for r in reqs:
         alone = generate(model, [r.prompt], max_tokens=r.max_tokens)[0].tokens
@@ -104,21 +119,35 @@ def test_stop_strings_and_stop_ids(model):
     free = generate(model, [prompt(1, 5)], max_tokens=8)[0].tokens
     sink = Collector()
     engine = Engine(model, IdTokenizer(), max_batch=2)
-    by_string = Request(prompt(1, 5), max_tokens=8, emit=sink, stop_strings=(f"<{free[3]}>",))
+    by_string = with_text(Request(prompt(1, 5), max_tokens=8, emit=sink), stops=(f"<{free[3]}>",))
     by_id = Request(prompt(1, 5), max_tokens=8, emit=sink, stop_ids=frozenset({free[2]}))
-    run_all(engine, [by_string, by_id], sink)
+    sink.expected = 2
+    engine.start()
+    try:
+        engine.submit(by_string)
+        engine.submit(by_id)
+        assert sink.done.wait(60)
+        deadline = time.monotonic() + 10  # the stop string's request leaves the engine within a step
+        while engine.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
     first = free.index(free[3])
-    assert "".join(e.text for e in sink.events[by_string.id]) == "".join(f"<{t}>" for t in free[:first])
-    assert sink.events[by_string.id][-1].finish_reason == "stop"
+    events = sink.events[by_string.id]
+    assert "".join(e.text for e in events) == "".join(f"<{t}>" for t in free[:first])
+    assert sink.tokens(by_string.id) == free[: first + 1]  # the token that completed the string is out
+    assert [e.finish_reason for e in events].count("stop") == 1 and events[-1].finish_reason == "stop"
     assert sink.tokens(by_id.id) == free[: free.index(free[2])]
     assert sink.events[by_id.id][-1].finish_reason == "stop"
+    assert engine.active == 0 and engine.blocks.used == 0
+    assert 'tramontane_requests_total{reason="stop"} 2.0' in engine.metrics.render().decode()
 
 
 def test_continuation_requests_keep_the_leading_space(model):
     sink = Collector()
     engine = Engine(model, IdTokenizer(), max_batch=2)
-    fresh = Request(prompt(1, 5), max_tokens=3, emit=sink)
-    cont = Request(prompt(1, 5), max_tokens=3, emit=sink, continuation=True)
+    fresh = with_text(Request(prompt(1, 5), max_tokens=3, emit=sink))
+    cont = with_text(Request(prompt(1, 5), max_tokens=3, emit=sink), continuation=True)
     run_all(engine, [fresh, cont], sink)
     text = {r.id: "".join(e.text for e in sink.events[r.id]) for r in (fresh, cont)}
     assert text[cont.id] == " " + text[fresh.id] and not text[fresh.id].startswith(" ")

@@ -112,7 +112,7 @@ def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, na
                     ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Logits of `tokens` fed in chunks of the given sizes over a fresh cache (a paged pool, or one
     KVCache row), the keys stored, and how many chunks ran on the native stack."""
-    from tramontane.cache import PagedKVCache
+    from tramontane.cache import PagedBatch, PagedKVCache
     from tramontane.native_decode import NativeStack
 
     runs = 0
@@ -123,6 +123,7 @@ def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, na
         runs += 1
         return real(self, h, meta)
 
+    cache: KVCache | PagedBatch
     if paged:
         pool = PagedKVCache.create(model.args, n_blocks=12, block_size=4)
         table = [9, 3, 11, 1, 7, 5, 2]

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -150,12 +151,30 @@ def test_completion_list_of_prompts_and_stream(client):
     assert streamed == [c.text for c in out.choices]
 
 
-def test_stop_strings(client):
+def test_stop_strings(served, client, monkeypatch):
+    """Stop strings cut the text where they start; the text is made off the engine thread (on the
+    server's event loop), and a request its text stopped leaves the engine too."""
+    from tramontane.textgen import TextTracker
+
+    threads: set[str] = set()
+    feed = TextTracker.feed
+
+    def spied(self, token):
+        threads.add(threading.current_thread().name)
+        return feed(self, token)
+
+    monkeypatch.setattr(TextTracker, "feed", spied)
     full = ask(client, "What is the capital of France?", max_tokens=24).choices[0].message.content
     word = full.split()[3]
     out = ask(client, "What is the capital of France?", max_tokens=24, stop=[word, "zzz"])
     assert out.choices[0].message.content == full[: full.index(word)]
-    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens < 24
+    assert threads and "tramontane-engine" not in threads
+    engine = served[1]
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 0
 
 
 def test_seeds_and_n(client):

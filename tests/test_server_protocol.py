@@ -108,7 +108,8 @@ def test_fill_in_the_middle(tok, engine, client):
     engine.script = lambda req: tok.encode("a + b", bos=False) + [tok.eos_id]
     out = client.completions.create(model=MODEL, prompt="def add(a, b):\n    return ", suffix="\n\nprint(add(1, 2))")
     assert engine.submitted[-1].prompt == tok.encode_fim("def add(a, b):\n    return ", "\n\nprint(add(1, 2))")
-    assert out.choices[0].text == "a + b" and out.choices[0].finish_reason == "stop"
+    # a completion continues its prompt's text, so it keeps the space of its first piece ('▁a')
+    assert out.choices[0].text == " a + b" and out.choices[0].finish_reason == "stop"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[1, 2, 3], suffix="x")
     assert e.value.body["param"] == "suffix"
@@ -119,7 +120,7 @@ def test_choices_are_ordered_prompt_major(tok, engine, client):
     out = client.completions.create(model=MODEL, prompt=["a", "a b c"], n=2, seed=5, max_tokens=30)
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     lengths = [len(tok.encode(p)) for p in ("a", "a b c")]
-    assert [c.text for c in out.choices] == [f"seed {s} prompt {n}" for n in lengths for s in (5, 6)]
+    assert [c.text for c in out.choices] == [f" seed {s} prompt {n}" for n in lengths for s in (5, 6)]
     assert out.usage.prompt_tokens == sum(lengths)
 
 

@@ -2,7 +2,9 @@
 
 The `Scheduler` decides (admission, KV blocks, preemption) and returns a plan, the `Runner` executes it
 on the model over a paged KV pool, and the sampled tokens go through each request's `TokenLoop` (the
-same stop, penalty and length handling as `generate.stream`) before they are emitted.
+same stop, penalty and length handling as `generate.stream`) before they are emitted. Events carry
+token ids: their text is made where they are consumed (`engine.text.TextOutput`, which the server runs
+on its event loop), so the engine thread spends nothing on detokenizing or stop strings.
 
 In a parallel job (a model loaded with `parallel=`), rank 0's engine schedules and samples, and hands
 each step's `StepInputs` to the other ranks, whose engines `follow`: every step is the same sequence of
@@ -34,7 +36,6 @@ from ..model import Transformer
 from ..multi_lora import AdapterRows
 from ..parallel import ParallelError
 from ..sampling import Penalties, sample_rows, top_token_logprobs
-from ..textgen import TextTracker
 from .blocks import BlockManager
 from .grammar import Matcher, Vocabulary
 from .metrics import Metrics
@@ -56,12 +57,11 @@ class QueueFullError(Exception):
 
 @dataclass(eq=False)
 class _Live:
-    """A request the engine has taken in: its scheduler sequence and its sampling and text state."""
+    """A request the engine has taken in: its scheduler sequence and its sampling state."""
 
     req: Request
     seq: Sequence
     loop: TokenLoop
-    tracker: TextTracker
     generator: torch.Generator | None
     penalties: Penalties | None
     matcher: Matcher | None = None  # the request's grammar, when its output is constrained
@@ -278,10 +278,9 @@ class Engine:
         penalties = Penalties.for_prompt(req.prompt, self.model.args.vocab_size, device) if req.params.penalised \
             else None
         stop_ids = req.stop_ids if req.stop_ids is not None else frozenset(self.tokenizer.stop_ids)
-        tracker = TextTracker(self.tokenizer, req.stop_strings, req.continuation)
-        loop = TokenLoop(req.max_tokens, stop_ids, penalties, stop_check=lambda token: tracker.stopped)
+        loop = TokenLoop(req.max_tokens, stop_ids, penalties)
         matcher = None if req.grammar is None else self.vocabulary.matcher(req.grammar)
-        live = _Live(req, Sequence(list(req.prompt), adapter=req.adapter), loop, tracker, gen, penalties, matcher)
+        live = _Live(req, Sequence(list(req.prompt), adapter=req.adapter), loop, gen, penalties, matcher)
         live.seq.owner = live
         return live
 
@@ -316,7 +315,7 @@ class Engine:
 
     def _accept(self, live: _Live, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] = ()
                 ) -> None:
-        """Record a sampled token, emit its text, and end the request when its loop says so."""
+        """Record a sampled token, emit it, and end the request when its loop says so."""
         now = time.monotonic()
         if live.loop.produced == 0:
             self.metrics.ttft.observe(now - live.req.submitted)
@@ -331,8 +330,7 @@ class Engine:
         if live.matcher is not None and not live.matcher.consume(token):
             self._finish(live, "error", f"the grammar refused token {token}: {live.matcher.error}")
             return
-        text, _ = live.tracker.feed(token)
-        live.req.emit(EngineEvent(live.req.id, text, token, logprob, top))
+        live.req.emit(EngineEvent(live.req.id, "", token, logprob, top, cached_tokens=max(live.seq.cached_tokens, 0)))
         if (reason := live.loop.finish_reason(token)) is None:
             live.seq.tokens.append(token)
         else:
@@ -341,10 +339,9 @@ class Engine:
     def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(live.seq)
         self._lives.remove(live)
-        text = live.tracker.finish() if reason in ("stop", "length") else ""
         self.metrics.requests.labels(reason=reason).inc()
         try:
-            live.req.emit(EngineEvent(live.req.id, text, finish_reason=reason, error=error,
+            live.req.emit(EngineEvent(live.req.id, "", finish_reason=reason, error=error,
                                       cached_tokens=max(live.seq.cached_tokens, 0)))
         except Exception:  # a broken client callback must not take the engine down
             log.exception("emit failed for %s", live.req.id)
@@ -354,7 +351,7 @@ class Engine:
         for live in list(self._lives):
             req = live.req
             if req.cancelled:
-                self._finish(live, "cancelled")
+                self._finish(live, req.cancel_reason)
             elif req.deadline is not None and now > req.deadline:
                 self._finish(live, "timeout", "deadline exceeded")
 

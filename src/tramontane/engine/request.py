@@ -14,9 +14,11 @@ _ids = itertools.count()
 
 @dataclass(frozen=True)
 class EngineEvent:
-    """A piece of one request's output. The last event of a request has `finish_reason` set:
-    'stop' (eos, stop token or stop string), 'length', 'cancelled', 'timeout' or 'error' (with `error`),
-    and `cached_tokens`: how many prompt tokens came from the prefix cache instead of being computed."""
+    """A piece of one request's output: one token (with its logprobs when asked), or the end. The last
+    event of a request has `finish_reason` set: 'stop' (eos or stop token), 'length', 'cancelled' (or the
+    reason given to `Request.cancel`), 'timeout' or 'error' (with `error`). `cached_tokens`: how many
+    prompt tokens came from the prefix cache instead of being computed. The engine leaves `text` empty:
+    `engine.text.TextOutput` fills it in on the consumer's side, with stop strings."""
 
     request_id: str
     text: str
@@ -37,21 +39,22 @@ class Request:
     max_tokens: int
     emit: Callable[[EngineEvent], None]
     params: SamplingParams = field(default_factory=SamplingParams)
-    stop_strings: tuple[str, ...] = ()
     stop_ids: frozenset[int] | None = None  # None: the tokenizer's stop ids
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each step
     grammar: str | None = None  # llguidance grammar the output must follow (engine.grammar builds them)
     timeout: float | None = None  # seconds from submission
-    continuation: bool = False  # the output continues the prompt's text (a completion): keep a leading space
     adapter: int = 0  # the served LoRA adapter (multi_lora.AdapterRows index; 0: the base model)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    cancel_reason: str = "cancelled"
 
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; it leaves the batch within one step."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to drop this request; it leaves the batch within one step, with `reason` as its
+        finish reason ('stop' when the consumer found a stop string)."""
+        self.cancel_reason = reason
         self.cancelled = True
 
     @property

@@ -1,16 +1,20 @@
 """From the engine thread to the event loop: the engine's requests for one HTTP call, and their events.
 
 The engine calls `emit` from its own thread; each event is handed to the event loop with
-`call_soon_threadsafe`, so the loop only ever awaits a queue and never touches the model.
+`call_soon_threadsafe`, so the loop only ever awaits a queue and never touches the model. The events'
+text is made there, on the loop (`engine.text.TextOutput`: incremental decoding and stop strings), and
+not on the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from ..engine import Engine, EngineEvent, Request
+from ..engine.text import TextOutput
 from ..sampling import SamplingParams
 
 
@@ -77,20 +81,20 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
     for prompt in prompts:
         budget = job.max_tokens if job.max_tokens is not None else engine.max_seq_len - len(prompt)
         for j in range(job.n):
+            output = TextOutput(engine.tokenizer, job.stop_strings, job.continuation)
             request = Request(
                 prompt=prompt,
                 max_tokens=budget,
-                emit=_emitter(loop, queue, len(requests)),
+                emit=_emitter(loop, queue, len(requests), output),
                 params=job.params,
-                stop_strings=job.stop_strings,
                 seed=None if job.seed is None else job.seed + j,
                 logprobs=job.logprobs,
                 top_logprobs=job.top_logprobs,
                 grammar=job.grammar,
                 timeout=job.timeout,
-                continuation=job.continuation,
                 adapter=job.adapter,
             )
+            output.on_stop = functools.partial(request.cancel, "stop")
             engine.validate(request)
             requests.append(request)
     submission = Submission(requests, queue)
@@ -104,11 +108,15 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
 
 
 def _emitter(
-    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, EngineEvent]], index: int
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, EngineEvent]], index: int, output: TextOutput
 ) -> Callable[[EngineEvent], None]:
-    def emit(event: EngineEvent) -> None:
+    def deliver(event: EngineEvent) -> None:  # on the event loop
+        for ev in output.feed(event):
+            queue.put_nowait((index, ev))
+
+    def emit(event: EngineEvent) -> None:  # on the engine thread
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+            loop.call_soon_threadsafe(deliver, event)
         except RuntimeError:  # the event loop has closed: nobody will read this any more
             pass
 
