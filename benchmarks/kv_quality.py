@@ -5,7 +5,7 @@
 The same text (this repository's README, `--tokens` of it) goes through the paged pool once per dtype,
 teacher-forced: the first `tokens - decode` positions in prompt chunks of `--chunk` (every key is stored
 in the pool's dtype and read back from it), the last `--decode` one token at a time (the decode path: the
-native block-table attention for fp32 and int8 pools). At every position we compare the next-token
+native block-table attention, for every dtype). At every position we compare the next-token
 argmax with the fp32 pool's, i.e. what greedy decoding would pick, and the logits' distance. Memory per
 token is the pool's bytes per position: keys, values, their scales (int8) and the slot's position.
 """

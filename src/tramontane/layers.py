@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs, MoeArgs
-from .cache import StepMeta
+from .cache import KV_DTYPES, StepMeta
 from .kernels import qlinear
 from .rope import apply_rotary
 
@@ -70,11 +70,11 @@ class Attention(nn.Module):
 
 
 def decode_kernels(x: torch.Tensor, meta: StepMeta) -> Any:
-    """The native kernels when this step can use them: an fp32 CPU decode step over a float32 or int8
-    cache or pool (the fused decode attention here, the whole native stack in `native_decode`); else None."""
+    """The native kernels when this step can use them: an fp32 CPU decode step over a cache or pool of a
+    KV dtype (the fused decode attention here, the whole native stack in `native_decode`); else None."""
     if not meta.decode or x.dtype != torch.float32 or x.device.type != "cpu" or meta.rot is None:
         return None
-    if meta.view is None or meta.view.k.dtype not in (torch.float32, torch.int8) or meta.view.k.device.type != "cpu":
+    if meta.view is None or meta.view.k.dtype not in KV_DTYPES or meta.view.k.device.type != "cpu":
         return None
     return qlinear()
 

@@ -3,7 +3,7 @@
 Decoding a token of a small model is hundreds of tiny operations; through Python each costs more
 than its arithmetic. `Transformer.forward` hands a step to the native stack when it is an fp32 CPU
 step of up to the small-batch limit of tokens (a decode step of B sequences, or a short prompt chunk
-whose tokens become rows) over a KV cache or a paged pool in float32 or int8, of a
+whose tokens become rows) over a KV cache or a paged pool (float32, bfloat16, float16 or int8), of a
 dense model (projections fused as `load_model` leaves them, or side by side where a checkpoint keeps
 them in different formats), or of a pipeline stage's blocks (which hands its output on after the stack).
 Everything else runs the Python blocks, which stay the reference: the tests check that both paths give
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .cache import KVCache, PagedBatch, StepMeta
+from .cache import KV_DTYPES, KVCache, PagedBatch, StepMeta
 from .kernels import qlinear
 from .layers import Block, FeedForward
 from .parallel.modules import SendAfter
@@ -60,7 +60,7 @@ def native_stack(model: Transformer, tokens: torch.Tensor, cache: KVCache | Page
     if cache is None or tokens.numel() > quantize.SMALL_BATCH or torch.is_grad_enabled():
         return None
     store = cache.pool.k if isinstance(cache, PagedBatch) else cache.k
-    if model.dtype != torch.float32 or model.device.type != "cpu" or store.dtype not in (torch.float32, torch.int8) \
+    if model.dtype != torch.float32 or model.device.type != "cpu" or store.dtype not in KV_DTYPES \
             or store.device.type != "cpu" or qlinear() is None:
         return None
     key = _weights_key(model)

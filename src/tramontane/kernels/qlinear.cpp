@@ -223,55 +223,73 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
 // (-1: empty). Row b reads the blocks of its table tables[b] ([B, W]), the first `scan` slots of each,
 // and writes its new key and value at flat slot write[b] (block * S + offset). A contiguous cache is
 // the case of one block per row (S = capacity, tables[b] = {row}), a paged pool the general one.
-// Keys and values are float32, or int8 with one float32 scale per stored vector ([n_blocks, KV, S]).
+// Keys and values are float32, bfloat16, float16, or int8 with one float32 scale per stored vector
+// ([n_blocks, KV, S]).
 namespace {
 
+// One stored vector of D values in a storage type T (float, bf16, fp16): converted on the fly, rounded to
+// nearest even when stored, as PyTorch's `.to(dtype)` rounds.
+template <typename T>
+void put_as(T* dst, const float* x, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) dst[i] = T(x[i]);
+}
+
+template <typename T>
+float dot_as(const T* k, const float* x, int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < D; ++i) acc += x[i] * float(k[i]);
+  return acc;
+}
+
+template <typename T>
+void axpy_as(const T* v, float w, float* o, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) o[i] += w * float(v[i]);
+}
+
 struct KvStore {
-  float* f = nullptr;       // float32 storage, or
-  int8_t* q = nullptr;      // int8 storage with
-  float* scale = nullptr;   // one scale per vector
+  void* data = nullptr;
+  torch::ScalarType type = torch::kFloat32;  // float32, bfloat16, float16, or int8 with
+  float* scale = nullptr;                     // one scale per vector
   int64_t D = 0;
+
+  template <typename T>
+  T* at_(int64_t at) const { return static_cast<T*>(data) + at * D; }
 
   // store x (D values) at vector index `at`
   void put(int64_t at, const float* x) const {
-    if (f != nullptr) {
-      std::memcpy(f + at * D, x, D * sizeof(float));
-      return;
+    switch (type) {
+      case torch::kFloat32: std::memcpy(at_<float>(at), x, D * sizeof(float)); return;
+      case torch::kBFloat16: put_as(at_<c10::BFloat16>(at), x, D); return;
+      case torch::kHalf: put_as(at_<c10::Half>(at), x, D); return;
+      default: break;
     }
     float amax = 0.f;
     for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
     const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int8_t* dst = q + at * D;
+    int8_t* dst = at_<int8_t>(at);
     for (int64_t i = 0; i < D; ++i) dst[i] = int8_t(std::nearbyint(x[i] * inv));
     scale[at] = s;
   }
 
   float dot(int64_t at, const float* x) const {
-    float acc = 0.f;
-    if (f != nullptr) {
-      const float* k = f + at * D;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < D; ++i) acc += x[i] * k[i];
-      return acc;
+    switch (type) {
+      case torch::kFloat32: return dot_as(at_<float>(at), x, D);
+      case torch::kBFloat16: return dot_as(at_<c10::BFloat16>(at), x, D);
+      case torch::kHalf: return dot_as(at_<c10::Half>(at), x, D);
+      default: return dot_as(at_<int8_t>(at), x, D) * scale[at];
     }
-    const int8_t* k = q + at * D;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < D; ++i) acc += x[i] * float(k[i]);
-    return acc * scale[at];
   }
 
   // o += w * vector
   void axpy(int64_t at, float w, float* o) const {
-    if (f != nullptr) {
-      const float* v = f + at * D;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) o[i] += w * v[i];
-      return;
+    switch (type) {
+      case torch::kFloat32: axpy_as(at_<float>(at), w, o, D); return;
+      case torch::kBFloat16: axpy_as(at_<c10::BFloat16>(at), w, o, D); return;
+      case torch::kHalf: axpy_as(at_<c10::Half>(at), w, o, D); return;
+      default: axpy_as(at_<int8_t>(at), w * scale[at], o, D); return;
     }
-    const int8_t* v = q + at * D;
-    const float ws = w * scale[at];
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) o[i] += ws * float(v[i]);
   }
 };
 
@@ -279,16 +297,16 @@ KvStore kv_store(const torch::Tensor& cache, const c10::optional<torch::Tensor>&
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, name, " cache must be contiguous [blocks, KV, S, D]");
   KvStore st;
   st.D = cache.size(3);
-  if (cache.scalar_type() == torch::kFloat32) {
+  st.type = cache.scalar_type();
+  st.data = cache.data_ptr();
+  if (st.type == torch::kFloat32 || st.type == torch::kBFloat16 || st.type == torch::kHalf) {
     TORCH_CHECK(!scale.has_value(), name, " scales are only for an int8 cache");
-    st.f = cache.data_ptr<float>();
     return st;
   }
-  TORCH_CHECK(cache.scalar_type() == torch::kInt8 && scale.has_value(), name,
-              " cache must be float32, or int8 with scales");
+  TORCH_CHECK(st.type == torch::kInt8 && scale.has_value(), name,
+              " cache must be float32, bfloat16, float16, or int8 with scales");
   TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
                   scale->numel() == cache.numel() / st.D, name, " scales must be contiguous float32 [blocks, KV, S]");
-  st.q = cache.data_ptr<int8_t>();
   st.scale = scale->data_ptr<float>();
   return st;
 }
