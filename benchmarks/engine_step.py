@@ -24,6 +24,7 @@ from tramontane.cli import demo_model_path
 from tramontane.engine import Engine, Request
 from tramontane.engine.grammar import Matcher, response_format_grammar
 from tramontane.loading import load_model
+from tramontane.sampling import SamplingParams
 from tramontane.tokenizer import load_tokenizer
 
 # a small schema whose strings never end (no maxLength), so a constrained request runs its --tokens
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json-schema", action="store_true", help="constrain every request to a small JSON schema")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample (default: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     a = ap.parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
@@ -79,7 +82,8 @@ def main() -> None:
     for _round in ("warm-up", "measured"):
         totals.clear()
         for _ in range(a.clients):
-            engine.submit(Request(list(prompt), max_tokens=a.tokens, emit=lambda ev: None,
+            engine.submit(Request(list(prompt), max_tokens=a.tokens, emit=lambda ev: None, seed=0,
+                                  params=SamplingParams(temperature=a.temperature, top_p=a.top_p),
                                   stop_ids=frozenset(), grammar=grammar))
         steps = 0
         start = time.perf_counter()

@@ -108,3 +108,72 @@ def test_logit_bias_shifts_the_chosen_logits():
     draws = torch.tensor([sample_one(logits, biased, gen) for _ in range(4000)])
     expected = 0.2 / 1.1  # 0.1 * 2 over a total mass of 1.1
     assert abs((draws == 3).float().mean().item() - expected) < 0.02
+
+
+def nucleus_reference(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    """The tokens top-k and top-p keep, by a full sort of the row (the definition)."""
+    probs = torch.softmax(logits / params.temperature, -1)
+    order = probs.argsort(descending=True).tolist()
+    if params.top_k:
+        order = order[: params.top_k]
+    total = float(probs[order].sum())
+    kept, mass = set(), 0.0
+    for t in order:
+        if mass >= params.top_p * total:
+            break
+        kept.add(t)
+        mass += float(probs[t])
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_beyond_the_candidates_sorts_the_whole_row(top_p):
+    """A flat row keeps thousands of tokens: its nucleus reaches past the partial sort's CANDIDATES and
+    comes from the full sort; a peaked row's comes from the candidates. Both are the definition's."""
+    from tramontane.sampling import CANDIDATES
+
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(4096, generator=g) * 0.1
+    peaked = torch.randn(4096, generator=g) * 6
+    params = SamplingParams(temperature=0.8, top_p=top_p)
+    sizes = []
+    for row in (flat, peaked):
+        kept = {i for i, v in enumerate(filter_logits(row, params).tolist()) if v != -math.inf}
+        assert kept == nucleus_reference(row, params)
+        sizes.append(len(kept))
+    assert top_p < 0.5 or sizes[0] > CANDIDATES  # the flat row did take the full sort
+
+
+def test_a_batch_samples_each_row_as_alone():
+    """Rows with different temperature, top-k, top-p, min-p, bias and greedy in one batch: the same
+    filters and, with the same generator seeds, the same draws as each row sampled alone."""
+    from tramontane.sampling import sampling_weights
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 4
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=7),
+              SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.3, min_p=0.05),
+              SamplingParams(), SamplingParams(temperature=0.7, top_k=50, top_p=0.6, logit_bias=((5, 3.0),))]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    weights = sampling_weights(logits[sampled], [params[i] for i in sampled])
+    for row, i in enumerate(sampled):
+        alone = sampling_weights(logits[i : i + 1], [params[i]])[0]
+        if not params[i].logit_bias:
+            torch.testing.assert_close(weights[row], alone)
+    for step in range(20):
+        together = sample_rows(logits, params, [torch.Generator().manual_seed(step * 10 + i) for i in range(6)],
+                               [None] * 6)
+        assert together == [sample_one(logits[i], params[i], torch.Generator().manual_seed(step * 10 + i))
+                            for i in range(6)]
+
+
+def test_draw_follows_the_weights():
+    """One uniform per draw against the cumulative weights: frequencies match the (unnormalised)
+    weights, and a token of weight 0 is never drawn, even at the ends."""
+    from tramontane.sampling import draw
+
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    tokens = [draw(weights, [g])[0] for _ in range(4000)]
+    counts = [tokens.count(t) / 4000 for t in range(6)]
+    assert counts[0] == counts[2] == counts[5] == 0
+    assert abs(counts[1] - 0.5) < 0.03 and abs(counts[3] - 0.25) < 0.03 and abs(counts[4] - 0.25) < 0.03

@@ -2,6 +2,9 @@
 
 Order of operations for one sequence: logit bias, repetition/presence/frequency penalties,
 temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy (argmax of the penalised logits).
+A batch is sampled in one pass (`sample_rows`): the filters are tensor operations over all its rows, and
+each row draws with one uniform of its own generator, so what a seeded row draws does not depend on
+the rows beside it.
 
 Example:
     >>> params = SamplingParams(temperature=0.7, top_p=0.9)
@@ -10,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,21 +92,67 @@ def apply_penalties(
     return out
 
 
+# Top-p looks for each row's nucleus among its this many most likely tokens first (a partial sort:
+# 0.08 ms a row of 49,152 where a full sort takes 3.4 ms); a row whose nucleus holds more is sorted whole.
+CANDIDATES = 256
+
+
+def sampling_weights(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, row by row of logits [S, V] (every row sampled, none
+    greedy), in one pass over the batch: each row's probabilities [S, V], 0 where a filter drops the
+    token, not renormalised (`draw` takes them as they are)."""
+    V = logits.shape[1]
+    column = functools.partial(torch.tensor, dtype=logits.dtype, device=logits.device)
+    out = logits / column([p.temperature for p in params])[:, None]
+    probs = torch.softmax(out, dim=-1)
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    if min(ks) < V:
+        values = torch.topk(out, max(k for k in ks if k < V)).values  # [S, kmax], best first
+        kth = values.gather(1, torch.tensor([min(k, values.shape[1]) - 1 for k in ks], device=out.device)[:, None])
+        active = torch.tensor([k < V for k in ks], device=out.device)[:, None]
+        probs.masked_fill_(active & (out < kth), 0.0)
+    top_p = column([p.top_p for p in params])
+    if bool((top_p < 1).any()):
+        mass = top_p[:, None] * probs.sum(-1, keepdim=True)  # of what top-k kept
+        values, order = torch.topk(probs, min(CANDIDATES, V))  # best first
+        before = torch.cumsum(values, -1) - values  # the mass of the tokens more likely than each
+        # keep the smallest prefix whose mass reaches top_p (a token stays if the mass before it is < top_p):
+        # every token down to the prefix's last one (tokens tied with it stay too)
+        wider = (before[:, -1:] + values[:, -1:] < mass) & (top_p < 1)[:, None]  # nuclei past the candidates
+        cut = values.gather(1, (before < mass).sum(-1, keepdim=True) - 1)
+        probs.masked_fill_(probs < cut.masked_fill((top_p >= 1)[:, None] | wider, 0.0), 0.0)
+        for row in wider[:, 0].nonzero()[:, 0].tolist():
+            probs[row] = _nucleus_sorted(probs[row], float(mass[row]))
+    min_p = column([p.min_p for p in params])
+    if bool((min_p > 0).any()):
+        probs.masked_fill_(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def _nucleus_sorted(probs: torch.Tensor, mass: float) -> torch.Tensor:
+    """Top-p of one row's probabilities [V] through a full sort: a row whose nucleus holds more than
+    CANDIDATES tokens."""
+    values, order = torch.sort(probs, descending=True)
+    drop = torch.zeros_like(values, dtype=torch.bool).scatter(0, order, torch.cumsum(values, 0) - values >= mass)
+    return probs.masked_fill(drop, 0.0)
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p: logits [V] with disallowed tokens at -inf."""
-    out = logits / params.temperature
-    if params.top_k and params.top_k < out.shape[-1]:
-        kth = torch.topk(out, params.top_k).values[-1]
-        out = out.masked_fill(out < kth, -math.inf)
-    if params.top_p < 1:
-        probs, order = torch.sort(torch.softmax(out, dim=-1), descending=True)
-        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, -math.inf)
-    if params.min_p > 0:
-        probs = torch.softmax(out, dim=-1)
-        out = out.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    """Logits [V] after temperature, with -inf where `sampling_weights` drops the token."""
+    weights = sampling_weights(logits[None], [params])[0]
+    return (logits / params.temperature).masked_fill(weights == 0, -math.inf)
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of probabilities [S, V] (rows may not sum to 1), each row from one uniform of its
+    own generator (None: torch's default one): the first token whose cumulative mass passes it. A seeded
+    request draws the same tokens in any batch."""
+    cdf = torch.cumsum(probs, -1)
+    u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generators])
+    out = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
+    for row, token in enumerate(out):  # u * total rounded up to the total: the last token with any mass
+        if token >= probs.shape[1]:
+            out[row] = int(probs[row].nonzero()[-1])
     return out
 
 
@@ -131,16 +181,7 @@ def sample_one(
     penalties: Penalties | None = None,
 ) -> int:
     """Draw one token id from logits [V] (fp32)."""
-    if params.logit_bias:
-        logits = apply_logit_bias(logits, params.logit_bias)
-    if params.penalised:
-        if penalties is None:
-            raise ValueError("penalties need the seen tokens and output counts")
-        logits = apply_penalties(logits, penalties.seen, penalties.counts, params)
-    if params.greedy:
-        return greedy(logits.unsqueeze(0))[0]
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return sample_rows(logits[None], [params], [generator], [penalties])[0]
 
 
 def greedy(logits: torch.Tensor) -> list[int]:
@@ -155,11 +196,35 @@ def sample_rows(
     generators: Sequence[torch.Generator | None],
     penalties: Sequence[Penalties | None],
 ) -> list[int]:
-    """One token per row of logits [B, V], each row with its own parameters and state; a single argmax
-    when every row is plain greedy."""
+    """One token per row of logits [B, V] (fp32), each row with its own parameters and state: logit bias
+    and penalties row by row where a row has them, then one argmax over the greedy rows and one pass of
+    `filter_rows` and `draw` over the sampled ones."""
     if all(p.plain_greedy for p in params):
         return greedy(logits)
-    return [sample_one(logits[i], p, g, pen) for i, (p, g, pen) in enumerate(zip(params, generators, penalties))]
+    changed = [i for i, p in enumerate(params) if p.logit_bias or p.penalised]
+    if changed:
+        logits = logits.clone()
+        for i in changed:
+            row, p, pen = logits[i], params[i], penalties[i]
+            if p.logit_bias:
+                row = apply_logit_bias(row, p.logit_bias)
+            if p.penalised:
+                if pen is None:
+                    raise ValueError("penalties need the seen tokens and output counts")
+                row = apply_penalties(row, pen.seen, pen.counts, p)
+            logits[i] = row
+    chosen = [0] * len(params)
+    picked = [i for i, p in enumerate(params) if p.greedy]
+    if picked:
+        for i, token in zip(picked, greedy(logits[picked])):
+            chosen[i] = token
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = logits if len(sampled) == len(params) else logits[sampled]
+        weights = sampling_weights(rows, [params[i] for i in sampled])
+        for i, token in zip(sampled, draw(weights, [generators[i] for i in sampled])):
+            chosen[i] = token
+    return chosen
 
 
 def top_token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int
