@@ -152,6 +152,20 @@ def test_resume_continues_exactly(tiny_hf, tmp_path) -> None:
     assert latest == straight
 
 
+@pytest.mark.parametrize("grad_accum", [1, 4, 5])
+def test_epochs_go_through_the_data_exactly(tiny_hf, grad_accum) -> None:
+    """Without `steps`, 3 epochs feed every example exactly 3 times, whatever each epoch's packing,
+    in ceil(batches / grad_accum) steps (the last one taking what is left)."""
+    _, folder = tiny_hf("mistral-nowindow")
+    examples = _examples(12, seed=5)
+    model = apply_lora(load_model(folder), LoraConfig(rank=4, alpha=8))
+    trainer = Trainer(model, examples, TrainConfig(lr=1e-3, epochs=3, batch_tokens=40, grad_accum=grad_accum, seed=7))
+    batches = [len(trainer._plan(e)) for e in range(3)]
+    history = trainer.train()
+    assert len(history) == -(-sum(batches) // grad_accum)
+    assert sum(h["tokens"] for h in history) == 3 * sum(len(ex.tokens) - 1 for ex in examples)
+
+
 def test_resume_refuses_another_data_order(tiny_hf, tmp_path) -> None:
     _, folder = tiny_hf("mistral-nowindow")
     _run(folder, 3, checkpoints=tmp_path)

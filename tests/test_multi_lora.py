@@ -120,3 +120,23 @@ def test_app_refuses_names_that_do_not_fit(served) -> None:
         create_app(engine, IdText(), "tiny", adapters=["only-one"])
     with pytest.raises(ValueError, match="differ"):
         create_app(engine, IdText(), "tiny", adapters=["tiny", "other"])
+
+
+def test_load_engine_serves_adapter_folders(tiny_hf, tmp_path: Path, monkeypatch) -> None:
+    """`load_engine(path, lora=[...])`, what `serve --lora NAME=DIR` calls: folder i (PEFT's format, then
+    mistral-finetune's) is engine adapter i + 1, and a batch of all three answers as each model alone."""
+    from tramontane.server import serve as serve_module
+
+    _, folder = tiny_hf("mistral-nowindow")
+    paths = make_adapters(folder, tmp_path)
+    monkeypatch.setattr(serve_module, "load_tokenizer", lambda path: IdText())  # the tiny folder has none
+    engine, _ = serve_module.load_engine(folder, lora=paths, max_batch=3)
+    assert engine.adapters is not None and engine.adapters.count == 2
+    sink = Collector()
+    ids = prompt(5, 9)
+    reqs = [Request(ids, max_tokens=5, emit=sink, adapter=i) for i in range(3)]
+    run_all(engine, reqs, sink)
+    singles = [load_model(folder)] + [load_adapter(load_model(folder), p) for p in paths]
+    answers = [sink.tokens(r.id) for r in reqs]
+    assert answers == [generate(single, [ids], max_tokens=5)[0].tokens for single in singles]
+    assert len({tuple(a) for a in answers}) == 3  # the adapters do change the answers

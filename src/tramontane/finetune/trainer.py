@@ -36,8 +36,9 @@ SAME_ON_RESUME = ("batch_tokens", "grad_accum", "seed", "shuffle")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train. `steps` (optimizer steps) wins over `epochs`; without it the run takes
-    `epochs` x the batches of one epoch / `grad_accum` steps. `warmup` steps ramp the learning rate
+    """How to train. `steps` (optimizer steps) wins over `epochs`; without it the run goes through the
+    data exactly `epochs` times (each epoch's own packing decides its batches), in steps of `grad_accum`
+    batches, the last step taking what is left. `warmup` steps ramp the learning rate
     up linearly, then it decays along a cosine to 0. `eval_every`/`save_every` 0 means: at the end
     only / never."""
 
@@ -88,8 +89,9 @@ class Trainer:
         torch.manual_seed(config.seed)  # dropout draws from the global generator, saved in checkpoints
         self.optimizer = torch.optim.AdamW([p for _, p in self.named], lr=config.lr,
                                            weight_decay=config.weight_decay)
-        per_epoch = len(self._plan(0))
-        self.total = config.steps or max(1, config.epochs * per_epoch // config.grad_accum)
+        # with `epochs`: every batch of those epochs, once (None: `steps` decides, the data turning over)
+        self.batches = None if config.steps else [len(self._plan(e)) for e in range(config.epochs)]
+        self.total = config.steps or -(-sum(self.batches or [1]) // config.grad_accum)
         self.scheduler = warmup_cosine(self.optimizer, min(config.warmup, self.total - 1), self.total)
         self.step, self.epoch, self.cursor = 0, 0, 0
         self.history: list[dict[str, float]] = []  # one entry per step: step, loss, lr, tokens, [eval]
@@ -125,7 +127,10 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over `grad_accum` batches; returns its mean loss per scored target."""
         self.model.train()
-        batches = [self._next_batch() for _ in range(self.config.grad_accum)]
+        n = self.config.grad_accum
+        if self.batches is not None:  # the last step of the last epoch takes what is left
+            n = min(n, sum(self.batches) - sum(self.batches[: self.epoch]) - self.cursor)
+        batches = [self._next_batch() for _ in range(n)]
         count = sum(b.n_targets for b in batches)
         total = 0.0
         for batch in batches:
