@@ -172,7 +172,13 @@ def mixed_file(tmp_path_factory) -> Path:
 
 
 @torch.no_grad()
-def test_mixed_file_keeps_every_tensor_in_its_format(mixed_file):
+def test_mixed_file_keeps_every_tensor_in_its_format(mixed_file, monkeypatch):
+    import tramontane.fuse as fuse
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("fusing copied a projection: the loader did not read its parts into one buffer")
+
+    monkeypatch.setattr(fuse, "weight_empty", no_copy)
     model = load_model(mixed_file)
     assert block_formats(model) == Counter({"Q4_K": 1 + 1, "Q6_K": 2 + 1, "Q5_K": 2, "Q5_0": 2, "Q8_0": 2,
                                             "Q5_1": 1})
@@ -183,6 +189,12 @@ def test_mixed_file_keeps_every_tensor_in_its_format(mixed_file):
     stored = {t.name: np.array(t.data) for t in reader.tensors}
     assert torch.equal(model.output.weight, torch.from_numpy(stored["output.weight"]))  # the file's bytes
     assert torch.equal(model.layers[1].attention.wv.weight, torch.from_numpy(stored["blk.1.attn_v.weight"]))
+    # fused projections are the file's bytes, read into one buffer (fusing copied nothing: see no_copy)
+    for fused, parts in ((first.wqkv, ("attn_q", "attn_k", "attn_v")), (model.layers[1].feed_forward.w13,
+                                                                           ("ffn_gate", "ffn_up"))):
+        assert isinstance(fused, BlockLinear)
+        want = torch.cat([torch.from_numpy(stored[f"blk.{0 if fused is first.wqkv else 1}.{p}.weight"]) for p in parts])
+        assert torch.equal(fused.weight, want)
     table = model.tok_embeddings.table
     assert isinstance(table, BlockLinear) and table.kind == "Q8_0"
     # about the file's size in memory, not float32's

@@ -20,7 +20,8 @@ from .layers import Attention, FeedForward
 from .model import Transformer
 from .quantize import SMALL_BATCH, Int4Linear, Int8Linear, QuantLinearBase
 
-_FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+# fused name -> the projections stacked into it, in row order
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
 def _layout(module: nn.Module) -> tuple[object, ...]:
@@ -43,13 +44,27 @@ def concat_rows(parts: list[nn.Module]) -> nn.Module | None:
     fused = _empty_like(first, out_features)
     for name, tensor in list(first.named_parameters()) + list(first.named_buffers()):
         pieces = [getattr(p, name) for p in parts]
-        # the fused weight goes straight where it will stay (2 MiB pages on CPU): no second move, and
-        # the parts' memory, freed layer by layer, goes back to the system instead of the C heap
-        joined = weight_empty((sum(t.shape[0] for t in pieces), *tensor.shape[1:]), tensor.dtype, tensor.device)
-        with torch.no_grad():
-            torch.cat(pieces, dim=0, out=joined)
+        joined = _adjacent(pieces)  # a loader that put them one after the other: no copy at all
+        if joined is None:
+            # the fused weight goes straight where it will stay (2 MiB pages on CPU): no second move, and
+            # the parts' memory, freed layer by layer, goes back to the system instead of the C heap
+            joined = weight_empty((sum(t.shape[0] for t in pieces), *tensor.shape[1:]), tensor.dtype, tensor.device)
+            with torch.no_grad():
+                torch.cat(pieces, dim=0, out=joined)
         _set_tensor(fused, name, joined, tensor)
     return fused
+
+
+def _adjacent(pieces: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor spanning `pieces` when they are consecutive rows of one buffer, else None."""
+    first = pieces[0]
+    at = first.storage_offset()
+    for piece in pieces:
+        if not piece.is_contiguous() or piece.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or piece.storage_offset() != at or piece.shape[1:] != first.shape[1:]:
+            return None
+        at += piece.numel()
+    return first.as_strided((sum(p.shape[0] for p in pieces), *first.shape[1:]), first.stride())
 
 
 def split_rows(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
@@ -132,7 +147,7 @@ def unfuse_projections(model: Transformer) -> Transformer:
     """Split every fused wqkv and w13 back into wq/wk/wv and w1/w3 (views of the fused tensors), in
     place: for transforms that work per projection, such as LoRA adapters."""
     for module in model.modules():
-        for fused_name, names in _FUSED.items():
+        for fused_name, names in FUSED.items():
             fused = module._modules.get(fused_name)
             if fused is None:
                 continue
@@ -156,9 +171,9 @@ def unfused_state_dict(state: dict[str, torch.Tensor], model: Transformer) -> di
     for key, value in state.items():
         prefix, _, rest = key.rpartition(".")
         head, _, fused = prefix.rpartition(".")
-        if fused in _FUSED:
+        if fused in FUSED:
             # every tensor of a linear (weight, scale) has one row per output
-            for part, chunk in zip(_FUSED[fused], value.split(sizes[fused], dim=0)):
+            for part, chunk in zip(FUSED[fused], value.split(sizes[fused], dim=0)):
                 out[f"{head}.{part}.{rest}"] = chunk.contiguous()
         else:
             out[key] = value
