@@ -36,8 +36,9 @@ from run import Worker, section  # noqa: E402
 
 def quality(path: Path, n_tokens: int) -> dict[str, float]:
     """Perplexity and top-1 agreement of the file's own formats against its weights in fp32. Tokens go
-    through the cache 16 at a time, the rows a decode-sized product takes: the integer kernels score
-    every position, as they run generation (a longer prefill would dequantize and multiply)."""
+    through the cache 16 at a time, the rows a batched decode step takes: on CPUs without AMX the
+    integer kernels (activations rounded to int8 per block of 32) score every position; on AMX CPUs
+    16 rows of a K-quant or Q8_0 matrix run on the tiles (activations rounded to bf16)."""
     from pydoc_data.topics import topics
 
     import torch
