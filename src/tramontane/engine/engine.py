@@ -76,8 +76,9 @@ class Engine:
     (default: the model's dtype). Blocks are handed out as sequences grow; when none is left, the last
     admitted sequence is preempted and recomputed later. With `prefix_cache`, full blocks of prompts
     are kept after their requests finish and reused by prompts that start with the same tokens (in
-    sliding-window models too: a block that leaves a sequence's window stays cached). At most `max_batch` sequences run
-    at once; the others wait in a queue of at most `max_queue`. Only the engine thread touches the model.
+    sliding-window models too: a block that leaves a sequence's window stays cached). At most
+    `max_batch` sequences run at once; the others wait in a queue of at most `max_queue`. Only the
+    engine thread touches the model.
     `adapters` is the selector of the LoRA adapters served on `model` (`multi_lora.serve_adapters`): a
     request's `adapter` picks one, and rows with different adapters share each step.
 
