@@ -108,20 +108,26 @@ def test_mixture_of_experts_stays_in_python(tiny_hf, monkeypatch):
     assert model.__dict__["_native_stack"][1] is None
 
 
+def native_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one entry each time the native stack runs a step (while `monkeypatch` holds)."""
+    from tramontane.native_decode import NativeStack
+
+    runs: list[int] = []
+    real = NativeStack.forward
+
+    def counted(self, h, meta):
+        runs.append(1)
+        return real(self, h, meta)
+
+    monkeypatch.setattr(NativeStack, "forward", counted)
+    return runs
+
+
 def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, native: bool, monkeypatch
                     ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Logits of `tokens` fed in chunks of the given sizes over a fresh cache (a paged pool, or one
     KVCache row), the keys stored, and how many chunks ran on the native stack."""
     from tramontane.cache import PagedBatch, PagedKVCache
-    from tramontane.native_decode import NativeStack
-
-    runs = 0
-    real = NativeStack.forward
-
-    def counted(self, h, meta):
-        nonlocal runs
-        runs += 1
-        return real(self, h, meta)
 
     cache: KVCache | PagedBatch
     if paged:
@@ -134,7 +140,7 @@ def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, na
         keys = cache.k
     logits = []
     with monkeypatch.context() as m, torch.inference_mode():
-        m.setattr(NativeStack, "forward", counted)
+        runs = native_runs(m)
         if not native:
             m.setattr(model_module, "native_stack", lambda *_: None)
         start = 0
@@ -142,7 +148,7 @@ def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, na
             ids = torch.tensor([tokens[start : start + n]])
             logits.append(model(ids, torch.arange(start, start + n)[None], cache=cache))
             start += n
-    return logits, keys, runs
+    return logits, keys, len(runs)
 
 
 @pytest.mark.parametrize("paged", [True, False])

@@ -10,6 +10,8 @@ import tramontane.model as model_module
 from tramontane import load_model
 from tramontane.cache import PagedKVCache, quantize_vectors
 
+from test_native_decode import native_runs
+
 LENGTH = 40  # five times the tiny sliding window
 
 
@@ -111,19 +113,9 @@ def paged_decode(model, dtype: torch.dtype, native: bool, monkeypatch) -> tuple[
 def test_native_paged_decode_equals_torch_gather(tiny_hf, dtype, quantize, monkeypatch):
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder, quantize=quantize)
-    from tramontane.native_decode import NativeStack
-
-    runs = 0
-    real = NativeStack.forward
-
-    def counted(self, h, meta):
-        nonlocal runs
-        runs += 1
-        return real(self, h, meta)
-
-    monkeypatch.setattr(NativeStack, "forward", counted)
+    runs = native_runs(monkeypatch)
     native, pool_n = paged_decode(model, dtype, True, monkeypatch)
-    assert runs == 2 + 6  # the two prompts (13 and 6 tokens, as rows) and the six decode steps
+    assert len(runs) == 2 + 6  # the two prompts (13 and 6 tokens, as rows) and the six decode steps
     torch_path, pool_t = paged_decode(model, dtype, False, monkeypatch)
     torch.testing.assert_close(native, torch_path, atol=1e-4, rtol=1e-4)
     # the kernel stores what `store` stores (int8, bf16, fp16: the same rounding, up to a last-bit
