@@ -114,7 +114,7 @@ def sampling_weights(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     top_p = column([p.top_p for p in params])
     if bool((top_p < 1).any()):
         mass = top_p[:, None] * probs.sum(-1, keepdim=True)  # of what top-k kept
-        values, order = torch.topk(probs, min(CANDIDATES, V))  # best first
+        values = torch.topk(probs, min(CANDIDATES, V)).values  # best first
         before = torch.cumsum(values, -1) - values  # the mass of the tokens more likely than each
         # keep the smallest prefix whose mass reaches top_p (a token stays if the mass before it is < top_p):
         # every token down to the prefix's last one (tokens tied with it stay too)
@@ -198,7 +198,7 @@ def sample_rows(
 ) -> list[int]:
     """One token per row of logits [B, V] (fp32), each row with its own parameters and state: logit bias
     and penalties row by row where a row has them, then one argmax over the greedy rows and one pass of
-    `filter_rows` and `draw` over the sampled ones."""
+    `sampling_weights` and `draw` over the sampled ones."""
     if all(p.plain_greedy for p in params):
         return greedy(logits)
     changed = [i for i, p in enumerate(params) if p.logit_bias or p.penalised]
