@@ -54,8 +54,7 @@ def isas() -> list[str]:
     if ext is None:
         return []
     # an AMX CPU runs the AVX-512 kernels below block_amx_min_rows rows, which must be tested there too
-    has = {"avx2": ("avx2", "avx512", "amx"), "avx512": ("avx512", "amx"), "amx": ("amx",)}
-    return ["portable"] + [i for i in ("avx2", "avx512", "amx") if ext.isa() in has[i]]
+    return list(ext.isas())
 
 
 @pytest.fixture(params=isas())

@@ -49,10 +49,13 @@ struct Int4Rows {
     if (b % 16) return;
     const int64_t groups = K / group, n = std::min<int64_t>(16, K / 32 - b);
     for (int64_t r = 0; r < rows; ++r) {
-      const __m512 dv = block_halfs(scale + (o + r) * groups, b, n, group);
-      _mm512_store_ps(d[g] + r * 16, dv);
-      _mm512_store_ps(base[g] + r * 16, mins ? block_halfs(mins + (o + r) * groups, b, n, group)
-                                              : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f)));
+      __m256 dv[2], mv[2];
+      block_halves(scale + (o + r) * groups, b, n, group, dv);
+      if (mins) block_halves(mins + (o + r) * groups, b, n, group, mv);
+      for (int i = 0; i < 2; ++i) {
+        _mm256_store_ps(d[g] + r * 16 + 8 * i, dv[i]);
+        _mm256_store_ps(base[g] + r * 16 + 8 * i, mins ? mv[i] : _mm256_mul_ps(dv[i], _mm256_set1_ps(-8.f)));
+      }
     }
   }
 

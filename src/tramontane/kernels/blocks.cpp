@@ -8,11 +8,14 @@
 //   - per 16 elements a scale and an offset: value = scale * code + offset (offset folds in a format's
 //     minimum, Q6_K's -32 or Q8_0's -128, so codes never need a sign).
 // So a new format is one small struct below: its unit size, its bytes per unit, and how to read its
-// codes and scales; the dot products, dequantization and dispatch are written once over it.
+// codes and scales (one element at a time for the portable path, 32 codes or a unit's scales at a time
+// with AVX2 instructions for the vector ones); the dot products, dequantization and dispatch are written
+// once over it (blocks_tiles.h, compiled once per instruction set).
 //
 // Products quantize each row of x to int8 in blocks of 32 (scale = max|x| / 127, as int4.cpp does),
 // then per 16 elements g: scale_g * scale_x * dot(code, x_q) + offset_g * scale_x * sum(x_q), the dot in
-// integers (AVX-512 VNNI's dpbusd multiplies unsigned codes by signed x without saturation). Values
+// integers (VNNI's dpbusd multiplies unsigned codes by signed x without saturation; AVX2's maddubs
+// does for codes up to 6 bits, and takes wider ones as two nibbles). Values
 // dequantize exactly as gguf-py's reference does: each product scale * code is exact in fp32, so one
 // rounding remains, the same one.
 //
@@ -20,6 +23,7 @@
 // weight dequantizes once to bf16, whatever the number of rows of x, and x rounds to bf16 instead of int8.
 
 #include "amx.h"
+#include "simd.h"
 
 #include <tuple>
 #include <vector>
@@ -50,34 +54,60 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
 }
 
 #ifdef TRAMONTANE_X86
-// The float16 values at p, p + stride, ... (n <= 8 of them), each in two lanes: the scales of n blocks
-// of 32, one lane per 16 elements. One gather of 32-bit words (each block has bytes to spare after
-// its value, so none is read past the row) instead of a value at a time.
-T512VNNI inline __m512 halves_by_16(const uint8_t* p, int64_t stride, int64_t n) {
-  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-                                        _mm512_set1_epi32(int(stride)));
-  const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), __mmask16((1u << (2 * n)) - 1), at, p, 1);
-  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+// The float16 values at p, p + stride, ... (n <= 8 of them) as fp32, each twice (a block of 32 is two
+// groups of 16): lanes [2i, 2i + 1] of sc hold value i; lanes from 2n on are zero. One gather of 32-bit
+// words (each block has bytes to spare after its value, so none is read past the row), packed to 16 bits.
+T256 inline void halves_twice(const uint8_t* p, int64_t stride, int64_t n, __m256 sc[2]) {
+  const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)p, at, live, 1);
+  const __m256i low = _mm256_shuffle_epi8(  // each 128-bit lane's four low halves into its low 8 bytes
+      words, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1,
+                              -1, -1, -1, -1, -1, -1, -1));
+  const __m256 v = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(low, 0x08)));  // qwords 0, 2
+  sc[0] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  sc[1] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
 }
 
-// The float16 value at p (F16C), for the vector paths; half_at is the portable one.
-T512VNNI inline float half_f16c(const uint8_t* p) { return _cvtsh_ss(uint16_t(p[0] | p[1] << 8)); }
+// dst = src * k, 16 floats in two registers each
+T256 inline void scaled16(const __m256 src[2], float k, __m256 dst[2]) {
+  dst[0] = _mm256_mul_ps(src[0], _mm256_set1_ps(k));
+  dst[1] = _mm256_mul_ps(src[1], _mm256_set1_ps(k));
+}
 
-// The nibbles of v's bytes: 16-bit lanes shifted right by `shifts` (0 or 4 each), then masked to 4 bits.
-// With v loaded by broadcasts, this splits bytes into low and high nibbles without port-5 shuffles.
-T512VNNI inline __m512i nibbles(__m512i v, __m512i shifts) {
+// 32 bytes: 16 where bit i of the 32-bit word `bits` is set (byte i), else 0.
+T256 inline __m256i bit16(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i = byte i / 8 of bits
+      _mm256_set1_epi32(int(bits)), _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+// Bytes of v shifted right by `shift` bits (within 16-bit lanes), masked to `mask`.
+T256 inline __m256i bits_of(__m256i v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(char(mask)));
+}
+
+T256 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// For a format's optional codes64 (AVX-512 only): the nibbles of v's bytes, 16-bit lanes shifted right
+// by `shifts` (0 or 4 each), then masked to 4 bits. With v loaded by broadcasts, this splits bytes into
+// low and high nibbles without port-5 shuffles.
+T512 inline __m512i nibbles(__m512i v, __m512i shifts) {
   return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(15));
 }
 
 // Shift counts for `nibbles`: 4 in the 16-bit lanes set in `high`, 0 in the others.
-T512VNNI inline __m512i shift_lanes(__mmask32 high) { return _mm512_maskz_set1_epi16(high, 4); }
+T512 inline __m512i shift_lanes(__mmask32 high) { return _mm512_maskz_set1_epi16(high, 4); }
 #endif
 
 // ---------------------------------------------------------------------------------------- formats
 // Each: kUnit elements in kBytes bytes, codes of kCodeBits bits; scales(u, sc, off) fills kUnit / 16
-// entries; code(u, i) is element i's code. For the vector kernels: codes512(u, c) elements [64c, 64c + 64) as bytes
-// (AVX-512BW), and scales16(u, n, sc, off) the scales and offsets of n units (256 elements at most),
-// one lane per 16 elements, read with vector instructions instead of one element at a time.
+// entries; code(u, i) is element i's code. For the vector kernels: codes32(u, j), elements
+// [32j, 32j + 32) of the unit as bytes, and scales16(u, n, sc, off), the scales and offsets of n units
+// (256 elements at most), 16 of each (zero past the units) in two registers of 8. Optionally codes64(u, j),
+// elements [64j, 64j + 64) with AVX-512 instructions, where that is faster than two codes32: the
+// AVX-512 kernels then use it.
 
 struct Q8_0 {  // blocks of 32: float16 d, 32 x int8; value = d * q
   static constexpr int64_t kUnit = 64, kBytes = 68, kCodeBits = 8;
@@ -90,13 +120,12 @@ struct Q8_0 {  // blocks of 32: float16 d, 32 x int8; value = d * q
   }
   static int code(const uint8_t* u, int64_t i) { return (u[34 * (i / 32) + 2 + i % 32] ^ 0x80); }
 #ifdef TRAMONTANE_X86
-  T512VNNI static void scales16(const uint8_t* u, int64_t n, __m512& sc, __m512& off) {
-    sc = halves_by_16(u, 34, 2 * n);
-    off = _mm512_mul_ps(sc, _mm512_set1_ps(-128.f));
+  T256 static void scales16(const uint8_t* u, int64_t n, __m256 sc[2], __m256 off[2]) {
+    halves_twice(u, 34, 2 * n, sc);
+    scaled16(sc, -128.f, off);
   }
-  T512VNNI static __m512i codes512(const uint8_t* u, int64_t) {
-    const __m256i a = _mm256_loadu_si256((const __m256i*)(u + 2)), b = _mm256_loadu_si256((const __m256i*)(u + 36));
-    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1), _mm512_set1_epi8(char(0x80)));
+  T256 static __m256i codes32(const uint8_t* u, int64_t j) {
+    return _mm256_xor_si256(load32(u + 34 * j + 2), _mm256_set1_epi8(char(0x80)));
   }
 #endif
 };
@@ -121,11 +150,19 @@ struct Q5 {
     return nib | int((u32_at(blk + kHead) >> e) & 1) << 4;
   }
 #ifdef TRAMONTANE_X86
-  T512VNNI static void scales16(const uint8_t* u, int64_t n, __m512& sc, __m512& off) {
-    sc = halves_by_16(u, kBlock, 2 * n);
-    off = kMin ? halves_by_16(u + 2, kBlock, 2 * n) : _mm512_mul_ps(sc, _mm512_set1_ps(-16.f));
+  T256 static void scales16(const uint8_t* u, int64_t n, __m256 sc[2], __m256 off[2]) {
+    halves_twice(u, kBlock, 2 * n, sc);
+    if (kMin) halves_twice(u + 2, kBlock, 2 * n, off);
+    else scaled16(sc, -16.f, off);
   }
-  T512VNNI static __m512i codes512(const uint8_t* u, int64_t) {
+  T256 static __m256i codes32(const uint8_t* u, int64_t j) {
+    const uint8_t* blk = u + kBlock * j;
+    const __m128i v = _mm_loadu_si128((const __m128i*)(blk + kHead + 4));
+    const __m256i q = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                                       _mm256_set1_epi8(15));
+    return _mm256_or_si256(q, bit16(u32_at(blk + kHead)));
+  }
+  T512 static __m512i codes64(const uint8_t* u, int64_t) {
     // 128-bit lanes [block 0's 16 bytes, again, block 1's, again]; their low, high, low, high nibbles
     // are the row's elements in order
     const __m512i both = _mm512_mask_broadcast_i32x4(
@@ -161,22 +198,36 @@ struct QK45 {
     return nib | ((u[16 + l] >> (2 * c + hi)) & 1) << 4;
   }
 #ifdef TRAMONTANE_X86
-  T512VNNI static void scales16(const uint8_t* u, int64_t, __m512& sc, __m512& off) {
+  T256 static void scales16(const uint8_t* u, int64_t, __m256 sc[2], __m256 off[2]) {
     // the 12 bytes as 8 scales then 8 minimums, a byte each (what scale_min_k4 reads, 4 at a time)
-    uint32_t q[3], b[4];
+    // (built in a register: four 32-bit stores read back as one load would stall it)
+    uint32_t q[3];
     std::memcpy(q, u + 4, 12);
-    b[0] = q[0] & 0x3f3f3f3f;
-    b[1] = (q[2] & 0x0f0f0f0f) | (((q[0] >> 6) & 0x03030303) << 4);
-    b[2] = q[1] & 0x3f3f3f3f;
-    b[3] = ((q[2] >> 4) & 0x0f0f0f0f) | (((q[1] >> 6) & 0x03030303) << 4);
-    const __m128i v = _mm_loadu_si128((const __m128i*)b);
-    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // a sub-block of 32: 2 lanes
-    const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, twice)));
-    const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, _mm_add_epi8(twice, _mm_set1_epi8(8)))));
-    sc = _mm512_mul_ps(s, _mm512_set1_ps(half_f16c(u)));
-    off = _mm512_mul_ps(m, _mm512_set1_ps(-half_f16c(u + 2)));
+    const __m128i v = _mm_setr_epi32(int(q[0] & 0x3f3f3f3f), int((q[2] & 0x0f0f0f0f) | (((q[0] >> 6) & 0x03030303) << 4)),
+                                     int(q[1] & 0x3f3f3f3f),
+                                     int(((q[2] >> 4) & 0x0f0f0f0f) | (((q[1] >> 6) & 0x03030303) << 4)));
+    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // a sub-block of 32: 2 groups
+    const float d = _cvtsh_ss(uint16_t(u[0] | u[1] << 8)), dmin = _cvtsh_ss(uint16_t(u[2] | u[3] << 8));
+    for (int half = 0; half < 2; ++half) {  // scales, then minimums
+      const __m128i bytes = _mm_shuffle_epi8(v, _mm_add_epi8(twice, _mm_set1_epi8(char(8 * half))));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+      __m256* dst = half ? off : sc;
+      const __m256 k = _mm256_set1_ps(half ? -dmin : d);
+      dst[0] = _mm256_mul_ps(lo, k);
+      dst[1] = _mm256_mul_ps(hi, k);
+    }
   }
-  T512VNNI static __m512i codes512(const uint8_t* u, int64_t c) {
+  T256 static __m256i codes32(const uint8_t* u, int64_t j) {
+    // sub-block j: the low (j even) or high nibbles of bytes [32 (j / 2), + 32); Q5_K's fifth bit is bit
+    // j of byte l of the 32 high-bit bytes
+    const __m256i q = bits_of(load32(u + kQs + 32 * (j / 2)), 4 * int(j % 2), 15);
+    if (!kHigh) return q;
+    const __m256i bit = _mm256_set1_epi8(char(1 << j));
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(load32(u + 16), bit), bit);
+    return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+  }
+  T512 static __m512i codes64(const uint8_t* u, int64_t c) {
     // the 32 bytes twice: low nibbles (sub-block 2c), then high ones (2c + 1)
     const __m512i q = nibbles(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(u + kQs + 32 * c))),
                               shift_lanes(0xFFFF0000));
@@ -208,12 +259,20 @@ struct Q6_K {
     return (p < 2 ? ql & 15 : ql >> 4) | ((u[128 + 32 * n + l] >> (2 * p)) & 3) << 4;
   }
 #ifdef TRAMONTANE_X86
-  T512VNNI static void scales16(const uint8_t* u, int64_t, __m512& sc, __m512& off) {
-    const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(u + 192))));
-    sc = _mm512_mul_ps(s, _mm512_set1_ps(half_f16c(u + 208)));
-    off = _mm512_mul_ps(sc, _mm512_set1_ps(-32.f));
+  T256 static void scales16(const uint8_t* u, int64_t, __m256 sc[2], __m256 off[2]) {
+    const __m128i s = _mm_loadu_si128((const __m128i*)(u + 192));
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(uint16_t(u[208] | u[209] << 8)));
+    sc[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)), d);
+    sc[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8))), d);
+    scaled16(sc, -32.f, off);
   }
-  T512VNNI static __m512i codes512(const uint8_t* u, int64_t c) {
+  T256 static __m256i codes32(const uint8_t* u, int64_t j) {
+    const int n = int(j / 4), p = int(j % 4);
+    const __m256i nib = bits_of(load32(u + 64 * n + 32 * (p % 2)), 4 * (p / 2), 15);
+    const __m256i high = bits_of(load32(u + 128 + 32 * n), 2 * p, 3);
+    return _mm256_or_si256(nib, _mm256_slli_epi16(high, 4));
+  }
+  T512 static __m512i codes64(const uint8_t* u, int64_t c) {
     const int64_t n = c / 2, part = c % 2;  // part 0: p = 0, 1; part 1: p = 2, 3
     const __m512i ql = _mm512_loadu_si512(u + 64 * n);
     const __m256i qh = _mm256_loadu_si256((const __m256i*)(u + 128 + 32 * n));
@@ -234,24 +293,6 @@ struct Act {
   const float* xsp;
 };
 
-#ifdef TRAMONTANE_X86
-T512VNNI void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* dx, float* xs) {
-  const __m512 sign = _mm512_set1_ps(-0.f);
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
-    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
-    _mm_storeu_si128((__m128i*)(q + 32 * b), _mm512_cvtsepi32_epi8(qlo));
-    _mm_storeu_si128((__m128i*)(q + 32 * b + 16), _mm512_cvtsepi32_epi8(qhi));
-    dx[2 * b] = dx[2 * b + 1] = d;
-    xs[2 * b] = d * float(_mm512_reduce_add_epi32(qlo));
-    xs[2 * b + 1] = d * float(_mm512_reduce_add_epi32(qhi));
-  }
-}
-#endif
-
 void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
     float amax = 0.f;
@@ -267,29 +308,6 @@ void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* dx, float* xs
       xs[2 * b + h] = d * float(total);
     }
   }
-}
-
-Act quantize_act(const float* x, int64_t M, int64_t K, bool vector) {
-  Act a;
-  a.q = torch::empty({M, K}, torch::kInt8);
-  a.dx = torch::empty({M, K / 16}, torch::kFloat32);
-  a.xs = torch::empty({M, K / 16}, torch::kFloat32);
-  int8_t* q = a.q.data_ptr<int8_t>();
-  float* dx = a.dx.data_ptr<float>();
-  float* xs = a.xs.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-#ifdef TRAMONTANE_X86
-    if (vector) {
-      quantize_row_avx512(x + m * K, K, q + m * K, dx + m * (K / 16), xs + m * (K / 16));
-      continue;
-    }
-#endif
-    quantize_row_ref(x + m * K, K, q + m * K, dx + m * (K / 16), xs + m * (K / 16));
-  }
-  a.qp = q;
-  a.dxp = dx;
-  a.xsp = xs;
-  return a;
 }
 
 // ---------------------------------------------------------------------------------------- portable
@@ -331,92 +349,35 @@ void dequantize_rows_ref(const uint8_t* w, int64_t K, float* out, int64_t begin,
     }
 }
 
-#ifdef TRAMONTANE_X86
-// ---------------------------------------------------------------------------------------- AVX-512 VNNI
-// A tile of R weight rows x T rows of x, in steps of 256 elements (16 groups of 16: one K-quant unit, or
-// four units of the formats in blocks of 32; a row's last step may be shorter). Per step: each row's
-// scales and offsets, one lane per group, read by vector instructions; the scales combined with x's
-// into one factor per group (spread over the 4 lanes of the dpbusd sums that cover it by a permute),
-// the offsets straight into the accumulators. Per 64 elements: codes decoded once, used for every
-// row of x.
-template <int R, int T, class F>
-T512VNNI inline void tile_vnni(F, const Act& a, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t o,
-                               int64_t m0) {
-  constexpr int64_t kStep = 256 / F::kUnit;  // units per step
-  const int64_t units = K / F::kUnit, row_bytes = units * F::kBytes, K16 = K / 16;
-  const NextTile<R> next(w, row_bytes, o, N, m0);
-  alignas(64) float gs[R][T][16];
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t u0 = 0; u0 < units; u0 += kStep) {
-    const int64_t n = std::min(kStep, units - u0), groups = n * F::kUnit / 16;
-    const __mmask16 live = __mmask16((1u << groups) - 1);
-    for (int64_t b = (u0 * F::kBytes) & ~int64_t(63); b < (u0 + n) * F::kBytes; b += 64) next.at(b);
-    for (int r = 0; r < R; ++r) {
-      __m512 s, f;
-      F::scales16(w + (o + r) * row_bytes + u0 * F::kBytes, n, s, f);
-      for (int t = 0; t < T; ++t) {
-        const int64_t g0 = (m0 + t) * K16 + u0 * F::kUnit / 16;
-        _mm512_store_ps(gs[r][t], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, a.dxp + g0)));
-        acc[r][t] = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(live, a.xsp + g0), acc[r][t]);
-      }
-    }
-    for (int64_t c = 0; c < groups / 4; ++c) {
-      // lane i of a dpbusd sum covers elements 4i..4i+3 of the 64: group 4c + i / 4 of the step
-      const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(int(4 * c)),
-                                              _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
-      // elements [64c, 64c + 64) of the step: chunk c of a K-quant unit, or the whole unit c of 64
-      const int64_t unit = F::kUnit == 64 ? u0 + c : u0, chunk = F::kUnit == 64 ? 0 : c;
-      __m512i codes[R];
-      for (int r = 0; r < R; ++r) codes[r] = F::codes512(w + (o + r) * row_bytes + unit * F::kBytes, chunk);
-      for (int t = 0; t < T; ++t) {
-        const __m512i xv = _mm512_loadu_si512(a.qp + (m0 + t) * K + u0 * F::kUnit + 64 * c);
-        for (int r = 0; r < R; ++r) {
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], xv);
-          const __m512 factor = _mm512_permutexvar_ps(spread, _mm512_load_ps(gs[r][t]));
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), factor, acc[r][t]);
-        }
-      }
-    }
+// ---------------------------------------------------------------------------------------- vector
+#define TRAMONTANE_TILES "blocks_tiles.h"
+#include "per_isa.h"
+
+Act quantize_act(const float* x, int64_t M, int64_t K) {
+  Act a;
+  a.q = torch::empty({M, K}, torch::kInt8);
+  a.dx = torch::empty({M, K / 16}, torch::kFloat32);
+  a.xs = torch::empty({M, K / 16}, torch::kFloat32);
+  int8_t* q = a.q.data_ptr<int8_t>();
+  float* dx = a.dx.data_ptr<float>();
+  float* xs = a.xs.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int8_t* qm = q + m * K;
+    float *dxm = dx + m * (K / 16), *xsm = xs + m * (K / 16);
+    BY_ISA(quantize_row(xm, K, qm, dxm, xsm), continue);
+    quantize_row_ref(xm, K, qm, dxm, xsm);
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+  a.qp = q;
+  a.dxp = dx;
+  a.xsp = xs;
+  return a;
 }
-
-template <class F>
-T512VNNI void rows_vnni(const Act& a, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t begin,
-                        int64_t end) {
-  const F fmt{};
-  walk(M, begin, end, DISPATCH_TILE(tile_vnni, fmt, a, K, w, y, N));
-}
-
-template <class F>
-T512VNNI void dequantize_rows_vnni(const uint8_t* w, int64_t K, float* out, int64_t begin, int64_t end) {
-  const int64_t units = K / F::kUnit, row_bytes = units * F::kBytes;
-  alignas(64) float sc[16], off[16];
-  alignas(64) uint8_t codes[64];
-  for (int64_t o = begin; o < end; ++o)
-    for (int64_t u = 0; u < units; ++u) {
-      const uint8_t* unit = w + o * row_bytes + u * F::kBytes;
-      F::scales(unit, sc, off);
-      for (int64_t c = 0; c < F::kUnit / 64; ++c) {
-        _mm512_store_si512(codes, F::codes512(unit, c));
-        for (int p = 0; p < 4; ++p) {  // 16 elements: one scale group
-          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(codes + 16 * p))));
-          const int64_t g = 4 * c + p;
-          _mm512_storeu_ps(out + o * K + u * F::kUnit + 16 * g,
-                           _mm512_fmadd_ps(v, _mm512_set1_ps(sc[g]), _mm512_set1_ps(off[g])));
-        }
-      }
-    }
-}
-#endif  // TRAMONTANE_X86
 
 // ---------------------------------------------------------------------------------------- AMX
 #ifdef TRAMONTANE_AMX
 // A format's rows for the tile loop of amx.h: at the start of each unit, the scales and offsets of every
-// row of a 16-row group; each block of 32 then decodes straight into its A tile, as dequantize_rows_vnni
+// row of a 16-row group; each block of 32 then decodes straight into its A tile, as dequantize_rows
 // computes the values, rounded to bf16 (nearest even). Values come in the row's order (k_of(t) = t).
 template <class F>
 struct BlockRows {
@@ -430,30 +391,31 @@ struct BlockRows {
     if (b % (F::kUnit / 32)) return;
     const int64_t u = b / (F::kUnit / 32);
     for (int64_t r = 0; r < rows; ++r) {
-      __m512 scv, offv;
-      F::scales16(w + (o + r) * row_bytes + u * F::kBytes, 1, scv, offv);
-      _mm512_store_ps(sc[g][r], scv);
-      _mm512_store_ps(off[g][r], offv);
+      __m256 s[2], f[2];
+      F::scales16(w + (o + r) * row_bytes + u * F::kBytes, 1, s, f);
+      for (int i = 0; i < 2; ++i) {
+        _mm256_store_ps(sc[g][r] + 8 * i, s[i]);
+        _mm256_store_ps(off[g][r] + 8 * i, f[i]);
+      }
     }
   }
 
   TAMX void decode(int g, int64_t o, int64_t rows, int64_t b, uint16_t* dst) const {
-    const int64_t u = b / (F::kUnit / 32), at = b % (F::kUnit / 32) * 32;  // the block's first element in its unit
-    const int64_t c = at / 64, s16 = at / 16;
+    const int64_t u = b / (F::kUnit / 32), j = b % (F::kUnit / 32);  // block j of 32 in its unit
+    const int64_t s16 = 2 * j;
     for (int64_t r = 0; r < 16; ++r) {
       if (r >= rows) {
         _mm512_store_si512(dst + r * 32, _mm512_setzero_si512());
         continue;
       }
-      const __m512i codes = F::codes512(w + (o + r) * row_bytes + u * F::kBytes, c);
-      const __m256i q = at % 64 ? _mm512_extracti64x4_epi64(codes, 1) : _mm512_castsi512_si256(codes);
+      const __m256i q = F::codes32(w + (o + r) * row_bytes + u * F::kBytes, j);
       if constexpr (F::kCodeBits <= 5) {
         // codes of at most 5 bits under one scale per block of 32 (both of its groups of 16 alike): the
         // block's 32 possible values, bf16(j * scale + offset), as a table that one permute reads
-        const __m512 j = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512 d = _mm512_set1_ps(sc[g][r][s16]), base = _mm512_set1_ps(off[g][r][s16]);
         const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
-            _mm512_fmadd_ps(_mm512_add_ps(j, _mm512_set1_ps(16.f)), d, base), _mm512_fmadd_ps(j, d, base));
+            _mm512_fmadd_ps(_mm512_add_ps(k, _mm512_set1_ps(16.f)), d, base), _mm512_fmadd_ps(k, d, base));
         _mm512_store_si512(dst + r * 32, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table));
         continue;
       }
@@ -489,8 +451,6 @@ auto with_format(int64_t kind, Fn fn) {
   TORCH_CHECK(false, "block format: unsupported ggml type ", kind);
   __builtin_unreachable();
 }
-
-bool use_vnni() { return current_isa() == Isa::kAvx512 && has_avx512_vnni(); }
 
 // From this many rows of x on, AMX tiles beat the integer kernel: dequantizing every weight to bf16 costs
 // what that many rows of dot products do. 4096 x 4096, 2 threads, Xeon with AMX, tiles against VNNI:
@@ -531,14 +491,11 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
       return y;
     }
 #endif
-    const bool vnni = use_vnni();
-    const Act a = quantize_act(x.data_ptr<float>(), M, K, vnni);
+    const Act a = quantize_act(x.data_ptr<float>(), M, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-#ifdef TRAMONTANE_X86
-      if (vnni) return rows_vnni<F>(a, M, K, wp, yp, N, begin, end);
-#endif
+      BY_ISA(block_rows<F>(a, M, K, wp, yp, N, begin, end), return);
       rows_ref<F>(a, M, K, wp, yp, N, begin, end);
     });
     return y;
@@ -552,11 +509,8 @@ torch::Tensor block_dequantize(torch::Tensor w, int64_t kind) {
     auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
-    const bool vnni = use_vnni();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-#ifdef TRAMONTANE_X86
-      if (vnni) return dequantize_rows_vnni<F>(wp, K, op, begin, end);
-#endif
+      BY_ISA(dequantize_rows<F>(wp, K, op, begin, end), return);
       dequantize_rows_ref<F>(wp, K, op, begin, end);
     });
     return out;

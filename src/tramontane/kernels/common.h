@@ -14,29 +14,32 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define TRAMONTANE_X86 1
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define T512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #endif
 
-enum class Isa { kRef, kAvx2, kAvx512 };
+// The vector kernels' instruction sets, best last: AVX-512 (F/BW/VL/DQ with VNNI), AVX2 with AVX-VNNI,
+// AVX2 alone (with FMA and F16C), portable C++. A CPU with AVX-512 but no VNNI (Skylake-SP) takes AVX2.
+enum class Isa { kRef, kAvx2, kAvxVnni, kAvx512 };
 
 inline Isa detect_isa() {
 #ifdef TRAMONTANE_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq"))
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
     return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::kAvx2;
+  if (avx2 && __builtin_cpu_supports("avxvnni")) return Isa::kAvxVnni;
+  if (avx2) return Isa::kAvx2;
 #endif
   return Isa::kRef;
 }
 
-inline bool has_avx512_vnni() {
+// AVX-VNNI (the VEX dot products, 256 bits), which some AVX-512 VNNI CPUs lack (Ice Lake, Cascade Lake).
+inline bool avx_vnni_available() {
 #ifdef TRAMONTANE_X86
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni");
+  return __builtin_cpu_supports("avxvnni");
 #else
   return false;
 #endif
@@ -111,19 +114,26 @@ struct NextTile {
 
 #ifdef TRAMONTANE_X86
 // The float16 values (scales or minimums, one per group of `group` elements) of blocks [b, b + n) of
-// one weight row, n <= 16, as fp32 lanes 0..n-1 (the others zero); `row` points at the row's groups.
-T512 inline __m512 block_halfs(const uint16_t* row, int64_t b, int64_t n, int64_t group) {
-  if (group == 32) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), row + b));
-  alignas(64) float tmp[16] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = _cvtsh_ss(row[(b + i) * 32 / group]);
-  return _mm512_load_ps(tmp);
-}
-
-T256 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// one weight row (n <= 16), one per block, as 16 fp32 in two registers, zero past n; `row` points at the
+// row's groups. (In registers: a buffer written as two halves and read back whole stalls the read.)
+T256 inline void block_halves(const uint16_t* row, int64_t b, int64_t n, int64_t group, __m256 out[2]) {
+  if (group == 32) {  // consecutive values: whole loads where 8 remain (no buffer: see above)
+    for (int i = 0; i < 2; ++i) {
+      const int64_t count = n - 8 * i;
+      alignas(16) uint16_t h[8] = {};
+      if (count > 0 && count < 8) std::memcpy(h, row + b + 8 * i, count * 2);
+      out[i] = _mm256_cvtph_ps(count >= 8 ? _mm_loadu_si128((const __m128i*)(row + b + 8 * i)) : _mm_load_si128((const __m128i*)h));
+    }
+    return;
+  }
+  alignas(16) uint16_t h[16] = {};
+  const int64_t per = group / 32;  // blocks per group
+  for (int64_t i = 0, g = b / per, left = per - b % per; i < n; ++i) {
+    h[i] = row[g];
+    if (--left == 0) ++g, left = per;
+  }
+  out[0] = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)h));
+  out[1] = _mm256_cvtph_ps(_mm_load_si128((const __m128i*)(h + 8)));
 }
 #endif
 

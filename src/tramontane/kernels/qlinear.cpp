@@ -6,10 +6,13 @@
 // kernels convert int8 weights to fp32 in registers and multiply-accumulate with fp32 activations.
 // Each weight row is converted once and used for every row of x (batched decode), while it sits in L1.
 //
-// Paths: AVX-512 and AVX2 (chosen at run time), and portable C++ elsewhere. Threads split the output
+// Paths: AVX-512 and AVX2 (chosen at run time; dense_tiles.h, written once over the vector width), and
+// portable C++ elsewhere. Threads split the output
 // rows through ATen's parallel_for, so the kernels share PyTorch's thread pool.
 
-#include "common.h"
+#include "simd.h"
+
+#include <pybind11/stl.h>
 
 #include <vector>
 
@@ -36,136 +39,8 @@ void int8_rows_ref(const float* x, int64_t M, int64_t K, const int8_t* w, const 
   }
 }
 
-#ifdef TRAMONTANE_X86
-
-// ---------------------------------------------------------------------------------------- AVX-512
-T512 inline __m512 load_i8x16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-
-template <int R, int T>
-T512 inline void int8_tile_avx512(const float* x, int64_t K, const int8_t* w, const float* scale, float* y,
-                                  int64_t N, int64_t o, int64_t m0) {
-  const NextTile<R> next(w, K, o, N, m0);
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  const int64_t K16 = K / 16 * 16;
-  for (int64_t k = 0; k < K16; k += 16) {
-    next.at(k);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load_i8x16(w + (o + r) * K + k);
-    for (int t = 0; t < T; ++t) {
-      const __m512 xv = _mm512_loadu_ps(x + (m0 + t) * K + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float sum = _mm512_reduce_add_ps(acc[r][t]);
-      for (int64_t k = K16; k < K; ++k) sum += float(w[(o + r) * K + k]) * x[(m0 + t) * K + k];
-      y[(m0 + t) * N + o + r] = sum * scale[o + r];
-    }
-}
-
-template <int R, int T>
-T512 inline void f32_tile_avx512(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
-                                 int64_t m0) {
-  const NextTile<R> next(w, K * 4, o, N, m0);
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  const int64_t K16 = K / 16 * 16;
-  for (int64_t k = 0; k < K16; k += 16) {
-    next.at(k * 4);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + (o + r) * K + k);
-    for (int t = 0; t < T; ++t) {
-      const __m512 xv = _mm512_loadu_ps(x + (m0 + t) * K + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float sum = _mm512_reduce_add_ps(acc[r][t]);
-      for (int64_t k = K16; k < K; ++k) sum += w[(o + r) * K + k] * x[(m0 + t) * K + k];
-      y[(m0 + t) * N + o + r] = sum;
-    }
-}
-
-// ---------------------------------------------------------------------------------------- AVX2
-
-template <int R, int T>
-T256 inline void int8_tile_avx2(const float* x, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N,
-                                int64_t o, int64_t m0) {
-  const NextTile<R> next(w, K, o, N, m0);
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const int64_t K8 = K / 8 * 8;
-  for (int64_t k = 0; k < K8; k += 8) {
-    next.at(k);
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r)
-      wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + (o + r) * K + k))));
-    for (int t = 0; t < T; ++t) {
-      const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * K + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float sum = hsum256(acc[r][t]);
-      for (int64_t k = K8; k < K; ++k) sum += float(w[(o + r) * K + k]) * x[(m0 + t) * K + k];
-      y[(m0 + t) * N + o + r] = sum * scale[o + r];
-    }
-}
-
-template <int R, int T>
-T256 inline void f32_tile_avx2(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t o,
-                               int64_t m0) {
-  const NextTile<R> next(w, K * 4, o, N, m0);
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const int64_t K8 = K / 8 * 8;
-  for (int64_t k = 0; k < K8; k += 8) {
-    next.at(k * 4);
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + (o + r) * K + k);
-    for (int t = 0; t < T; ++t) {
-      const __m256 xv = _mm256_loadu_ps(x + (m0 + t) * K + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float sum = hsum256(acc[r][t]);
-      for (int64_t k = K8; k < K; ++k) sum += w[(o + r) * K + k] * x[(m0 + t) * K + k];
-      y[(m0 + t) * N + o + r] = sum;
-    }
-}
-
-T512 void int8_rows_avx512(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
-                           int64_t N, int64_t begin, int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(int8_tile_avx512, x, K, w, scale, y, N));
-}
-
-T512 void f32_rows_avx512(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t begin,
-                          int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(f32_tile_avx512, x, K, w, y, N));
-}
-
-T256 void f32_rows_avx2(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N, int64_t begin,
-                        int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(f32_tile_avx2, x, K, w, y, N));
-}
-
-T256 void int8_rows_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y,
-                         int64_t N, int64_t begin, int64_t end) {
-  walk(M, begin, end, DISPATCH_TILE(int8_tile_avx2, x, K, w, scale, y, N));
-}
-#endif  // TRAMONTANE_X86
+#define TRAMONTANE_TILES "dense_tiles.h"
+#include "per_isa.h"
 
 }  // namespace
 
@@ -184,10 +59,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
     return y;
   }
   at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-#ifdef TRAMONTANE_X86
-    if (current_isa() == Isa::kAvx512) return int8_rows_avx512(xp, M, K, wp, sp, yp, N, begin, end);
-    if (current_isa() == Isa::kAvx2) return int8_rows_avx2(xp, M, K, wp, sp, yp, N, begin, end);
-#endif
+    BY_ISA(dense_rows(xp, M, K, wp, sp, yp, N, begin, end), return);
     int8_rows_ref(xp, M, K, wp, sp, yp, N, begin, end);
   });
   return y;
@@ -201,16 +73,11 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-#ifdef TRAMONTANE_X86
-  if (current_isa() != Isa::kRef) {
-    at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-      if (current_isa() == Isa::kAvx512) return f32_rows_avx512(xp, M, K, wp, yp, N, begin, end);
-      f32_rows_avx2(xp, M, K, wp, yp, N, begin, end);
-    });
-    return y;
-  }
-#endif
-  return torch::matmul(x, w.t());
+  if (current_isa() == Isa::kRef) return torch::matmul(x, w.t());
+  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+    BY_ISA(dense_rows(xp, M, K, wp, static_cast<const float*>(nullptr), yp, N, begin, end), return);
+  });
+  return y;
 }
 
 // ---------------------------------------------------------------------------------------- decode attention
@@ -423,7 +290,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
 std::string isa() {
   const Isa i = current_isa();
   if (amx_in_use()) return "amx";
-  return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "portable";
+  return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvxVnni ? "avx_vnni" : i == Isa::kAvx2 ? "avx2" : "portable";
 }
 
 // bf16 products in hardware: AMX-BF16 tiles (where the system grants them) or AVX512-BF16 dot products.
@@ -436,13 +303,25 @@ bool has_bf16() {
 #endif
 }
 
-void set_isa(const std::string& name) {
+// The instruction sets this CPU can run the kernels with, best last.
+std::vector<std::string> isas() {
   const Isa best = detect_isa();
-  if (name == "portable") current_isa() = Isa::kRef;
-  else if (name == "avx2" && best != Isa::kRef) current_isa() = Isa::kAvx2;
-  else if (name == "avx512" && best == Isa::kAvx512) current_isa() = Isa::kAvx512;
-  else if (name == "amx" && amx_available()) current_isa() = Isa::kAvx512;
-  else TORCH_CHECK(false, "instruction set ", name, " is not available on this CPU");
+  std::vector<std::string> out = {"portable"};
+  if (best >= Isa::kAvx2) out.push_back("avx2");
+  if (best >= Isa::kAvxVnni && avx_vnni_available()) out.push_back("avx_vnni");
+  if (best == Isa::kAvx512) out.push_back("avx512");
+  if (amx_available()) out.push_back("amx");
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const auto have = isas();
+  TORCH_CHECK(std::find(have.begin(), have.end(), name) != have.end(), "instruction set ", name,
+              " is not available on this CPU");
+  current_isa() = name == "portable" ? Isa::kRef
+                  : name == "avx2"   ? Isa::kAvx2
+                  : name == "avx_vnni" ? Isa::kAvxVnni
+                                       : Isa::kAvx512;  // avx512, amx
   amx_in_use() = name == "amx";
 }
 
@@ -523,7 +402,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_threads", &release_threads, "end the calling thread's OpenMP workers (before another thread computes)");
   m.def("isa", &isa, "the instruction set in use");
   m.def("has_bf16", &has_bf16, "whether the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16)");
-  m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx512, amx");
+  m.def("isas", &isas, "the instruction sets this CPU can run the kernels with, best last");
+  m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx_vnni, avx512, amx");
   m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;
   m.attr("AMX_MIN_ROWS_INT8") = kAmxMinRowsInt8;
   // the digest of the sources this build was made from (kernels/sources.py), to tell a stale build

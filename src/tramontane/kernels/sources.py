@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("qlinear.cpp", "int4.cpp", "amx.cpp", "decode.cpp", "blocks.cpp")]
-HEADERS = [HERE / "common.h", HERE / "amx.h"]
+HEADERS = [HERE / name for name in ("common.h", "amx.h", "simd.h", "per_isa.h", "blocks_tiles.h", "int4_tiles.h", "dense_tiles.h")]
 # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already loaded, so
 # the kernels share torch's thread pool instead of starting a second one.
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-g0"]

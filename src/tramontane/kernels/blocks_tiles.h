@@ -1,0 +1,101 @@
+// The GGUF block formats' vector kernels (blocks.cpp), written once over the vector width V: per_isa.h
+// compiles this file once per instruction set. Includes nothing: blocks.cpp has what it needs in scope.
+
+// One row of x as int8 in blocks of 32 (scale max|x| / 127, rounded to nearest even as quantize_row_ref
+// rounds), with per 16 elements the block's scale and scale * sum(x_q).
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* dx, float* xs) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    typename V::F m = V::zero();
+    for (int i = 0; i < 32; i += V::kLanes) m = V::abs_max(m, V::load(x + 32 * b + i));
+    const float amax = V::max(m), d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int h = 0; h < 2; ++h) {
+      int32_t total = 0;
+      for (int i = 16 * h; i < 16 * h + 16; i += V::kLanes) {
+        const typename V::I v = V::round(V::mul(V::load(x + 32 * b + i), V::set1(inv)));
+        V::store_int8(q + 32 * b + i, v);
+        total += V::sum(v);
+      }
+      dx[2 * b + h] = d;
+      xs[2 * b + h] = d * float(total);
+    }
+  }
+}
+
+// A tile of R weight rows x T rows of x, in steps of 256 elements (16 groups of 16: one K-quant unit,
+// or four units of the formats in blocks of 32; a row's last step may be shorter). Per step: each
+// row's scales and offsets; the scales combined with x's into one factor per group (spread over the 4
+// lanes of the dot sums that cover it), the offsets straight into the accumulators. Per chunk of
+// V::kBytes elements: codes decoded once, used for every row of x.
+template <int R, int T, class Fm>
+inline void block_tile(Fm, const Act& a, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t o, int64_t m0) {
+  constexpr int64_t kStep = 256 / Fm::kUnit, kChunks = Fm::kUnit / V::kBytes;  // units per step, chunks per unit
+  const int64_t units = K / Fm::kUnit, row_bytes = units * Fm::kBytes, K16 = K / 16;
+  const NextTile<R> next(w, row_bytes, o, N, m0);
+  alignas(64) float gs[R][T][16];
+  typename V::F acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = V::zero();
+  for (int64_t u0 = 0; u0 < units; u0 += kStep) {
+    const int64_t n = std::min(kStep, units - u0), groups = n * Fm::kUnit / 16;
+    for (int64_t b = (u0 * Fm::kBytes) & ~int64_t(63); b < (u0 + n) * Fm::kBytes; b += 64) next.at(b);
+    for (int r = 0; r < R; ++r) {
+      __m256 sc[2], off[2];
+      Fm::scales16(w + (o + r) * row_bytes + u0 * Fm::kBytes, n, sc, off);
+      for (int t = 0; t < T; ++t) {
+        const int64_t g0 = (m0 + t) * K16 + u0 * Fm::kUnit / 16;
+        for (int i = 0; i < 16 / V::kLanes; ++i) {
+          const int64_t left = groups - i * V::kLanes;
+          V::store(gs[r][t] + i * V::kLanes, V::mul(V::of16(sc, i), V::load_partial(a.dxp + g0 + i * V::kLanes, left)));
+          acc[r][t] = V::fmadd(V::of16(off, i), V::load_partial(a.xsp + g0 + i * V::kLanes, left), acc[r][t]);
+        }
+      }
+    }
+    for (int64_t c = 0; c < n * kChunks; ++c) {  // elements [c * kBytes, (c + 1) * kBytes) of the step
+      const uint8_t* unit = w + (u0 + c / kChunks) * Fm::kBytes;
+      typename V::I codes[R];
+      for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, c % kChunks);
+      for (int t = 0; t < T; ++t) {
+        const typename V::I xv = V::loadi(a.qp + (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes);
+        for (int r = 0; r < R; ++r) {
+          const typename V::I dot = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xv);
+          acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]);
+}
+
+template <class Fm>
+void block_rows(const Act& a, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t begin, int64_t end) {
+  const Fm fmt{};
+  walk(M, begin, end, DISPATCH_TILE(block_tile, fmt, a, K, w, y, N));
+}
+
+// Rows [begin, end) as fp32: each value scale * code + offset in one rounding (the product is exact),
+// as the reference computes it.
+template <class Fm>
+void dequantize_rows(const uint8_t* w, int64_t K, float* out, int64_t begin, int64_t end) {
+  const int64_t units = K / Fm::kUnit, row_bytes = units * Fm::kBytes;
+  alignas(64) float sc[16], off[16];
+  alignas(64) uint8_t codes[32];
+  __m256 s[2], f[2];
+  for (int64_t o = begin; o < end; ++o)
+    for (int64_t u = 0; u < units; ++u) {
+      const uint8_t* unit = w + o * row_bytes + u * Fm::kBytes;
+      Fm::scales16(unit, 1, s, f);
+      for (int i = 0; i < 2; ++i) {
+        _mm256_store_ps(sc + 8 * i, s[i]);
+        _mm256_store_ps(off + 8 * i, f[i]);
+      }
+      for (int64_t j = 0; j < Fm::kUnit / 32; ++j) {
+        _mm256_store_si256((__m256i*)codes, Fm::codes32(unit, j));
+        for (int i = 0; i < 32; i += V::kLanes) {
+          const int64_t g = (32 * j + i) / 16;
+          V::store(out + o * K + u * Fm::kUnit + 32 * j + i,
+                   V::fmadd(V::uint8_floats(codes + i), V::set1(sc[g]), V::set1(off[g])));
+        }
+      }
+    }
+}

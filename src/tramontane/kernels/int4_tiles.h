@@ -1,0 +1,89 @@
+// The int4 kernels (int4.cpp), written once over the vector width V: per_isa.h compiles this file once
+// per instruction set. Includes nothing: int4.cpp has what it needs in scope.
+//
+// A step takes V::kInt4Blocks blocks of 32 (one for 256-bit vectors, two for 512): their bytes widen to
+// nibbles [low nibbles, high nibbles], so x is stored in that order (QuantizedX), and each dot lane
+// covers 4 elements of one block (V::by_block spreads the blocks' factors to their lanes).
+
+// One row of x: int8 in blocks of 32 (scale max|x| / 127, rounded to nearest even as the portable loop
+// rounds), laid out by groups of V::kInt4Blocks blocks as the nibbles come; the blocks after the last
+// whole group in natural order.
+inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, float* s, int32_t* bias, float* sums) {
+  constexpr int64_t G = V::kInt4Blocks;
+  const int64_t nb = K / 32, grouped = nb / G * G;
+  for (int64_t b = 0; b < nb; ++b) {
+    typename V::F m = V::zero();
+    for (int i = 0; i < 32; i += V::kLanes) m = V::abs_max(m, V::load(x + 32 * b + i));
+    const float amax = V::max(m), d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t total = 0;
+    for (int i = 0; i < 32; i += V::kLanes) {
+      const typename V::I v = V::round(V::mul(V::load(x + 32 * b + i), V::set1(inv)));
+      // element i of block b: half i / 16 of the group's halves, block b % G among them
+      const int64_t at = b < grouped ? b / G * 32 * G + i / 16 * 16 * G + b % G * 16 + i % 16 : 32 * b + i;
+      V::store_int8(q + at, v);
+      total += V::sum(v);
+    }
+    s[b] = d;
+    sums[b] = d * float(total);
+  }
+  for (int64_t j = 0; j < K / 4; ++j) bias[j] = -8 * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+}
+
+// A tile of R weight rows x T rows of x. Per chunk of 16 blocks: each row's scales times x's, and the
+// minimums' terms (min * scale_x * sum(x_q)) straight into the accumulators. Per step: the weight bytes
+// widened once and used for every row of x; the -8 of symmetric codes is in each dot's starting value.
+template <int R, int T>
+inline void int4_tile(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale, const uint16_t* wmin,
+                      int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
+  constexpr int64_t G = V::kInt4Blocks;
+  const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
+  const NextTile<R> next(w, row_bytes, o, N, m0), next_scales(wscale, groups * 2, o, N, m0),
+      next_mins(wmin ? wmin : wscale, groups * 2, o, N, m0);
+  alignas(64) float cs[R][T][16];
+  typename V::F acc[R][T];
+  float lone[R][T] = {};  // the last block of a row with an odd count, for G = 2
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = V::zero();
+  for (int64_t c0 = 0; c0 < nb; c0 += 16) {
+    const int64_t cn = std::min<int64_t>(16, nb - c0);
+    for (int r = 0; r < R; ++r) {
+      __m256 ws[2], mn[2];
+      block_halves(wscale + (o + r) * groups, c0, cn, group, ws);
+      if (wmin) block_halves(wmin + (o + r) * groups, c0, cn, group, mn);
+      for (int t = 0; t < T; ++t)
+        for (int i = 0; i < 16 / V::kLanes; ++i) {
+          const int64_t at = (m0 + t) * nb + c0 + i * V::kLanes, left = cn - i * V::kLanes;
+          V::store(cs[r][t] + i * V::kLanes, V::mul(V::of16(ws, i), V::load_partial(qx.sp + at, left)));
+          if (wmin) acc[r][t] = V::fmadd(V::of16(mn, i), V::load_partial(qx.sum_p + at, left), acc[r][t]);
+        }
+    }
+    next_scales.at(c0 * 2);
+    if (wmin) next_mins.at(c0 * 2);
+    const int64_t grouped_end = c0 + cn / G * G;
+    for (int64_t b = c0; b < grouped_end; b += G) {
+      next.at(b * 16);
+      typename V::I wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = V::int4_nibbles(w + (o + r) * row_bytes + b * 16);
+      for (int t = 0; t < T; ++t) {
+        const typename V::I xv = V::loadi(qx.qp + (m0 + t) * K + b * 32);
+        const typename V::I bv = wmin ? V::zero_int() : V::loadi(qx.bp + (m0 + t) * (K / 4) + b * 8);
+        for (int r = 0; r < R; ++r) {
+          const typename V::I d = V::template dot<4>(bv, wv[r], xv);
+          acc[r][t] = V::fmadd(V::to_float(d), V::by_block(&cs[r][t][b - c0]), acc[r][t]);
+        }
+      }
+    }
+    for (int64_t b = grouped_end; b < c0 + cn; ++b)  // at most one block, in natural order
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t)
+          lone[r][t] += float(int4_block_dot(w + (o + r) * row_bytes + b * 16, qx.qp + (m0 + t) * K + b * 32,
+                                             wmin ? 0 : 8)) * cs[r][t][b - c0];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]) + lone[r][t];
+}
+
+inline void int4_rows(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                      const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  walk(M, begin, end, DISPATCH_TILE(int4_tile, qx, K, w, wscale, wmin, group, y, N));
+}

@@ -1,0 +1,216 @@
+// The vector widths the kernels are written over, so that a tile is written once (ggml-cpu's
+// simd-mappings.h and Highway's per-target namespaces, done with C++ types).
+//
+// V512 (AVX-512 F/BW/VL/DQ with VNNI) and V256Vnni / V256Madd (AVX2, FMA, F16C; with AVX-VNNI or without)
+// give the same
+// operations on their own registers: kLanes floats or int32 sums, kBytes int8 or uint8 elements. A tile
+// header (blocks_tiles.h, int4_tiles.h, dense_tiles.h) uses `V::` only, and per_isa.h compiles it once
+// per instruction set, each copy in its own namespace under its own target, so no code compiled for one
+// instruction set can run on a CPU that has only another.
+#pragma once
+
+#include "common.h"
+
+#include <type_traits>
+
+#ifdef TRAMONTANE_X86
+#define VEC_INLINE __attribute__((always_inline)) inline
+#define T512OPS __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+#define T256OPS __attribute__((target("avx2,fma,f16c")))
+#define T256VNNIOPS __attribute__((target("avx2,fma,f16c,avxvnni")))
+
+template <class, class = void>
+struct HasCodes64 : std::false_type {};
+template <class Fm>
+struct HasCodes64<Fm, std::void_t<decltype(&Fm::codes64)>> : std::true_type {};
+
+struct V512 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16, kBytes = 64;
+
+  T512OPS VEC_INLINE static F zero() { return _mm512_setzero_ps(); }
+  T512OPS VEC_INLINE static F set1(float v) { return _mm512_set1_ps(v); }
+  T512OPS VEC_INLINE static F load(const float* p) { return _mm512_loadu_ps(p); }
+  T512OPS VEC_INLINE static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  // lanes [0, n) from p, the others zero (nothing read past p + n)
+  T512OPS VEC_INLINE static F load_partial(const float* p, int64_t n) {
+    return n >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(__mmask16((1u << std::max<int64_t>(n, 0)) - 1), p);
+  }
+  // vector i of 16 floats held as two 256-bit halves (the formats' scales come so)
+  T512OPS VEC_INLINE static F of16(const __m256 h[2], int) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(h[0]), h[1], 1);
+  }
+  T512OPS VEC_INLINE static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  T512OPS VEC_INLINE static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  T512OPS VEC_INLINE static F abs_max(F m, F v) { return _mm512_max_ps(m, _mm512_andnot_ps(_mm512_set1_ps(-0.f), v)); }
+  T512OPS VEC_INLINE static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  T512OPS VEC_INLINE static float max(F v) { return _mm512_reduce_max_ps(v); }
+  // kLanes int8 at p as floats
+  T512OPS VEC_INLINE static F int8_floats(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  }
+
+  // kLanes uint8 at p as floats
+  T512OPS VEC_INLINE static F uint8_floats(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  }
+
+  T512OPS VEC_INLINE static I zero_int() { return _mm512_setzero_si512(); }
+  T512OPS VEC_INLINE static I loadi(const void* p) { return _mm512_loadu_si512(p); }
+  T512OPS VEC_INLINE static void storei(void* p, I v) { _mm512_storeu_si512(p, v); }
+  T512OPS VEC_INLINE static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  // rounded to nearest even (the default rounding mode), as std::nearbyint rounds
+  T512OPS VEC_INLINE static I round(F v) { return _mm512_cvtps_epi32(v); }
+  T512OPS VEC_INLINE static int32_t sum(I v) { return _mm512_reduce_add_epi32(v); }
+  // kLanes int32 of int8 range stored as int8 at p
+  T512OPS VEC_INLINE static void store_int8(int8_t* p, I v) { _mm_storeu_si128((__m128i*)p, _mm512_cvtsepi32_epi8(v)); }
+
+  // acc + the sums of each 4 products of unsigned a and signed b (codes of kBits bits: any up to 8)
+  template <int kBits>
+  T512OPS VEC_INLINE static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
+
+  // elements [64j, 64j + 64) of a unit of format Fm: its own codes64 where it has one, else its two
+  // 32-byte pieces
+  template <class Fm>
+  T512OPS VEC_INLINE static I codes(const uint8_t* unit, int64_t j) {
+    if constexpr (HasCodes64<Fm>::value) return Fm::codes64(unit, j);
+    else return _mm512_inserti64x4(_mm512_castsi256_si512(Fm::codes32(unit, 2 * j)), Fm::codes32(unit, 2 * j + 1), 1);
+  }
+
+  // Per dot lane (4 elements), the factor of its group of 16 in chunk c: g[4c + lane / 4].
+  T512OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
+    const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(4 * c)),
+                                        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+    return _mm512_permutexvar_ps(at, _mm512_loadu_ps(g));
+  }
+
+  // int4 rows, two blocks of 32 per step: their 32 bytes' nibbles, [low, high] (blocks [b, b + 1, b, b + 1]
+  // by 16 elements), and per dot lane its block's factor of f[0..1]
+  static constexpr int kInt4Blocks = 2;
+  T512OPS VEC_INLINE static I int4_nibbles(const uint8_t* p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1),
+                            _mm512_set1_epi8(15));
+  }
+  T512OPS VEC_INLINE static F by_block(const float* f) {
+    const __m128 pair = _mm_castpd_ps(_mm_load_sd((const double*)f));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(pair));
+  }
+};
+
+// What V256 with VNNI and V256 without share; each adds its own dot (a function's target cannot depend on
+// a template argument).
+struct V256Base {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8, kBytes = 32;
+
+  T256OPS VEC_INLINE static F zero() { return _mm256_setzero_ps(); }
+  T256OPS VEC_INLINE static F set1(float v) { return _mm256_set1_ps(v); }
+  T256OPS VEC_INLINE static F load(const float* p) { return _mm256_loadu_ps(p); }
+  T256OPS VEC_INLINE static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  T256OPS VEC_INLINE static F load_partial(const float* p, int64_t n) {
+    if (n >= kLanes) return _mm256_loadu_ps(p);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(n, 0))),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(p, mask);
+  }
+  T256OPS VEC_INLINE static F of16(const __m256 h[2], int i) { return h[i]; }
+  T256OPS VEC_INLINE static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  T256OPS VEC_INLINE static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  T256OPS VEC_INLINE static F abs_max(F m, F v) { return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)); }
+  T256OPS VEC_INLINE static float sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  T256OPS VEC_INLINE static float max(F v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  T256OPS VEC_INLINE static F int8_floats(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
+
+  T256OPS VEC_INLINE static F uint8_floats(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
+
+  T256OPS VEC_INLINE static I zero_int() { return _mm256_setzero_si256(); }
+  T256OPS VEC_INLINE static I loadi(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  T256OPS VEC_INLINE static void storei(void* p, I v) { _mm256_storeu_si256((__m256i*)p, v); }
+  T256OPS VEC_INLINE static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  T256OPS VEC_INLINE static I round(F v) { return _mm256_cvtps_epi32(v); }
+  T256OPS VEC_INLINE static int32_t sum(I v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
+  T256OPS VEC_INLINE static void store_int8(int8_t* p, I v) {
+    // packs work within 128-bit lanes: each lane's 4 values end up in its low 4 bytes
+    const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
+    _mm_storel_epi64((__m128i*)p, _mm_unpacklo_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+  }
+
+  template <class Fm>
+  T256OPS VEC_INLINE static I codes(const uint8_t* unit, int64_t j) { return Fm::codes32(unit, j); }
+
+  // g[2c + lane / 4]
+  T256OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
+    const __m128 pair = _mm_castpd_ps(_mm_load_sd((const double*)(g + 2 * c)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
+
+  static constexpr int kInt4Blocks = 1;
+  T256OPS VEC_INLINE static I int4_nibbles(const uint8_t* p) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                            _mm256_set1_epi8(15));
+  }
+  T256OPS VEC_INLINE static F by_block(const float* f) { return _mm256_set1_ps(*f); }
+};
+
+// AVX2 with AVX-VNNI (Alder Lake and later, Zen 5; Sapphire Rapids has it beside AVX-512).
+struct V256Vnni : V256Base {
+  template <int kBits>
+  T256VNNIOPS VEC_INLINE static I dot(I acc, I a, I b) { return _mm256_dpbusd_avx_epi32(acc, a, b); }
+};
+
+// AVX2 alone: maddubs sums pairs into int16, which saturates unless 2 * 255 * 128 fits; codes of up to
+// 6 bits always fit (2 * 63 * 128), wider codes go as two nibbles.
+struct V256Madd : V256Base {
+  template <int kBits>
+  T256OPS VEC_INLINE static I dot(I acc, I a, I b) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if constexpr (kBits <= 6) {
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+    } else {
+      const __m256i nib = _mm256_set1_epi8(15);
+      const __m256i lo = _mm256_and_si256(a, nib), hi = _mm256_and_si256(_mm256_srli_epi16(a, 4), nib);
+      const __m256i low = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, b), ones);
+      const __m256i high = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), _mm256_set1_epi16(16));
+      return _mm256_add_epi32(_mm256_add_epi32(acc, low), high);
+    }
+  }
+};
+#endif  // TRAMONTANE_X86
+
+// Runs CALL (a call of a function of the tile headers) in the copy per_isa.h made for the instruction set
+// in use, then THEN (return, continue); on the portable path it does nothing, and the code after it runs.
+#ifdef TRAMONTANE_X86
+#define BY_ISA(CALL, THEN)                              \
+  switch (current_isa()) {                              \
+    case Isa::kAvx512: isa_avx512::CALL; THEN;          \
+    case Isa::kAvxVnni: isa_avx_vnni::CALL; THEN;       \
+    case Isa::kAvx2: isa_avx2::CALL; THEN;              \
+    default: break;                                     \
+  }
+#else
+#define BY_ISA(CALL, THEN)
+#endif
