@@ -132,7 +132,7 @@ class KVCache:
 
 @dataclass
 class DecodeView:
-    """What the native decode attention (kernels/qlinear.cpp) reads and writes in one decode step.
+    """What the native decode attention (kernels/attention.cpp) reads and writes in one decode step.
 
     The storage is a pool of blocks `k`, `v` [n_layers, n_blocks, n_kv_heads, S, head_dim] with the
     position held by every slot `key_pos` [n_blocks, S]; row b attends to the first `scan` slots of each

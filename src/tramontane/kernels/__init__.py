@@ -1,7 +1,8 @@
 """Native kernels: built at install time (`setup.py`), or else once on first use and cached on disk.
 
-`qlinear()` returns the compiled module, or None (with one warning) when it cannot be had; callers
-then use plain PyTorch, which gives the same results more slowly.
+`qlinear()` returns the compiled module, typed as `Kernels` (its functions as the C++ declares them,
+kernels/bindings.cpp), or None (with one warning) when it cannot be had; callers then use plain
+PyTorch, which gives the same results more slowly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Protocol, cast
 
 import torch
 
@@ -23,8 +25,70 @@ from .sources import CFLAGS, LDFLAGS, SOURCES, build_name, digest
 HUGE_PAGE = 2 << 20
 
 
+class Projection(Protocol):
+    """One projection of a native decode block (kernels/decode.cpp): its weights in one stored format."""
+
+
+class ProjectionType(Protocol):
+    def __call__(self, kind: int, weight: torch.Tensor, scale: torch.Tensor, group: int,
+                 mins: torch.Tensor | None = None) -> Projection: ...
+
+    def side_by_side(self, parts: list[Projection]) -> Projection: ...
+
+
+class DecodeStack(Protocol):
+    """Every transformer block of a decode step in one native call (kernels/decode.cpp)."""
+
+    def add_block(self, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, wqkv: Projection, wo: Projection,
+                  w13: Projection, w2: Projection) -> None: ...
+
+    def forward(self, h: torch.Tensor, rot: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor,
+                kscale: torch.Tensor | None, vscale: torch.Tensor | None, tables: torch.Tensor,
+                key_pos: torch.Tensor, write: torch.Tensor, q_pos: torch.Tensor, window: int,
+                scan: int) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...
+
+
+class DecodeStackType(Protocol):
+    def __call__(self, eps: float, n_heads: int, n_kv_heads: int) -> DecodeStack: ...
+
+
+class Kernels(Protocol):
+    """The compiled kernels, as kernels/bindings.cpp binds them (x: float32 [M, K] on CPU)."""
+
+    DIGEST: str
+    AMX_MIN_ROWS_INT4: int
+    AMX_MIN_ROWS_INT8: int
+    Projection: ProjectionType
+    DecodeStack: DecodeStackType
+
+    def f32_linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+    def int8_linear(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor: ...
+    def int4_linear(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
+                    group: int) -> torch.Tensor: ...
+    def int4_dequantize(self, w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
+                        group: int) -> torch.Tensor: ...
+    def block_unit(self, kind: int) -> tuple[int, int]: ...
+    def block_amx_min_rows(self, kind: int) -> int: ...
+    def block_linear(self, x: torch.Tensor, w: torch.Tensor, kind: int) -> torch.Tensor: ...
+    def block_dequantize(self, w: torch.Tensor, kind: int) -> torch.Tensor: ...
+    def decode_attention(self, qkv: torch.Tensor, rot: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor,
+                         kscale: torch.Tensor | None, vscale: torch.Tensor | None, tables: torch.Tensor,
+                         key_pos: torch.Tensor, write: torch.Tensor, q_pos: torch.Tensor, window: int, scan: int,
+                         n_heads: int, n_kv_heads: int) -> torch.Tensor: ...
+    def huge_page_empty(self, nbytes: int) -> torch.Tensor: ...
+    def trim_heap(self) -> None: ...
+    def release_pages(self, address: int, nbytes: int) -> None: ...
+    def release_threads(self) -> None: ...
+    def isa(self) -> str: ...
+    def isas(self) -> list[str]: ...
+    def has_bf16(self) -> bool: ...
+    def set_isa(self, name: str) -> None: ...
+
+
 @functools.lru_cache(maxsize=1)
-def qlinear() -> ModuleType | None:
+def qlinear() -> Kernels | None:
     """The CPU kernels (fp32/int8/int4 products, GGUF block formats, the decode stack): the build made at
     install time when it was built from these sources, else a build of its own (once per sources, torch
     and environment, cached under ~/.cache/torch_extensions)."""
@@ -33,11 +97,11 @@ def qlinear() -> ModuleType | None:
         from . import _native  # type: ignore[attr-defined]
 
         if getattr(_native, "DIGEST", None) == want:
-            return _native
+            return cast(Kernels, _native)
     except ImportError:
         pass
     try:
-        return _build(want)
+        return cast(Kernels, _build(want))
     except Exception as e:  # no compiler, no headers, no ninja: fall back, loudly once
         warnings.warn(f"tramontane: could not build the native kernels ({type(e).__name__}: {e}); "
                       "quantized layers fall back to slower PyTorch code", stacklevel=2)
@@ -75,7 +139,7 @@ def _exclusive(folder: Path) -> Iterator[None]:
 def release_threads() -> None:
     """End the calling thread's OpenMP workers, before handing the computing to another thread: with
     two threads' teams alive on few cores, libgomp stops spinning between parallel regions, and every
-    step pays for waking its workers (see `release_threads` in qlinear.cpp). Without the kernels, nothing."""
+    step pays for waking its workers (see `release_threads` in memory.cpp). Without the kernels, nothing."""
     ext = qlinear()
     if ext is not None:
         ext.release_threads()

@@ -117,7 +117,7 @@ struct Int4Rows {
   float row_factor(int64_t) const { return 1.f; }
 };
 
-// int8 with one fp32 scale per output row (qlinear.cpp): 32 bytes per block, exact in bf16.
+// int8 with one fp32 scale per output row (dense.cpp): 32 bytes per block, exact in bf16.
 struct Int8Rows {
   const int8_t* w;
   const float* scale;

@@ -4,7 +4,7 @@
 // four projections, attention, a SwiGLU and two residual adds. Through Python and PyTorch's dispatcher
 // each costs microseconds of overhead, which for a 135M model is as much time as the arithmetic. A
 // DecodeStack holds references to every block's weights (no copies) and runs the whole stack for
-// B sequences x 1 token, calling the same kernels as the Python path (qlinear.cpp, int4.cpp). The
+// B sequences x 1 token, calling the same kernels as the Python path (dense.cpp, int4.cpp, blocks.cpp). The
 // Python side (layers.py, model.py) stays the reference and handles everything else: prefill, MoE,
 // other dtypes and devices.
 

@@ -1,5 +1,5 @@
-// The fp32 and int8 weight kernels (qlinear.cpp), written once over the vector width V: per_isa.h
-// compiles this file once per instruction set. Includes nothing: qlinear.cpp has what it needs in scope.
+// The fp32 and int8 weight kernels (dense.cpp), written once over the vector width V: per_isa.h
+// compiles this file once per instruction set. Includes nothing: dense.cpp has what it needs in scope.
 //
 // A tile of R weight rows x T rows of x: each weight vector is loaded (int8: and converted to fp32) once
 // and used for every row of x, in V::kLanes elements a step; the last K % kLanes elements one by one.

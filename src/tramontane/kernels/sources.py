@@ -12,8 +12,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("qlinear.cpp", "int4.cpp", "amx.cpp", "decode.cpp", "blocks.cpp")]
-HEADERS = [HERE / name for name in ("common.h", "amx.h", "simd.h", "per_isa.h", "blocks_tiles.h", "int4_tiles.h", "dense_tiles.h")]
+SOURCES = [HERE / name for name in (
+    "cpu.cpp", "dense.cpp", "int4.cpp", "blocks.cpp", "amx.cpp", "attention.cpp", "decode.cpp", "memory.cpp",
+    "bindings.cpp",
+)]
+HEADERS = [HERE / name for name in (
+    "common.h", "simd.h", "per_isa.h", "amx.h", "dense_tiles.h", "int4_tiles.h", "blocks_tiles.h",
+)]
 # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already loaded, so
 # the kernels share torch's thread pool instead of starting a second one.
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-g0"]

@@ -1,0 +1,34 @@
+"""The compiled kernels' Python face: `Kernels` types exactly what kernels/bindings.cpp binds, and the
+instruction sets listed are the ones the kernels can be switched to."""
+
+from __future__ import annotations
+
+import pytest
+
+from tramontane.kernels import Kernels, qlinear
+
+
+def test_the_protocol_names_every_binding_and_nothing_else():
+    ext = qlinear()
+    assert ext is not None, "the kernel extension must build here"
+    declared = {n for n in dir(Kernels) if not n.startswith("_")} | set(Kernels.__annotations__)
+    bound = {n for n in dir(ext) if not n.startswith("_")}
+    assert declared == bound, f"only declared: {declared - bound}; only bound: {bound - declared}"
+
+
+def test_every_listed_instruction_set_can_be_switched_to_and_others_cannot():
+    ext = qlinear()
+    assert ext is not None
+    best, have = ext.isa(), ext.isas()
+    assert have[0] == "portable" and have[-1] == best  # best last, and in use unless a test switched
+    try:
+        for name in have:
+            ext.set_isa(name)
+            assert ext.isa() == name
+        for name in {"portable", "avx2", "avx_vnni", "avx512", "amx"} - set(have):
+            with pytest.raises(RuntimeError, match=f"instruction set {name} is not available"):
+                ext.set_isa(name)
+        with pytest.raises(RuntimeError, match="not available"):
+            ext.set_isa("sse9")
+    finally:
+        ext.set_isa(best)
