@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -10,6 +11,24 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny import TINY, save_hf  # noqa: E402
+
+
+@pytest.fixture
+def use_policy(monkeypatch: pytest.MonkeyPatch):
+    """use_policy(small_batch=0, ...): every layer and the decode backend see this process's kernel policy
+    with those fields changed, for the rest of the test."""
+    import tramontane.fuse as fuse
+    import tramontane.native_decode as native_decode
+    import tramontane.quantize as quantize
+    from tramontane.kernels.policy import KernelPolicy, kernel_policy
+
+    def use(**changes) -> KernelPolicy:
+        policy = dataclasses.replace(kernel_policy(), **changes)
+        for module in (fuse, native_decode, quantize):
+            monkeypatch.setattr(module, "kernel_policy", lambda: policy)
+        return policy
+
+    return use
 
 
 @pytest.fixture(scope="session")

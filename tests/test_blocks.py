@@ -12,13 +12,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from tramontane import generate, load_model, quantize
+from tramontane import generate, load_model
 from tramontane.args import ModelArgs
 from tramontane.blocks import BLOCK_FORMATS, BlockLinear, block_formats
 from tramontane.kernels import qlinear
+from tramontane.kernels.policy import kernel_policy
 from tramontane.loading import save_model
 from tramontane.loading.gguf_write import write_gguf_blocks
-from tramontane.quantize import prefill_dtype
 
 from test_native_decode import paired_steps
 
@@ -103,7 +103,7 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
     torch.testing.assert_close(layer(x), got)
     big = torch.randn(40, K)
     want = big @ reference(kind, w).T
-    tol = 1e-4 if prefill_dtype() == torch.float32 else 1e-2  # bf16 operands where the CPU has them
+    tol = 1e-4 if kernel_policy().prefill_dtype == torch.float32 else 1e-2  # bf16 operands where the CPU has them
     torch.testing.assert_close(layer(big), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
@@ -202,7 +202,7 @@ def test_mixed_file_keeps_every_tensor_in_its_format(mixed_file, monkeypatch):
 
 
 @torch.no_grad()
-def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, monkeypatch):
+def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, use_policy):
     blocks = load_model(mixed_file)
     floats = load_model(mixed_file, dequantize=True)
     assert not block_formats(floats)
@@ -210,7 +210,7 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, monkeypatch):
     want = floats(tokens)
     # prefill: dequantize + GEMM, with exact fp32 products (the bf16 ones are tested in test_quantize.py,
     # the AMX tiles that take every row count on AMX CPUs in test_amx_products_of_every_row_count)
-    monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)
+    use_policy(prefill_dtype=torch.float32)
     ext, best = qlinear(), qlinear().isa()
     ext.set_isa("avx512" if best == "amx" else best)
     try:
@@ -218,7 +218,7 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, monkeypatch):
     finally:
         ext.set_isa(best)
     # decode steps: the integer kernels, activations rounded to int8 per block of 32
-    for native, python, *_ in paired_steps(blocks, [[1, 2, 3, 4], [5, 6]], 3, monkeypatch):
+    for native, python, *_ in paired_steps(blocks, [[1, 2, 3, 4], [5, 6]], 3):
         torch.testing.assert_close(native, python, rtol=1e-4, atol=1e-4 * python.abs().max().item())
     ours = generate(blocks, [[1, 2, 3, 4]], max_tokens=8)[0].tokens
     theirs = generate(floats, [[1, 2, 3, 4]], max_tokens=8)[0].tokens

@@ -114,7 +114,7 @@ def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
     """A long prompt in chunks never builds a score matrix beyond chunk x (capacity + chunk)."""
     import torch.nn.functional as F
 
-    import tramontane.model as model_module
+    import tramontane.native_decode as native_decode
     from tramontane.generate import generate
 
     _, folder = tiny_hf("mistral-window")
@@ -129,7 +129,7 @@ def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(model_module, "native_stack", lambda *_: None)  # short chunks would run as its rows
+    monkeypatch.setattr(native_decode, "native_stack", lambda *_: None)  # short chunks would run as its rows
     generate(model, [prompt(3, 100)[0].tolist()], max_tokens=1, chunk_size=5)
     assert len(shapes) == 20 * model.args.n_layers  # 100 tokens in chunks of 5, every layer
     assert max(q for q, _ in shapes) <= 5

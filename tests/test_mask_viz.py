@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import tramontane.layers as layers
-import tramontane.model as model_module
 from tramontane import KVCache, ModelArgs, Transformer, load_tokenizer, visualize_mask
 from tramontane.mask_viz import attention_grid, parse_grid
 
@@ -30,9 +29,8 @@ def used_mask(monkeypatch: pytest.MonkeyPatch, window: int | None, T: int, cache
         return real(q, k, v, mask, is_causal)
 
     monkeypatch.setattr(layers, "attend", spy)
-    # the Python blocks, which hand attention a mask: a short prompt in a cache would otherwise run as rows
-    # of the native stack, whose kernel applies the same rule without a mask tensor (test_native_decode)
-    monkeypatch.setattr(model_module, "native_stack", lambda *_: None)
+    # (the model's own forward runs the Python blocks, which hand attention a mask; generation would run a
+    # short prompt as rows of the native stack, whose kernel applies the same rule without a mask tensor)
     args = dataclasses.replace(ARGS, sliding_window=window)
     torch.manual_seed(0)
     model = Transformer(args).eval()

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-import tramontane.model as model_module
 from tramontane import KVCache, load_model
 from tramontane.generate import decode_step, prefill
 from tramontane.kernels import qlinear
+from tramontane.native_decode import run_step
 
 
-def decode_logits(model, prompts: list[list[int]], steps: int, native: bool, monkeypatch) -> list[torch.Tensor]:
+def decode_logits(model, prompts: list[list[int]], steps: int, native: bool) -> list[torch.Tensor]:
     """Prefill each prompt into its own row, then `steps` decode steps of all rows together, fed fixed
     tokens (so a near-tie cannot send the two paths down different continuations)."""
-    return [pair[0 if native else 1] for pair in paired_steps(model, prompts, steps, monkeypatch)]
+    return [pair[0 if native else 1] for pair in paired_steps(model, prompts, steps)]
 
 
-def paired_steps(model, prompts: list[list[int]], steps: int, monkeypatch) -> list[tuple[torch.Tensor, ...]]:
+def paired_steps(model, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, ...]]:
     """Per decode step, (logits, cache keys) of the native stack and of the Python blocks, both from the
     same cache: the Python blocks' (a copy goes to the native stack), so differences cannot compound."""
     cache = KVCache.create(model.args, len(prompts), 64, dtype=model.dtype)
@@ -29,10 +31,8 @@ def paired_steps(model, prompts: list[list[int]], steps: int, monkeypatch) -> li
         for step in range(steps):
             tokens = (torch.arange(len(prompts)) * 7 + step * 3) % model.args.vocab_size
             trial = KVCache(cache.k.clone(), cache.v.clone(), cache.positions.clone(), cache.window)
-            native = decode_step(model, tokens, positions, trial)
-            with monkeypatch.context() as m:
-                m.setattr(model_module, "native_stack", lambda *_: None)
-                python = decode_step(model, tokens, positions, cache)
+            native = decode_step(model, tokens, positions, trial)  # the decode backend: the native stack
+            python = model(tokens[:, None], positions[:, None], cache=cache)[:, 0]  # the Python blocks
             out.append((native, python, trial.k, cache.k.clone()))
             positions = positions + 1
     return out
@@ -57,11 +57,11 @@ def isa(request):
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4", "int4_asym"])
 @pytest.mark.parametrize("name", ["mistral-window", "llama-tied"])
-def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, isa, monkeypatch):
+def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, isa):
     _, folder = tiny_hf(name)
     model = load_model(folder, quantize=quantize)
     for batch in (PROMPTS[:1], PROMPTS):  # one row (PyTorch's matrix-vector path) and three
-        steps = paired_steps(model, batch, 40, monkeypatch)  # 40 steps: past the window of 32
+        steps = paired_steps(model, batch, 40)  # 40 steps: past the window of 32
         assert model.__dict__["_native_stack"][1] is not None, "the native stack was not used"
         close = 0
         for native, python, native_k, python_k in steps:
@@ -74,19 +74,19 @@ def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, isa, monkeyp
         assert quantize in (None, "int8") or close >= 0.9 * len(steps), f"{close} of {len(steps)} steps agree"
 
 
-def test_native_stack_follows_replaced_weights(tiny_hf, monkeypatch):
+def test_native_stack_follows_replaced_weights(tiny_hf):
     _, folder = tiny_hf("mistral-nowindow")
     model = load_model(folder)
-    decode_logits(model, PROMPTS[:1], 2, True, monkeypatch)
+    decode_logits(model, PROMPTS[:1], 2, True)
     first = model.__dict__["_native_stack"][1]
     with torch.no_grad():  # a new module in one block: the stack must be rebuilt, not run stale weights
         old = model.layers[1].attention.wo
         new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
         new.weight.copy_(old.weight * 0.5)
         model.layers[1].attention.wo = new
-    native = decode_logits(model, PROMPTS[:1], 3, True, monkeypatch)
+    native = decode_logits(model, PROMPTS[:1], 3, True)
     assert model.__dict__["_native_stack"][1] is not first
-    python = decode_logits(model, PROMPTS[:1], 3, False, monkeypatch)
+    python = decode_logits(model, PROMPTS[:1], 3, False)
     for a, b in zip(native, python):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     second = model.__dict__["_native_stack"][1]
@@ -94,17 +94,17 @@ def test_native_stack_follows_replaced_weights(tiny_hf, monkeypatch):
     ffn, norm = model.layers[0].feed_forward.w2, model.layers[1].ffn_norm
     ffn.weight = torch.nn.Parameter(ffn.weight.detach() * 0.5, requires_grad=False)
     norm.weight = torch.nn.Parameter(norm.weight.detach() * 2.0, requires_grad=False)
-    native = decode_logits(model, PROMPTS[:1], 3, True, monkeypatch)
+    native = decode_logits(model, PROMPTS[:1], 3, True)
     assert model.__dict__["_native_stack"][1] is not second
-    python = decode_logits(model, PROMPTS[:1], 3, False, monkeypatch)
+    python = decode_logits(model, PROMPTS[:1], 3, False)
     for a, b in zip(native, python):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_mixture_of_experts_stays_in_python(tiny_hf, monkeypatch):
+def test_mixture_of_experts_stays_in_python(tiny_hf):
     _, folder = tiny_hf("mixtral")
     model = load_model(folder)
-    decode_logits(model, PROMPTS[:1], 2, True, monkeypatch)
+    decode_logits(model, PROMPTS[:1], 2, True)
     assert model.__dict__["_native_stack"][1] is None
 
 
@@ -139,14 +139,13 @@ def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, na
         cache = KVCache.create(model.args, 1, 32, dtype=model.dtype)  # a window model: capacity = window
         keys = cache.k
     logits = []
+    step_logits = functools.partial(run_step, model) if native else model  # the decode backend, or the Python blocks
     with monkeypatch.context() as m, torch.inference_mode():
         runs = native_runs(m)
-        if not native:
-            m.setattr(model_module, "native_stack", lambda *_: None)
         start = 0
         for n in chunks:
             ids = torch.tensor([tokens[start : start + n]])
-            logits.append(model(ids, torch.arange(start, start + n)[None], cache=cache))
+            logits.append(step_logits(ids, torch.arange(start, start + n)[None], cache=cache))
             start += n
     return logits, keys, len(runs)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import tramontane.layers as layers_module
-import tramontane.model as model_module
 from tramontane import load_model
 from tramontane.cache import PagedKVCache, quantize_vectors
+from tramontane.native_decode import run_step
 
 from test_native_decode import native_runs
 
@@ -93,17 +95,17 @@ def paged_decode(model, dtype: torch.dtype, native: bool, monkeypatch) -> tuple[
     tables = TABLES
     pool.clear(tables[0] + tables[1])
     lengths = [13, 6]
-    for table, n, seed in zip(tables, lengths, (1, 2)):
-        model(prompt(seed, n), torch.arange(n)[None], cache=pool.batch([table], [0]))
+    for table, n, seed in zip(tables, lengths, (1, 2)):  # prefilled alike, by the decode backend
+        run_step(model, prompt(seed, n), torch.arange(n)[None], pool.batch([table], [0]))
     out = []
+    step_logits = functools.partial(run_step, model) if native else model  # the decode backend, or Python
     with monkeypatch.context() as m:
-        if not native:
-            m.setattr(model_module, "native_stack", lambda *_: None)
+        if not native:  # the Python blocks, and their attention in torch
             m.setattr(layers_module, "decode_kernels", lambda *_: None)
         for step in range(6):
             tokens = torch.tensor([[(7 * step + 3) % 128], [(5 * step + 1) % 128]])
             positions = torch.tensor([[lengths[0] + step], [lengths[1] + step]])
-            out.append(model(tokens, positions, cache=pool.batch(tables, [0, 0]))[:, 0])
+            out.append(step_logits(tokens, positions, cache=pool.batch(tables, [0, 0]))[:, 0])
     return torch.stack(out), pool
 
 

@@ -126,7 +126,7 @@ ERRORS_2 = [
 def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[str, Any]:
     ref = load_model(path, **kw)
     model = load_model(path, **kw, parallel=parallel)
-    # Quantized layers multiply more than 16 rows by dequantizing tiles (quantize.PREFILL_TILE), in bf16
+    # Quantized layers multiply more than 16 rows by dequantizing tiles (KernelPolicy.prefill_tile), in bf16
     # where the CPU has it, which rounds each rank's partial sums: 2 x 8 rows keep them on the kernels,
     # whose remaining differences `tolerance` describes.
     quantized = bool(kw) or "Q" in case or "int" in case

@@ -151,11 +151,9 @@ def test_int4_dequantize_kernel_matches_reference(ext):
 
 
 @pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
-def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm, vector_kernels):
-    import tramontane.quantize as quantize
-
-    monkeypatch.setattr(quantize, "PREFILL_TILE", 16)  # 40 output rows: big inputs go through 3 tiles
-    monkeypatch.setattr(quantize, "prefill_dtype", lambda: gemm)  # what CPUs with fast bf16 products use
+def test_modules_use_kernel_and_fallback_alike(use_policy, gemm, vector_kernels):
+    # 40 output rows: big inputs go through 3 tiles; bf16 is what CPUs with fast bf16 products use
+    use_policy(prefill_tile=16, prefill_dtype=gemm)
     w = torch.randn(40, 64)
     for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True)):
         small, big = torch.randn(2, 3, 64), torch.randn(40, 64)  # big goes through dequantize + matmul
@@ -173,16 +171,14 @@ def test_modules_use_kernel_and_fallback_alike(monkeypatch, gemm, vector_kernels
             assert not torch.allclose(out, big @ ref.T, atol=1e-6, rtol=1e-6), "expected the bf16 product"
 
 
-def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, monkeypatch):
-    import tramontane.quantize as quantize
-
+def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, use_policy):
     if not available(ext, "amx"):
         pytest.skip("this CPU has no AMX")
-    monkeypatch.setattr(quantize, "PREFILL_TILE", 16)  # (were the dequantize + GEMM path taken)
+    use_policy(prefill_tile=16)  # (were the dequantize + GEMM path taken)
     w = torch.randn(40, 64)
     for layer in (Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True), Int8Linear.from_float(w)):
         int8 = isinstance(layer, Int8Linear)
-        for rows in (ext.AMX_MIN_ROWS_INT8 if int8 else ext.AMX_MIN_ROWS_INT4, 40):  # 40 > SMALL_BATCH: prefill
+        for rows in (ext.AMX_MIN_ROWS_INT8 if int8 else ext.AMX_MIN_ROWS_INT4, 40):  # 40 > small_batch: prefill
             x = torch.randn(rows, 64)
             expected = bf16_product(x, layer.weight.float()) * layer.scale if int8 else bf16_product(x, layer.dequantize())
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
@@ -191,22 +187,21 @@ def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, monkeypat
 def test_prefill_product_dtype_follows_the_cpu_features():
     from pathlib import Path
 
-    from tramontane.quantize import prefill_dtype
+    from tramontane.kernels.policy import KernelPolicy, kernel_policy
 
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     if "avx512_bf16" in flags:
         assert qlinear().has_bf16()
-    assert prefill_dtype() == (torch.bfloat16 if qlinear().has_bf16() else torch.float32)
-    assert prefill_dtype() is prefill_dtype()
+    policy = kernel_policy()
+    assert policy.prefill_dtype == (torch.bfloat16 if qlinear().has_bf16() else torch.float32)
+    assert policy is kernel_policy() and KernelPolicy.detect() == policy  # decided once, the same every time
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["int8", "int4", "int4_asym"])
-def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, monkeypatch,
+def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, use_policy,
                                                                    vector_kernels):
-    import tramontane.quantize as quantize
-
-    monkeypatch.setattr(quantize, "prefill_dtype", lambda: torch.float32)  # exact products (bf16: tested above)
+    use_policy(prefill_dtype=torch.float32)  # exact products (bf16: tested above)
     _, folder = tiny_hf(tiny_name)
     model = load_model(folder, quantize=method)
     assert model.quantization == QuantConfig(method)
@@ -234,7 +229,7 @@ def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, t
     for h in hooks:
         h.remove()
     # ... and off: dequantize-and-matmul is the fp32 model exactly, in a full forward and through the cache
-    monkeypatch.setattr(quantize, "SMALL_BATCH", 0)
+    use_policy(prefill_dtype=torch.float32, small_batch=0)
     torch.testing.assert_close(model(x), sim(x), atol=1e-4, rtol=1e-4)
     out = generate(model, [x[0].tolist()], max_tokens=12)[0].tokens
     full = model(torch.tensor([x[0].tolist() + out]))[0, 19:-1].argmax(-1).tolist()

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
-from .kernels import qlinear
+from .kernels import Kernels, qlinear
 from .model import Transformer
 from .quantize import Int4Linear, QuantEmbedding, QuantLinearBase
 
@@ -76,7 +75,7 @@ class BlockLinear(QuantLinearBase):
         values = gguf_dequantize(part.cpu().numpy(), GGMLQuantizationType[self.kind])
         return torch.from_numpy(values.astype(np.float32)).to(part.device)
 
-    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+    def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.block_linear(flat, self.weight, BLOCK_FORMATS[self.kind])
 
 

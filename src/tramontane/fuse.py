@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BlockLinear
-from .kernels import qlinear, weight_empty
+from .kernels import weight_empty
+from .kernels.policy import kernel_policy
 from .layers import Attention, FeedForward
 from .model import Transformer
-from .quantize import SMALL_BATCH, Int4Linear, Int8Linear, QuantLinearBase
+from .quantize import Int4Linear, Int8Linear, QuantLinearBase
 
 # fused name -> the projections stacked into it, in row order
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
@@ -107,9 +108,10 @@ class FastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if not training and 2 <= rows <= SMALL_BATCH and x.dtype == torch.float32 and self.weight.dtype == torch.float32 \
-                and x.device.type == "cpu":
-            ext = qlinear()
+        policy = kernel_policy()
+        if not training and 2 <= rows <= policy.small_batch and x.dtype == torch.float32 \
+                and self.weight.dtype == torch.float32 and x.device.type == "cpu":
+            ext = policy.kernels
             if ext is not None:
                 y = ext.f32_linear(x.reshape(rows, self.in_features).contiguous(), self.weight)
                 return y.view(*x.shape[:-1], self.out_features)

@@ -16,6 +16,7 @@ import torch
 
 from .cache import KVCache
 from .model import Transformer
+from .native_decode import run_step
 from .parallel.topology import wait_all
 from .sampling import Penalties, SamplingParams, sample_rows, token_logprobs
 
@@ -57,7 +58,7 @@ def prefill(
     for s in range(0, ids.shape[1], chunk_size):
         chunk = ids[:, s : s + chunk_size]
         pos = torch.arange(start + s, start + s + chunk.shape[1], device=model.device)[None]
-        logits = model(chunk, pos, cache=cache, rows=rows, last_only=True)
+        logits = run_step(model, chunk, pos, cache, rows=rows, last_only=True)
     assert logits is not None
     return logits[0, -1]
 
@@ -74,7 +75,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
 
 
 def _decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    return model(tokens[:, None], positions[:, None], cache=cache)[:, 0]
+    return run_step(model, tokens[:, None], positions[:, None], cache)[:, 0]
 
 
 def compile_decode(model: Transformer) -> None:

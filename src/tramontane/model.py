@@ -19,10 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from .args import ModelArgs
 from .cache import KVCache, PagedBatch, step_meta
 from .layers import Block, RMSNorm
-from .native_decode import native_stack
 from .rope import rotary_angles
 
 if TYPE_CHECKING:
+    from .native_decode import NativeStack
     from .parallel.topology import Topology
 
 
@@ -63,6 +63,7 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         last_only: bool = False,
         segments: torch.Tensor | None = None,
+        native: NativeStack | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (fp32) for `tokens` [B, T] at `positions` [B, T].
 
@@ -71,9 +72,11 @@ class Transformer(nn.Module):
         gives block tables instead. `last_only` computes logits for the last position only
         ([B, 1, vocab]), which is all a prefill needs. `segments` [B, T] (no cache) packs several
         sequences into one row, as training batches do: a token attends only to earlier tokens of its
-        own segment, and each sequence's positions start again at 0.
+        own segment, and each sequence's positions start again at 0. `native` runs the blocks as one
+        native call instead of the Python blocks (the decode backend, `native_decode.run_step`, passes
+        it for the steps it allows).
         """
-        return self.project(self.features(tokens, positions, cache, rows, last_only, segments))
+        return self.project(self.features(tokens, positions, cache, rows, last_only, segments, native=native))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (fp32) of final-norm hidden states `h` [..., dim]: training scores only the rows it
@@ -91,6 +94,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         segments: torch.Tensor | None = None,
         recompute: bool = False,
+        native: NativeStack | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim] (T = 1 with `last_only`) that the output head reads;
         arguments as for `forward`. With `recompute` (training: gradient checkpointing), autograd keeps
@@ -107,14 +111,13 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
         if segments is not None and segments.shape != tokens.shape:
             raise ValueError(f"segments {tuple(segments.shape)} must match tokens {tuple(tokens.shape)}")
-        stack = native_stack(self, tokens, cache)
-        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments, flat=stack is not None)
+        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments, flat=native is not None)
         freqs_cis = rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
         if meta.view is not None:  # the native kernels' rotary: (cos, sin) pairs of each token [B * T, D / 2, 2]
             meta.rot = torch.view_as_real(freqs_cis.reshape(B * T, -1)).contiguous()
         h = self.tok_embeddings(tokens)
-        if stack is not None and meta.view is not None:
-            h = stack.forward(h, meta)
+        if native is not None and meta.view is not None:
+            h = native.forward(h, meta)
         else:
             for i, layer in enumerate(self.layers):
                 if recompute and torch.is_grad_enabled():

@@ -1,7 +1,8 @@
-"""The blocks of a decode step as one native call (kernels/decode.cpp), where the model allows it.
+"""The decode backend: the blocks of a step as one native call (kernels/decode.cpp), where the model
+allows it, else the model's Python blocks. Generation and the engine run their steps through `run_step`.
 
 Decoding a token of a small model is hundreds of tiny operations; through Python each costs more
-than its arithmetic. `Transformer.forward` hands a step to the native stack when it is an fp32 CPU
+than its arithmetic. `run_step` hands a step to the native stack when it is an fp32 CPU
 step of up to the small-batch limit of tokens (a decode step of B sequences, or a short prompt chunk
 whose tokens become rows) over a KV cache or a paged pool (float32, bfloat16, float16 or int8), of a
 dense model (projections fused as `load_model` leaves them, or side by side where a checkpoint keeps
@@ -13,25 +14,25 @@ the same logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .blocks import BLOCK_FORMATS, BlockLinear
 from .cache import KV_DTYPES, KVCache, PagedBatch, StepMeta
-from .kernels import qlinear
+from .kernels import DecodeStack, Kernels, Projection
+from .kernels.policy import kernel_policy
 from .layers import Block, FeedForward
+from .model import Transformer
 from .parallel.modules import SendAfter
-
-if TYPE_CHECKING:
-    from .model import Transformer
+from .quantize import Int4Linear, Int8Linear
 
 
 @dataclass
 class NativeStack:
     """The native stack of a model's blocks, and where a pipeline stage sends their output (None: nowhere)."""
 
-    blocks: Any  # the extension's DecodeStack
+    blocks: DecodeStack
     send: SendAfter | None
 
     def forward(self, h: torch.Tensor, meta: StepMeta) -> torch.Tensor:
@@ -48,25 +49,33 @@ class NativeStack:
         return h
 
 
+def run_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | PagedBatch,
+             rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    """The logits of one step over a cache, as `model(tokens, positions, cache, rows, last_only)` gives
+    them, through the native stack where this step allows it."""
+    return model(tokens, positions, cache=cache, rows=rows, last_only=last_only,
+                 native=native_stack(model, tokens, cache))
+
+
 def native_stack(model: Transformer, tokens: torch.Tensor, cache: KVCache | PagedBatch | None) -> NativeStack | None:
     """The model's native block stack if a step of `tokens` [B, T] over `cache` can use it, else None
-    (built on first use and rebuilt when a block's modules or weights have been replaced). Up to
-    SMALL_BATCH tokens in all: a decode step of B sequences, or a short prompt chunk, whose tokens the
-    stack takes as rows (with `step_meta(flat=True)`), so it runs without Python's per-operation cost."""
-    from . import quantize  # late: quantize imports the model module
-
+    (built on first use and rebuilt when a block's modules or weights have been replaced). Up to the
+    policy's small_batch tokens in all: a decode step of B sequences, or a short prompt chunk, whose
+    tokens the stack takes as rows (with `step_meta(flat=True)`), so it runs without Python's
+    per-operation cost."""
     if model.parallel is not None and model.parallel.config.tp > 1:
         return None  # a tensor-parallel share: its blocks end in collectives, which the native stack has not
-    if cache is None or tokens.numel() > quantize.SMALL_BATCH or torch.is_grad_enabled():
+    policy = kernel_policy()
+    if cache is None or tokens.numel() > policy.small_batch or torch.is_grad_enabled():
         return None
     store = cache.pool.k if isinstance(cache, PagedBatch) else cache.k
     if model.dtype != torch.float32 or model.device.type != "cpu" or store.dtype not in KV_DTYPES \
-            or store.device.type != "cpu" or qlinear() is None:
+            or store.device.type != "cpu" or policy.kernels is None:
         return None
     key = _weights_key(model)
     built = model.__dict__.get("_native_stack")
     if built is None or built[0] != key:
-        blocks = _build(model)
+        blocks = _build(model, policy.kernels)
         last = model.layers[-1]
         built = (key, None if blocks is None else NativeStack(blocks, last if isinstance(last, SendAfter) else None))
         model.__dict__["_native_stack"] = built
@@ -97,10 +106,7 @@ def _blocks(model: Transformer) -> list[Block]:
     return [layer.block if isinstance(layer, SendAfter) else layer for layer in model.layers]  # type: ignore[misc]
 
 
-def _build(model: Transformer) -> Any | None:
-    ext = qlinear()
-    if ext is None:
-        return None
+def _build(model: Transformer, ext: Kernels) -> DecodeStack | None:
     args = model.args
     stack = ext.DecodeStack(args.norm_eps, args.n_heads, args.n_kv_heads)
     for layer in _blocks(model):
@@ -114,19 +120,18 @@ def _build(model: Transformer) -> Any | None:
         qkv: nn.Module | list[nn.Module] = a.wqkv if a.wqkv is not None else [a.wq, a.wk, a.wv]
         w13: nn.Module | list[nn.Module] = f.w13 if f.w13 is not None else [f.w1, f.w3]
         projections = [_projection(ext, m) for m in (qkv, a.wo, w13, f.w2)]
-        if any(p is None for p in projections):
+        if None in projections:
             return None
-        stack.add_block(*(n.detach() for n in norms), *projections)
+        wqkv, wo, w13p, w2 = (p for p in projections if p is not None)
+        stack.add_block(norms[0].detach(), norms[1].detach(), wqkv, wo, w13p, w2)
     return stack
 
 
-def _projection(ext: Any, module: nn.Module | list[nn.Module]) -> Any | None:
-    from .blocks import BLOCK_FORMATS, BlockLinear
-    from .quantize import Int4Linear, Int8Linear
-
+def _projection(ext: Kernels, module: nn.Module | list[nn.Module]) -> Projection | None:
     if isinstance(module, list):
         parts = [_projection(ext, m) for m in module]
-        return None if any(p is None for p in parts) else ext.Projection.side_by_side(parts)
+        whole = [p for p in parts if p is not None]
+        return ext.Projection.side_by_side(whole) if len(whole) == len(parts) else None
     if isinstance(module, BlockLinear):
         return ext.Projection(3, module.weight, torch.empty(0), BLOCK_FORMATS[module.kind])
     if isinstance(module, Int4Linear):

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import qlinear, weight_empty
+from .kernels import Kernels, qlinear, weight_empty
+from .kernels.policy import kernel_policy
 from .model import Transformer
 
 METHODS = ("int8", "int4", "int4_asym")
-# Up to this many rows of activations the fused kernel wins; beyond, dequantize and use a GEMM.
-SMALL_BATCH = 16
 # Rows quantized at a time: the float temporaries of quantizing stay small (a 7B embedding at once made
 # three 805 MB ones), and the results go straight into the memory the weights keep (`weight_empty`).
 QUANTIZE_ROWS = 1024
-# Output rows dequantized at a time for a GEMM (measured on the 1B shape, 512 rows: 1024 rows beat
-# dequantizing whole matrices by 10%; smaller tiles pay for more, smaller GEMMs).
-PREFILL_TILE = 1024
 
 
 @dataclass(frozen=True)
@@ -80,17 +75,13 @@ class QuantLinearBase(nn.Module):
         """The fp32 weight: of output `rows` only (a slice or index tensor) if given."""
         raise NotImplementedError
 
-    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+    def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    # Whether on AMX the kernel beats dequantize + GEMM at any number of rows: its AMX path decodes each
-    # block of 32 to bf16 once for all rows (kernels/amx.h; 2x faster than the GEMM for int4, and for
-    # Q4_K and Q6_K at 64 and 512 rows). Such a kernel takes rows of whole blocks of 32 only.
+    # Whether the kernel has an AMX path that decodes each block of 32 to bf16 once for all rows
+    # (kernels/amx.h; 2x faster than the GEMM for int4, and for Q4_K and Q6_K at 64 and 512 rows), so
+    # that on AMX it wins at any number of rows (`KernelPolicy.vector_wins`).
     amx_tiles = False
-
-    def _fused_wins(self, ext: Any, rows: int) -> bool:
-        """Whether the kernel beats dequantize + GEMM for this many rows of activations."""
-        return rows <= SMALL_BATCH or (self.amx_tiles and ext.isa() == "amx" and self.in_features % 32 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -99,8 +90,9 @@ class QuantLinearBase(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, in]
-        ext = qlinear() if flat.device.type == "cpu" else None
-        if ext is not None and self._fused_wins(ext, flat.shape[0]):
+        policy = kernel_policy()
+        ext = policy.kernels if flat.device.type == "cpu" else None
+        if ext is not None and policy.vector_wins(flat.shape[0], self.amx_tiles, self.in_features):
             y = self._fused(ext, flat.float().contiguous())
         elif ext is not None:
             y = self._tiled(flat.float())
@@ -109,23 +101,24 @@ class QuantLinearBase(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T dequantizing PREFILL_TILE output rows at a time: each tile is multiplied while it is
-        still in cache, instead of writing the whole float matrix to memory and reading it back. Where
-        the CPU multiplies bf16 much faster than fp32 (AMX, AVX512-BF16), tiles and activations are
-        rounded to bf16 for the product (accumulated in fp32), as weights that are already 8 or 4 bits
-        lose little more; elsewhere the product stays fp32."""
-        dtype = prefill_dtype()
+        """x @ W.T dequantizing the policy's prefill_tile output rows at a time: each tile is multiplied
+        while it is still in cache, instead of writing the whole float matrix to memory and reading it
+        back. Where the CPU multiplies bf16 much faster than fp32 (AMX, AVX512-BF16), tiles and
+        activations are rounded to bf16 for the product (accumulated in fp32), as weights that are
+        already 8 or 4 bits lose little more; elsewhere the product stays fp32."""
+        policy = kernel_policy()
+        dtype, tile = policy.prefill_dtype, policy.prefill_tile
         out = torch.empty(self.out_features, x.shape[0], dtype=dtype)  # [out, M]: tiles fill rows
         xt = x.t().to(dtype)
-        for r0 in range(0, self.out_features, PREFILL_TILE):
-            r1 = min(r0 + PREFILL_TILE, self.out_features)
+        for r0 in range(0, self.out_features, tile):
+            r1 = min(r0 + tile, self.out_features)
             torch.mm(self.dequantize(slice(r0, r1)).to(dtype), xt, out=out[r0:r1])
         return torch.empty(x.shape[0], self.out_features).copy_(out.t())  # [M, out] fp32, contiguous
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):
     """y = x @ W.T through a frozen quantized W: the backward passes grad_x = grad_y @ W, dequantizing
-    PREFILL_TILE rows of W at a time, so no float copy of the weight outlives one tile (W gets no grad)."""
+    the policy's prefill_tile rows of W at a time, so no float copy of the weight outlives one tile (W gets no grad)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: QuantLinearBase) -> torch.Tensor:
@@ -138,20 +131,11 @@ class _FrozenQuantMatmul(torch.autograd.Function):
         layer: QuantLinearBase = ctx.layer
         gy = grad_y.reshape(-1, layer.out_features).float()  # [M, out]
         gx = torch.zeros(gy.shape[0], layer.in_features, dtype=torch.float32, device=gy.device)  # [M, in]
-        for r0 in range(0, layer.out_features, PREFILL_TILE):
-            r1 = min(r0 + PREFILL_TILE, layer.out_features)
+        tile = kernel_policy().prefill_tile
+        for r0 in range(0, layer.out_features, tile):
+            r1 = min(r0 + tile, layer.out_features)
             gx.addmm_(gy[:, r0:r1], layer.dequantize(slice(r0, r1)).to(gy.device))
         return gx.to(ctx.x_dtype).view(*grad_y.shape[:-1], layer.in_features), None
-
-
-@functools.lru_cache(maxsize=1)
-def prefill_dtype() -> torch.dtype:
-    """bf16 where the CPU multiplies bf16 in hardware (AMX-BF16 tiles or AVX512-BF16 dot products), else
-    fp32: read from the CPU's features, so the choice never varies with machine noise. On this project's
-    AMX Xeon bf16 products measured 6x faster than fp32; on CPUs without bf16 arithmetic they are
-    several times slower."""
-    ext = qlinear()
-    return torch.bfloat16 if ext is not None and ext.has_bf16() else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ int8
@@ -196,7 +180,7 @@ class Int8Linear(QuantLinearBase):
     def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         return dequantize_int8(self.weight[rows], self.scale[rows])
 
-    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+    def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.int8_linear(flat, self.weight, self.scale)
 
 
@@ -297,7 +281,7 @@ class Int4Linear(QuantLinearBase):
             return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size)
         return dequantize_int4(self.weight[rows], self.scale[rows], mins)
 
-    def _fused(self, ext: Any, flat: torch.Tensor) -> torch.Tensor:
+    def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
 
 

@@ -18,6 +18,7 @@ import torch
 from ..cache import PagedKVCache
 from ..model import Transformer
 from ..multi_lora import AdapterRows
+from ..native_decode import run_step
 from .scheduler import Plan, Sequence
 
 
@@ -83,7 +84,7 @@ class Runner:
         if self.adapters is not None:
             self.adapters.index = torch.tensor(f.adapters, device=device)
         batch = self.pool.batch(f.tables, f.first_blocks)
-        return self.model(tokens, positions, cache=batch, last_only=last_only)
+        return run_step(self.model, tokens, positions, batch, last_only=last_only)
 
     def execute(self, plan: Plan, inputs: StepInputs | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
         """The sequences that produced next-token logits this step (a prompt's last chunk, every decode)

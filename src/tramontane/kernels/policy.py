@@ -1,0 +1,56 @@
+"""Which kernel runs what: decided once per process, from the CPU's features, never from timings.
+
+Quantized and fp32 layers, and the native decode stack, ask the one `KernelPolicy` instead of each
+deciding for itself: up to `small_batch` rows of activations (decode) the vector kernels win; beyond,
+weights are dequantized `prefill_tile` output rows at a time and multiplied in `prefill_dtype`, bf16
+where the CPU multiplies bf16 in hardware (AMX-BF16, AVX512-BF16), else fp32. The instruction set is
+the kernels' own choice (the best the CPU has, `Kernels.isa()`), which tests lower with `set_isa`.
+
+Example:
+    >>> p = kernel_policy()
+    >>> p.prefill_dtype, p.vector_wins(rows=4, amx_tiles=False, in_features=4096)
+    (torch.bfloat16, True)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import Kernels, qlinear
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    kernels: Kernels | None  # the compiled kernels; None: plain PyTorch everywhere
+    # Up to this many rows of activations the kernels win; beyond, dequantize and use a GEMM.
+    small_batch: int = 16
+    # Output rows dequantized at a time for a GEMM (measured on the 1B shape, 512 rows: 1024 rows beat
+    # dequantizing whole matrices by 10%; smaller tiles pay for more, smaller GEMMs).
+    prefill_tile: int = 1024
+    # The GEMM's operands: on this project's AMX Xeon bf16 products measured 6x faster than fp32; on
+    # CPUs without bf16 arithmetic they are several times slower.
+    prefill_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def detect(cls) -> KernelPolicy:
+        kernels = qlinear()
+        fast_bf16 = kernels is not None and kernels.has_bf16()
+        return cls(kernels, prefill_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+
+    def vector_wins(self, rows: int, amx_tiles: bool, in_features: int) -> bool:
+        """Whether a quantized layer's kernel beats dequantize + GEMM for `rows` rows of activations: at
+        decode sizes always; at any size on AMX for a kernel whose AMX path decodes each block of 32 to
+        bf16 once for all rows (`amx_tiles`: int4, int8 and the GGUF block formats, 2x faster than the
+        GEMM), which takes rows of whole blocks of 32 only."""
+        if rows <= self.small_batch:
+            return True
+        return amx_tiles and in_features % 32 == 0 and self.kernels is not None and self.kernels.isa() == "amx"
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_policy() -> KernelPolicy:
+    """This process's policy (see the module's docstring)."""
+    return KernelPolicy.detect()
