@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
+from test_quantize import quantize_activations
 
 from tramontane import generate, load_model
 from tramontane.args import ModelArgs
@@ -41,14 +42,6 @@ def reference(kind: str, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf_dequantize(w.numpy(), GGMLQuantizationType[kind]).astype(np.float32))
 
 
-def quantized_x(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels see it: int8 in blocks of 32, scale max|x| / 127, rounded to nearest even."""
-    blocks = x.view(x.shape[0], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127.0)).view_as(x)
-
-
 def isas() -> list[str]:
     ext = qlinear()
     if ext is None:
@@ -76,12 +69,12 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
 
 def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """block_linear's product, checked against the dequantized weights times x as the kernels round them:
-    x to int8 in blocks of 32, or on AMX tiles (from block_amx_min_rows rows) x and the weights to bf16."""
+    x in two int8 parts per element (test_quantize.quantize_activations), or on AMX tiles (from block_amx_min_rows rows) x and the weights to bf16."""
     ext = qlinear()
     if ext.isa() == "amx" and x.shape[0] >= ext.block_amx_min_rows(BLOCK_FORMATS[kind]):
         want = x.bfloat16().double() @ reference(kind, w).bfloat16().double().T
     else:
-        want = quantized_x(x).double() @ reference(kind, w).double().T
+        want = quantize_activations(x).double() @ reference(kind, w).double().T
     got = ext.block_linear(x, w, BLOCK_FORMATS[kind])
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     return got

@@ -63,15 +63,12 @@ def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, isa):
     for batch in (PROMPTS[:1], PROMPTS):  # one row (PyTorch's matrix-vector path) and three
         steps = paired_steps(model, batch, 40)  # 40 steps: past the window of 32
         assert model.__dict__["_native_stack"][1] is not None, "the native stack was not used"
-        close = 0
+        # int4 splits activations into two int8 parts: a last-bit difference in a norm can carry one across a
+        # rounding boundary of its second part, a step of d / 256 (d = max|x| / 127 of its block of 32)
+        tol = 1e-4 if quantize in (None, "int8") else 2e-3
         for native, python, native_k, python_k in steps:
-            if quantize in (None, "int8"):
-                torch.testing.assert_close(native, python, atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(native_k, python_k, atol=1e-4, rtol=1e-4)
-            else:  # int4 rounds activations to int8: a last-bit difference in a norm can move one rounding
-                assert (native - python).abs().max() < 0.2 and (native_k - python_k).abs().max() < 0.2
-                close += bool(torch.allclose(native, python, atol=1e-4, rtol=1e-4))
-        assert quantize in (None, "int8") or close >= 0.9 * len(steps), f"{close} of {len(steps)} steps agree"
+            torch.testing.assert_close(native, python, atol=tol, rtol=1e-4)
+            torch.testing.assert_close(native_k, python_k, atol=tol, rtol=1e-4)
 
 
 def test_native_stack_follows_replaced_weights(tiny_hf):

@@ -119,14 +119,17 @@ def test_native_paged_decode_equals_torch_gather(tiny_hf, dtype, quantize, monke
     native, pool_n = paged_decode(model, dtype, True, monkeypatch)
     assert len(runs) == 2 + 6  # the two prompts (13 and 6 tokens, as rows) and the six decode steps
     torch_path, pool_t = paged_decode(model, dtype, False, monkeypatch)
-    torch.testing.assert_close(native, torch_path, atol=1e-4, rtol=1e-4)
+    # (int4: a last-bit difference can carry an activation across a rounding boundary of its second int8
+    # part, a step of d / 256; see test_native_decode)
+    torch.testing.assert_close(native, torch_path, atol=1e-4 if quantize is None else 2e-3, rtol=1e-4)
     # the kernel stores what `store` stores (int8, bf16, fp16: the same rounding, up to a last-bit
     # difference in the rotated key before it); other blocks are unused
     used = torch.tensor(TABLES[0] + TABLES[1])
+    key_tol = 1e-5 if quantize is None else 2e-3
     if dtype in (torch.bfloat16, torch.float16):
-        torch.testing.assert_close(pool_n.k[:, used], pool_t.k[:, used], atol=1e-5, rtol=torch.finfo(dtype).eps)
+        torch.testing.assert_close(pool_n.k[:, used], pool_t.k[:, used], atol=key_tol, rtol=torch.finfo(dtype).eps)
         return
-    assert (pool_n.k[:, used].float() - pool_t.k[:, used].float()).abs().max() <= (1 if dtype == torch.int8 else 1e-5)
+    assert (pool_n.k[:, used].float() - pool_t.k[:, used].float()).abs().max() <= (1 if dtype == torch.int8 else key_tol)
     if dtype == torch.int8:
         assert pool_n.k_scale is not None and pool_t.k_scale is not None
         torch.testing.assert_close(pool_n.k_scale[:, used], pool_t.k_scale[:, used])

@@ -82,10 +82,16 @@ def bf16_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the int4 kernel multiplies: x rounded to int8 in blocks of 32, scale max|x| / 127."""
+    """What the integer kernels (int4, GGUF block formats) multiply: per block of 32, step d = max|x| / 127,
+    inv = 127 / max|x|, x in two int8 parts, q = round(x inv) and r = round(256 fma(x, inv, -q)) (saturated),
+    x = d (q + r / 256). (The fma: x inv - q exact in float64, then rounded once to float32.)"""
     blocks = x.view(x.shape[0], -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(blocks / torch.where(d == 0, 1, d)) * d).view_as(x)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # 127 / max|x| rounded once, as the C++ divides (torch's scalar / tensor multiplies by a reciprocal)
+    inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    r = torch.round((blocks.double() * inv.double() - q.double()).float() * 256).clamp(-128, 127)
+    return ((q * 256 + r) * (amax / 127 / 256)).view_as(x)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -212,7 +218,7 @@ def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, t
             p.copy_(dequantize_int8(*quantize_int8(p)) if method == "int8"
                     else dequantize_int4(*quantize_int4(p, 32, method == "int4_asym")))
     x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(3))
-    # the kernels on: int8 multiplies fp32 activations, int4 rounds them to int8 first (as llama.cpp)
+    # the kernels on: int8 multiplies fp32 activations, int4 splits them into two int8 parts first
     short = x[:, :6]  # 12 rows: every quantized linear takes the small-batch kernel
     hooks = []
 
@@ -225,7 +231,10 @@ def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, t
                 hooks.append(m.register_forward_pre_hook(lambda _, args: rounded(args[0])))
         if sim.output is None:  # a tied head multiplies the final norm's output by the embeddings
             hooks.append(sim.norm.register_forward_hook(lambda _m, _a, out: rounded(out)))
-    torch.testing.assert_close(model(short), sim(short), atol=1e-4, rtol=1e-4)
+    # (int4: a last-bit difference upstream can carry an activation across a rounding boundary of its second
+    # part, a step of d / 256; each kernel alone matches the rounding to 1e-4 in test_int4_kernel_matches_reference)
+    tol = 1e-4 if method == "int8" else 1e-3
+    torch.testing.assert_close(model(short), sim(short), atol=tol, rtol=1e-4)
     for h in hooks:
         h.remove()
     # ... and off: dequantize-and-matmul is the fp32 model exactly, in a full forward and through the cache

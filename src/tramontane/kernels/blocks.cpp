@@ -12,10 +12,11 @@
 // with AVX2 instructions for the vector ones); the dot products, dequantization and dispatch are written
 // once over it (blocks_tiles.h, compiled once per instruction set).
 //
-// Products quantize each row of x to int8 in blocks of 32 (scale = max|x| / 127, as int4.cpp does),
-// then per 16 elements g: scale_g * scale_x * dot(code, x_q) + offset_g * scale_x * sum(x_q), the dot in
-// integers (VNNI's dpbusd multiplies unsigned codes by signed x without saturation; AVX2's maddubs
-// does for codes up to 6 bits, and takes wider ones as two nibbles). Values
+// Products split each row of x into two int8 parts per element in blocks of 32 (split_ref, common.h: x =
+// d (q + r / 256), d = max|x| / 127), then per 16 elements g: scale_g * d / 256 * ((dot(code, q) << 8) +
+// dot(code, r)) + offset_g * sum(x), the dots in integers (VNNI's dpbusd multiplies unsigned codes by
+// signed x without saturation; AVX2's maddubs does for codes up to 6 bits, and takes wider ones as two
+// nibbles). Values
 // dequantize exactly as gguf-py's reference does: each product scale * code is exact in fp32, so one
 // rounding remains, the same one.
 //
@@ -285,15 +286,17 @@ struct Q6_K {
 };
 
 // ---------------------------------------------------------------------------------------- activations
-// Rows of x as int8 in blocks of 32, with per 16 elements the block's scale and scale * sum(x_q).
+// Rows of x in two int8 parts per element (split_ref, common.h), with per 16 elements the block's d / 256
+// and x's sum as the parts hold it.
 struct Act {
-  torch::Tensor q, dx, xs;  // int8 [M, K]; float [M, K / 16] twice
+  torch::Tensor q, r, dx, xs;  // int8 [M, K] twice; float [M, K / 16] twice
   const int8_t* qp;
+  const int8_t* rp;
   const float* dxp;
   const float* xsp;
 };
 
-void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* dx, float* xs) {
+void quantize_row_ref(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
@@ -301,11 +304,11 @@ void quantize_row_ref(const float* x, int64_t K, int8_t* q, float* dx, float* xs
     for (int h = 0; h < 2; ++h) {
       int32_t total = 0;
       for (int i = 16 * h; i < 16 * h + 16; ++i) {
-        q[32 * b + i] = int8_t(std::nearbyint(x[32 * b + i] * inv));
-        total += q[32 * b + i];
+        split_ref(x[32 * b + i], inv, q[32 * b + i], r[32 * b + i]);
+        total += 256 * q[32 * b + i] + r[32 * b + i];
       }
-      dx[2 * b + h] = d;
-      xs[2 * b + h] = d * float(total);
+      dx[2 * b + h] = d / 256.f;
+      xs[2 * b + h] = d / 256.f * float(total);
     }
   }
 }
@@ -324,10 +327,11 @@ void rows_ref(const Act& a, int64_t M, int64_t K, const uint8_t* w, float* y, in
       for (int64_t i = 0; i < F::kUnit; ++i) codes[i] = uint8_t(F::code(unit, i));
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xq = a.qp + m * K + u * F::kUnit;
+        const int8_t* xr = a.rp + m * K + u * F::kUnit;
         const int64_t g0 = m * (K / 16) + u * (F::kUnit / 16);
         for (int64_t g = 0; g < F::kUnit / 16; ++g) {
           int32_t dot = 0;
-          for (int i = 0; i < 16; ++i) dot += int32_t(codes[16 * g + i]) * xq[16 * g + i];
+          for (int i = 0; i < 16; ++i) dot += int32_t(codes[16 * g + i]) * (256 * xq[16 * g + i] + xr[16 * g + i]);
           acc[m] += sc[g] * a.dxp[g0 + g] * float(dot) + off[g] * a.xsp[g0 + g];
         }
       }
@@ -356,19 +360,22 @@ void dequantize_rows_ref(const uint8_t* w, int64_t K, float* out, int64_t begin,
 Act quantize_act(const float* x, int64_t M, int64_t K) {
   Act a;
   a.q = torch::empty({M, K}, torch::kInt8);
+  a.r = torch::empty({M, K}, torch::kInt8);
   a.dx = torch::empty({M, K / 16}, torch::kFloat32);
   a.xs = torch::empty({M, K / 16}, torch::kFloat32);
   int8_t* q = a.q.data_ptr<int8_t>();
+  int8_t* r = a.r.data_ptr<int8_t>();
   float* dx = a.dx.data_ptr<float>();
   float* xs = a.xs.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    int8_t* qm = q + m * K;
+    int8_t *qm = q + m * K, *rm = r + m * K;
     float *dxm = dx + m * (K / 16), *xsm = xs + m * (K / 16);
-    BY_ISA(quantize_row(xm, K, qm, dxm, xsm), continue);
-    quantize_row_ref(xm, K, qm, dxm, xsm);
+    BY_ISA(quantize_row(xm, K, qm, rm, dxm, xsm), continue);
+    quantize_row_ref(xm, K, qm, rm, dxm, xsm);
   }
   a.qp = q;
+  a.rp = r;
   a.dxp = dx;
   a.xsp = xs;
   return a;

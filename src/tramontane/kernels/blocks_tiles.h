@@ -1,9 +1,9 @@
 // The GGUF block formats' vector kernels (blocks.cpp), written once over the vector width V: per_isa.h
 // compiles this file once per instruction set. Includes nothing: blocks.cpp has what it needs in scope.
 
-// One row of x as int8 in blocks of 32 (scale max|x| / 127, rounded to nearest even as quantize_row_ref
-// rounds), with per 16 elements the block's scale and scale * sum(x_q).
-inline void quantize_row(const float* x, int64_t K, int8_t* q, float* dx, float* xs) {
+// One row of x in two int8 parts per element (split_ref in common.h, rounded alike), with per 16
+// elements the block's d / 256 and x's sum as the parts hold it.
+inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
     typename V::F m = V::zero();
     for (int i = 0; i < 32; i += V::kLanes) m = V::abs_max(m, V::load(x + 32 * b + i));
@@ -11,12 +11,15 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* dx, float*
     for (int h = 0; h < 2; ++h) {
       int32_t total = 0;
       for (int i = 16 * h; i < 16 * h + 16; i += V::kLanes) {
-        const typename V::I v = V::round(V::mul(V::load(x + 32 * b + i), V::set1(inv)));
-        V::store_int8(q + 32 * b + i, v);
-        total += V::sum(v);
+        const typename V::F xv = V::load(x + 32 * b + i), iv = V::set1(inv);
+        const typename V::I whole = V::round(V::mul(xv, iv));
+        const typename V::I rest = V::clamp_int8(V::round(V::mul(V::fmsub(xv, iv, V::to_float(whole)), V::set1(256.f))));
+        V::store_int8(q + 32 * b + i, whole);
+        V::store_int8(r + 32 * b + i, rest);
+        total += 256 * V::sum(whole) + V::sum(rest);
       }
-      dx[2 * b + h] = d;
-      xs[2 * b + h] = d * float(total);
+      dx[2 * b + h] = d / 256.f;
+      xs[2 * b + h] = d / 256.f * float(total);
     }
   }
 }
@@ -55,9 +58,11 @@ inline void block_tile(Fm, const Act& a, int64_t K, const uint8_t* w, float* y, 
       typename V::I codes[R];
       for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, c % kChunks);
       for (int t = 0; t < T; ++t) {
-        const typename V::I xv = V::loadi(a.qp + (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes);
+        const int64_t at = (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes;
+        const typename V::I xq = V::loadi(a.qp + at), xr = V::loadi(a.rp + at);
         for (int r = 0; r < R; ++r) {
-          const typename V::I dot = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xv);
+          const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
+          const typename V::I dot = V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr);
           acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
         }
       }

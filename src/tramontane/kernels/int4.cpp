@@ -6,36 +6,40 @@
 // per group q * scale[g] + min[g] (Q4_1), float16 scale and min per group g of `group` elements (a
 // multiple of 32).
 //
-// Each call first quantizes the rows of x to int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp
-// does for its Q4_0 x Q8_0 dot products). An output is then the sum over blocks of
-// scale_w * scale_x * dot(q - 8, x_q), the dot in integer arithmetic: VNNI's dpbusd (u8 x s8 -> s32)
-// on AVX-512 and AVX-VNNI, maddubs + madd on AVX2 (int4_tiles.h, written once over the vector width). The -8 is folded in by starting each integer sum at
-// -8 * sum(x_q) (`bias`, precomputed with the quantized activations); a minimum adds
-// min * scale_x * sum(x_q) per block, sixteen blocks per vector multiply-add. Weight bytes are widened
-// to nibbles once per tile and reused for every row of x.
+// Each call first splits the rows of x into two int8 parts per element in blocks of 32 (split_ref,
+// common.h: x = d (q + r / 256), d = max|x| / 127; llama.cpp's Q8_0 activations are q alone). An output
+// is then the sum over blocks of scale_w * d / 256 * ((dot(c - 8, q) << 8) + dot(c - 8, r)), the dots in
+// integer arithmetic: VNNI's dpbusd (u8 x s8 -> s32) on AVX-512 and AVX-VNNI, maddubs + madd on AVX2
+// (int4_tiles.h, written once over the vector width). The -8 is folded in by starting the second dot at
+// -8 * (256 q + r) summed (`bias`, precomputed with the activations); a minimum adds min * sum(x) per
+// block, sixteen blocks per vector multiply-add. Weight bytes are widened to nibbles once per tile and
+// reused for every row of x.
 
 #include "simd.h"
 
 namespace {
 
-// Activations quantized for one call, laid out for the vector width in use (int4_quantize_row).
+// Activations for one call in two int8 parts per element (split_ref, common.h), laid out for the vector
+// width in use (int4_quantize_row).
 struct QuantizedX {
-  torch::Tensor q;      // int8 [M, K]
-  torch::Tensor scale;  // float [M, K / 32]
-  torch::Tensor bias;   // int32 [M, K / 4]: -8 times the sum of each 4 consecutive bytes of q
-  torch::Tensor sum;    // float [M, K / 32]: scale * sum of q, per block (for a minimum's term)
+  torch::Tensor q, r;   // int8 [M, K]: the parts
+  torch::Tensor scale;  // float [M, K / 32]: d / 256 per block
+  torch::Tensor bias;   // int32 [M, K / 4]: -8 times 256 q + r summed over each 4 consecutive elements
+  torch::Tensor sum;    // float [M, K / 32]: x's sum per block as the parts hold it (for a minimum's term)
   const int8_t* qp;
+  const int8_t* rp;
   const float* sp;
   const int32_t* bp;
   const float* sum_p;
 };
 
 // The dot of one block's 32 codes (16 bytes, element i in the low nibble of byte i and i + 16 in its
-// high one), less `offset`, with 32 int8 of x in natural order.
-inline int32_t int4_block_dot(const uint8_t* row, const int8_t* xq, int32_t offset) {
+// high one), less `offset`, with 32 elements of x in two int8 parts (256 q + r), in natural order.
+inline int32_t int4_block_dot(const uint8_t* row, const int8_t* xq, const int8_t* xr, int32_t offset) {
   int32_t dot = 0;
   for (int i = 0; i < 16; ++i)
-    dot += (int32_t(row[i] & 15) - offset) * xq[i] + (int32_t(row[i] >> 4) - offset) * xq[i + 16];
+    dot += (int32_t(row[i] & 15) - offset) * (256 * xq[i] + xr[i]) +
+           (int32_t(row[i] >> 4) - offset) * (256 * xq[i + 16] + xr[i + 16]);
   return dot;
 }
 
@@ -46,17 +50,19 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / 32;
   QuantizedX out;
   out.q = torch::empty({M, K}, torch::kInt8);
+  out.r = torch::empty({M, K}, torch::kInt8);
   out.scale = torch::empty({M, nb}, torch::kFloat32);
   out.bias = torch::empty({M, K / 4}, torch::kInt32);
   out.sum = torch::empty({M, nb}, torch::kFloat32);
   int8_t* q = out.q.data_ptr<int8_t>();
+  int8_t* r = out.r.data_ptr<int8_t>();
   float* s = out.scale.data_ptr<float>();
   int32_t* bias = out.bias.data_ptr<int32_t>();
   float* sums = out.sum.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    int8_t* qm = q + m * K;
-    BY_ISA(int4_quantize_row(xm, K, qm, s + m * nb, bias + m * (K / 4), sums + m * nb), continue);
+    int8_t *qm = q + m * K, *rm = r + m * K;
+    BY_ISA(int4_quantize_row(xm, K, qm, rm, s + m * nb, bias + m * (K / 4), sums + m * nb), continue);
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = xm + b * 32;
       float amax = 0.f;
@@ -64,14 +70,15 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t total = 0;
       for (int i = 0; i < 32; ++i) {
-        qm[b * 32 + i] = int8_t(std::nearbyint(xb[i] * inv));
-        total += qm[b * 32 + i];
+        split_ref(xb[i], inv, qm[b * 32 + i], rm[b * 32 + i]);
+        total += 256 * qm[b * 32 + i] + rm[b * 32 + i];
       }
-      s[m * nb + b] = d;
-      sums[m * nb + b] = d * float(total);
+      s[m * nb + b] = d / 256.f;
+      sums[m * nb + b] = d / 256.f * float(total);
     }
   }
   out.qp = q;
+  out.rp = r;
   out.sp = s;
   out.bp = bias;
   out.sum_p = sums;
@@ -88,10 +95,10 @@ void int4_rows_ref(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w,
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = w + o * (K / 2);
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xq = qx.qp + m * K;
+      const int8_t *xq = qx.qp + m * K, *xr = qx.rp + m * K;
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int32_t dot = int4_block_dot(row + b * 16, xq + b * 32, offset);
+        const int32_t dot = int4_block_dot(row + b * 16, xq + b * 32, xr + b * 32, offset);
         const int64_t g = o * groups + b * 32 / group;
         acc += float(dot) * half_to_float(wscale[g]) * qx.sp[m * nb + b];
         if (wmin) acc += half_to_float(wmin[g]) * qx.sum_p[m * nb + b];

@@ -5,10 +5,10 @@
 // nibbles [low nibbles, high nibbles], so x is stored in that order (QuantizedX), and each dot lane
 // covers 4 elements of one block (V::by_block spreads the blocks' factors to their lanes).
 
-// One row of x: int8 in blocks of 32 (scale max|x| / 127, rounded to nearest even as the portable loop
-// rounds), laid out by groups of V::kInt4Blocks blocks as the nibbles come; the blocks after the last
-// whole group in natural order.
-inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, float* s, int32_t* bias, float* sums) {
+// One row of x in two int8 parts per element (split_ref in common.h, rounded alike), laid out by groups of
+// V::kInt4Blocks blocks as the nibbles come; the blocks after the last whole group in natural order.
+inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* s, int32_t* bias,
+                              float* sums) {
   constexpr int64_t G = V::kInt4Blocks;
   const int64_t nb = K / 32, grouped = nb / G * G;
   for (int64_t b = 0; b < nb; ++b) {
@@ -17,21 +17,29 @@ inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, float* s, in
     const float amax = V::max(m), d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t total = 0;
     for (int i = 0; i < 32; i += V::kLanes) {
-      const typename V::I v = V::round(V::mul(V::load(x + 32 * b + i), V::set1(inv)));
+      const typename V::F xv = V::load(x + 32 * b + i), iv = V::set1(inv);
+      const typename V::I whole = V::round(V::mul(xv, iv));
+      const typename V::I rest = V::clamp_int8(V::round(V::mul(V::fmsub(xv, iv, V::to_float(whole)), V::set1(256.f))));
       // element i of block b: half i / 16 of the group's halves, block b % G among them
       const int64_t at = b < grouped ? b / G * 32 * G + i / 16 * 16 * G + b % G * 16 + i % 16 : 32 * b + i;
-      V::store_int8(q + at, v);
-      total += V::sum(v);
+      V::store_int8(q + at, whole);
+      V::store_int8(r + at, rest);
+      total += 256 * V::sum(whole) + V::sum(rest);
     }
-    s[b] = d;
-    sums[b] = d * float(total);
+    s[b] = d / 256.f;
+    sums[b] = d / 256.f * float(total);
   }
-  for (int64_t j = 0; j < K / 4; ++j) bias[j] = -8 * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+  for (int64_t j = 0; j < K / 4; ++j) {
+    int32_t four = 0;
+    for (int64_t i = 4 * j; i < 4 * j + 4; ++i) four += 256 * q[i] + r[i];
+    bias[j] = -8 * four;
+  }
 }
 
 // A tile of R weight rows x T rows of x. Per chunk of 16 blocks: each row's scales times x's, and the
-// minimums' terms (min * scale_x * sum(x_q)) straight into the accumulators. Per step: the weight bytes
-// widened once and used for every row of x; the -8 of symmetric codes is in each dot's starting value.
+// minimums' terms (min * sum(x)) straight into the accumulators. Per step: the weight bytes widened once
+// and used for every row of x, their dot with x's first part shifted by 8 bits and continued with the
+// second; the -8 of symmetric codes is in the second dot's starting value.
 template <int R, int T>
 inline void int4_tile(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale, const uint16_t* wmin,
                       int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
@@ -65,10 +73,11 @@ inline void int4_tile(const QuantizedX& qx, int64_t K, const uint8_t* w, const u
       typename V::I wv[R];
       for (int r = 0; r < R; ++r) wv[r] = V::int4_nibbles(w + (o + r) * row_bytes + b * 16);
       for (int t = 0; t < T; ++t) {
-        const typename V::I xv = V::loadi(qx.qp + (m0 + t) * K + b * 32);
+        const typename V::I xq = V::loadi(qx.qp + (m0 + t) * K + b * 32), xr = V::loadi(qx.rp + (m0 + t) * K + b * 32);
         const typename V::I bv = wmin ? V::zero_int() : V::loadi(qx.bp + (m0 + t) * (K / 4) + b * 8);
         for (int r = 0; r < R; ++r) {
-          const typename V::I d = V::template dot<4>(bv, wv[r], xv);
+          const typename V::I whole = V::template dot<4>(V::zero_int(), wv[r], xq);
+          const typename V::I d = V::template dot<4>(V::add(V::times256(whole), bv), wv[r], xr);
           acc[r][t] = V::fmadd(V::to_float(d), V::by_block(&cs[r][t][b - c0]), acc[r][t]);
         }
       }
@@ -77,7 +86,7 @@ inline void int4_tile(const QuantizedX& qx, int64_t K, const uint8_t* w, const u
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t)
           lone[r][t] += float(int4_block_dot(w + (o + r) * row_bytes + b * 16, qx.qp + (m0 + t) * K + b * 32,
-                                             wmin ? 0 : 8)) * cs[r][t][b - c0];
+                                             qx.rp + (m0 + t) * K + b * 32, wmin ? 0 : 8)) * cs[r][t][b - c0];
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]) + lone[r][t];

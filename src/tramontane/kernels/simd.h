@@ -43,6 +43,7 @@ struct V512 {
   }
   T512OPS VEC_INLINE static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   T512OPS VEC_INLINE static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  T512OPS VEC_INLINE static F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }  // a b - c, one rounding
   T512OPS VEC_INLINE static F abs_max(F m, F v) { return _mm512_max_ps(m, _mm512_andnot_ps(_mm512_set1_ps(-0.f), v)); }
   T512OPS VEC_INLINE static float sum(F v) { return _mm512_reduce_add_ps(v); }
   T512OPS VEC_INLINE static float max(F v) { return _mm512_reduce_max_ps(v); }
@@ -57,6 +58,11 @@ struct V512 {
   }
 
   T512OPS VEC_INLINE static I zero_int() { return _mm512_setzero_si512(); }
+  T512OPS VEC_INLINE static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  T512OPS VEC_INLINE static I times256(I a) { return _mm512_slli_epi32(a, 8); }
+  T512OPS VEC_INLINE static I clamp_int8(I a) {
+    return _mm512_min_epi32(_mm512_max_epi32(a, _mm512_set1_epi32(-128)), _mm512_set1_epi32(127));
+  }
   T512OPS VEC_INLINE static I loadi(const void* p) { return _mm512_loadu_si512(p); }
   T512OPS VEC_INLINE static void storei(void* p, I v) { _mm512_storeu_si512(p, v); }
   T512OPS VEC_INLINE static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
@@ -120,6 +126,7 @@ struct V256Base {
   T256OPS VEC_INLINE static F of16(const __m256 h[2], int i) { return h[i]; }
   T256OPS VEC_INLINE static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   T256OPS VEC_INLINE static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  T256OPS VEC_INLINE static F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }
   T256OPS VEC_INLINE static F abs_max(F m, F v) { return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)); }
   T256OPS VEC_INLINE static float sum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -142,6 +149,11 @@ struct V256Base {
   }
 
   T256OPS VEC_INLINE static I zero_int() { return _mm256_setzero_si256(); }
+  T256OPS VEC_INLINE static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  T256OPS VEC_INLINE static I times256(I a) { return _mm256_slli_epi32(a, 8); }
+  T256OPS VEC_INLINE static I clamp_int8(I a) {
+    return _mm256_min_epi32(_mm256_max_epi32(a, _mm256_set1_epi32(-128)), _mm256_set1_epi32(127));
+  }
   T256OPS VEC_INLINE static I loadi(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
   T256OPS VEC_INLINE static void storei(void* p, I v) { _mm256_storeu_si256((__m256i*)p, v); }
   T256OPS VEC_INLINE static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
