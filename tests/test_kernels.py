@@ -32,3 +32,11 @@ def test_every_listed_instruction_set_can_be_switched_to_and_others_cannot():
             ext.set_isa("sse9")
     finally:
         ext.set_isa(best)
+
+
+def test_the_build_digest_covers_every_kernel_file():
+    """A changed header must change the digest, or an installed build of stale sources would be used."""
+    from tramontane.kernels.sources import HEADERS, HERE, SOURCES
+
+    on_disk = {p.name for p in HERE.iterdir() if p.suffix in (".cpp", ".h")}
+    assert on_disk == {p.name for p in SOURCES + HEADERS}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from torch import nn
 
 from .args import ModelArgs, MoeArgs
 from .cache import KV_DTYPES, StepMeta
-from .kernels import qlinear
+from .kernels import Kernels, qlinear
 from .rope import apply_rotary
 
 
@@ -51,7 +50,7 @@ class Attention(nn.Module):
         if self.wqkv is not None and (fast := decode_kernels(x, meta)) is not None:
             # one call: rotary, cache write and attention for this token of every sequence
             view = meta.view
-            assert view is not None  # decode_kernels checked
+            assert view is not None and meta.rot is not None  # decode_kernels checked both
             out = fast.decode_attention(self.wqkv(x).view(B, -1), meta.rot, *view.layer(layer), view.tables,
                                         view.key_pos, view.write, meta.positions.view(-1), view.window,
                                         view.scan, H, KV)
@@ -69,7 +68,7 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def decode_kernels(x: torch.Tensor, meta: StepMeta) -> Any:
+def decode_kernels(x: torch.Tensor, meta: StepMeta) -> Kernels | None:
     """The native kernels when this step can use them: an fp32 CPU decode step over a cache or pool of a
     KV dtype (the fused decode attention here, the whole native stack in `native_decode`); else None."""
     if not meta.decode or x.dtype != torch.float32 or x.device.type != "cpu" or meta.rot is None:

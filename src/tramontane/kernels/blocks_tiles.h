@@ -13,7 +13,8 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float*
       for (int i = 16 * h; i < 16 * h + 16; i += V::kLanes) {
         const typename V::F xv = V::load(x + 32 * b + i), iv = V::set1(inv);
         const typename V::I whole = V::round(V::mul(xv, iv));
-        const typename V::I rest = V::clamp_int8(V::round(V::mul(V::fmsub(xv, iv, V::to_float(whole)), V::set1(256.f))));
+        const typename V::F frac = V::fmsub(xv, iv, V::to_float(whole));  // x inv - q, one rounding
+        const typename V::I rest = V::clamp_int8(V::round(V::mul(frac, V::set1(256.f))));
         V::store_int8(q + 32 * b + i, whole);
         V::store_int8(r + 32 * b + i, rest);
         total += 256 * V::sum(whole) + V::sum(rest);

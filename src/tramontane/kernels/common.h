@@ -134,7 +134,9 @@ T256 inline void block_halves(const uint16_t* row, int64_t b, int64_t n, int64_t
       const int64_t count = n - 8 * i;
       alignas(16) uint16_t h[8] = {};
       if (count > 0 && count < 8) std::memcpy(h, row + b + 8 * i, count * 2);
-      out[i] = _mm256_cvtph_ps(count >= 8 ? _mm_loadu_si128((const __m128i*)(row + b + 8 * i)) : _mm_load_si128((const __m128i*)h));
+      const __m128i* from = count >= 8 ? (const __m128i*)(row + b + 8 * i) : (const __m128i*)h;
+      const __m128i v = _mm_loadu_si128(from);
+      out[i] = _mm256_cvtph_ps(v);
     }
     return;
   }

@@ -19,7 +19,8 @@ inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, f
     for (int i = 0; i < 32; i += V::kLanes) {
       const typename V::F xv = V::load(x + 32 * b + i), iv = V::set1(inv);
       const typename V::I whole = V::round(V::mul(xv, iv));
-      const typename V::I rest = V::clamp_int8(V::round(V::mul(V::fmsub(xv, iv, V::to_float(whole)), V::set1(256.f))));
+      const typename V::F frac = V::fmsub(xv, iv, V::to_float(whole));  // x inv - q, one rounding
+      const typename V::I rest = V::clamp_int8(V::round(V::mul(frac, V::set1(256.f))));
       // element i of block b: half i / 16 of the group's halves, block b % G among them
       const int64_t at = b < grouped ? b / G * 32 * G + i / 16 * 16 * G + b % G * 16 + i % 16 : 32 * b + i;
       V::store_int8(q + at, whole);

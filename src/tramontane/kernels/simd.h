@@ -1,12 +1,13 @@
 // The vector widths the kernels are written over, so that a tile is written once (ggml-cpu's
 // simd-mappings.h and Highway's per-target namespaces, done with C++ types).
 //
-// V512 (AVX-512 F/BW/VL/DQ with VNNI) and V256Vnni / V256Madd (AVX2, FMA, F16C; with AVX-VNNI or without)
-// give the same
-// operations on their own registers: kLanes floats or int32 sums, kBytes int8 or uint8 elements. A tile
-// header (blocks_tiles.h, int4_tiles.h, dense_tiles.h) uses `V::` only, and per_isa.h compiles it once
-// per instruction set, each copy in its own namespace under its own target, so no code compiled for one
-// instruction set can run on a CPU that has only another.
+// V512 (AVX-512 F/BW/VL/DQ with VNNI) and V256Vnni / V256Madd (AVX2, FMA, F16C; with AVX-VNNI or
+// without) give the same operations on their own registers: kLanes floats or int32 sums, kBytes int8 or
+// uint8 elements. A tile header (blocks_tiles.h, int4_tiles.h, dense_tiles.h) uses `V::` only, and
+// per_isa.h compiles it once per instruction set, each copy in its own namespace under its own target,
+// so no code compiled for one instruction set can run on a CPU that has only another. (The per-target
+// regions are GCC pragmas: a compiler without them, clang for one, fails to build the kernels, and the
+// layers then fall back to PyTorch with a warning.)
 #pragma once
 
 #include "common.h"
@@ -35,7 +36,8 @@ struct V512 {
   T512OPS VEC_INLINE static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   // lanes [0, n) from p, the others zero (nothing read past p + n)
   T512OPS VEC_INLINE static F load_partial(const float* p, int64_t n) {
-    return n >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(__mmask16((1u << std::max<int64_t>(n, 0)) - 1), p);
+    if (n >= kLanes) return _mm512_loadu_ps(p);
+    return _mm512_maskz_loadu_ps(__mmask16((1u << std::max<int64_t>(n, 0)) - 1), p);
   }
   // vector i of 16 floats held as two 256-bit halves (the formats' scales come so)
   T512OPS VEC_INLINE static F of16(const __m256 h[2], int) {

@@ -1,0 +1,77 @@
+// What every GGUF block format (blocks.cpp) is and shares. A format is one small struct in its own header
+// (q8_0.h, q5.h, qk45.h, q6_k.h): kUnit elements in kBytes bytes, codes of kCodeBits bits; scales(u, sc,
+// off) fills kUnit / 16 entries; code(u, i) is element i's code. For the vector kernels: codes32(u, j), elements
+// [32j, 32j + 32) of the unit as bytes, and scales16(u, n, sc, off), the scales and offsets of n units
+// (256 elements at most), 16 of each (zero past the units) in two registers of 8. Optionally codes64(u, j),
+// elements [64j, 64j + 64) with AVX-512 instructions, where that is faster than two codes32: the
+// AVX-512 kernels then use it.
+// A new format: a header with its struct, its ggml type number in blocks.cpp's `with_format`, and its
+// rows in the tests (tests/test_blocks.py): the kernels, dequantization and dispatch are written once.
+#pragma once
+
+#include "common.h"
+
+namespace blockfmt {
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return float(c10::Half(h, c10::Half::from_bits()));
+}
+
+inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+
+#ifdef TRAMONTANE_X86
+// The float16 values at p, p + stride, ... (n <= 8 of them) as fp32, each twice (a block of 32 is two
+// groups of 16): lanes [2i, 2i + 1] of sc hold value i; lanes from 2n on are zero. One gather of 32-bit
+// words (each block has bytes to spare after its value, so none is read past the row), packed to 16 bits.
+T256 inline void halves_twice(const uint8_t* p, int64_t stride, int64_t n, __m256 sc[2]) {
+  const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)p, at, live, 1);
+  const __m256i low = _mm256_shuffle_epi8(  // each 128-bit lane's four low halves into its low 8 bytes
+      words, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1,
+                              -1, -1, -1, -1, -1, -1, -1));
+  const __m256 v = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(low, 0x08)));  // qwords 0, 2
+  sc[0] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  sc[1] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+}
+
+// dst = src * k, 16 floats in two registers each
+T256 inline void scaled16(const __m256 src[2], float k, __m256 dst[2]) {
+  dst[0] = _mm256_mul_ps(src[0], _mm256_set1_ps(k));
+  dst[1] = _mm256_mul_ps(src[1], _mm256_set1_ps(k));
+}
+
+// 32 bytes: 16 where bit i of the 32-bit word `bits` is set (byte i), else 0.
+T256 inline __m256i bit16(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i = byte i / 8 of bits
+      _mm256_set1_epi32(int(bits)), _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
+// Bytes of v shifted right by `shift` bits (within 16-bit lanes), masked to `mask`.
+T256 inline __m256i bits_of(__m256i v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(char(mask)));
+}
+
+T256 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// For a format's optional codes64 (AVX-512 only): the nibbles of v's bytes, 16-bit lanes shifted right
+// by `shifts` (0 or 4 each), then masked to 4 bits. With v loaded by broadcasts, this splits bytes into
+// low and high nibbles without port-5 shuffles.
+T512 inline __m512i nibbles(__m512i v, __m512i shifts) {
+  return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(15));
+}
+
+// Shift counts for `nibbles`: 4 in the 16-bit lanes set in `high`, 0 in the others.
+T512 inline __m512i shift_lanes(__mmask32 high) { return _mm512_maskz_set1_epi16(high, 4); }
+#endif
+
+}  // namespace blockfmt

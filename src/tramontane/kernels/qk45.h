@@ -1,0 +1,85 @@
+// Q4_K and Q5_K, a GGUF block format (the contract: block_format.h).
+#pragma once
+
+#include "block_format.h"
+
+namespace blockfmt {
+
+// The 6-bit scale and minimum of sub-block j (0..7) of a Q4_K / Q5_K super-block's 12 scale bytes.
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+
+// Q4_K / Q5_K: super-blocks of 256: float16 d and dmin, 12 bytes of 6-bit scales and minimums for 8
+// sub-blocks of 32, (Q5_K: 32 bytes of high bits,) 128 bytes of nibbles: bytes [32c, 32c + 32) hold
+// sub-block 2c in their low nibbles and 2c + 1 in their high ones. value = d * sc * q - dmin * m.
+template <bool kHigh>
+struct QK45 {
+  static constexpr int64_t kUnit = 256, kBytes = kHigh ? 176 : 144, kQs = kHigh ? 48 : 16, kCodeBits = kHigh ? 5 : 4;
+  static void scales(const uint8_t* u, float* sc, float* off) {
+    const float d = half_at(u), dmin = half_at(u + 2);
+    for (int j = 0; j < 8; ++j) {
+      int s, m;
+      scale_min_k4(j, u + 4, s, m);
+      sc[2 * j] = sc[2 * j + 1] = d * float(s);
+      off[2 * j] = off[2 * j + 1] = -(dmin * float(m));
+    }
+  }
+  static int code(const uint8_t* u, int64_t i) {
+    const int64_t c = i / 64, l = i % 32;
+    const bool hi = i % 64 >= 32;
+    const int nib = hi ? u[kQs + 32 * c + l] >> 4 : u[kQs + 32 * c + l] & 15;
+    if (!kHigh) return nib;
+    return nib | ((u[16 + l] >> (2 * c + hi)) & 1) << 4;
+  }
+#ifdef TRAMONTANE_X86
+  T256 static void scales16(const uint8_t* u, int64_t, __m256 sc[2], __m256 off[2]) {
+    // the 12 bytes as 8 scales then 8 minimums, a byte each (what scale_min_k4 reads, 4 at a time)
+    // (built in a register: four 32-bit stores read back as one load would stall it)
+    uint32_t q[3];
+    std::memcpy(q, u + 4, 12);
+    const __m128i v = _mm_setr_epi32(int(q[0] & 0x3f3f3f3f), int((q[2] & 0x0f0f0f0f) | (((q[0] >> 6) & 0x03030303) << 4)),
+                                     int(q[1] & 0x3f3f3f3f),
+                                     int(((q[2] >> 4) & 0x0f0f0f0f) | (((q[1] >> 6) & 0x03030303) << 4)));
+    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // a sub-block of 32: 2 groups
+    const float d = _cvtsh_ss(uint16_t(u[0] | u[1] << 8)), dmin = _cvtsh_ss(uint16_t(u[2] | u[3] << 8));
+    for (int half = 0; half < 2; ++half) {  // scales, then minimums
+      const __m128i bytes = _mm_shuffle_epi8(v, _mm_add_epi8(twice, _mm_set1_epi8(char(8 * half))));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+      __m256* dst = half ? off : sc;
+      const __m256 k = _mm256_set1_ps(half ? -dmin : d);
+      dst[0] = _mm256_mul_ps(lo, k);
+      dst[1] = _mm256_mul_ps(hi, k);
+    }
+  }
+  T256 static __m256i codes32(const uint8_t* u, int64_t j) {
+    // sub-block j: the low (j even) or high nibbles of bytes [32 (j / 2), + 32); Q5_K's fifth bit is bit
+    // j of byte l of the 32 high-bit bytes
+    const __m256i q = bits_of(load32(u + kQs + 32 * (j / 2)), 4 * int(j % 2), 15);
+    if (!kHigh) return q;
+    const __m256i bit = _mm256_set1_epi8(char(1 << j));
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(load32(u + 16), bit), bit);
+    return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+  }
+  T512 static __m512i codes64(const uint8_t* u, int64_t c) {
+    // the 32 bytes twice: low nibbles (sub-block 2c), then high ones (2c + 1)
+    const __m512i q = nibbles(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(u + kQs + 32 * c))),
+                              shift_lanes(0xFFFF0000));
+    if (!kHigh) return q;
+    // bit 2c of byte l is element l's fifth bit, bit 2c + 1 element 32 + l's
+    const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(u + 16)));
+    const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8(char(1 << (2 * c))), _mm256_set1_epi8(char(2 << (2 * c))), 1);
+    return _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(h, bit), q, _mm512_set1_epi8(16));
+  }
+#endif
+};
+
+}  // namespace blockfmt
