@@ -7,11 +7,10 @@
 // Each weight row is converted once and used for every row of x (batched decode), while it sits in L1.
 //
 // Paths: AVX-512 and AVX2 (chosen at run time; dense_tiles.h, written once over the vector width), and
-// portable C++ elsewhere. Threads split the output
-// rows through ATen's parallel_for, so the kernels share PyTorch's thread pool.
+// portable C++ elsewhere. Threads split the output rows through ATen's parallel_for, so the kernels share
+// PyTorch's thread pool.
 
 #include "simd.h"
-
 
 namespace {
 
