@@ -224,3 +224,24 @@ def test_mixed_file_saves_only_when_converted(mixed_file, tmp_path):
     save_model(load_model(mixed_file, dequantize=True), tmp_path / "b", to="native")
     with pytest.raises(ValueError, match="exclude"):
         load_model(mixed_file, quantize="int8", dequantize=True)
+
+
+def test_q4_projections_fuse_without_a_copy(smollm2_gguf_path, monkeypatch):
+    """The demo file keeps its projections in Q4_1: the loader reads q/k/v (and w1/w3) nibbles, scales and
+    minimums each into consecutive rows of one buffer, so fusing them allocates nothing, and the fused
+    layer holds the file's blocks as separate loading gives them."""
+    import tramontane.fuse as fuse
+    from tramontane.loading.gguf import iter_gguf_tensors
+    from tramontane.quantize import Int4Linear
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("fusing copied a projection: the loader did not read its parts into one buffer")
+
+    monkeypatch.setattr(fuse, "weight_empty", no_copy)
+    model = load_model(smollm2_gguf_path)
+    fused = model.layers[3].attention.wqkv
+    assert isinstance(fused, Int4Linear) and fused.zero_point and isinstance(model.layers[3].feed_forward.w13, Int4Linear)
+    parts = dict(iter_gguf_tensors(smollm2_gguf_path, keep=("Q4_0", "Q4_1")))
+    for leaf in ("weight", "scale", "mins"):
+        want = torch.cat([parts[f"layers.3.attention.{p}.{leaf}"] for p in ("wq", "wk", "wv")])
+        assert torch.equal(getattr(fused, leaf), want)

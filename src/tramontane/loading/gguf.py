@@ -91,10 +91,12 @@ def iter_gguf_tensors(
                 offset = tensor.start + expert * rows * row_bytes(kind, cols)
                 if kind in ("Q4_0", "Q4_1"):
                     prefix = name.removesuffix("weight")
-                    for leaf, part in zip(("weight", "scale", "mins"), _q4_parts(path, tensor.name, kind, offset, rows, cols)):
+                    leaves = _q4_leaves(kind, cols)
+                    outs = [place.rows(name, leaf, rows, shape, dt) for leaf, (shape, dt) in leaves.items()]
+                    for leaf, part in zip(leaves, _q4_parts(path, tensor.name, kind, offset, outs)):
                         yield prefix + leaf, part.to(device)
                 else:
-                    out = place.rows(name, rows, row_bytes(kind, cols))
+                    out = place.rows(name, "weight", rows, (row_bytes(kind, cols),), torch.uint8)
                     yield name, _read_rows(path, tensor.name, offset, out).to(device)
             continue
         value = _to_torch(file, tensor)
@@ -144,17 +146,18 @@ def _kept(tensor: GGUFTensor, keep: Collection[str]) -> str | None:
 
 
 class _Stacks:
-    """Where each block-format matrix is read to: the projections that `fuse_projections` stacks (q, k
-    and v; w1 and w3) into consecutive rows of one buffer, when they share their format, so that fusing
-    them copies nothing (on a 7B Q4_K_M file, a copy of 2.5 GB into fresh memory: seconds of loading);
-    every other matrix into memory of its own."""
+    """Where each kept matrix is read to: the projections that `fuse_projections` stacks (q, k and v; w1
+    and w3) into consecutive rows of one buffer per tensor of theirs (a block format's bytes; Q4_0's
+    nibbles and scales, Q4_1's also minimums), when they share their format, so that fusing them copies
+    nothing (on a 7B Q4_K_M file, a copy of 2.5 GB into fresh memory: seconds of loading); every other
+    matrix into memory of its own."""
 
     def __init__(self, plan: list[tuple[GGUFTensor, list[str], bool]], keep: Collection[str]) -> None:
         kept = {name: (kind, tensor.shape[-2], row_bytes(kind, tensor.shape[-1]))
-                for tensor, names, _ in plan if (kind := _kept(tensor, keep)) not in (None, "Q4_0", "Q4_1")
+                for tensor, names, _ in plan if (kind := _kept(tensor, keep)) is not None
                 for name in names}
         self._slot: dict[str, tuple[tuple[str, str], int, int]] = {}  # name -> (stack, first row, stack rows)
-        self._left: dict[tuple[str, str], int] = {}  # members of each stack still to be read
+        self._members: dict[tuple[str, str], int] = {}  # matrices in each stack
         for name in kept:
             prefix, _, leaf = name.removesuffix(".weight").rpartition(".")
             for fused, parts in FUSED.items():
@@ -166,20 +169,20 @@ class _Stacks:
                 for m in members:
                     self._slot[m] = ((prefix, fused), first, sum(kept[x][1] for x in members))
                     first += kept[m][1]
-                self._left[(prefix, fused)] = len(members)
-        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+                self._members[(prefix, fused)] = len(members)
+        self._buffers: dict[tuple[str, str, str], tuple[torch.Tensor, int]] = {}  # (stack, leaf) -> (buffer, left)
 
-    def rows(self, name: str, rows: int, nbytes: int) -> torch.Tensor:
-        """Uninitialised uint8 [rows, nbytes] for matrix `name`."""
+    def rows(self, name: str, leaf: str, rows: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised `dtype` [rows, *shape] for tensor `leaf` of matrix `name`."""
         if name not in self._slot:
-            return weight_empty((rows, nbytes), torch.uint8)
-        stack, first, total = self._slot[name]
-        if stack not in self._buffers:
-            self._buffers[stack] = weight_empty((total, nbytes), torch.uint8)
-        buffer = self._buffers[stack]
-        self._left[stack] -= 1
-        if self._left[stack] == 0:  # every member has its rows: the buffer lives on in their views
-            del self._buffers[stack]
+            return weight_empty((rows, *shape), dtype)
+        (prefix, fused), first, total = self._slot[name]
+        key = (prefix, fused, leaf)
+        buffer, left = self._buffers.get(key) or (weight_empty((total, *shape), dtype), self._members[(prefix, fused)])
+        if left > 1:
+            self._buffers[key] = (buffer, left - 1)
+        else:  # every member has its rows: the buffer lives on in their views
+            self._buffers.pop(key, None)
         return buffer[first : first + rows]
 
 
@@ -263,9 +266,18 @@ def _can_read(kind: GGMLQuantizationType) -> bool:
     return True
 
 
-def _q4_parts(path: str, name: str, kind: str, offset: int, rows: int, cols: int) -> list[torch.Tensor]:
-    """A Q4_0 matrix (`rows` x `cols` from `offset`) split into packed nibbles [rows, cols / 2] and
-    float16 scales [rows, cols / 32]; a Q4_1 matrix, also float16 minimums [rows, cols / 32].
+def _q4_leaves(kind: str, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors a Q4_0 (Q4_1) matrix of `cols` columns is kept as: each one's row shape and dtype."""
+    leaves: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"weight": ((cols // 2,), torch.uint8),
+                                                              "scale": ((cols // 32,), torch.float16)}
+    if kind == "Q4_1":
+        leaves["mins"] = ((cols // 32,), torch.float16)
+    return leaves
+
+
+def _q4_parts(path: str, name: str, kind: str, offset: int, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A Q4_0 matrix (from `offset`) split into `parts` (`_q4_leaves`: packed nibbles [rows, cols / 2] and
+    float16 scales [rows, cols / 32]; a Q4_1 matrix, also float16 minimums [rows, cols / 32]).
 
     A Q4_0 block is 18 bytes: the float16 scale, then 16 bytes whose byte i holds element i (low
     nibble) and element i + 16 (high nibble), value (q - 8) * scale. Q4_1 has the minimum after the
@@ -277,9 +289,8 @@ def _q4_parts(path: str, name: str, kind: str, offset: int, rows: int, cols: int
     """
     head = 2 if kind == "Q4_0" else 4  # float16 scale (and min)
     block = head + 16
+    rows, cols = parts[0].shape[0], parts[0].shape[1] * 2
     nbytes = cols // 32 * block
-    parts = [weight_empty((rows, cols // 2), torch.uint8)]
-    parts += [weight_empty((rows, cols // 32), torch.float16) for _ in range(head // 2)]
     step = max(1, (4 << 20) // nbytes)
     buffer = np.empty(min(rows, step) * nbytes, dtype=np.uint8)
     with open(path, "rb") as f:
