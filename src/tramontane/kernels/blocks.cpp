@@ -49,17 +49,11 @@ struct Act {
 
 void quantize_row_ref(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t totals[2];
+    const float d = split_block_ref(x + 32 * b, q + 32 * b, r + 32 * b, totals);
     for (int h = 0; h < 2; ++h) {
-      int32_t total = 0;
-      for (int i = 16 * h; i < 16 * h + 16; ++i) {
-        split_ref(x[32 * b + i], inv, q[32 * b + i], r[32 * b + i]);
-        total += 256 * q[32 * b + i] + r[32 * b + i];
-      }
       dx[2 * b + h] = d / 256.f;
-      xs[2 * b + h] = d / 256.f * float(total);
+      xs[2 * b + h] = d / 256.f * float(totals[h]);
     }
   }
 }

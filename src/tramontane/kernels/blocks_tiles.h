@@ -1,26 +1,18 @@
 // The GGUF block formats' vector kernels (blocks.cpp), written once over the vector width V: per_isa.h
-// compiles this file once per instruction set. Includes nothing: blocks.cpp has what it needs in scope.
+// compiles this file once per instruction set. Includes nothing: blocks.cpp has what it needs in scope,
+// per_isa.h the activations' split (split_tiles.h).
 
-// One row of x in two int8 parts per element (split_ref in common.h, rounded alike), with per 16
-// elements the block's d / 256 and x's sum as the parts hold it.
+// One row of x in two int8 parts per element (split_block, split_tiles.h), in natural order, with per
+// 16 elements the block's d / 256 and x's sum as the parts hold it.
 inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
-    typename V::F m = V::zero();
-    for (int i = 0; i < 32; i += V::kLanes) m = V::abs_max(m, V::load(x + 32 * b + i));
-    const float amax = V::max(m), d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* const qs[2] = {q + 32 * b, q + 32 * b + 16};
+    int8_t* const rs[2] = {r + 32 * b, r + 32 * b + 16};
+    int32_t totals[2];
+    const float d = split_block(x + 32 * b, qs, rs, totals);
     for (int h = 0; h < 2; ++h) {
-      int32_t total = 0;
-      for (int i = 16 * h; i < 16 * h + 16; i += V::kLanes) {
-        const typename V::F xv = V::load(x + 32 * b + i), iv = V::set1(inv);
-        const typename V::I whole = V::round(V::mul(xv, iv));
-        const typename V::F frac = V::fmsub(xv, iv, V::to_float(whole));  // x inv - q, one rounding
-        const typename V::I rest = V::clamp_int8(V::round(V::mul(frac, V::set1(256.f))));
-        V::store_int8(q + 32 * b + i, whole);
-        V::store_int8(r + 32 * b + i, rest);
-        total += 256 * V::sum(whole) + V::sum(rest);
-      }
       dx[2 * b + h] = d / 256.f;
-      xs[2 * b + h] = d / 256.f * float(total);
+      xs[2 * b + h] = d / 256.f * float(totals[h]);
     }
   }
 }

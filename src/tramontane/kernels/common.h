@@ -74,6 +74,22 @@ inline void split_ref(float x, float inv, int8_t& q, int8_t& r) {
   r = int8_t(std::max(-128.f, std::min(127.f, std::nearbyint(std::fma(x, inv, -whole) * 256.f))));
 }
 
+// Block x[0, 32) split as split_ref rounds, in natural order into q and r [32]; totals[h] is the sum of
+// 256 q + r over half h of 16. Returns d = max|x| / 127. (The vector paths: split_tiles.h.)
+inline float split_block_ref(const float* x, int8_t* q, int8_t* r, int32_t totals[2]) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int h = 0; h < 2; ++h) {
+    totals[h] = 0;
+    for (int i = 16 * h; i < 16 * h + 16; ++i) {
+      split_ref(x[i], inv, q[i], r[i]);
+      totals[h] += 256 * q[i] + r[i];
+    }
+  }
+  return amax / 127.f;
+}
+
 inline int64_t grain(int64_t N) {
   // Enough rows per task to amortise scheduling, few enough to balance the threads.
   const int64_t threads = at::get_num_threads();

@@ -64,17 +64,10 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
     int8_t *qm = q + m * K, *rm = r + m * K;
     BY_ISA(int4_quantize_row(xm, K, qm, rm, s + m * nb, bias + m * (K / 4), sums + m * nb), continue);
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = xm + b * 32;
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t total = 0;
-      for (int i = 0; i < 32; ++i) {
-        split_ref(xb[i], inv, qm[b * 32 + i], rm[b * 32 + i]);
-        total += 256 * qm[b * 32 + i] + rm[b * 32 + i];
-      }
+      int32_t totals[2];
+      const float d = split_block_ref(xm + 32 * b, qm + 32 * b, rm + 32 * b, totals);
       s[m * nb + b] = d / 256.f;
-      sums[m * nb + b] = d / 256.f * float(total);
+      sums[m * nb + b] = d / 256.f * float(totals[0] + totals[1]);
     }
   }
   out.qp = q;

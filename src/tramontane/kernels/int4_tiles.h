@@ -1,34 +1,27 @@
 // The int4 kernels (int4.cpp), written once over the vector width V: per_isa.h compiles this file once
-// per instruction set. Includes nothing: int4.cpp has what it needs in scope.
+// per instruction set. Includes nothing: int4.cpp has what it needs in scope, per_isa.h the activations'
+// split (split_tiles.h).
 //
 // A step takes V::kInt4Blocks blocks of 32 (one for 256-bit vectors, two for 512): their bytes widen to
 // nibbles [low nibbles, high nibbles], so x is stored in that order (QuantizedX), and each dot lane
 // covers 4 elements of one block (V::by_block spreads the blocks' factors to their lanes).
 
-// One row of x in two int8 parts per element (split_ref in common.h, rounded alike), laid out by groups of
+// One row of x in two int8 parts per element (split_block, split_tiles.h), laid out by groups of
 // V::kInt4Blocks blocks as the nibbles come; the blocks after the last whole group in natural order.
 inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* s, int32_t* bias,
                               float* sums) {
   constexpr int64_t G = V::kInt4Blocks;
   const int64_t nb = K / 32, grouped = nb / G * G;
   for (int64_t b = 0; b < nb; ++b) {
-    typename V::F m = V::zero();
-    for (int i = 0; i < 32; i += V::kLanes) m = V::abs_max(m, V::load(x + 32 * b + i));
-    const float amax = V::max(m), d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t total = 0;
-    for (int i = 0; i < 32; i += V::kLanes) {
-      const typename V::F xv = V::load(x + 32 * b + i), iv = V::set1(inv);
-      const typename V::I whole = V::round(V::mul(xv, iv));
-      const typename V::F frac = V::fmsub(xv, iv, V::to_float(whole));  // x inv - q, one rounding
-      const typename V::I rest = V::clamp_int8(V::round(V::mul(frac, V::set1(256.f))));
-      // element i of block b: half i / 16 of the group's halves, block b % G among them
-      const int64_t at = b < grouped ? b / G * 32 * G + i / 16 * 16 * G + b % G * 16 + i % 16 : 32 * b + i;
-      V::store_int8(q + at, whole);
-      V::store_int8(r + at, rest);
-      total += 256 * V::sum(whole) + V::sum(rest);
-    }
+    // half h of block b: half h of the group's halves, block b % G among them
+    int64_t at[2];
+    for (int h = 0; h < 2; ++h) at[h] = b < grouped ? b / G * 32 * G + h * 16 * G + b % G * 16 : 32 * b + 16 * h;
+    int8_t* const qs[2] = {q + at[0], q + at[1]};
+    int8_t* const rs[2] = {r + at[0], r + at[1]};
+    int32_t totals[2];
+    const float d = split_block(x + 32 * b, qs, rs, totals);
     s[b] = d / 256.f;
-    sums[b] = d / 256.f * float(total);
+    sums[b] = d / 256.f * float(totals[0] + totals[1]);
   }
   for (int64_t j = 0; j < K / 4; ++j) {
     int32_t four = 0;

@@ -66,7 +66,6 @@ struct V512 {
     return _mm512_min_epi32(_mm512_max_epi32(a, _mm512_set1_epi32(-128)), _mm512_set1_epi32(127));
   }
   T512OPS VEC_INLINE static I loadi(const void* p) { return _mm512_loadu_si512(p); }
-  T512OPS VEC_INLINE static void storei(void* p, I v) { _mm512_storeu_si512(p, v); }
   T512OPS VEC_INLINE static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
   // rounded to nearest even (the default rounding mode), as std::nearbyint rounds
   T512OPS VEC_INLINE static I round(F v) { return _mm512_cvtps_epi32(v); }
@@ -157,7 +156,6 @@ struct V256Base {
     return _mm256_min_epi32(_mm256_max_epi32(a, _mm256_set1_epi32(-128)), _mm256_set1_epi32(127));
   }
   T256OPS VEC_INLINE static I loadi(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
-  T256OPS VEC_INLINE static void storei(void* p, I v) { _mm256_storeu_si256((__m256i*)p, v); }
   T256OPS VEC_INLINE static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
   T256OPS VEC_INLINE static I round(F v) { return _mm256_cvtps_epi32(v); }
   T256OPS VEC_INLINE static int32_t sum(I v) {
