@@ -2,13 +2,16 @@
 
 Same model, same data, same LoRA init (ours copied into PEFT), same AdamW and schedule, rank 16 on all
 projections, one sequence of --seq tokens per batch times --grad-accum batches per step, 2 threads.
-Each run is a fresh subprocess, so peak RSS is its own. Prints PASS/MISS lines for the issue's targets:
+Each run is a fresh subprocess, so peak RSS is its own. Ours runs as `tramontane finetune` does by
+default (frozen products in the kernel policy's dtype: bf16 on a CPU with AMX, else fp32) and with
+fp32 frozen products (exact: PEFT's arithmetic); PEFT runs in fp32 (its default) and, for context, under
+bf16 autocast. Prints PASS/MISS lines for the issue's targets:
   - training tokens/s >= 1.5x PEFT's, peak RSS <= PEFT's (SmolLM2 fp32 and the ~1B Mistral shape)
   - QLoRA on an int4 base: peak RSS <= 0.5x the fp32 LoRA run's (1B shape)
   - the loss curves of the first --curve-steps steps agree with PEFT's (max |diff| <= 0.02)
 TRL's SFTTrainer is run too when `trl` imports (it wraps the same PEFT model and loop).
 
-Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--bf16]
+Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2]
   --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
 """
 
@@ -29,8 +32,9 @@ sys.path.insert(0, {here!r})
 from common import peak_rss_bytes
 torch.set_num_threads({threads})
 system, model_path, seq, steps, accum, quantize, bf16, data = {system!r}, {path!r}, {seq}, {steps}, {accum}, {quantize!r}, {bf16}, {data!r}
+base_dtype = {{"auto": None, "float32": torch.float32}}[{base!r}]
 from tramontane.finetune import Example, TrainConfig, Trainer, lr_factor
-from tramontane.lora import LoraConfig, LoraLinear, apply_lora
+from tramontane.lora import FrozenLinear, LoraConfig
 from tramontane.finetune import prepare_model
 
 def sequences(vocab, n):
@@ -44,7 +48,8 @@ def sequences(vocab, n):
     return [stream[i * (seq + 1):(i + 1) * (seq + 1)] for i in range(n)]
 
 lora = LoraConfig(rank=16, alpha=32)
-ours = prepare_model(model_path, lora, quantize)
+ours = prepare_model(model_path, lora, quantize, base_dtype=base_dtype if system == "tramontane" else torch.float32)
+frozen = next((str(m.weight.dtype) for m in ours.modules() if isinstance(m, FrozenLinear)), "torch.float32")
 g = torch.Generator().manual_seed(1234)
 init = {{}}
 with torch.no_grad():
@@ -60,7 +65,7 @@ if system == "tramontane":
     examples = [Example(s, [False] + [True] * seq, "bench") for s in seqs]
     # gradient checkpointing on a quantized base, as `tramontane finetune --quantize` does by default
     trainer = Trainer(model, examples, TrainConfig(lr=2e-4, warmup=2, steps=total, batch_tokens=seq,
-                      grad_accum=accum, shuffle=False, max_grad_norm=None, bf16=bf16,
+                      grad_accum=accum, shuffle=False, max_grad_norm=None,
                       gradient_checkpointing=quantize is not None))
     def step():
         return trainer.train_step()
@@ -101,14 +106,17 @@ losses, times = [], []
 for i in range(steps):
     t0 = time.perf_counter(); losses.append(step()); times.append(time.perf_counter() - t0)
 timed = times[1:] or times
-print(json.dumps(dict(losses=losses, tokens_per_s=seq * accum * len(timed) / sum(timed), peak_rss=peak_rss_bytes())))
+print(json.dumps(dict(losses=losses, tokens_per_s=seq * accum * len(timed) / sum(timed), peak_rss=peak_rss_bytes(),
+                      frozen=frozen.removeprefix("torch.") if system == "tramontane" else ("bf16 autocast" if bf16 else "float32"))))
 """
 
 
 def run(system: str, path: Path, hf_path: Path | None, seq: int, steps: int, accum: int, quantize: str | None = None,
-        bf16: bool = False, data: str = "", threads: int = 2) -> dict:
+        bf16: bool = False, base: str = "auto", data: str = "", threads: int = 2) -> dict:
+    """One training run in its own process: ours (`base`: frozen products' dtype, "auto" as `finetune`
+    picks it, or "float32") or PEFT's (`bf16`: under bf16 autocast)."""
     code = CHILD.format(here=str(HERE), system=system, path=str(path), hf=str(hf_path), seq=seq, steps=steps,
-                        accum=accum, quantize=quantize, bf16=bf16, data=data, threads=threads)
+                        accum=accum, quantize=quantize, bf16=bf16, base=base, data=data, threads=threads)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{system} run failed:\n{r.stderr[-3000:]}")
@@ -147,6 +155,29 @@ def emit(lines: list[str], text: str) -> None:
     lines.append(text)
 
 
+def speed_runs(lines: list[str], results: dict[str, dict], label: str, path: Path, hf_path: Path, seq: int,
+               steps: int, accum: int) -> dict[str, dict]:
+    """Ours as `finetune` runs by default and with fp32 frozen products, PEFT in fp32 and under bf16
+    autocast, one after the other; the verdicts compare ours (default) with PEFT's default (fp32)."""
+    runs = {"ours": run("tramontane", path, hf_path, seq, steps, accum),
+            "ours fp32": run("tramontane", path, hf_path, seq, steps, accum, base="float32"),
+            "peft": run("peft", path, hf_path, seq, steps, accum),
+            "peft bf16": run("peft", path, hf_path, seq, steps, accum, bf16=True)}
+    results.update({f"{label} {name}": r for name, r in runs.items()})
+    ours, peft = runs["ours"], runs["peft"]
+    ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
+    emit(lines, verdict(ratio >= 1.5, f"{label} tokens/s {ours['tokens_per_s']:.0f} ({ours['frozen']} frozen products) "
+                                       f"vs PEFT {peft['tokens_per_s']:.0f} (fp32) ({ratio:.2f}x, target 1.5x)"))
+    emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"{label} peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
+                                                               f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
+    for mine, theirs in (("ours fp32", "peft"), ("ours", "peft bf16")):
+        a, b = runs[mine], runs[theirs]
+        emit(lines, f"INFO {label} {mine} ({a['frozen']}) {a['tokens_per_s']:.0f} vs PEFT ({b['frozen']}) "
+                    f"{b['tokens_per_s']:.0f} tokens/s ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x); peak RSS "
+                    f"{a['peak_rss'] / 2**30:.2f} vs {b['peak_rss'] / 2**30:.2f} GiB")
+    return runs
+
+
 def verdict(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'MISS'} {text}"
 
@@ -156,7 +187,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both systems")
     ap.add_argument("--seq", type=int)
     ap.add_argument("--steps", type=int, help="timed steps per run (the first is not timed)")
     ap.add_argument("--curve-steps", type=int)
@@ -170,20 +200,14 @@ def main() -> None:
 
     if not a.skip_smollm2:
         gguf, hf_folder, data = smollm2_folders()
+        runs = speed_runs(lines, results, "SmolLM2", gguf, hf_folder, seq, steps, a.grad_accum)
         for system in ("tramontane", "peft"):
-            results[f"smollm2 {system}"] = run(system, gguf, hf_folder, seq, steps, a.grad_accum, bf16=a.bf16)
-        ours, peft = results["smollm2 tramontane"], results["smollm2 peft"]
-        ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
-        emit(lines, verdict(ratio >= 1.5, f"SmolLM2 tokens/s {ours['tokens_per_s']:.0f} vs PEFT {peft['tokens_per_s']:.0f} "
-                                           f"({ratio:.2f}x, target 1.5x)"))
-        emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"SmolLM2 peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
-                                                                   f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
-        for system in ("tramontane", "peft"):
-            results[f"curve {system}"] = run(system, gguf, hf_folder, seq, curve, 1, data=str(data), bf16=a.bf16)
+            results[f"curve {system}"] = run(system, gguf, hf_folder, seq, curve, 1, data=str(data))
         a_curve, b_curve = results["curve tramontane"]["losses"], results["curve peft"]["losses"]
         diff = max(abs(x - y) for x, y in zip(a_curve, b_curve, strict=True))
-        emit(lines, verdict(diff <= 0.02, f"loss curve over {curve} steps: max |diff| {diff:.4f} vs PEFT "
-                                           f"(first {a_curve[0]:.3f}/{b_curve[0]:.3f}, last {a_curve[-1]:.3f}/{b_curve[-1]:.3f})"))
+        emit(lines, verdict(diff <= 0.02, f"loss curve over {curve} steps, ours ({runs['ours']['frozen']} frozen "
+                                           f"products) vs PEFT fp32: max |diff| {diff:.4f} (first {a_curve[0]:.3f}/"
+                                           f"{b_curve[0]:.3f}, last {a_curve[-1]:.3f}/{b_curve[-1]:.3f})"))
 
     if not a.skip_1b:
         import torch
@@ -196,18 +220,12 @@ def main() -> None:
         label = "1B" if not a.quick else "mini"
         native_path = ensure_checkpoint(f"mistral-{label}", shape, "native", torch.float32)
         hf_path = ensure_checkpoint(f"mistral-{label}", shape, "hf", torch.float32)
-        for system, quant in (("tramontane", None), ("peft", None), ("tramontane", "int4")):
-            results[f"{label} {system} {quant or 'fp32'}"] = run(system, native_path, hf_path, seq, steps,
-                                                                  a.grad_accum, quant, bf16=a.bf16)
-        ours, peft, q4 = (results[f"{label} {k}"] for k in ("tramontane fp32", "peft fp32", "tramontane int4"))
-        ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
-        emit(lines, verdict(ratio >= 1.5, f"{label} tokens/s {ours['tokens_per_s']:.0f} vs PEFT "
-                                           f"{peft['tokens_per_s']:.0f} ({ratio:.2f}x, target 1.5x)"))
-        emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"{label} peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
-                                                                   f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
-        emit(lines, verdict(q4["peak_rss"] <= 0.5 * ours["peak_rss"],
+        runs = speed_runs(lines, results, label, native_path, hf_path, seq, steps, a.grad_accum)
+        q4 = results[f"{label} tramontane int4"] = run("tramontane", native_path, hf_path, seq, steps, a.grad_accum, "int4")
+        fp32 = runs["ours fp32"]
+        emit(lines, verdict(q4["peak_rss"] <= 0.5 * fp32["peak_rss"],
                              f"{label} QLoRA int4 peak RSS {q4['peak_rss'] / 2**30:.2f} GiB vs fp32 LoRA "
-                             f"{ours['peak_rss'] / 2**30:.2f} GiB ({q4['peak_rss'] / ours['peak_rss']:.2f}x, target 0.5x); "
+                             f"{fp32['peak_rss'] / 2**30:.2f} GiB ({q4['peak_rss'] / fp32['peak_rss']:.2f}x, target 0.5x); "
                              f"{q4['tokens_per_s']:.0f} tokens/s"))
     try:
         import trl  # noqa: F401
@@ -215,7 +233,7 @@ def main() -> None:
         emit(lines, "NOTE TRL is installed but its SFTTrainer run is not wired in yet")
     except ImportError:
         emit(lines, "SKIP TRL SFTTrainer: trl is not installed (it needs `datasets`; PEFT above is the loop it wraps)")
-    print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'bf16': a.bf16, 'runs': results, 'verdicts': lines})}")
+    print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'runs': results, 'verdicts': lines})}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from tiny import TINY, save_hf  # noqa: E402
 def use_policy(monkeypatch: pytest.MonkeyPatch):
     """use_policy(small_batch=0, ...): every layer and the decode backend see this process's kernel policy
     with those fields changed, for the rest of the test."""
+    import tramontane.finetune.run as finetune_run
     import tramontane.fuse as fuse
     import tramontane.native_decode as native_decode
     import tramontane.quantize as quantize
@@ -24,7 +25,7 @@ def use_policy(monkeypatch: pytest.MonkeyPatch):
 
     def use(**changes) -> KernelPolicy:
         policy = dataclasses.replace(kernel_policy(), **changes)
-        for module in (fuse, native_decode, quantize):
+        for module in (finetune_run, fuse, native_decode, quantize):
             monkeypatch.setattr(module, "kernel_policy", lambda: policy)
         return policy
 

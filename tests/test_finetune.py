@@ -133,6 +133,26 @@ def test_packing_equals_unpacked(tiny_hf, name: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_packed_rows_attend_per_sequence_as_the_mask_does(tiny_hf) -> None:
+    from tramontane.cache import step_meta
+
+    _, folder = tiny_hf("mistral-nowindow")
+    model = load_model(folder)
+    batch = make_batch(_examples(3, seed=4))
+    lengths = [int((batch.segments == s).sum()) for s in range(3)]
+    spans = step_meta(batch.positions, None, segments=batch.segments).spans
+    assert spans is not None and [e - s for s, e in spans] == lengths
+    # the same row twice (B = 2) takes the mask; so do a window shorter than a sequence and an id in two runs
+    assert step_meta(batch.positions.repeat(2, 1), None, segments=batch.segments.repeat(2, 1)).spans is None
+    assert step_meta(batch.positions, max(lengths) - 1, segments=batch.segments).spans is None
+    assert step_meta(torch.tensor([[0, 1, 0, 0]]), None, segments=torch.tensor([[0, 0, 1, 0]])).spans is None
+    with torch.no_grad():
+        one = model(batch.tokens, batch.positions, segments=batch.segments)
+        two = model(batch.tokens.repeat(2, 1), batch.positions.repeat(2, 1), segments=batch.segments.repeat(2, 1))
+    torch.testing.assert_close(one[0], two[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one[0], two[1], rtol=1e-5, atol=1e-5)
+
+
 def _run(folder, steps: int, checkpoints=None, resume=None) -> list[float]:
     model = apply_lora(load_model(folder), LoraConfig(rank=4, alpha=8, dropout=0.1))
     config = TrainConfig(lr=5e-3, warmup=2, steps=steps, batch_tokens=40, grad_accum=2, save_every=3, seed=7)
@@ -242,6 +262,59 @@ def test_bf16_autocast_step_is_close_to_fp32(tiny_hf) -> None:
         batch = make_batch(_examples(4))
         losses.append(float(trainer.loss_sum(batch) / batch.n_targets))
     assert losses[1] == pytest.approx(losses[0], rel=3e-2)
+
+
+def _loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer = Trainer(model, _examples(4), TrainConfig(batch_tokens=1000))
+    batch = make_batch(_examples(4))
+    loss = trainer.loss_sum(batch) / batch.n_targets
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in trainable])
+    return float(loss), {n: g for (n, _), g in zip(trainable, grads, strict=True)}
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "mistral-nowindow"])
+def test_bf16_frozen_products_keep_the_loss_and_gradients(tiny_hf, name: str) -> None:
+    from tramontane.lora import FrozenLinear, lower_frozen
+
+    _, folder = tiny_hf(name)
+    runs = []
+    for lowered in (False, True):
+        torch.manual_seed(0)  # the same A init
+        model = apply_lora(load_model(folder), LoraConfig(rank=4, alpha=8))
+        _randomize(model)
+        if lowered:
+            lower_frozen(model, torch.bfloat16)
+        runs.append((model, *_loss_and_grads(model)))
+    (_, loss32, grads32), (model, loss16, grads16) = runs
+    wq = model.layers[0].attention.wq
+    assert isinstance(wq, LoraLinear) and isinstance(wq.base, FrozenLinear)
+    assert wq.base.weight.dtype == torch.bfloat16 and wq.lora_A.weight.dtype == torch.float32
+    assert isinstance(model.output, FrozenLinear) and model.output.weight.dtype == torch.bfloat16
+    assert model.tok_embeddings.weight.dtype == torch.float32  # the lookup keeps the table, tied or not
+    assert loss16 == pytest.approx(loss32, rel=5e-3) and loss16 != loss32
+    assert grads16.keys() == grads32.keys()
+    for key, g in grads16.items():
+        assert g.dtype == torch.float32
+        assert F.cosine_similarity(g.flatten(), grads32[key].flatten(), dim=0) > 0.995, key
+
+
+@pytest.mark.parametrize("frozen", [torch.float32, torch.bfloat16])
+def test_prepare_model_keeps_frozen_products_in_the_policys_dtype(tiny_hf, use_policy, frozen) -> None:
+    from tramontane.finetune import prepare_model
+    from tramontane.kernels import qlinear
+    from tramontane.kernels.policy import KernelPolicy
+
+    _, folder = tiny_hf("mistral-nowindow")
+    use_policy(frozen_dtype=frozen)
+    model = prepare_model(folder, LoraConfig(rank=4))
+    assert model.layers[0].feed_forward.w2.base.weight.dtype == frozen
+    assert prepare_model(folder, LoraConfig(rank=4), base_dtype=torch.float32).output.weight.dtype == torch.float32
+    assert isinstance(prepare_model(folder, LoraConfig(rank=4), quantize="int8").layers[0].attention.wq.base,
+                      Int8Linear)
+    ext = qlinear()  # bf16 only where AMX multiplies it: without, PyTorch's bf16 GEMM is slower than fp32
+    amx = ext is not None and "amx" in ext.isas()
+    assert KernelPolicy.detect().frozen_dtype == (torch.bfloat16 if amx else torch.float32)
 
 
 def _note_size(sizes: list[int], t: torch.Tensor) -> torch.Tensor:

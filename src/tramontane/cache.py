@@ -186,6 +186,8 @@ class StepMeta:
     # decode: the mask's inputs, for `attention_mask` (the native kernels build their own from the cache)
     key_positions: torch.Tensor | None = None  # [B, kv_len]
     window: int | None = None
+    # packed training row (B = 1): [start, end) of each sequence, each causal from position 0 on its own
+    spans: tuple[tuple[int, int], ...] | None = None
 
     def attention_mask(self) -> torch.Tensor | None:
         """`mask`, built on first use in a decode step: after a decode step's weights have streamed
@@ -246,6 +248,23 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
     return mask
 
 
+def _causal_spans(positions: torch.Tensor, segments: torch.Tensor, window: int | None) -> tuple[tuple[int, int], ...] | None:
+    """The sequences of a packed row as [start, end) spans when each one is plain causal attention on its
+    own (one row; each a run of one segment id at positions 0, 1, ... no longer than the window), so
+    attention skips the blocks between sequences that a mask would compute and throw away; else None."""
+    if positions.shape[0] != 1:
+        return None
+    pos, ids = positions[0].tolist(), segments[0].tolist()
+    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    spans = tuple(zip(starts, [*starts[1:], len(ids)], strict=True))
+    if len({ids[s] for s in starts}) < len(starts):  # an id in two runs: those runs see each other
+        return None
+    for s, e in spans:
+        if pos[s:e] != list(range(e - s)) or (window is not None and e - s > window):
+            return None
+    return spans
+
+
 def step_meta(
     positions: torch.Tensor,
     window: int | None,
@@ -269,6 +288,8 @@ def step_meta(
     if segments is not None:
         if cache is not None:
             raise ValueError("segments pack sequences for a forward without a cache; a cache row holds one sequence")
+        if (spans := _causal_spans(positions, segments, window)) is not None:
+            return StepMeta(positions, None, True, spans=spans)
         mask = _visible(positions, positions, window) & (segments[:, None, :, None] == segments[:, None, None, :])
         return StepMeta(positions, mask, False)
     if isinstance(cache, PagedBatch):

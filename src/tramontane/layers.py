@@ -64,7 +64,12 @@ class Attention(nn.Module):
             qk = apply_rotary(qkv[:, :, : H + KV], freqs_cis)  # q and k heads rotated together
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
         keys, values = meta.layer_kv(layer, k.transpose(1, 2), v.transpose(1, 2))  # [B, kv_heads, K, head_dim]
-        out = attend(q.transpose(1, 2), keys, values, meta.attention_mask(), meta.is_causal)  # [B, heads, T, head_dim]
+        q = q.transpose(1, 2)  # [B, heads, T, head_dim]
+        if meta.spans is not None:  # packed sequences, each attending only to itself
+            out = torch.cat([attend(q[:, :, s:e], keys[:, :, s:e], values[:, :, s:e], None, True)
+                             for s, e in meta.spans], dim=2)
+        else:
+            out = attend(q, keys, values, meta.attention_mask(), meta.is_causal)  # [B, heads, T, head_dim]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

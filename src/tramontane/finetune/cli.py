@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, bounded: Any) -> None:
                    help="recompute each block's activations in the backward pass instead of keeping them all: less "
                         "memory, about a third more arithmetic (default: on with --quantize, as QLoRA recipes do)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+    f.add_argument("--base-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the frozen products under the adapters (bases, head); the adapters and sums stay "
+                        "in --dtype. auto: bfloat16 on a CPU with AMX (6x faster products), else --dtype")
     f.add_argument("--device", default="cpu")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
@@ -68,7 +72,7 @@ def training_config(a: argparse.Namespace) -> TrainConfig:
 def cmd_finetune(a: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer
     from .data import check_data
-    from .run import finetune
+    from .run import finetune, frozen_dtype
 
     if a.check_data:
         tokenizer = load_tokenizer(a.model)
@@ -82,8 +86,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     lora = None if a.full else LoraConfig(a.lora_rank, a.lora_alpha, a.lora_dropout, targets)
     config = training_config(a)
     dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    base = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.base_dtype) or frozen_dtype(dtype, a.device)
+    if lora is not None and a.quantize is None:
+        print(f"tramontane: frozen products in {str(base).removeprefix('torch.')}, adapters in "
+              f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
     trainer = finetune(a.model, a.data, a.out, eval_data=a.eval, lora=lora, quantize=a.quantize, config=config,
-                       resume=a.resume, adapter_format=a.format, dtype=dtype, device=a.device,
+                       resume=a.resume, adapter_format=a.format, dtype=dtype, base_dtype=base, device=a.device,
                        progress=not a.no_progress)
     last = trainer.history[-1]
     evals = [h["eval"] for h in trainer.history if "eval" in h]

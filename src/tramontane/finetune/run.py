@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import save_adapter
+from ..kernels.policy import kernel_policy
 from ..loading import load_model, save_model
-from ..lora import LoraConfig, apply_lora
+from ..lora import LoraConfig, apply_lora, lower_frozen
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
 from .data import load_examples
@@ -24,13 +25,22 @@ DEFAULT_LORA = LoraConfig()  # rank 16, alpha 32, every projection
 DEFAULT_CONFIG = TrainConfig()
 
 
+def frozen_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a LoRA run keeps its frozen float products in by default: the kernel policy's on a CPU
+    (bf16 with AMX), else the model's."""
+    return kernel_policy().frozen_dtype if torch.device(device).type == "cpu" and dtype == torch.float32 else dtype
+
+
 def prepare_model(path: str | Path, lora: LoraConfig | None, quantize: str | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Transformer:
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  base_dtype: torch.dtype | None = None) -> Transformer:
     """The model to train: frozen with adapters (`lora`), frozen quantized with adapters (`quantize`:
     QLoRA), or every weight trainable (`lora` None).
 
     A GGUF file's quantized tensors are dequantized to `dtype` unless `quantize` is given (then those
     already in that scheme stay as stored: a Q4_1 file under "int4_asym" trains on its own blocks).
+    With adapters on a float base, the frozen products (bases, head) are kept in `base_dtype`
+    (default `frozen_dtype`: bf16 on a CPU with AMX) while adapters, norms and sums stay in `dtype`.
 
     Raises:
         ValueError: full training (`lora` None) of a quantized model.
@@ -40,7 +50,9 @@ def prepare_model(path: str | Path, lora: LoraConfig | None, quantize: str | Non
                          "drop --quantize or train LoRA adapters")
     model = load_model(path, dtype, device, quantize=quantize, dequantize=quantize is None)
     if lora is not None:
-        return apply_lora(model, lora)
+        apply_lora(model, lora)
+        lowered = base_dtype or frozen_dtype(dtype, device)
+        return lower_frozen(model, lowered) if quantize is None and lowered != dtype else model
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -58,6 +70,7 @@ def finetune(
     resume: str | Path | None = None,
     adapter_format: str | None = None,
     dtype: torch.dtype = torch.float32,
+    base_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> Trainer:
@@ -71,7 +84,7 @@ def finetune(
     limit = config.batch_tokens + 1  # an example of n tokens has n - 1 inputs
     examples = load_examples(data, tokenizer, limit)
     evals = load_examples(eval_data, tokenizer, limit) if eval_data is not None else None
-    model = prepare_model(model_path, lora, quantize, dtype, device)
+    model = prepare_model(model_path, lora, quantize, dtype, device, base_dtype)
     trainer = Trainer(model, examples, config, evals)
     if resume is not None:
         trainer.resume(Path(resume))

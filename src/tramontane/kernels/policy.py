@@ -5,6 +5,7 @@ deciding for itself: up to `small_batch` rows of activations (decode) the vector
 weights are dequantized `prefill_tile` output rows at a time and multiplied in `prefill_dtype`, bf16
 where the CPU multiplies bf16 in hardware (AMX-BF16, AVX512-BF16), else fp32. The instruction set is
 the kernels' own choice (the best the CPU has, `Kernels.isa()`), which tests lower with `set_isa`.
+Training keeps its frozen float products in `frozen_dtype`.
 
 Example:
     >>> p = kernel_policy()
@@ -33,12 +34,18 @@ class KernelPolicy:
     # The GEMM's operands: on this project's AMX Xeon bf16 products measured 6x faster than fp32; on
     # CPUs without bf16 arithmetic they are several times slower.
     prefill_dtype: torch.dtype = torch.float32
+    # The dtype training keeps its frozen float products in (lora.lower_frozen): bf16 only with AMX
+    # tiles, where PyTorch's bf16 GEMM ran 6.4x its fp32 one; with AVX512-BF16 alone (oneDNN held to
+    # it by ONEDNN_MAX_CPU_ISA) it ran at 0.68x fp32, so there the products stay fp32.
+    frozen_dtype: torch.dtype = torch.float32
 
     @classmethod
     def detect(cls) -> KernelPolicy:
         kernels = qlinear()
         fast_bf16 = kernels is not None and kernels.has_bf16()
-        return cls(kernels, prefill_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+        amx = kernels is not None and "amx" in kernels.isas()
+        return cls(kernels, prefill_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
+                   frozen_dtype=torch.bfloat16 if amx else torch.float32)
 
     def vector_wins(self, rows: int, amx_tiles: bool, in_features: int) -> bool:
         """Whether a quantized layer's kernel beats dequantize + GEMM for `rows` rows of activations: at
