@@ -30,6 +30,13 @@ torch::Tensor huge_page_empty(int64_t nbytes) {
       void* p = reinterpret_cast<void*>(aligned);
       // whole huge pages only: the tail stays in 4 KiB pages, so no memory past nbytes becomes resident
       madvise(p, size_t(nbytes) / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: failure leaves ordinary pages
+      // Touch every page now, on every thread: a fresh page costs its first write (the kernel zeroes it,
+      // and a virtual machine's host backs it first), 0.5 GB/s on one thread of this project's VM and
+      // 1.0 on two, so the loader's single-threaded reads that follow only copy.
+      volatile char* bytes = static_cast<char*>(p);
+      at::parallel_for(0, (nbytes + 4095) / 4096, 512, [&](int64_t begin, int64_t end) {
+        for (int64_t page = begin; page < end; ++page) bytes[page * 4096] = 0;
+      });
       return torch::from_blob(p, {nbytes}, [size](void* q) { munmap(q, size); }, torch::dtype(torch::kUInt8));
     }
   }
