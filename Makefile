@@ -50,9 +50,10 @@ fuzz: setup
 # llama.cpp's C++ tools build from the llama-cpp-python sdist once (~15 min on 2 cores), cached in
 # ~/.cache/tramontane-bench; BENCH_ARGS=--quick for a smoke run of run.py.
 bench: setup
-	$(PY) -m pip install --quiet matplotlib
+	$(PY) -m pip install --quiet "$(TORCH)" matplotlib "trl>=0.20" "datasets>=3"
 	$(PY) benchmarks/llama_tools.py --files
 	$(PY) benchmarks/gguf_files.py
+	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/prefix_cache.py

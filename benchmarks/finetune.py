@@ -9,7 +9,9 @@ bf16 autocast. Prints PASS/MISS lines for the issue's targets:
   - training tokens/s >= 1.5x PEFT's, peak RSS <= PEFT's (SmolLM2 fp32 and the ~1B Mistral shape)
   - QLoRA on an int4 base: peak RSS <= 0.5x the fp32 LoRA run's (1B shape)
   - the loss curves of the first --curve-steps steps agree with PEFT's (max |diff| <= 0.02)
-TRL's SFTTrainer is run too when `trl` imports (it wraps the same PEFT model and loop).
+TRL's SFTTrainer trains the same PEFT model too when `trl` and `datasets` are installed (`.[bench]`),
+at its own defaults (SFTConfig: bf16 autocast and gradient checkpointing on), with the same batch and
+schedule (its own data order), and ours must be 1.5x it as well.
 
 Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2]
   --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
@@ -69,7 +71,7 @@ if system == "tramontane":
                       gradient_checkpointing=quantize is not None))
     def step():
         return trainer.train_step()
-else:
+else:  # PEFT's model with our init: trained by our loop over it ("peft") or by TRL's SFTTrainer ("trl")
     import peft, transformers
     from tramontane.layout import permute_native_to_hf
     hf_folder = {hf!r}
@@ -87,6 +89,7 @@ else:
             if parts[4] == "lora_B" and parts[3] in ("wq", "wk"):
                 t = permute_native_to_hf(t, heads[0] if parts[3] == "wq" else heads[1])
             params[f"base_model.model.model.layers.{{parts[1]}}.{{names[parts[3]]}}.{{parts[4]}}.default.weight"].copy_(t)
+if system == "peft":
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 2, total))
@@ -103,11 +106,39 @@ else:
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         return loss_total
 losses, times = [], []
-for i in range(steps):
-    t0 = time.perf_counter(); losses.append(step()); times.append(time.perf_counter() - t0)
+if system == "trl":  # its own loop: batch 1, `accum` sequences a step, warmup 2 then cosine, as above
+    import tempfile
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    # the sequences come tokenized; the collator only needs a pad id
+    pad = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({{"<pad>": 0}}, unk_token="<pad>")),
+                                  pad_token="<pad>", eos_token="<pad>")
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=total, per_device_train_batch_size=1,
+                       gradient_accumulation_steps=accum, learning_rate=2e-4, weight_decay=0.0, warmup_steps=2,
+                       lr_scheduler_type="cosine", max_grad_norm=0.0, logging_steps=1, save_strategy="no",
+                       report_to=[], use_cpu=True, max_length=seq + 1, packing=False, dataloader_num_workers=0,
+                       seed=0, data_seed=0)
+    frozen = f"TRL defaults: bf16 autocast {{config.bf16}}, gradient checkpointing {{config.gradient_checkpointing}}"
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({{"input_ids": seqs}}),
+                         processing_class=pad, callbacks=[Clock()])
+    torch.set_num_threads({threads})
+    trainer.train()
+else:
+    for i in range(steps):
+        t0 = time.perf_counter(); losses.append(step()); times.append(time.perf_counter() - t0)
 timed = times[1:] or times
 print(json.dumps(dict(losses=losses, tokens_per_s=seq * accum * len(timed) / sum(timed), peak_rss=peak_rss_bytes(),
-                      frozen=frozen.removeprefix("torch.") if system == "tramontane" else ("bf16 autocast" if bf16 else "float32"))))
+                      frozen=frozen.removeprefix("torch.") if system != "peft" else ("bf16 autocast" if bf16 else "float32"))))
 """
 
 
@@ -163,6 +194,8 @@ def speed_runs(lines: list[str], results: dict[str, dict], label: str, path: Pat
             "ours fp32": run("tramontane", path, hf_path, seq, steps, accum, base="float32"),
             "peft": run("peft", path, hf_path, seq, steps, accum),
             "peft bf16": run("peft", path, hf_path, seq, steps, accum, bf16=True)}
+    if has_trl():
+        runs["trl"] = run("trl", path, hf_path, seq, steps, accum)
     results.update({f"{label} {name}": r for name, r in runs.items()})
     ours, peft = runs["ours"], runs["peft"]
     ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
@@ -170,12 +203,24 @@ def speed_runs(lines: list[str], results: dict[str, dict], label: str, path: Pat
                                        f"vs PEFT {peft['tokens_per_s']:.0f} (fp32) ({ratio:.2f}x, target 1.5x)"))
     emit(lines, verdict(ours["peak_rss"] <= peft["peak_rss"], f"{label} peak RSS {ours['peak_rss'] / 2**30:.2f} GiB "
                                                                f"vs PEFT {peft['peak_rss'] / 2**30:.2f} GiB"))
+    if "trl" in runs:
+        trl = runs["trl"]
+        emit(lines, verdict(ours["tokens_per_s"] >= 1.5 * trl["tokens_per_s"],
+                            f"{label} tokens/s {ours['tokens_per_s']:.0f} vs TRL SFTTrainer {trl['tokens_per_s']:.0f} "
+                            f"({trl['frozen']}) ({ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x, target 1.5x); "
+                            f"peak RSS {trl['peak_rss'] / 2**30:.2f} GiB"))
     for mine, theirs in (("ours fp32", "peft"), ("ours", "peft bf16")):
         a, b = runs[mine], runs[theirs]
         emit(lines, f"INFO {label} {mine} ({a['frozen']}) {a['tokens_per_s']:.0f} vs PEFT ({b['frozen']}) "
                     f"{b['tokens_per_s']:.0f} tokens/s ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x); peak RSS "
                     f"{a['peak_rss'] / 2**30:.2f} vs {b['peak_rss'] / 2**30:.2f} GiB")
     return runs
+
+
+def has_trl() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("trl", "datasets"))
 
 
 def verdict(ok: bool, text: str) -> str:
@@ -227,12 +272,8 @@ def main() -> None:
                              f"{label} QLoRA int4 peak RSS {q4['peak_rss'] / 2**30:.2f} GiB vs fp32 LoRA "
                              f"{fp32['peak_rss'] / 2**30:.2f} GiB ({q4['peak_rss'] / fp32['peak_rss']:.2f}x, target 0.5x); "
                              f"{q4['tokens_per_s']:.0f} tokens/s"))
-    try:
-        import trl  # noqa: F401
-
-        emit(lines, "NOTE TRL is installed but its SFTTrainer run is not wired in yet")
-    except ImportError:
-        emit(lines, "SKIP TRL SFTTrainer: trl is not installed (it needs `datasets`; PEFT above is the loop it wraps)")
+    if not has_trl():
+        emit(lines, "SKIP TRL SFTTrainer: trl or datasets is not installed (`pip install .[bench]`)")
     print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'runs': results, 'verdicts': lines})}")
 
 
