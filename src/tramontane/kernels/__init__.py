@@ -77,7 +77,7 @@ class Kernels(Protocol):
                          kscale: torch.Tensor | None, vscale: torch.Tensor | None, tables: torch.Tensor,
                          key_pos: torch.Tensor, write: torch.Tensor, q_pos: torch.Tensor, window: int, scan: int,
                          n_heads: int, n_kv_heads: int) -> torch.Tensor: ...
-    def huge_page_empty(self, nbytes: int) -> torch.Tensor: ...
+    def mapped_empty(self, nbytes: int, huge_pages: bool) -> torch.Tensor: ...
     def trim_heap(self) -> None: ...
     def release_pages(self, address: int, nbytes: int) -> None: ...
     def release_threads(self) -> None: ...
@@ -145,15 +145,17 @@ def release_threads() -> None:
         ext.release_threads()
 
 
-def weight_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uninitialised memory for a weight: on CPU, from 2 MiB pages when it is that large and the kernels
-    are built (see `settle_in_memory`), so that loading puts it where it stays and freeing it gives its
-    pages straight back to the system; elsewhere `torch.empty`."""
+def weight_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu", *,
+                 huge_pages: bool = True) -> torch.Tensor:
+    """Uninitialised memory for a weight: on CPU, when it is 2 MiB or more and the kernels are built, a
+    mapping of its own, so that loading puts it where it stays and freeing it gives its pages straight back
+    to the system, in 2 MiB pages if `huge_pages` (see `mapped_empty` in memory.cpp for when they pay;
+    `settle_in_memory` moves the other weights there); elsewhere `torch.empty`."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     ext = qlinear() if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE else None
     if ext is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    return ext.huge_page_empty(nbytes).view(dtype).view(shape)  # [nbytes] -> shape
+    return ext.mapped_empty(nbytes, huge_pages).view(dtype).view(shape)  # [nbytes] -> shape
 
 
 def _ensure_ninja_on_path() -> None:

@@ -12,7 +12,7 @@ std::string isa();
 std::vector<std::string> isas();
 void set_isa(const std::string& name);
 bool has_bf16();
-torch::Tensor huge_page_empty(int64_t nbytes);
+torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages);
 void trim_heap();
 void release_threads();
 void release_pages(int64_t address, int64_t nbytes);
@@ -33,7 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_amx_min_rows", &block_amx_min_rows, "rows of x from which a GGUF block format's products run on AMX tiles");
   m.def("block_linear", &block_linear, nogil, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
   m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 [N, K]");
-  m.def("huge_page_empty", &huge_page_empty, "uninitialised uint8 [nbytes], in 2 MiB pages where Linux allows");
+  m.def("mapped_empty", &mapped_empty, "uninitialised uint8 [nbytes] in memory of its own, in 2 MiB pages if asked and Linux allows",
+        py::arg("nbytes"), py::arg("huge_pages"));
   m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");
   m.def("release_pages", &release_pages, nogil, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
   m.def("release_threads", &release_threads, "end the calling thread's OpenMP workers (before another thread computes)");

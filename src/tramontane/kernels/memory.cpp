@@ -1,5 +1,5 @@
-// Memory the kernels hand to Python: weights in 2 MiB pages, the C heap and file pages given back, and the
-// OpenMP workers of a thread ended before another computes.
+// Memory the kernels hand to Python: weights in mappings of their own (2 MiB pages where those pay), the C
+// heap and file pages given back, and the OpenMP workers of a thread ended before another computes.
 
 #include "common.h"
 
@@ -10,12 +10,15 @@
 #include <unistd.h>
 #endif
 
-// An uninitialised uint8 tensor of `nbytes` whose memory Linux backs with 2 MiB pages where it can
-// (transparent huge pages, asked for with madvise): a decode step reads every weight once, and with
-// 4 KiB pages the walks for its TLB misses cost batch-1 int4 about 15% of its bandwidth. The memory is
-// mapped directly, 2 MiB-aligned, rather than taken from malloc, whose heap would keep the pages of the
-// tensors it replaces. Elsewhere, or if mapping fails, an ordinary tensor.
-torch::Tensor huge_page_empty(int64_t nbytes) {
+// An uninitialised uint8 tensor of `nbytes`, mapped directly (2 MiB-aligned) rather than taken from
+// malloc, whose heap would keep the pages of the tensors it replaces; with `huge_pages`, backed by 2 MiB
+// pages where Linux allows (transparent huge pages, asked for with madvise). A decode step reads every
+// weight once, and with 4 KiB pages the walks for its TLB misses cost the int4 kernels about 15% of their
+// speed on the 1B shape; the GGUF block formats' kernels, which read each row as one stream, lose 1-1.5%
+// (7B Q4_K_M and Q4_0). A fresh huge page costs its first write far more, though, on a virtual machine
+// whose host takes back free 2 MiB blocks: 0.5-1.7 GB/s where 4 KiB pages go at 3-5 GB/s, so the
+// caller weighs the two. Elsewhere, or if mapping fails, an ordinary tensor.
+torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
   TORCH_CHECK(nbytes >= 0, "nbytes must be >= 0");
 #ifdef __linux__
   constexpr size_t kHuge = size_t(2) << 20;
@@ -29,10 +32,10 @@ torch::Tensor huge_page_empty(int64_t nbytes) {
       if (start + kHuge > aligned) munmap(reinterpret_cast<void*>(aligned + size), start + kHuge - aligned);
       void* p = reinterpret_cast<void*>(aligned);
       // whole huge pages only: the tail stays in 4 KiB pages, so no memory past nbytes becomes resident
-      madvise(p, size_t(nbytes) / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: failure leaves ordinary pages
+      if (huge_pages) madvise(p, size_t(nbytes) / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: failure leaves 4 KiB pages
       // Touch every page now, on every thread: a fresh page costs its first write (the kernel zeroes it,
-      // and a virtual machine's host backs it first), 0.5 GB/s on one thread of this project's VM and
-      // 1.0 on two, so the loader's single-threaded reads that follow only copy.
+      // and a virtual machine's host backs it first), so that the loader's single-threaded reads that
+      // follow only copy. A fresh huge page went at 0.5 GB/s on one thread of this project's VM, 1.0 on two.
       volatile char* bytes = static_cast<char*>(p);
       at::parallel_for(0, (nbytes + 4095) / 4096, 512, [&](int64_t begin, int64_t end) {
         for (int64_t page = begin; page < end; ++page) bytes[page * 4096] = 0;
