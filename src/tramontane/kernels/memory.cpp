@@ -13,11 +13,11 @@
 // An uninitialised uint8 tensor of `nbytes`, mapped directly (2 MiB-aligned) rather than taken from
 // malloc, whose heap would keep the pages of the tensors it replaces; with `huge_pages`, backed by 2 MiB
 // pages where Linux allows (transparent huge pages, asked for with madvise). A decode step reads every
-// weight once, and with 4 KiB pages the walks for its TLB misses cost the int4 kernels about 15% of their
-// speed on the 1B shape; the GGUF block formats' kernels, which read each row as one stream, lose 1-1.5%
-// (7B Q4_K_M and Q4_0). A fresh huge page costs its first write far more, though, on a virtual machine
-// whose host takes back free 2 MiB blocks: 0.5-1.7 GB/s where 4 KiB pages go at 3-5 GB/s, so the
-// caller weighs the two. Elsewhere, or if mapping fails, an ordinary tensor.
+// weight once, and with 4 KiB pages (TLB misses) the 1B shape quantized to int4 decoded 15-17% slower,
+// the 7B shape's GGUF files in their own formats 1-1.5% (Q4_K_M, and Q4_0 on the same int4 kernel). A
+// fresh huge page costs its first write far more, though, on a virtual machine whose host takes back
+// free 2 MiB blocks: 0.5-1.7 GB/s where 4 KiB pages go at 2-5 GB/s, so the caller weighs the two.
+// Elsewhere, or if mapping fails, an ordinary tensor.
 torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
   TORCH_CHECK(nbytes >= 0, "nbytes must be >= 0");
 #ifdef __linux__
