@@ -209,7 +209,7 @@ def settle_in_memory(model: torch.nn.Module, files: set[Path]) -> None:
     of its bandwidth. Moves happen in place (`Tensor.set_`, so every holder of a tensor sees it), one
     tensor at a time, each source's file pages (or freed heap memory) released after its copy: peak
     memory grows by about the largest tensor. Tensors that share storage stay where they are, and so do
-    those that loading already put in memory of their own (`weight_empty`: a GGUF file's block formats
+    those that loading already put in memory of their own (`weight_empty`: a GGUF file's own formats
     stay in 4 KiB pages there, see `_Stacks`).
     """
     pages = _FilePages()

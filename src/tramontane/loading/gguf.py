@@ -154,7 +154,7 @@ class _Stacks:
 
     That memory is in 4 KiB pages: a 7B file's formats decoded only 1-1.5% slower in them than in 2 MiB
     pages (Q4_K_M and Q4_0), while a fresh 2 MiB page's first write tripled the 7B Q4_K_M's load on this
-    project's VM (7.0 s against 2.3)."""
+    project's VM (7.0 s against 4.1)."""
 
     def __init__(self, plan: list[tuple[GGUFTensor, list[str], bool]], keep: Collection[str]) -> None:
         kept = {name: (kind, tensor.shape[-2], row_bytes(kind, tensor.shape[-1]))
