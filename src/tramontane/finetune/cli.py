@@ -15,6 +15,8 @@ from ..quantize import METHODS
 if TYPE_CHECKING:
     from .trainer import TrainConfig
 
+FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype and --base-dtype
+
 
 def add_parser(sub: Any, common: argparse.ArgumentParser, bounded: Any) -> None:
     """Register the `finetune` subcommand on the CLI's subparsers; `bounded` is the CLI's range type."""
@@ -50,8 +52,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, bounded: Any) -> None:
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block's activations in the backward pass instead of keeping them all: less "
                         "memory, about a third more arithmetic (default: on with --quantize, as QLoRA recipes do)")
-    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
-    f.add_argument("--base-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    f.add_argument("--dtype", default="float32", choices=list(FLOATS), help="weights' dtype")
+    f.add_argument("--base-dtype", default="auto", choices=["auto", *FLOATS],
                    help="dtype of the frozen products under the adapters (bases, head); the adapters and sums stay "
                         "in --dtype. auto: bfloat16 on a CPU with AMX (6x faster products), else --dtype")
     f.add_argument("--device", default="cpu")
@@ -85,8 +87,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
     lora = None if a.full else LoraConfig(a.lora_rank, a.lora_alpha, a.lora_dropout, targets)
     config = training_config(a)
-    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
-    base = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.base_dtype) or frozen_dtype(dtype, a.device)
+    dtype = FLOATS[a.dtype]
+    base = frozen_dtype(dtype, a.device) if a.base_dtype == "auto" else FLOATS[a.base_dtype]
     if lora is not None and a.quantize is None:
         print(f"tramontane: frozen products in {str(base).removeprefix('torch.')}, adapters in "
               f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
