@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,6 +20,7 @@ from tramontane.loading import hf, native
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"  # generated checkpoints (git-ignored)
 RESULTS = HERE / "results"
+T = TypeVar("T")
 
 # ~1.0B parameters, Mistral-shaped (GQA 16/8, head_dim 128, SwiGLU)
 MISTRAL_1B = ModelArgs(dim=2048, n_layers=16, head_dim=128, hidden_dim=7168, n_heads=16, n_kv_heads=8,
@@ -119,8 +120,10 @@ def save_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def wait_for_server(proc: subprocess.Popen, url: str, label: str, exited: Callable[[], str] = lambda: "") -> str:
-    """The first model id that `url`/v1/models names, once the server started as `proc` answers there.
+def poll_server(proc: subprocess.Popen, label: str, answer: Callable[[], T | None], interval: float,
+                exited: Callable[[], str] = lambda: "") -> T:
+    """The first result of `answer()` that is not None (an HTTP error counts as None), asked every
+    `interval` seconds while the server started as `proc` runs.
 
     Raises RuntimeError when `proc` exits first (with `exited()`'s detail) or after 300 s."""
     import httpx
@@ -130,13 +133,25 @@ def wait_for_server(proc: subprocess.Popen, url: str, label: str, exited: Callab
         if proc.poll() is not None:
             raise RuntimeError(f"{label} exited with {proc.returncode}{exited()}")
         try:
-            r = httpx.get(f"{url}/v1/models", timeout=2)
-            if r.status_code == 200:
-                return str(r.json()["data"][0]["id"])
+            result = answer()
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{label} did not come up in 300 s")
+            result = None
+        if result is not None:
+            return result
+        time.sleep(interval)
+    raise RuntimeError(f"{label} did not answer in 300 s")
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, label: str, exited: Callable[[], str] = lambda: "") -> str:
+    """The first model id that `url`/v1/models names, once the server started as `proc` answers there
+    (`poll_server`)."""
+    import httpx
+
+    def model_id() -> str | None:
+        r = httpx.get(f"{url}/v1/models", timeout=2)
+        return str(r.json()["data"][0]["id"]) if r.status_code == 200 else None
+
+    return poll_server(proc, label, model_id, 0.5, exited)
 
 
 def stop_server(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]

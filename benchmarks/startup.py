@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 
 from serve import free_port  # noqa: E402
 
-from common import machine, save_result, stop_server  # noqa: E402
+from common import machine, poll_server, save_result, stop_server  # noqa: E402
 from llama_tools import build  # noqa: E402
 
 
@@ -33,19 +33,14 @@ def time_to_answer(argv: list[str], port: int, label: str) -> float:
     """Seconds from starting `argv` until its server completes one token at `port`."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answered() -> float | None:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "The wind", "max_tokens": 1, "temperature": 0})
+        return time.perf_counter() - start if r.status_code == 200 else None
+
     try:
-        while time.perf_counter() - start < 300:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{label} exited with {proc.returncode}: run its command to see why: {argv}")
-            try:
-                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                               json={"prompt": "The wind", "max_tokens": 1, "temperature": 0})
-                if r.status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{label} did not answer in 300 s")
+        return poll_server(proc, label, answered, 0.05, lambda: f": run its command to see why: {argv}")
     finally:
         stop_server(proc)
 
