@@ -188,7 +188,7 @@ class _Stacks:
         if left > 1:
             self._buffers[key] = (buffer, left - 1)
         else:  # every member has its rows: the buffer lives on in their views
-            self._buffers.pop(key, None)
+            del self._buffers[key]
         return buffer[first : first + rows]
 
 
