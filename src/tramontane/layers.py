@@ -103,7 +103,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if T > 1:
         mask = mask.unsqueeze(2).expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, kv, rep * T, D]
-    return out.view(B, H, T, D)
+    return out.reshape(B, H, T, D)  # a view on the CPU; CUDA's kernels may hand back other strides
 
 
 class FeedForward(nn.Module):
