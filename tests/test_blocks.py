@@ -96,7 +96,7 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
     torch.testing.assert_close(layer(x), got)
     big = torch.randn(40, K)
     want = big @ reference(kind, w).T
-    tol = 1e-4 if kernel_policy().prefill_dtype == torch.float32 else 1e-2  # bf16 operands where the CPU has them
+    tol = 1e-4 if kernel_policy().gemm_dtype == torch.float32 else 1e-2  # bf16 operands where the CPU has AMX
     torch.testing.assert_close(layer(big), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
@@ -203,7 +203,7 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, use_policy):
     want = floats(tokens)
     # prefill: dequantize + GEMM, with exact fp32 products (the bf16 ones are tested in test_quantize.py,
     # the AMX tiles that take every row count on AMX CPUs in test_amx_products_of_every_row_count)
-    use_policy(prefill_dtype=torch.float32)
+    use_policy(gemm_dtype=torch.float32)
     ext, best = qlinear(), qlinear().isa()
     ext.set_isa("avx512" if best == "amx" else best)
     try:

@@ -302,19 +302,14 @@ def test_bf16_frozen_products_keep_the_loss_and_gradients(tiny_hf, name: str) ->
 @pytest.mark.parametrize("frozen", [torch.float32, torch.bfloat16])
 def test_prepare_model_keeps_frozen_products_in_the_policys_dtype(tiny_hf, use_policy, frozen) -> None:
     from tramontane.finetune import prepare_model
-    from tramontane.kernels import qlinear
-    from tramontane.kernels.policy import KernelPolicy
 
     _, folder = tiny_hf("mistral-nowindow")
-    use_policy(frozen_dtype=frozen)
+    use_policy(gemm_dtype=frozen)
     model = prepare_model(folder, LoraConfig(rank=4))
     assert model.layers[0].feed_forward.w2.base.weight.dtype == frozen
     assert prepare_model(folder, LoraConfig(rank=4), base_dtype=torch.float32).output.weight.dtype == torch.float32
     assert isinstance(prepare_model(folder, LoraConfig(rank=4), quantize="int8").layers[0].attention.wq.base,
                       Int8Linear)
-    ext = qlinear()  # bf16 only where AMX multiplies it: without, PyTorch's bf16 GEMM is slower than fp32
-    amx = ext is not None and "amx" in ext.isas()
-    assert KernelPolicy.detect().frozen_dtype == (torch.bfloat16 if amx else torch.float32)
 
 
 def _note_size(sizes: list[int], t: torch.Tensor) -> torch.Tensor:

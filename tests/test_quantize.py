@@ -158,8 +158,8 @@ def test_int4_dequantize_kernel_matches_reference(ext):
 
 @pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
 def test_modules_use_kernel_and_fallback_alike(use_policy, gemm, vector_kernels):
-    # 40 output rows: big inputs go through 3 tiles; bf16 is what CPUs with fast bf16 products use
-    use_policy(prefill_tile=16, prefill_dtype=gemm)
+    # 40 output rows: big inputs go through 3 tiles; bf16 is what CPUs with AMX use
+    use_policy(prefill_tile=16, gemm_dtype=gemm)
     w = torch.randn(40, 64)
     for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True)):
         small, big = torch.randn(2, 3, 64), torch.randn(40, 64)  # big goes through dequantize + matmul
@@ -190,16 +190,12 @@ def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, use_polic
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_product_dtype_follows_the_cpu_features():
-    from pathlib import Path
-
+def test_gemm_dtype_follows_the_cpu_features():
     from tramontane.kernels.policy import KernelPolicy, kernel_policy
 
-    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    if "avx512_bf16" in flags:
-        assert qlinear().has_bf16()
+    # bf16 only where AMX multiplies it: with AVX512-BF16 alone, bf16 products are slower than fp32
     policy = kernel_policy()
-    assert policy.prefill_dtype == (torch.bfloat16 if qlinear().has_bf16() else torch.float32)
+    assert policy.gemm_dtype == (torch.bfloat16 if "amx" in qlinear().isas() else torch.float32)
     assert policy is kernel_policy() and KernelPolicy.detect() == policy  # decided once, the same every time
 
 
@@ -207,7 +203,7 @@ def test_prefill_product_dtype_follows_the_cpu_features():
 @pytest.mark.parametrize("method", ["int8", "int4", "int4_asym"])
 def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, tiny_hf, method, use_policy,
                                                                    vector_kernels):
-    use_policy(prefill_dtype=torch.float32)  # exact products (bf16: tested above)
+    use_policy(gemm_dtype=torch.float32)  # exact products (bf16: tested above)
     _, folder = tiny_hf(tiny_name)
     model = load_model(folder, quantize=method)
     assert model.quantization == QuantConfig(method)
@@ -238,7 +234,7 @@ def test_quantized_model_equals_fp32_model_with_dequantized_weights(tiny_name, t
     for h in hooks:
         h.remove()
     # ... and off: dequantize-and-matmul is the fp32 model exactly, in a full forward and through the cache
-    use_policy(prefill_dtype=torch.float32, small_batch=0)
+    use_policy(gemm_dtype=torch.float32, small_batch=0)
     torch.testing.assert_close(model(x), sim(x), atol=1e-4, rtol=1e-4)
     out = generate(model, [x[0].tolist()], max_tokens=12)[0].tokens
     full = model(torch.tensor([x[0].tolist() + out]))[0, 19:-1].argmax(-1).tolist()

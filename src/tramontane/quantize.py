@@ -103,11 +103,11 @@ class QuantLinearBase(nn.Module):
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T dequantizing the policy's prefill_tile output rows at a time: each tile is multiplied
         while it is still in cache, instead of writing the whole float matrix to memory and reading it
-        back. Where the CPU multiplies bf16 much faster than fp32 (AMX, AVX512-BF16), tiles and
-        activations are rounded to bf16 for the product (accumulated in fp32), as weights that are
+        back. Where the CPU multiplies bf16 much faster than fp32 (the policy's gemm_dtype: AMX), tiles
+        and activations are rounded to bf16 for the product (accumulated in fp32), as weights that are
         already 8 or 4 bits lose little more; elsewhere the product stays fp32."""
         policy = kernel_policy()
-        dtype, tile = policy.prefill_dtype, policy.prefill_tile
+        dtype, tile = policy.gemm_dtype, policy.prefill_tile
         out = torch.empty(self.out_features, x.shape[0], dtype=dtype)  # [out, M]: tiles fill rows
         xt = x.t().to(dtype)
         for r0 in range(0, self.out_features, tile):

@@ -28,7 +28,7 @@ DEFAULT_CONFIG = TrainConfig()
 def frozen_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype a LoRA run keeps its frozen float products in by default: the kernel policy's on a CPU
     (bf16 with AMX), else the model's."""
-    return kernel_policy().frozen_dtype if torch.device(device).type == "cpu" and dtype == torch.float32 else dtype
+    return kernel_policy().gemm_dtype if torch.device(device).type == "cpu" and dtype == torch.float32 else dtype
 
 
 def prepare_model(path: str | Path, lora: LoraConfig | None, quantize: str | None = None,

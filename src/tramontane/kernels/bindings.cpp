@@ -11,7 +11,6 @@
 std::string isa();
 std::vector<std::string> isas();
 void set_isa(const std::string& name);
-bool has_bf16();
 torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages);
 void trim_heap();
 void release_threads();
@@ -39,7 +38,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_pages", &release_pages, nogil, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
   m.def("release_threads", &release_threads, "end the calling thread's OpenMP workers (before another thread computes)");
   m.def("isa", &isa, "the instruction set in use");
-  m.def("has_bf16", &has_bf16, "whether the CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16)");
   m.def("isas", &isas, "the instruction sets this CPU can run the kernels with, best last");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx_vnni, avx512, amx");
   m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;

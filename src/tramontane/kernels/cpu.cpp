@@ -12,16 +12,6 @@ std::string isa() {
   return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvxVnni ? "avx_vnni" : i == Isa::kAvx2 ? "avx2" : "portable";
 }
 
-// bf16 products in hardware: AMX-BF16 tiles (where the system grants them) or AVX512-BF16 dot products.
-bool has_bf16() {
-#ifdef TRAMONTANE_X86
-  __builtin_cpu_init();
-  return amx_available() || __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
 // The instruction sets this CPU can run the kernels with, best last.
 std::vector<std::string> isas() {
   const Isa best = detect_isa();

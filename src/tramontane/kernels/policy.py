@@ -2,14 +2,13 @@
 
 Quantized and fp32 layers, and the native decode stack, ask the one `KernelPolicy` instead of each
 deciding for itself: up to `small_batch` rows of activations (decode) the vector kernels win; beyond,
-weights are dequantized `prefill_tile` output rows at a time and multiplied in `prefill_dtype`, bf16
-where the CPU multiplies bf16 in hardware (AMX-BF16, AVX512-BF16), else fp32. The instruction set is
-the kernels' own choice (the best the CPU has, `Kernels.isa()`), which tests lower with `set_isa`.
-Training keeps its frozen float products in `frozen_dtype`.
+weights are dequantized `prefill_tile` output rows at a time and multiplied in `gemm_dtype`. Training
+keeps its frozen float products in the same `gemm_dtype`. The instruction set is the kernels' own
+choice (the best the CPU has, `Kernels.isa()`), which tests lower with `set_isa`.
 
 Example:
     >>> p = kernel_policy()
-    >>> p.prefill_dtype, p.vector_wins(rows=4, amx_tiles=False, in_features=4096)
+    >>> p.gemm_dtype, p.vector_wins(rows=4, amx_tiles=False, in_features=4096)
     (torch.bfloat16, True)
 """
 
@@ -31,21 +30,20 @@ class KernelPolicy:
     # Output rows dequantized at a time for a GEMM (measured on the 1B shape, 512 rows: 1024 rows beat
     # dequantizing whole matrices by 10%; smaller tiles pay for more, smaller GEMMs).
     prefill_tile: int = 1024
-    # The GEMM's operands: on this project's AMX Xeon bf16 products measured 6x faster than fp32; on
-    # CPUs without bf16 arithmetic they are several times slower.
-    prefill_dtype: torch.dtype = torch.float32
-    # The dtype training keeps its frozen float products in (lora.lower_frozen): bf16 only with AMX
-    # tiles, where PyTorch's bf16 GEMM ran 6.4x its fp32 one; with AVX512-BF16 alone (oneDNN held to
-    # it by ONEDNN_MAX_CPU_ISA) it ran at 0.68x fp32, so there the products stay fp32.
-    frozen_dtype: torch.dtype = torch.float32
+    # The operands of big float products: a quantized layer's dequantized tiles (beyond small_batch
+    # rows) and training's frozen products (lora.lower_frozen). bf16 only with AMX tiles, where PyTorch's
+    # bf16 GEMM ran 6.4x its fp32 one on this project's Xeon. With AVX512-BF16 alone (oneDNN held to it
+    # by ONEDNN_MAX_CPU_ISA, our kernels by set_isa) bf16 lost: the GEMM ran 0.68x fp32 and the prefill
+    # products of int4/int8 layers 0.62x, as the instruction does (vdpbf16ps gives 0.51x the
+    # multiply-adds of fp32 FMA there, benchmarks/dot_rates.py). A CPU whose bf16 dot outruns its FMA
+    # (not measured here) can still ask for bf16: `--base-dtype bfloat16` for training.
+    gemm_dtype: torch.dtype = torch.float32
 
     @classmethod
     def detect(cls) -> KernelPolicy:
         kernels = qlinear()
-        fast_bf16 = kernels is not None and kernels.has_bf16()
         amx = kernels is not None and "amx" in kernels.isas()
-        return cls(kernels, prefill_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
-                   frozen_dtype=torch.bfloat16 if amx else torch.float32)
+        return cls(kernels, gemm_dtype=torch.bfloat16 if amx else torch.float32)
 
     def vector_wins(self, rows: int, amx_tiles: bool, in_features: int) -> bool:
         """Whether a quantized layer's kernel beats dequantize + GEMM for `rows` rows of activations: at
