@@ -352,3 +352,37 @@ def test_cli_turns_gradient_checkpointing_on_for_quantized_bases() -> None:
     assert config("--quantize", "int4").gradient_checkpointing
     assert not config("--quantize", "int4", "--no-gradient-checkpointing").gradient_checkpointing
     assert config("--gradient-checkpointing").gradient_checkpointing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_cross_entropy_walks_the_vocabulary_in_slices_exactly(dtype) -> None:
+    from tramontane.finetune.loss import VOCAB_SLICE, head_cross_entropy
+
+    vocab = 2 * VOCAB_SLICE + 123  # three slices, the last a short one
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, 48, generator=g) * 0.5).to(dtype)
+    h = torch.randn(37, 48, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (37,), generator=g)
+    targets[:3] = torch.tensor([0, VOCAB_SLICE, vocab - 1])  # slice edges
+    loss = head_cross_entropy(h, weight, targets)
+    (grad,) = torch.autograd.grad(loss * 0.5, h)  # the backward scales by the incoming gradient
+    ref_h = h.detach().clone().requires_grad_(True)
+    logits = torch.nn.functional.linear(ref_h.to(dtype), weight).float()  # as FrozenLinear multiplies
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (ref * 0.5).backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the slices' products round separately
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    assert float((grad - ref_h.grad).norm() / ref_h.grad.norm()) < tol
+
+
+def test_the_fused_loss_takes_frozen_float_heads_only(tiny_hf) -> None:
+    from tramontane.finetune import prepare_model
+    from tramontane.finetune.loss import frozen_head
+
+    _, folder = tiny_hf("mistral-nowindow")
+    lora = prepare_model(folder, LoraConfig(rank=4), base_dtype=torch.bfloat16)
+    assert frozen_head(lora) is lora.output.weight and lora.output.weight.dtype == torch.bfloat16
+    assert frozen_head(prepare_model(folder, lora=None)) is None  # full training: the head trains
+    _, tied = tiny_hf("llama-tied")
+    model = prepare_model(tied, LoraConfig(rank=4), base_dtype=torch.float32)
+    assert model.output is None and frozen_head(model) is model.tok_embeddings.weight

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..model import Transformer
 from .data import Example
+from .loss import scored_loss
 from .packing import IGNORE, Batch, epoch_plan, make_batch
 from .schedule import warmup_cosine
 
@@ -121,8 +121,7 @@ class Trainer:
             h = self.model.features(batch.tokens, batch.positions, segments=batch.segments,
                                     recompute=self.config.gradient_checkpointing)  # [1, T, dim]
             scored = batch.targets.view(-1) != IGNORE
-            logits = self.model.project(h.view(-1, h.shape[-1])[scored])  # [n_targets, vocab]
-        return F.cross_entropy(logits.float(), batch.targets.view(-1)[scored], reduction="sum")
+            return scored_loss(self.model, h.view(-1, h.shape[-1])[scored], batch.targets.view(-1)[scored])
 
     def train_step(self) -> float:
         """One optimizer step over `grad_accum` batches; returns its mean loss per scored target."""
