@@ -13,8 +13,10 @@ TRL's SFTTrainer trains the same PEFT model too when `trl` and `datasets` are in
 at its own defaults (SFTConfig: bf16 autocast and gradient checkpointing on), with the same batch and
 schedule (its own data order), and ours must be 1.5x it as well.
 
-Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2]
+Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--rounds N]
   --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
+  --rounds N: every system's speed run N times, interleaved; each keeps its median, the faster of two (runs on this VM
+  vary by 10% and more, so one round can flip a thin verdict).
 """
 
 from __future__ import annotations
@@ -187,15 +189,23 @@ def emit(lines: list[str], text: str) -> None:
 
 
 def speed_runs(lines: list[str], results: dict[str, dict], label: str, path: Path, hf_path: Path, seq: int,
-               steps: int, accum: int) -> dict[str, dict]:
+               steps: int, accum: int, rounds: int) -> dict[str, dict]:
     """Ours as `finetune` runs by default and with fp32 frozen products, PEFT in fp32 and under bf16
-    autocast, one after the other; the verdicts compare ours (default) with PEFT's default (fp32)."""
-    runs = {"ours": run("tramontane", path, hf_path, seq, steps, accum),
-            "ours fp32": run("tramontane", path, hf_path, seq, steps, accum, base="float32"),
-            "peft": run("peft", path, hf_path, seq, steps, accum),
-            "peft bf16": run("peft", path, hf_path, seq, steps, accum, bf16=True)}
+    autocast (and TRL), one after the other, `rounds` times over; each keeps its median round by speed (the faster of two)
+    (its peak RSS the highest of its rounds). The verdicts compare ours (default) with PEFT's default (fp32)."""
+    systems = {"ours": dict(system="tramontane"), "ours fp32": dict(system="tramontane", base="float32"),
+               "peft": dict(system="peft"), "peft bf16": dict(system="peft", bf16=True)}
     if has_trl():
-        runs["trl"] = run("trl", path, hf_path, seq, steps, accum)
+        systems["trl"] = dict(system="trl")
+    tries: dict[str, list[dict]] = {name: [] for name in systems}
+    for _ in range(rounds):  # interleaved: a slow spell of the machine touches every system alike
+        for name, kw in systems.items():
+            tries[name].append(run(path=path, hf_path=hf_path, seq=seq, steps=steps, accum=accum, **kw))
+    runs = {}
+    for name, done in tries.items():
+        speeds = sorted(done, key=lambda r: r["tokens_per_s"])
+        runs[name] = {**speeds[len(speeds) // 2], "peak_rss": max(r["peak_rss"] for r in done),
+                      "rounds_tokens_per_s": [r["tokens_per_s"] for r in done]}
     results.update({f"{label} {name}": r for name, r in runs.items()})
     ours, peft = runs["ours"], runs["peft"]
     ratio = ours["tokens_per_s"] / peft["tokens_per_s"]
@@ -236,6 +246,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed steps per run (the first is not timed)")
     ap.add_argument("--curve-steps", type=int)
     ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="speed runs of every system, interleaved (median kept)")
     a = ap.parse_args()
     seq = a.seq or (128 if a.quick else 512)
     steps = a.steps or (3 if a.quick else 6)
@@ -245,7 +256,7 @@ def main() -> None:
 
     if not a.skip_smollm2:
         gguf, hf_folder, data = smollm2_folders()
-        runs = speed_runs(lines, results, "SmolLM2", gguf, hf_folder, seq, steps, a.grad_accum)
+        runs = speed_runs(lines, results, "SmolLM2", gguf, hf_folder, seq, steps, a.grad_accum, a.rounds)
         for system in ("tramontane", "peft"):
             results[f"curve {system}"] = run(system, gguf, hf_folder, seq, curve, 1, data=str(data))
         a_curve, b_curve = results["curve tramontane"]["losses"], results["curve peft"]["losses"]
@@ -265,7 +276,7 @@ def main() -> None:
         label = "1B" if not a.quick else "mini"
         native_path = ensure_checkpoint(f"mistral-{label}", shape, "native", torch.float32)
         hf_path = ensure_checkpoint(f"mistral-{label}", shape, "hf", torch.float32)
-        runs = speed_runs(lines, results, label, native_path, hf_path, seq, steps, a.grad_accum)
+        runs = speed_runs(lines, results, label, native_path, hf_path, seq, steps, a.grad_accum, a.rounds)
         q4 = results[f"{label} tramontane int4"] = run("tramontane", native_path, hf_path, seq, steps, a.grad_accum, "int4")
         fp32 = runs["ours fp32"]
         emit(lines, verdict(q4["peak_rss"] <= 0.5 * fp32["peak_rss"],
@@ -274,7 +285,7 @@ def main() -> None:
                              f"{q4['tokens_per_s']:.0f} tokens/s"))
     if not has_trl():
         emit(lines, "SKIP TRL SFTTrainer: trl or datasets is not installed (`pip install .[bench]`)")
-    print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'runs': results, 'verdicts': lines})}")
+    print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'rounds': a.rounds, 'runs': results, 'verdicts': lines})}")
 
 
 if __name__ == "__main__":
