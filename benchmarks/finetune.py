@@ -15,8 +15,8 @@ schedule (its own data order), and ours must be 1.5x it as well.
 
 Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--rounds N]
   --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
-  --rounds N: every system's speed run N times, interleaved; each keeps its median, the faster of two (runs on this VM
-  vary by 10% and more, so one round can flip a thin verdict).
+  --rounds N: every system's speed run N times, interleaved; each keeps its median, the faster of two
+  (runs on this VM vary by 10% and more, so one round can flip a thin verdict).
 """
 
 from __future__ import annotations
