@@ -190,13 +190,27 @@ def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, use_polic
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_gemm_dtype_follows_the_cpu_features():
+def test_gemm_dtype_follows_the_cpu_features(monkeypatch):
+    import tramontane.kernels.policy as policy_module
     from tramontane.kernels.policy import KernelPolicy, kernel_policy
 
     # bf16 only where AMX multiplies it: with AVX512-BF16 alone, bf16 products are slower than fp32
     policy = kernel_policy()
     assert policy.gemm_dtype == (torch.bfloat16 if "amx" in qlinear().isas() else torch.float32)
     assert policy is kernel_policy() and KernelPolicy.detect() == policy  # decided once, the same every time
+
+    class Cpu:  # the kernels of a CPU with these instruction sets
+        def __init__(self, *isas: str) -> None:
+            self.names = ["portable", *isas]
+
+        def isas(self) -> list[str]:
+            return self.names
+
+    for isas, want in [(("avx2", "avx512"), torch.float32), (("avx2", "avx512", "amx"), torch.bfloat16)]:
+        monkeypatch.setattr(policy_module, "qlinear", lambda isas=isas: Cpu(*isas))
+        assert KernelPolicy.detect().gemm_dtype == want, isas
+    monkeypatch.setattr(policy_module, "qlinear", lambda: None)  # no kernels: plain PyTorch, fp32
+    assert KernelPolicy.detect().gemm_dtype == torch.float32
 
 
 @torch.no_grad()
