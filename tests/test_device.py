@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_avai
 
 @pytest.fixture(autouse=True)
 def full_fp32_products():
-    """fp32 products in fp32 on the GPU too (no TF32), so that 1e-4 holds."""
+    """fp32 products in fp32 on the GPU too (no TF32), so that 1e-4 holds. (Not monkeypatch: the flag
+    is no real attribute, and monkeypatch's undo deletes it.)"""
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
