@@ -191,8 +191,9 @@ def emit(lines: list[str], text: str) -> None:
 def speed_runs(lines: list[str], results: dict[str, dict], label: str, path: Path, hf_path: Path, seq: int,
                steps: int, accum: int, rounds: int) -> dict[str, dict]:
     """Ours as `finetune` runs by default and with fp32 frozen products, PEFT in fp32 and under bf16
-    autocast (and TRL), one after the other, `rounds` times over; each keeps its median round by speed (the faster of two)
-    (its peak RSS the highest of its rounds). The verdicts compare ours (default) with PEFT's default (fp32)."""
+    autocast (and TRL), one after the other, `rounds` times over. Each keeps its median round by speed (of
+    two, the faster) and the highest peak RSS of its rounds. The verdicts compare ours (default) with
+    PEFT's default (fp32)."""
     systems = {"ours": dict(system="tramontane"), "ours fp32": dict(system="tramontane", base="float32"),
                "peft": dict(system="peft"), "peft bf16": dict(system="peft", bf16=True)}
     if has_trl():

@@ -377,7 +377,7 @@ def test_head_cross_entropy_walks_the_vocabulary_in_slices_exactly(dtype) -> Non
 
 def test_the_fused_loss_takes_frozen_float_heads_only(tiny_hf) -> None:
     from tramontane.finetune import prepare_model
-    from tramontane.finetune.loss import frozen_head
+    from tramontane.lora import frozen_head
 
     _, folder = tiny_hf("mistral-nowindow")
     lora = prepare_model(folder, LoraConfig(rank=4), base_dtype=torch.bfloat16)

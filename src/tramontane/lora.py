@@ -102,10 +102,26 @@ def lower_frozen(model: Transformer, dtype: torch.dtype) -> Transformer:
     for module in model.modules():
         if isinstance(module, LoraLinear) and isinstance(module.base, nn.Linear):  # FastLinear too
             module.base = FrozenLinear.of(module.base.weight, dtype)
-    head = getattr(model.tok_embeddings if model.output is None else model.output, "weight", None)
-    if model.args.head is None and isinstance(head, torch.Tensor) and head.is_floating_point() and not head.requires_grad:
+    head = frozen_head(model)
+    if head is not None:
         model.output = FrozenLinear.of(head, dtype)
     return model
+
+
+def frozen_head(model: Transformer) -> torch.Tensor | None:
+    """The language-model head's weight [vocab, dim] when it is a frozen float matrix: a bias-free
+    `nn.Linear` (FrozenLinear and FastLinear too) or the tied embedding table; else None (a head that
+    trains, a quantized head, a task head)."""
+    if model.args.head is not None:
+        return None
+    head = model.output
+    if head is None:
+        weight = model.tok_embeddings.weight
+    elif isinstance(head, nn.Linear) and head.bias is None:
+        weight = head.weight
+    else:
+        return None
+    return weight if weight.is_floating_point() and not weight.requires_grad else None
 
 
 def merge_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
