@@ -78,15 +78,19 @@ def cpu_flags() -> set[str]:
         return set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
 
 
-def rate(cc: str, folder: Path, name: str, flag: str, kind: str, start: str, step: str) -> float:
-    """Instructions per second of `step` on one thread."""
+def build(cc: str, folder: Path, flag: str, kind: str, start: str, step: str) -> Path:
+    """The compiled timing program of `step` (see `program`)."""
     source = folder / f"{flag.strip('-')}.c"
     source.write_text(program(kind, start, step))
     binary = source.with_suffix("")
     subprocess.run([cc, "-O2", "-mavx512f", flag, str(source), "-o", str(binary)], check=True)
-    out = subprocess.run(["taskset", "-c", "0", str(binary)] if shutil.which("taskset") else [str(binary)],
-                         check=True, capture_output=True, text=True).stdout
-    return float(out)
+    return binary
+
+
+def rate(binary: Path) -> float:
+    """Instructions per second that `binary` measures, on one thread (pinned to CPU 0 where taskset exists)."""
+    command = ["taskset", "-c", "0", str(binary)] if shutil.which("taskset") else [str(binary)]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -100,7 +104,8 @@ def main() -> None:
             if cpu_flag not in flags:
                 print(f"SKIP {name}: this CPU has no {cpu_flag}")
                 continue
-            per_s = max(rate(cc, Path(tmp), name, cc_flag, kind, start, step) for _ in range(3))
+            binary = build(cc, Path(tmp), cc_flag, kind, start, step)
+            per_s = max(rate(binary) for _ in range(3))
             results[name] = {"instructions_per_s": per_s, "macs_per_s": per_s * per}
     base = results.get("fp32 FMA (vfmadd231ps)", {}).get("macs_per_s")
     for name, r in results.items():
