@@ -96,7 +96,9 @@ async def _api_error(request: HTTPRequest, exc: Exception) -> JSONResponse:
 async def _http_error(request: HTTPRequest, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return APIError(exc.status_code, str(exc.detail), kind=kind).response()
+    response = APIError(exc.status_code, str(exc.detail), kind=kind).response()
+    response.headers.update(exc.headers or {})  # a 405's `Allow`, which HTTP requires
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:
