@@ -57,6 +57,21 @@ def host_list(text: str) -> tuple[str, ...]:
     return hosts
 
 
+def origin_list(text: str) -> tuple[str, ...]:
+    """`--cors-origins https://a.example,http://localhost:3000` as a checked tuple of origins."""
+    try:
+        from .server.cors import cors_origins
+
+        origins = tuple(sorted(cors_origins(text.split(","))))
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(f"serve needs the server extras: pip install 'tramontane[serve]' ({e})") from e
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("cors_origins: ")) from e
+    if not origins:
+        raise argparse.ArgumentTypeError("expected origins separated by commas")
+    return origins
+
+
 def named_adapter(text: str) -> tuple[str, Path]:
     """`serve --lora NAME=DIR` as (NAME, DIR); a bare DIR is named after its folder."""
     name, sep, folder = text.partition("=")
@@ -538,7 +553,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
           f"{'; adapters ' + ', '.join(n for n, _ in a.lora) if a.lora else ''}", flush=True)
     run(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
         request_timeout=a.request_timeout or None, limits=limits, connections=connections,
-        extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora])
+        extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora], cors=a.cors_origins)
     if engine.failed is not None:
         from .parallel import ParallelError
 
@@ -658,10 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="native folder, Hugging Face folder or .gguf file (default: embedded SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port (default 8000)")
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health, /metrics)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' (all but "
+                    "/health, /metrics)")
     sv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: file/folder name)")
     sv.add_argument("--allowed-hosts", type=host_list, default=(),
                     help="without --api-key, Host names answered besides localhost and --host: a,b,... ('*': any)")
+    sv.add_argument("--cors-origins", type=origin_list, default=(),
+                    help="web page origins that may call the API from a browser: https://a.example,... ('*': any; "
+                    "default none); never with credentials")
     sv.add_argument("--max-batch", type=bounded(int, 1, MAX_BATCH), default=16,
                     help=f"sequences decoded together; KV cache rows (default 16, at most {MAX_BATCH})")
     sv.add_argument("--max-queue", type=bounded(int, 1, MAX_QUEUE), default=256,

@@ -30,9 +30,10 @@ from ..errors import TokenizerError
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import Job, Submission, submit
+from .cors import Cors, cors_origins
 from .errors import APIError, bad_request, field_of, install_error_handlers
 from .limits import ServerLimits, check_prompt_chars, scan_text
-from .middleware import LOCAL_HOSTS, BearerAuth, BodyLimit, CatchAll, HostCheck, LoopbackDocs
+from .middleware import LOCAL_HOSTS, BodyLimit, CatchAll, HostCheck, KeyAuth, LoopbackDocs
 from .schemas import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletionRequest,
@@ -72,16 +73,18 @@ def create_app(
     limits: ServerLimits | None = None,
     allowed_hosts: Iterable[str] = LOCAL_HOSTS,
     adapters: Sequence[str] = (),
+    cors: Iterable[str] = (),
 ) -> FastAPI:
     """An OpenAI-compatible app serving `engine` under `model_name`.
 
     The app starts the engine's thread when it starts and stops it when it shuts down. With `api_key`,
-    every path but /health and /metrics needs `Authorization: Bearer <api_key>`; without one, only
+    every path but /health and /metrics needs `Authorization: Bearer <api_key>` or `x-api-key`; without one, only
     `Host` headers among `allowed_hosts` ('*': any) are answered and /docs only to loopback clients.
     Each request ends with an error after `request_timeout` seconds (None: never) and is bounded by
     `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with
     an error (for shutdown). `adapters` names the LoRA adapters served on the engine's model (engine
     adapter i + 1 for `adapters[i]`): a request's "model" picks one, or the base model by `model_name`.
+    Web pages on the `cors` origins ('*': any) may call the API (`cors.Cors`).
     """
     limits = limits or ServerLimits()
     served = getattr(engine, "adapters", None)
@@ -90,6 +93,7 @@ def create_app(
                          "engine serves")
     if len(set(adapters)) != len(adapters) or model_name in adapters:
         raise ValueError(f"adapters: names must differ from each other and from the model's ({model_name!r})")
+    origins = cors_origins(cors)
     server = OpenAIServer(engine, tokenizer, model_name, request_timeout, limits, tuple(adapters))
 
     @asynccontextmanager
@@ -103,15 +107,17 @@ def create_app(
     app = FastAPI(title="tramontane", summary="OpenAI-compatible API", lifespan=lifespan)
     app.state.drain = server.drain
     install_error_handlers(app)
-    # the last added runs first: CatchAll, HostCheck or BearerAuth, LoopbackDocs, BodyLimit
+    # the last added runs first: Cors, CatchAll, HostCheck or KeyAuth, LoopbackDocs, BodyLimit
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes, timeout=limits.body_timeout)
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(KeyAuth, api_key=api_key, open_paths=OPEN_PATHS)
     else:
         app.add_middleware(LoopbackDocs)
         hosts = frozenset(h.lower().strip("[]") for h in allowed_hosts)
         app.add_middleware(HostCheck, hosts=hosts, open_paths=OPEN_PATHS)
     app.add_middleware(CatchAll)
+    if origins:
+        app.add_middleware(Cors, origins=origins)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
     app.add_api_route("/v1/models", server.list_models, methods=["GET"])

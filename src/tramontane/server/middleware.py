@@ -2,7 +2,7 @@
 
 From the outside in (`create_app` stacks them): `CatchAll` answers an unexpected exception with an
 OpenAI 500 and keeps the connection; `HostCheck` refuses a `Host` header that is not this server's
-(DNS rebinding, when no key guards the API); `BearerAuth` checks the API key before the body is read;
+(DNS rebinding, when no key guards the API); `KeyAuth` checks the API key before the body is read;
 `LoopbackDocs` serves /docs and /openapi.json to this machine only; `BodyLimit` reads the body up to
 a size and a deadline before anything parses it.
 """
@@ -95,23 +95,26 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
-class BearerAuth:
-    """Every path except `open_paths` needs `Authorization: Bearer <key>`.
+class KeyAuth:
+    """Every path except `open_paths` needs the key, as `Authorization: Bearer <key>` (OpenAI's and
+    Mistral's clients) or `x-api-key: <key>` (Anthropic's); each of the two that is sent must hold it.
 
     It answers 401 before the body is read, so a request without the key learns nothing else.
     """
 
     def __init__(self, app: ASGIApp, api_key: str, open_paths: Sequence[str] = ()) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.bearer = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
         self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
-            given = _header(scope, b"authorization") or b""
-            if not secrets.compare_digest(given, self.expected):
+            given = [(v, self.bearer) for v in [_header(scope, b"authorization")] if v is not None]
+            given += [(v, self.key) for v in [_header(scope, b"x-api-key")] if v is not None]
+            if not given or not all(secrets.compare_digest(v, want) for v, want in given):
                 message = "missing API key" if not given else "incorrect API key"
-                error = APIError(401, f"{message}: send the header 'Authorization: Bearer <key>'",
+                error = APIError(401, f"{message}: send the header 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                                  code="invalid_api_key")
                 await error.response()(scope, receive, send)
                 return
@@ -120,7 +123,7 @@ class BearerAuth:
 
 class LoopbackDocs:
     """The interactive docs and the OpenAPI schema, for clients on this machine only (used when no
-    API key is set; with a key, `BearerAuth` guards them like every other path)."""
+    API key is set; with a key, `KeyAuth` guards them like every other path)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

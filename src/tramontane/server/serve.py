@@ -184,15 +184,17 @@ def run(
     extra_hosts: Iterable[str] = (),
     log_level: str = "info",
     adapters: Sequence[str] = (),
+    cors: Iterable[str] = (),
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (`GracefulServer`) and return.
 
     Without `api_key`, only `Host` headers naming localhost, `host` or one of `extra_hosts` are answered.
-    `adapters` names the engine's LoRA adapters (`load_engine(lora=...)`), in order.
+    `adapters` names the engine's LoRA adapters (`load_engine(lora=...)`), in order; web pages on the `cors`
+    origins may call the API.
     """
     connections = connections or ConnectionLimits()
     app = create_app(engine, tokenizer, model_name, api_key, request_timeout=request_timeout, limits=limits,
-                     allowed_hosts=allowed_hosts(host, extra_hosts), adapters=adapters)
+                     allowed_hosts=allowed_hosts(host, extra_hosts), adapters=adapters, cors=cors)
     server = GracefulServer(server_config(app, host, port, connections, log_level), app.state.drain,
                             connections.shutdown_timeout)
     if threading.current_thread() is not threading.main_thread():
