@@ -88,6 +88,8 @@ class IdText(IdTokenizer):
     name = "ids"
     vocab_size = 128
     has_fim = False
+    has_tool_calls = False
+    chat_format = "none"
 
     def decode(self, ids: list[int]) -> str:
         return "".join(f"<{t}>" for t in ids)
@@ -102,6 +104,7 @@ def test_server_picks_the_adapter_by_model_name(served) -> None:
         listed = client.get("/v1/models").json()["data"]
         assert [m["id"] for m in listed] == ["tiny", "first", "second"]
         assert listed[1]["parent"] == "tiny" and client.get("/v1/models/second").status_code == 200
+        assert listed[1]["type"] == "fine-tuned" and listed[1]["root"] == "tiny" and listed[0]["type"] == "base"
         for name, single in zip(["tiny", "first", "second"], singles):
             r = client.post("/v1/completions", json={"model": name, "prompt": ids, "max_tokens": 5, "temperature": 0})
             assert r.status_code == 200, r.text

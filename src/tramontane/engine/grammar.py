@@ -77,11 +77,12 @@ def response_format_grammar(fmt: Mapping[str, Any] | None) -> str | None:
     return json_schema_grammar(schema, "response_format.json_schema.schema")
 
 
-def tool_call_grammar(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], name: str | None) -> str:
+def tool_call_grammar(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], name: str | None,
+                      single: bool = False) -> str:
     """The grammar of a forced tool call (`tool_choice` "required", or the named function `name`) in the
-    tokenizer's own layout: `[TOOL_CALLS]` then a JSON list of calls (Mistral v2-v7), or
-    `[TOOL_CALLS]name[ARGS]{arguments}` (v11+). Raises ValueError naming tool_choice where the
-    vocabulary has no tool-call token."""
+    tokenizer's own layout: `[TOOL_CALLS]` then a JSON list of calls (Mistral v2-v7; of one call with
+    `single`), or `[TOOL_CALLS]name[ARGS]{arguments}` (v11+, one call). Raises ValueError naming
+    tool_choice where the vocabulary has no tool-call token."""
     marker = tokenizer._tool_calls_id
     if marker is None:
         raise ValueError(f"tool_choice: the tokenizer ({tokenizer.name}) has no tool-call token, so a forced "
@@ -92,7 +93,7 @@ def tool_call_grammar(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], 
     if not functions:
         raise ValueError("tool_choice: no function to call among the tools")
     lark = _lark_args_calls(tokenizer, functions, marker) if tokenizer._args_id is not None \
-        else _lark_json_calls(functions, marker)
+        else _lark_json_calls(functions, marker, single)
     return str(_llguidance().LLMatcher.grammar_from_lark(lark))
 
 
@@ -101,10 +102,11 @@ def _parameters(function: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params) if isinstance(params, Mapping) else {"type": "object"}
 
 
-def _lark_json_calls(functions: list[Mapping[str, Any]], marker: int) -> str:
+def _lark_json_calls(functions: list[Mapping[str, Any]], marker: int, single: bool) -> str:
     call = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": _parameters(f)},
                        "required": ["name", "arguments"], "additionalProperties": False} for f in functions]}
-    schema = {"type": "array", "items": call, "minItems": 1, "x-guidance": COMPACT}
+    schema = {"type": "array", "items": call, "minItems": 1, **({"maxItems": 1} if single else {}),
+              "x-guidance": COMPACT}
     return f"start: <[{marker}]> calls\ncalls: %json {json.dumps(schema)}\n"
 
 

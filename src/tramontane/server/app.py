@@ -34,6 +34,7 @@ from .cors import Cors, cors_origins
 from .errors import APIError, bad_request, field_of, install_error_handlers
 from .limits import ServerLimits, check_prompt_chars, scan_text
 from .middleware import LOCAL_HOSTS, BodyLimit, CatchAll, HostCheck, KeyAuth, LoopbackDocs
+from .mistral import capabilities, with_safety_prompt
 from .schemas import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletionRequest,
@@ -44,7 +45,7 @@ from .schemas import (
 )
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "logit_bias")
+                   "frequency_penalty", "logit_bias", "random_seed")
 OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key (probes and scrapers)
 
 
@@ -159,10 +160,13 @@ class OpenAIServer:
         return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def _model_card(self, name: str) -> dict[str, Any]:
-        card = {"id": name, "object": "model", "created": self.created, "owned_by": "tramontane",
-                "max_model_len": self.engine.max_seq_len}
-        if name in self.adapters:
-            card["parent"] = self.model_name  # a LoRA adapter on the base model, as vLLM lists them
+        """OpenAI's model object with vLLM's `max_model_len` and the fields Mistral's client requires."""
+        card: dict[str, Any] = {
+            "id": name, "object": "model", "created": self.created, "owned_by": "tramontane",
+            "max_model_len": self.engine.max_seq_len, "max_context_length": self.engine.max_seq_len,
+            "type": "base", "capabilities": capabilities(self.tokenizer)}
+        if name in self.adapters:  # a LoRA adapter on the base model: vLLM's `parent`, Mistral's fine-tuned card
+            card.update(parent=self.model_name, root=self.model_name, type="fine-tuned", job="", archived=False)
         return card
 
     async def list_models(self) -> Response:
@@ -292,7 +296,7 @@ class OpenAIServer:
         self._check_fits(1, body.n, "messages")
         tools = self._tools(body)
         grammar = await self._chat_grammar(body, tools)
-        prompt = await self._encode_chat(body.messages, tools)
+        prompt = await self._encode_chat(with_safety_prompt(body.messages) if body.safe_prompt else body.messages, tools)
         if len(prompt) >= self.engine.max_seq_len:
             raise bad_request(f"messages: the conversation is {len(prompt)} tokens; the context holds "
                               f"{self.engine.max_seq_len}", "messages", "context_length_exceeded")
@@ -300,22 +304,28 @@ class OpenAIServer:
             raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
         job = self._job(body, self._chat_budget(body), body.logprobs, body.top_logprobs or 0, grammar)
         sub = self._submit([prompt], job, "messages")
+        return await self._chat_answer(sub, request, body, len(prompt), tools is not None, body.logprobs)
+
+    async def _chat_answer(self, sub: Submission, request: HTTPRequest, body: GenerationFields, prompt_tokens: int,
+                           tools: bool, logprobs: bool) -> Response:
+        """The chat completion of `sub`, streamed or whole; `tools`: its output is parsed for tool calls."""
         cid, created = p.new_id("chatcmpl"), p.now()
         if body.stream:
-            return EventStream(self._chat_stream(sub, cid, created, body, len(prompt), tools is not None),
+            return EventStream(self._chat_stream(sub, cid, created, body, prompt_tokens, tools, logprobs),
                                on_close=lambda: self._close(sub))
         choices = await self._collect(sub, request)
         out = []
         for index, choice in enumerate(choices):
-            message, reason = p.assistant_message(self.tokenizer, choice, tools is not None)
-            logprobs = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs, choice.tops)
-                        if body.logprobs else None)
-            out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
-        used = p.usage(len(prompt), choices, body.n)
+            message, reason = p.assistant_message(self.tokenizer, choice, tools)
+            lps = (p.chat_logprobs(p.TokenPieces(self.tokenizer), choice.tokens, choice.logprobs, choice.tops)
+                   if logprobs else None)
+            out.append({"index": index, "message": message, "logprobs": lps, "finish_reason": reason})
+        used = p.usage(prompt_tokens, choices, body.n)
         return JSONResponse(p.chat_body(cid, created, self._answering(body), out, used))
 
     async def _chat_stream(
-        self, sub: Submission, cid: str, created: int, body: ChatCompletionRequest, prompt_tokens: int, tools: bool
+        self, sub: Submission, cid: str, created: int, body: GenerationFields, prompt_tokens: int, tools: bool,
+        want_logprobs: bool,
     ) -> AsyncIterator[str]:
         with_usage = body.include_usage
 
@@ -340,7 +350,7 @@ class OpenAIServer:
             if tools and held[index] is None and p.is_tool_call_start(self.tokenizer, event.token):
                 held[index] = []
             logprobs = None
-            if body.logprobs and event.token is not None:
+            if want_logprobs and event.token is not None:
                 logprobs = p.chat_logprobs(pieces[index], [event.token], [event.logprob], [event.top_logprobs])
             pending = held[index]
             if pending is not None:
@@ -372,10 +382,14 @@ class OpenAIServer:
         return new if new is not None else old
 
     async def _chat_grammar(self, body: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> str | None:
-        """The grammar of a chat answer: a forced tool call (tool_choice 'required' or a named function),
-        or `response_format`; both at once are refused."""
+        """The grammar of a chat answer: a forced tool call (tool_choice 'required' or a named function;
+        a single one with parallel_tool_calls false), or `response_format`; both at once are refused."""
         choice = body.tool_choice
         forced = tools is not None and (choice == "required" or isinstance(choice, dict))
+        if tools is not None and not forced and body.parallel_tool_calls is False:
+            raise bad_request("parallel_tool_calls: false is enforced only on a forced tool call (tool_choice 'any', "
+                              "'required' or a named function); with 'auto' the model may call several",
+                              "parallel_tool_calls")
         if not forced:
             return await self._format_grammar(body.response_format)
         if body.response_format is not None and body.response_format.get("type", "text") != "text":
@@ -383,7 +397,8 @@ class OpenAIServer:
                               "tool_choice")
         assert tools is not None
         name = _tool_name(choice, "tool_choice") if isinstance(choice, dict) else None
-        return await self._grammar(lambda: tool_call_grammar(self.tokenizer, tools, name), "tool_choice")
+        single = body.parallel_tool_calls is False
+        return await self._grammar(lambda: tool_call_grammar(self.tokenizer, tools, name, single), "tool_choice")
 
     async def _format_grammar(self, fmt: dict[str, Any] | None) -> str | None:
         """The grammar of a `response_format`; what its schema cannot enforce names the schema."""
@@ -463,11 +478,13 @@ class OpenAIServer:
 
     def _job(self, body: GenerationFields, max_tokens: int | None, logprobs: bool, top_logprobs: int = 0,
              grammar: str | None = None, continuation: bool = False) -> Job:
+        if body.min_tokens:  # the engine has no way to hold back the end of an answer yet
+            raise bad_request("min_tokens: is not supported; leave it out or 0", "min_tokens")
         try:
-            params = body.sampling_params()
+            params, seed = body.sampling_params(), body.sampling_seed()
         except ValueError as e:
             raise bad_request(str(e), field_of(str(e), SAMPLING_FIELDS)) from e
-        return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=body.seed,
+        return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=seed,
                    logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar, timeout=self.request_timeout,
                    continuation=continuation, adapter=self.adapters.get(body.model or "", 0))
 

@@ -4,14 +4,15 @@ Field ranges follow OpenAI's API reference (temperature in [0, 2], penalties in 
 types are strict as OpenAI's are (`"max_tokens": "10"`, `"n": "2"`, `"stream": "yes"` are refused, an
 integer is accepted where a number is), so a value OpenAI rejects is rejected here too, with a 400
 naming the field. `top_k`, `min_p` and `repetition_penalty` are extensions, as in other
-OpenAI-compatible servers. Unknown fields are ignored.
+OpenAI-compatible servers; `random_seed`, `safe_prompt`, `prediction` and `tool_choice: "any"` are
+Mistral's. Unknown fields are ignored.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..sampling import SamplingParams
 
@@ -49,6 +50,8 @@ class GenerationFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    random_seed: int | None = Field(None, ge=0, lt=2**63)  # Mistral's name for seed
+    min_tokens: int | None = Field(None, ge=0)  # Mistral's; only 0 is served
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -76,6 +79,12 @@ class GenerationFields(BaseModel):
             pairs.append((int(key), float(bias)))
         return tuple(sorted(pairs))
 
+    def sampling_seed(self) -> int | None:
+        """`seed` or Mistral's `random_seed`; raises ValueError naming random_seed if both are given and differ."""
+        if self.seed is not None and self.random_seed is not None and self.seed != self.random_seed:
+            raise ValueError(f"random_seed: {self.random_seed} disagrees with seed: {self.seed}; give one of them")
+        return self.seed if self.seed is not None else self.random_seed
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -84,6 +93,16 @@ class GenerationFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+class Prediction(BaseModel):
+    """The text an answer is expected to be close to (OpenAI's and Mistral's predicted outputs). It may only
+    make an answer faster, never different: the answer here is the one without it, at the usual speed."""
+
+    model_config = STRICT
+
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
 
 
 class CompletionRequest(GenerationFields):
@@ -102,12 +121,19 @@ class ChatCompletionRequest(GenerationFields):
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required", "any"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: dict[str, Any] | None = None
+    safe_prompt: bool = False  # Mistral's: its safety prompt before the conversation
+    prediction: Prediction | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _any_is_required(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        return "required" if choice == "any" else choice  # Mistral's word for OpenAI's "required"
 
 
 class TokenizeRequest(BaseModel):

@@ -112,6 +112,11 @@ class Tokenizer(ABC):
     _args_id: int | None = None
     _call_id_id: int | None = None
 
+    @property
+    def has_tool_calls(self) -> bool:
+        """Whether the vocabulary has Mistral's `[TOOL_CALLS]` token: tool calls can be parsed and forced."""
+        return self._tool_calls_id is not None
+
     @abstractmethod
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`; `bos` prepends BOS where the model expects one, `eos` appends EOS."""

@@ -1,0 +1,139 @@
+"""Mistral's own API, driven by the official `mistralai` client: model cards, tool_choice "any",
+random_seed, safe_prompt, parallel_tool_calls, penalties, n, prediction.
+
+A scripted engine behind a live uvicorn, with a real Mistral v3 tokenizer (FIM and tool-call tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import mistral_common
+import openai
+import pytest
+from live_server import live_server
+from mistralai.client import Mistral
+from mistralai.client.errors import SDKError
+from scripted import ScriptedEngine
+
+from tramontane import load_tokenizer
+from tramontane.server import create_app
+from tramontane.server.limits import ConnectionLimits
+from tramontane.server.mistral import SAFETY_PROMPT
+
+V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+MODEL = "scripted"
+KEY = "sesame"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(V3)
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    engine = ScriptedEngine(tok)
+    app = create_app(engine, tok, MODEL, api_key=KEY, request_timeout=30)
+    with live_server(app, connections=ConnectionLimits()) as url:
+        yield url, engine
+
+
+@pytest.fixture
+def engine(server):
+    server[1].reset()
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def mistral(server):
+    with Mistral(api_key=KEY, server_url=server[0]) as client:
+        yield client
+
+
+def chat(mistral, **kw):
+    return mistral.chat.complete(model=MODEL, messages=QUESTION, **{"max_tokens": 64, **kw})
+
+
+def refusal(call) -> dict:
+    with pytest.raises(SDKError) as e:
+        call()
+    assert e.value.status_code == 400
+    return json.loads(e.value.body)["error"]
+
+
+def answer(tok, text: str) -> list[int]:
+    return [*tok.encode(text, bos=False), tok.eos_id]
+
+
+# ---------------------------------------------------------------------------------------------- models
+def test_both_sdks_read_the_model_list(server, mistral):
+    (card,) = mistral.models.list().data
+    assert card.id == MODEL and card.type == "base" and card.max_context_length == server[1].max_seq_len
+    assert card.capabilities.completion_chat and card.capabilities.completion_fim
+    assert card.capabilities.function_calling and not card.capabilities.vision
+    with openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0) as client:
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        assert client.models.retrieve(MODEL).id == MODEL
+
+
+# ---------------------------------------------------------------------------------------------- chat fields
+def test_tool_choice_any_forces_a_call(tok, engine, mistral):
+    engine.script = lambda req: [next(i for i in range(tok.vocab_size) if tok.id_to_piece(i) == "[TOOL_CALLS]"),
+                                 *answer(tok, '[{"name": "get_weather", "arguments": {"city": "Paris"}}]')]
+    out = chat(mistral, tools=TOOLS, tool_choice="any")
+    assert engine.submitted[-1].grammar is not None
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert out.choices[0].finish_reason == "tool_calls"
+
+
+def test_parallel_tool_calls_false_allows_one_call_only(engine, mistral):
+    chat(mistral, tools=TOOLS, tool_choice="any", parallel_tool_calls=True)
+    several = engine.submitted[-1].grammar
+    chat(mistral, tools=TOOLS, tool_choice="any", parallel_tool_calls=False)
+    assert '"maxItems": 1' in engine.submitted[-1].grammar and "maxItems" not in several
+    error = refusal(lambda: chat(mistral, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False))
+    assert error["param"] == "parallel_tool_calls"
+
+
+def test_random_seed_is_the_seed(server, engine, mistral):
+    chat(mistral, random_seed=7, n=2)
+    assert [r.seed for r in engine.submitted[-2:]] == [7, 8]
+    res = httpx.post(server[0] + "/v1/chat/completions", headers={"x-api-key": KEY},
+                     json={"messages": QUESTION, "random_seed": 7, "seed": 8})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "random_seed"
+
+
+def test_safe_prompt_puts_mistrals_safety_prompt_first(tok, engine, mistral):
+    chat(mistral, safe_prompt=True)
+    assert engine.submitted[-1].prompt == tok.encode_chat([{"role": "system", "content": SAFETY_PROMPT}, *QUESTION])
+    system = {"role": "system", "content": "Answer in French."}
+    mistral.chat.complete(model=MODEL, messages=[system, *QUESTION], max_tokens=8, safe_prompt=True)
+    merged = {"role": "system", "content": f"{SAFETY_PROMPT}\n\nAnswer in French."}
+    assert engine.submitted[-1].prompt == tok.encode_chat([merged, *QUESTION])
+    chat(mistral, safe_prompt=False)
+    assert engine.submitted[-1].prompt == tok.encode_chat(QUESTION)
+
+
+def test_penalties_and_n_reach_the_engine(engine, mistral):
+    out = chat(mistral, presence_penalty=0.5, frequency_penalty=-0.25, n=3)
+    assert len(out.choices) == 3 and [c.index for c in out.choices] == [0, 1, 2]
+    params = engine.submitted[-1].params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.25)
+
+
+def test_a_prediction_leaves_the_answer_as_it_is(tok, engine, mistral):
+    engine.script = lambda req: answer(tok, "It is sunny.")
+    out = chat(mistral, prediction={"type": "content", "content": "It is sunny."})
+    assert out.choices[0].message.content == "It is sunny."
+
+
+def test_min_tokens_is_refused_by_name(mistral):
+    assert refusal(lambda: chat(mistral, min_tokens=3))["param"] == "min_tokens"
