@@ -1,7 +1,8 @@
 """Mistral's own API, driven by the official `mistralai` client: model cards, tool_choice "any",
-random_seed, safe_prompt, parallel_tool_calls, penalties, n, prediction.
+random_seed, safe_prompt, parallel_tool_calls, penalties, n, prediction, and fill-in-the-middle.
 
-A scripted engine behind a live uvicorn, with a real Mistral v3 tokenizer (FIM and tool-call tokens).
+A scripted engine behind a live uvicorn, with a real Mistral v3 tokenizer (FIM and tool-call tokens);
+the demo model's tokenizer (SmolLM2, neither) stands for a model that cannot fill in the middle.
 """
 
 from __future__ import annotations
@@ -137,3 +138,38 @@ def test_a_prediction_leaves_the_answer_as_it_is(tok, engine, mistral):
 
 def test_min_tokens_is_refused_by_name(mistral):
     assert refusal(lambda: chat(mistral, min_tokens=3))["param"] == "min_tokens"
+
+
+# ---------------------------------------------------------------------------------------------- fill in the middle
+def test_fim_complete(tok, engine, mistral):
+    engine.script = lambda req: answer(tok, "a + b")
+    out = mistral.fim.complete(model=MODEL, prompt="def add(a, b):\n    return ", suffix="\n\nprint(add(1, 2))",
+                               max_tokens=16, temperature=0, top_p=1, random_seed=3, stop=["\n"])
+    submitted = engine.submitted[-1]
+    assert submitted.prompt == tok.encode_fim("def add(a, b):\n    return ", "\n\nprint(add(1, 2))")
+    assert submitted.seed == 3 and submitted.max_tokens == 16
+    assert out.choices[0].message.content == " a + b" and out.choices[0].finish_reason == "stop"
+    assert out.usage.prompt_tokens == len(submitted.prompt)
+
+
+def test_fim_stream(tok, engine, mistral):
+    engine.script = lambda req: answer(tok, "a + b")
+    events = list(mistral.fim.stream(model=MODEL, prompt="def add(a, b):\n    return ", suffix="\n"))
+    assert "".join(e.data.choices[0].delta.content or "" for e in events) == " a + b"
+    assert events[-1].data.choices[0].finish_reason == "stop"
+
+
+def test_fim_refuses_min_tokens(mistral):
+    error = refusal(lambda: mistral.fim.complete(model=MODEL, prompt="x = ", min_tokens=2))
+    assert error["param"] == "min_tokens"
+
+
+def test_fim_without_fim_tokens_is_a_400_that_says_so(smollm2_gguf_path):
+    smol = load_tokenizer(smollm2_gguf_path)
+    with live_server(create_app(ScriptedEngine(smol), smol, "demo")) as url:
+        with Mistral(api_key="unused", server_url=url) as client:
+            (card,) = client.models.list().data
+            assert not card.capabilities.completion_fim
+            error = refusal(lambda: client.fim.complete(model="demo", prompt="def f(", suffix=")"))
+    assert error["param"] == "model" and error["code"] == "fim_not_supported"
+    assert "fill-in-the-middle" in error["message"]

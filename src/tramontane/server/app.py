@@ -40,6 +40,7 @@ from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    FIMCompletionRequest,
     GenerationFields,
     TokenizeRequest,
 )
@@ -125,6 +126,7 @@ def create_app(
     app.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/fim/completions", server.fim_completions, methods=["POST"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     return app
@@ -305,6 +307,20 @@ class OpenAIServer:
         job = self._job(body, self._chat_budget(body), body.logprobs, body.top_logprobs or 0, grammar)
         sub = self._submit([prompt], job, "messages")
         return await self._chat_answer(sub, request, body, len(prompt), tools is not None, body.logprobs)
+
+    async def fim_completions(self, body: FIMCompletionRequest, request: HTTPRequest) -> Response:
+        """Mistral's `POST /v1/fim/completions`: the text between `prompt` and `suffix`, answered as a chat
+        completion (Mistral's shape), for tokenizers with fill-in-the-middle tokens."""
+        self._check_body(body, ("prompt", "suffix"), "prompt")
+        if not self.tokenizer.has_fim:
+            raise bad_request(f"model: this model's tokenizer ({self.tokenizer.name}) has no fill-in-the-middle "
+                              "tokens ([PREFIX], [SUFFIX]), so it cannot complete between a prompt and a suffix",
+                              "model", "fim_not_supported")
+        self._check_fits(1, body.n, "prompt")
+        prompt = await asyncio.to_thread(self.tokenizer.encode_fim, body.prompt, body.suffix or "")
+        job = self._job(body, body.max_tokens, False, continuation=True)  # the middle continues the prompt's text
+        sub = self._submit([prompt], job, "prompt")
+        return await self._chat_answer(sub, request, body, len(prompt), False, False)
 
     async def _chat_answer(self, sub: Submission, request: HTTPRequest, body: GenerationFields, prompt_tokens: int,
                            tools: bool, logprobs: bool) -> Response:

@@ -136,6 +136,13 @@ class ChatCompletionRequest(GenerationFields):
         return "required" if choice == "any" else choice  # Mistral's word for OpenAI's "required"
 
 
+class FIMCompletionRequest(GenerationFields):
+    """Mistral's `POST /v1/fim/completions`: what comes between `prompt` (the code before) and `suffix`."""
+
+    prompt: str
+    suffix: str | None = None
+
+
 class TokenizeRequest(BaseModel):
     """`POST /tokenize`: a text (`prompt`) or a conversation (`messages`, formatted by the chat template)."""
 
