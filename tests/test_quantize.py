@@ -190,27 +190,36 @@ def test_quantized_layers_take_the_amx_kernel_at_every_batch_size(ext, use_polic
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_gemm_dtype_follows_the_cpu_features(monkeypatch):
+def test_gemm_dtype_follows_the_measured_bf16_rate(monkeypatch):
     import tramontane.kernels.policy as policy_module
-    from tramontane.kernels.policy import KernelPolicy, kernel_policy
+    from tramontane.kernels.policy import BF16_MIN_SPEEDUP, KernelPolicy, bf16_speedup, kernel_policy
 
-    # bf16 only where AMX multiplies it: with AVX512-BF16 alone, bf16 products are slower than fp32
+    # bf16 where this CPU's bf16 GEMM is clearly faster (AMX, Zen 4), fp32 where it is not (a Xeon held
+    # to AVX512-BF16), whatever flags the CPU shows
     policy = kernel_policy()
-    assert policy.gemm_dtype == (torch.bfloat16 if "amx" in qlinear().isas() else torch.float32)
+    assert policy.gemm_dtype == (torch.bfloat16 if bf16_speedup() >= BF16_MIN_SPEEDUP else torch.float32)
     assert policy is kernel_policy() and KernelPolicy.detect() == policy  # decided once, the same every time
-
-    class Cpu:  # the kernels of a CPU with these instruction sets
-        def __init__(self, *isas: str) -> None:
-            self.names = ["portable", *isas]
-
-        def isas(self) -> list[str]:
-            return self.names
-
-    for isas, want in [(("avx2", "avx512"), torch.float32), (("avx2", "avx512", "amx"), torch.bfloat16)]:
-        monkeypatch.setattr(policy_module, "qlinear", lambda isas=isas: Cpu(*isas))
-        assert KernelPolicy.detect().gemm_dtype == want, isas
+    assert KernelPolicy.detect(lambda: 0.5).gemm_dtype == torch.float32
+    assert KernelPolicy.detect(lambda: BF16_MIN_SPEEDUP - 0.01).gemm_dtype == torch.float32
+    assert KernelPolicy.detect(lambda: 2.5).gemm_dtype == torch.bfloat16
     monkeypatch.setattr(policy_module, "qlinear", lambda: None)  # no kernels: plain PyTorch, fp32
-    assert KernelPolicy.detect().gemm_dtype == torch.float32
+    assert KernelPolicy.detect(lambda: 2.5).gemm_dtype == torch.float32
+
+
+def test_bf16_rate_is_measured_once_per_cpu_and_kept(monkeypatch, tmp_path):
+    import tramontane.kernels.policy as policy_module
+    from tramontane.kernels.policy import bf16_speedup, measure_bf16_speedup
+
+    assert measure_bf16_speedup(m=16, k=64, n=32) > 0
+    measured: list[float] = []
+    monkeypatch.setattr(policy_module, "measure_bf16_speedup", lambda: measured.append(2.0) or 2.0)
+    path = tmp_path / "rates.json"
+    assert bf16_speedup(path) == 2.0 and bf16_speedup(path) == 2.0
+    assert len(measured) == 1  # the second answer came from the file
+    (key,) = json.loads(path.read_text())
+    assert torch.__version__ in key and policy_module.cpu_name() in key
+    path.write_text("not json")  # a damaged file is measured again and rewritten
+    assert bf16_speedup(path) == 2.0 and len(measured) == 2 and json.loads(path.read_text())[key] == 2.0
 
 
 @torch.no_grad()

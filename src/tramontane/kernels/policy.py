@@ -1,4 +1,4 @@
-"""Which kernel runs what: decided once per process, from the CPU's features, never from timings.
+"""Which kernel runs what: decided once per process, from the CPU's features and one measured rate.
 
 Quantized and fp32 layers, and the native decode stack, ask the one `KernelPolicy` instead of each
 deciding for itself: up to `small_batch` rows of activations (decode) the vector kernels win; beyond,
@@ -6,20 +6,35 @@ weights are dequantized `prefill_tile` output rows at a time and multiplied in `
 keeps its frozen float products in the same `gemm_dtype`. The instruction set is the kernels' own
 choice (the best the CPU has, `Kernels.isa()`), which tests lower with `set_isa`.
 
+`gemm_dtype` is bf16 where PyTorch's bf16 GEMM outruns its fp32 one by `BF16_MIN_SPEEDUP` on this CPU:
+measured once per CPU model and torch version (`bf16_speedup`, a fraction of a second) and kept in
+`rates_file()`. A flag cannot tell: with AMX tiles bf16 wins by far, on Zen 4 (AVX512-BF16, no AMX) it
+wins too, while on a Xeon held to AVX512-BF16 it lost to fp32 (`benchmarks/dot_rates.py` shows the
+instructions' own rates behind each).
+
 Example:
     >>> p = kernel_policy()
-    >>> p.gemm_dtype, p.vector_wins(rows=4, amx_tiles=False, in_features=4096)
-    (torch.bfloat16, True)
+    >>> p.vector_wins(rows=4, amx_tiles=False, in_features=4096)
+    True
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import Kernels, qlinear
+
+# bf16 operands round activations and weights to 8 bits of mantissa: worth it only for a clear win.
+BF16_MIN_SPEEDUP = 1.25
 
 
 @dataclass(frozen=True)
@@ -27,23 +42,21 @@ class KernelPolicy:
     kernels: Kernels | None  # the compiled kernels; None: plain PyTorch everywhere
     # Up to this many rows of activations the kernels win; beyond, dequantize and use a GEMM.
     small_batch: int = 16
-    # Output rows dequantized at a time for a GEMM (measured on the 1B shape, 512 rows: 1024 rows beat
-    # dequantizing whole matrices by 10%; smaller tiles pay for more, smaller GEMMs).
+    # Output rows dequantized at a time for a GEMM (1024 rows beat dequantizing whole matrices on the
+    # 1B shape, 512 rows: smaller tiles pay for more, smaller GEMMs; benchmarks/run.py's prefill).
     prefill_tile: int = 1024
     # The operands of big float products: a quantized layer's dequantized tiles (beyond small_batch
-    # rows) and training's frozen products (lora.lower_frozen). bf16 only with AMX tiles, where PyTorch's
-    # bf16 GEMM ran 6.4x its fp32 one on this project's Xeon. With AVX512-BF16 alone (oneDNN held to it
-    # by ONEDNN_MAX_CPU_ISA, our kernels by set_isa) bf16 lost: the GEMM ran 0.68x fp32 and the prefill
-    # products of int4/int8 layers 0.62x, as the instruction does (vdpbf16ps gives 0.51x the
-    # multiply-adds of fp32 FMA there, benchmarks/dot_rates.py). A CPU whose bf16 dot outruns its FMA
-    # (not measured here) can still ask for bf16: `--base-dtype bfloat16` for training.
+    # rows) and training's frozen products (lora.lower_frozen). See the module's docstring.
     gemm_dtype: torch.dtype = torch.float32
 
     @classmethod
-    def detect(cls) -> KernelPolicy:
+    def detect(cls, speedup: Callable[[], float] | None = None) -> KernelPolicy:
+        """The policy for this CPU; `speedup` (default `bf16_speedup`) gives bf16's GEMM rate over fp32's."""
         kernels = qlinear()
-        amx = kernels is not None and "amx" in kernels.isas()
-        return cls(kernels, gemm_dtype=torch.bfloat16 if amx else torch.float32)
+        if kernels is None:
+            return cls(None)
+        fast = (speedup or bf16_speedup)() >= BF16_MIN_SPEEDUP
+        return cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32)
 
     def vector_wins(self, rows: int, amx_tiles: bool, in_features: int) -> bool:
         """Whether a quantized layer's kernel beats dequantize + GEMM for `rows` rows of activations: at
@@ -59,3 +72,59 @@ class KernelPolicy:
 def kernel_policy() -> KernelPolicy:
     """This process's policy (see the module's docstring)."""
     return KernelPolicy.detect()
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the system reports it (the key of measured rates)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def rates_file() -> Path:
+    """Where measured rates are kept, per user (the XDG cache folder)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tramontane" / "kernel_rates.json"
+
+
+def bf16_speedup(path: Path | None = None) -> float:
+    """PyTorch's bf16 GEMM rate over its fp32 one on this CPU, read from `path` (default `rates_file()`)
+    when this CPU model and torch version were measured before, else measured now and written there."""
+    path = path or rates_file()
+    key = f"{cpu_name()} | torch {torch.__version__} | bf16/fp32 GEMM"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    speedup = measure_bf16_speedup()
+    known[key] = round(speedup, 3)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1) + "\n")
+        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return speedup
+
+
+def measure_bf16_speedup(m: int = 256, k: int = 2048, n: int = 1024) -> float:
+    """Seconds of an [m, k] x [k, n] fp32 product over the same in bf16, best of three each after a warm-up
+    (prefill-sized operands: about 0.1 s in all)."""
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
