@@ -82,8 +82,9 @@ class Cors:
 
     def _preflight(self, scope: Scope, origin: str, allowed: bool) -> ASGIApp:
         if not allowed:
-            return APIError(403, f"the origin {origin!r} may not call this server from a browser; start it with "
-                            "--cors-origins to allow it", code="cors_origin_not_allowed").response()
+            error = APIError(403, f"the origin {origin!r} may not call this server from a browser; start it with "
+                             "--cors-origins to allow it", code="cors_origin_not_allowed")
+            return error.response(path=scope["path"])
         asked = (_header(scope, b"access-control-request-headers") or "").lower().split(",")
         # the SDKs' own headers (x-stainless-*, anthropic-version, ...) are allowed as asked
         headers = sorted({*ALLOW_HEADERS, *(h.strip() for h in asked if HEADER_NAME.fullmatch(h.strip()))})

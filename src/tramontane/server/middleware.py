@@ -1,4 +1,5 @@
 """The ASGI layers every request passes before a route: which hosts, which key, which clients, how big a body.
+Each answers in the error shape of the path's dialect (`errors.speaks_anthropic`).
 
 From the outside in (`create_app` stacks them): `CatchAll` answers an unexpected exception with an
 OpenAI 500 and keeps the connection; `HostCheck` refuses a `Host` header that is not this server's
@@ -53,8 +54,8 @@ class CatchAll:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=e)
             if started:  # half an answer is out: only closing the connection can tell the client
                 raise
-            await APIError(500, f"internal error: {type(e).__name__}", kind="server_error").response()(
-                scope, receive, send)
+            error = APIError(500, f"internal error: {type(e).__name__}", kind="server_error")
+            await error.response(path=scope["path"])(scope, receive, send)
 
 
 def host_name(host: bytes) -> str:
@@ -90,7 +91,7 @@ class HostCheck:
             if host is not None and host_name(host) not in self.hosts:
                 error = APIError(403, f"the Host header {host_name(host)!r} is not one of this server's names; "
                                  "start it with --allowed-hosts to accept it", code="host_not_allowed")
-                await error.response()(scope, receive, send)
+                await error.response(path=scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -116,7 +117,7 @@ class KeyAuth:
                 message = "missing API key" if not given else "incorrect API key"
                 error = APIError(401, f"{message}: send the header 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                                  code="invalid_api_key")
-                await error.response()(scope, receive, send)
+                await error.response(path=scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -132,7 +133,7 @@ class LoopbackDocs:
         if scope["type"] == "http" and scope["path"] in DOCS_PATHS and not _is_loopback(scope.get("client")):
             error = APIError(403, "the API docs are served to this machine's clients only (or to any client "
                              "with the key, when the server has --api-key)", code="docs_not_allowed")
-            await error.response()(scope, receive, send)
+            await error.response(path=scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -170,7 +171,7 @@ class BodyLimit:
         elif declared is not None and int(declared) > self.max_bytes:
             error = self._too_large(f"{int(declared)} bytes")
         if error is not None:
-            await error.response(close=True)(scope, receive, send)
+            await error.response(close=True, path=scope["path"])(scope, receive, send)
             return
         try:
             body = await asyncio.wait_for(self._read(receive), self.timeout)
@@ -180,7 +181,7 @@ class BodyLimit:
         except _TooLarge:
             error = self._too_large(f"more than {self.max_bytes} bytes")
         if error is not None:
-            await error.response(close=True)(scope, receive, send)
+            await error.response(close=True, path=scope["path"])(scope, receive, send)
             return
         if body is None:  # the client left while sending
             return

@@ -140,7 +140,7 @@ async def _busy(scope: Any, receive: Any, send: Any) -> None:
     """The answer past --max-connections: OpenAI's error body, Retry-After, and the connection closed."""
     error = APIError(503, "the server is at its connection limit (--max-connections); retry later",
                      kind="server_error", code="max_connections")
-    await error.response(close=True)(scope, receive, send)
+    await error.response(close=True, path=scope.get("path", ""))(scope, receive, send)
 
 
 class GracefulServer(uvicorn.Server):
