@@ -1,12 +1,25 @@
-"""A stand-in for `Engine` that answers at once from a script: the server's tests without a model."""
+"""A stand-in for `Engine` that answers at once from a script: the server's tests without a model;
+`scripted_server` serves one live, as `tramontane serve` runs, with a real Mistral v3 tokenizer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import mistral_common
+from live_server import live_server
+
+from tramontane import load_tokenizer
 from tramontane.engine import EngineEvent, QueueFullError, Request
 from tramontane.engine.grammar import Vocabulary
 from tramontane.engine.metrics import Metrics
+from tramontane.server import create_app
+from tramontane.server.limits import ConnectionLimits
+
+# Mistral's v3 vocabulary, shipped with mistral_common: FIM and tool-call tokens
+V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 
 
 class ScriptedEngine:
@@ -51,3 +64,13 @@ class ScriptedEngine:
             req.emit(EngineEvent(req.id, "", token, -0.25 if req.logprobs else None))
         error = None if self.finish == "length" else "deadline exceeded" if self.finish == "timeout" else "boom"
         req.emit(EngineEvent(req.id, "", finish_reason=self.finish, error=error))
+
+
+@contextmanager
+def scripted_server(model: str = "scripted", tokenizer: Any = None, **options: Any) -> Iterator[tuple[str, ScriptedEngine]]:
+    """(base URL, engine) of `create_app(ScriptedEngine, tokenizer, model, **options)` live on uvicorn, run as
+    `tramontane serve` runs it; the tokenizer is Mistral's v3 unless given."""
+    tok = tokenizer or load_tokenizer(V3)
+    engine = ScriptedEngine(tok)
+    with live_server(create_app(engine, tok, model, **options), connections=ConnectionLimits()) as url:
+        yield url, engine

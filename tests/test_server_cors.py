@@ -8,23 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
-import mistral_common
 import openai
 import pytest
-from live_server import live_server
-from scripted import ScriptedEngine
+from scripted import scripted_server
 
-from tramontane import load_tokenizer
 from tramontane.cli import build_parser, main
-from tramontane.server import create_app
 from tramontane.server.cors import cors_origins
-from tramontane.server.limits import ConnectionLimits
 
-V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 KEY = "sesame"
 PAGE = "https://app.example"
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
@@ -33,9 +26,7 @@ CHAT = {"model": "scripted", "messages": [{"role": "user", "content": "Hi"}], "m
 
 @contextmanager
 def served(**options: Any) -> Iterator[str]:
-    tok = load_tokenizer(V3)
-    app = create_app(ScriptedEngine(tok), tok, "scripted", **options)
-    with live_server(app, connections=ConnectionLimits()) as url:
+    with scripted_server(**options) as (url, _):
         yield url
 
 

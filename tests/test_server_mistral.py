@@ -8,23 +8,19 @@ the demo model's tokenizer (SmolLM2, neither) stands for a model that cannot fil
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
-import mistral_common
 import openai
 import pytest
 from live_server import live_server
 from mistralai.client import Mistral
 from mistralai.client.errors import SDKError
-from scripted import ScriptedEngine
+from scripted import V3, ScriptedEngine, scripted_server
 
 from tramontane import load_tokenizer
 from tramontane.server import create_app
-from tramontane.server.limits import ConnectionLimits
 from tramontane.server.mistral import SAFETY_PROMPT
 
-V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 MODEL = "scripted"
 KEY = "sesame"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -40,10 +36,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def server(tok):
-    engine = ScriptedEngine(tok)
-    app = create_app(engine, tok, MODEL, api_key=KEY, request_timeout=30)
-    with live_server(app, connections=ConnectionLimits()) as url:
-        yield url, engine
+    with scripted_server(MODEL, tok, api_key=KEY, request_timeout=30) as served:
+        yield served
 
 
 @pytest.fixture
