@@ -19,16 +19,16 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request as HTTPRequest
-from starlette.types import Receive, Scope, Send
 
 from ..engine import Engine, QueueFullError
 from ..engine.grammar import response_format_grammar, tool_call_grammar
 from ..errors import TokenizerError
 from ..tokenizer import Tokenizer
 from . import protocol as p
+from .anthropic_routes import anthropic_router
 from .bridge import Job, Submission, submit
 from .cors import Cors, cors_origins
 from .errors import APIError, bad_request, field_of, install_error_handlers
@@ -44,25 +44,11 @@ from .schemas import (
     GenerationFields,
     TokenizeRequest,
 )
+from .streaming import EventStream
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "logit_bias", "random_seed")
 OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key (probes and scrapers)
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that run `on_close` however the stream ends: finished, failed, or the client gone."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()  # a client that hung up frees its cache rows within one engine step
 
 
 def create_app(
@@ -86,7 +72,8 @@ def create_app(
     `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with
     an error (for shutdown). `adapters` names the LoRA adapters served on the engine's model (engine
     adapter i + 1 for `adapters[i]`): a request's "model" picks one, or the base model by `model_name`.
-    Web pages on the `cors` origins ('*': any) may call the API (`cors.Cors`).
+    Web pages on the `cors` origins ('*': any) may call the API (`cors.Cors`). Anthropic's Messages API
+    is served beside OpenAI's (`anthropic_routes`), through the same checks, limits and engine.
     """
     limits = limits or ServerLimits()
     served = getattr(engine, "adapters", None)
@@ -129,6 +116,7 @@ def create_app(
     app.add_api_route("/v1/fim/completions", server.fim_completions, methods=["POST"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.include_router(anthropic_router(server))
     return app
 
 
@@ -207,8 +195,8 @@ class OpenAIServer:
         cid, created = p.new_id("cmpl"), p.now()
         if body.stream:
             events = self._completion_stream(sub, cid, created, body, prompts, echoes)
-            return EventStream(events, on_close=lambda: self._close(sub))
-        choices = await self._collect(sub, request)
+            return EventStream(events, on_close=lambda: self.release(sub))
+        choices = await self.collect(sub, request)
         out = []
         for index, choice in enumerate(choices):
             prompt = prompts[index // body.n]
@@ -294,19 +282,31 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------------------------------ chat
     async def chat_completions(self, body: ChatCompletionRequest, request: HTTPRequest) -> Response:
+        prompt, tools = await self.chat_prompt(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
+        sub = await self.submit_chat(body, prompt, tools)
+        return await self._chat_answer(sub, request, body, len(prompt), tools is not None, body.logprobs)
+
+    async def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict[str, Any]] | None]:
+        """The checked request's prompt ids and the tools shown to the model (None: none), for every
+        dialect of chat (OpenAI's, Mistral's, Anthropic's through `anthropic.to_chat`)."""
         self._check_body(body, ("messages", "tools"), "messages")
         self._check_fits(1, body.n, "messages")
         tools = self._tools(body)
-        grammar = await self._chat_grammar(body, tools)
-        prompt = await self._encode_chat(with_safety_prompt(body.messages) if body.safe_prompt else body.messages, tools)
+        messages = with_safety_prompt(body.messages) if body.safe_prompt else body.messages
+        return await self._encode_chat(messages, tools), tools
+
+    async def submit_chat(self, body: ChatCompletionRequest, prompt: list[int], tools: list[dict[str, Any]] | None
+                          ) -> Submission:
+        """Queue the answer to `prompt` (from `chat_prompt`), under the grammar its tool_choice or
+        response_format asks for; `release` it once answered."""
         if len(prompt) >= self.engine.max_seq_len:
             raise bad_request(f"messages: the conversation is {len(prompt)} tokens; the context holds "
                               f"{self.engine.max_seq_len}", "messages", "context_length_exceeded")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
+        grammar = await self._chat_grammar(body, tools)
         job = self._job(body, self._chat_budget(body), body.logprobs, body.top_logprobs or 0, grammar)
-        sub = self._submit([prompt], job, "messages")
-        return await self._chat_answer(sub, request, body, len(prompt), tools is not None, body.logprobs)
+        return self._submit([prompt], job, "messages")
 
     async def fim_completions(self, body: FIMCompletionRequest, request: HTTPRequest) -> Response:
         """Mistral's `POST /v1/fim/completions`: the text between `prompt` and `suffix`, answered as a chat
@@ -328,8 +328,8 @@ class OpenAIServer:
         cid, created = p.new_id("chatcmpl"), p.now()
         if body.stream:
             return EventStream(self._chat_stream(sub, cid, created, body, prompt_tokens, tools, logprobs),
-                               on_close=lambda: self._close(sub))
-        choices = await self._collect(sub, request)
+                               on_close=lambda: self.release(sub))
+        choices = await self.collect(sub, request)
         out = []
         for index, choice in enumerate(choices):
             message, reason = p.assistant_message(self.tokenizer, choice, tools)
@@ -520,12 +520,12 @@ class OpenAIServer:
             code = "context_length_exceeded" if "context" in message else None
             raise bad_request(message, prompt_param if param == "prompt" else param, code) from e
 
-    def _close(self, sub: Submission) -> None:
+    def release(self, sub: Submission) -> None:
         """The HTTP call of `sub` is over (answered, failed or abandoned): drop what still runs."""
         sub.cancel()
         self.live.discard(sub)
 
-    async def _collect(self, sub: Submission, request: HTTPRequest) -> list[p.Choice]:
+    async def collect(self, sub: Submission, request: HTTPRequest) -> list[p.Choice]:
         """Wait for every choice of a non-streamed answer; a client that hangs up cancels them."""
         choices = [p.Choice() for _ in sub.requests]
         watcher = asyncio.create_task(_cancel_on_disconnect(request, sub))
@@ -534,7 +534,7 @@ class OpenAIServer:
                 choices[index].add(event)
         finally:
             watcher.cancel()
-            self._close(sub)
+            self.release(sub)
         failure = p.first_failure(choices, self.request_timeout, self.shutting_down)
         if failure is not None:
             raise failure
