@@ -16,6 +16,7 @@ import pytest
 from scripted import V3, scripted_server
 
 from tramontane import load_tokenizer
+from tramontane.server.limits import ServerLimits
 
 MODEL = "scripted"
 KEY = "sesame"
@@ -275,3 +276,19 @@ def test_a_failure_mid_stream_is_an_error_event(client, engine):
         with client.messages.stream(model=MODEL, max_tokens=8, messages=QUESTION) as stream:
             stream.get_final_message()
     assert "generation failed" in str(e.value)
+
+
+def test_the_servers_limits_and_host_check_answer_in_anthropics_shape():
+    limits = ServerLimits(max_request_bytes=2000, max_prompt_chars=100)
+    with scripted_server(MODEL, limits=limits) as (url, _):
+        def post(body: dict, **headers: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/messages", json=body, headers=headers)
+
+        ok = {"model": MODEL, "max_tokens": 8, "messages": QUESTION}
+        assert post(ok).status_code == 200
+        wrong_host = post(ok, host="evil.example")
+        assert wrong_host.status_code == 403 and wrong_host.json()["error"]["type"] == "permission_error"
+        too_big = post({**ok, "system": "x" * 3000})
+        assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "request_too_large"
+        too_long = post({**ok, "system": "x" * 150})
+        assert too_long.status_code == 400 and too_long.json()["error"]["message"].startswith("messages:")
