@@ -69,12 +69,13 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
 
 def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """block_linear's product, checked against the dequantized weights times x as the kernels round them:
-    x in two int8 parts per element (test_quantize.quantize_activations), or on AMX tiles (from block_amx_min_rows rows) x and the weights to bf16."""
+    x in the activation parts in use (test_quantize.quantize_activations), or on AMX tiles (from
+    block_amx_min_rows rows) x and the weights to bf16."""
     ext = qlinear()
     if ext.isa() == "amx" and x.shape[0] >= ext.block_amx_min_rows(BLOCK_FORMATS[kind]):
         want = x.bfloat16().double() @ reference(kind, w).bfloat16().double().T
     else:
-        want = quantize_activations(x).double() @ reference(kind, w).double().T
+        want = quantize_activations(x, ext.activation_parts()).double() @ reference(kind, w).double().T
     got = ext.block_linear(x, w, BLOCK_FORMATS[kind])
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     return got
@@ -98,6 +99,23 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
     want = big @ reference(kind, w).T
     tol = 1e-4 if kernel_policy().gemm_dtype == torch.float32 else 1e-2  # bf16 operands where the CPU has AMX
     torch.testing.assert_close(layer(big), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_products_with_one_activation_part(kind, rows, isa):
+    ext = qlinear()
+    K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576
+    w, x = random_blocks(kind, 37, K, seed=rows), torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    two = ext.block_linear(x, w, BLOCK_FORMATS[kind])
+    before = ext.activation_parts()
+    ext.set_activation_parts(1)
+    try:
+        one = kernel_product(kind, w, x)
+    finally:
+        ext.set_activation_parts(before)
+    if not (ext.isa() == "amx" and rows >= ext.block_amx_min_rows(BLOCK_FORMATS[kind])):
+        assert not torch.allclose(one, two, rtol=1e-5, atol=1e-5), "expected the one-part product"
 
 
 @pytest.mark.skipif(qlinear() is None or qlinear().isa() != "amx", reason="this CPU has no AMX")

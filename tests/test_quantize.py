@@ -81,17 +81,29 @@ def bf16_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.bfloat16().double() @ w.bfloat16().double().T).float()
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, parts: int = 2) -> torch.Tensor:
     """What the integer kernels (int4, GGUF block formats) multiply: per block of 32, step d = max|x| / 127,
     inv = 127 / max|x|, x in two int8 parts, q = round(x inv) and r = round(256 fma(x, inv, -q)) (saturated),
-    x = d (q + r / 256). (The fma: x inv - q exact in float64, then rounded once to float32.)"""
+    x = d (q + r / 256); with one part (`set_activation_parts(1)`) x = d q. (The fma: x inv - q exact in
+    float64, then rounded once to float32.)"""
     blocks = x.view(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
     # 127 / max|x| rounded once, as the C++ divides (torch's scalar / tensor multiplies by a reciprocal)
     inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
     q = torch.round(blocks * inv)
+    if parts == 1:
+        return (q * (amax / 127)).view_as(x)
     r = torch.round((blocks.double() * inv.double() - q.double()).float() * 256).clamp(-128, 127)
     return ((q * 256 + r) * (amax / 127 / 256)).view_as(x)
+
+
+@pytest.fixture
+def one_part(ext):
+    """The integer kernels' activations in one int8 part for the test (the policy's other choice)."""
+    before = ext.activation_parts()
+    ext.set_activation_parts(1)
+    yield
+    ext.set_activation_parts(before)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -132,6 +144,31 @@ def test_int4_kernel_matches_reference(ext, isa, M, N, K, G, zero_point):
         assert not torch.allclose(y, integer, atol=1e-3, rtol=1e-3), "expected the AMX path"
     else:
         torch.testing.assert_close(y, integer, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 3, 5, 29])
+@pytest.mark.parametrize(("N", "K", "G"), [(67, 96, 32), (130, 256, 64), (9, 608, 32)])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_int4_kernel_with_one_activation_part(ext, one_part, isa, M, N, K, G, zero_point):
+    if not available(ext, isa):
+        pytest.skip(f"this CPU has no {isa}")
+    if isa == "amx" and M >= ext.AMX_MIN_ROWS_INT4:
+        pytest.skip("AMX tiles take bf16 activations, whatever the parts")
+    g = torch.Generator().manual_seed(M * N + K)
+    packed, scale, mins = quantize_int4(torch.randn(N, K, generator=g) + 0.3, G, zero_point)
+    x = torch.randn(M, K, generator=g)
+    x[0, :32] = 0
+    w = dequantize_int4(packed, scale, mins)
+    y = ext.int4_linear(x, packed, scale, mins, G)
+    torch.testing.assert_close(y, quantize_activations(x, parts=1) @ w.T, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y, quantize_activations(x) @ w.T, atol=1e-4, rtol=1e-4), "expected one part"
+
+
+def test_activation_parts_are_one_or_two(ext):
+    with pytest.raises(RuntimeError, match="must be 1 or 2"):
+        ext.set_activation_parts(3)
+    assert ext.activation_parts() in (1, 2)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -212,7 +249,12 @@ def test_bf16_rate_is_measured_once_per_cpu_and_kept(monkeypatch, tmp_path):
 
     assert measure_bf16_speedup(m=16, k=64, n=32) > 0
     measured: list[float] = []
-    monkeypatch.setattr(policy_module, "measure_bf16_speedup", lambda: measured.append(2.0) or 2.0)
+
+    def measure() -> float:
+        measured.append(2.0)
+        return 2.0
+
+    monkeypatch.setattr(policy_module, "measure_bf16_speedup", measure)
     path = tmp_path / "rates.json"
     assert bf16_speedup(path) == 2.0 and bf16_speedup(path) == 2.0
     assert len(measured) == 1  # the second answer came from the file

@@ -40,6 +40,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction set in use");
   m.def("isas", &isas, "the instruction sets this CPU can run the kernels with, best last");
   m.def("set_isa", &set_isa, "force an instruction set (for tests): portable, avx2, avx_vnni, avx512, amx");
+  m.def("activation_parts", [] { return activation_parts(); },
+        "int8 parts per element of the integer kernels' activations: 2 (about 15 bits) or 1 (8 bits)");
+  m.def("set_activation_parts", [](int64_t parts) {
+    TORCH_CHECK(parts == 1 || parts == 2, "activation parts must be 1 or 2, got ", parts);
+    activation_parts() = int(parts);
+  }, "set the integer kernels' activation parts, 1 or 2, for the whole process (the kernel policy's choice)");
   m.attr("AMX_MIN_ROWS_INT4") = kAmxMinRowsInt4;
   m.attr("AMX_MIN_ROWS_INT8") = kAmxMinRowsInt8;
   // the digest of the sources this build was made from (kernels/sources.py), to tell a stale build

@@ -14,7 +14,7 @@
 //
 // Products split each row of x into two int8 parts per element in blocks of 32 (split_ref, common.h: x =
 // d (q + r / 256), d = max|x| / 127), then per 16 elements g: scale_g * d / 256 * ((dot(code, q) << 8) +
-// dot(code, r)) + offset_g * sum(x), the dots in integers (VNNI's dpbusd multiplies unsigned codes by
+// dot(code, r)) + offset_g * sum(x) (with one part, activation_parts: scale_g * d * dot(code, q) + ...), the dots in integers (VNNI's dpbusd multiplies unsigned codes by
 // signed x without saturation; AVX2's maddubs does for codes up to 6 bits, and takes wider ones as two
 // nibbles). Values dequantize exactly as gguf-py's reference does: each product scale * code is exact in fp32, so one
 // rounding remains, the same one.
@@ -37,30 +37,32 @@ namespace {
 using namespace blockfmt;  // the formats and what they share (block_format.h)
 
 // ---------------------------------------------------------------------------------------- activations
-// Rows of x in two int8 parts per element (split_ref, common.h), with per 16 elements the block's d / 256
-// and x's sum as the parts hold it.
+// Rows of x in P int8 parts per element (split_ref, common.h; r is empty with one part), with per 16
+// elements the block's step (part_step) and x's sum as the parts hold it.
+template <int P>
 struct Act {
-  torch::Tensor q, r, dx, xs;  // int8 [M, K] twice; float [M, K / 16] twice
+  torch::Tensor q, r, dx, xs;  // int8 [M, K] (r: P = 2 only); float [M, K / 16] twice
   const int8_t* qp;
   const int8_t* rp;
   const float* dxp;
   const float* xsp;
 };
 
+template <int P>
 void quantize_row_ref(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
     int32_t totals[2];
-    const float d = split_block_ref(x + 32 * b, q + 32 * b, r + 32 * b, totals);
+    const float d = split_block_ref<P>(x + 32 * b, q + 32 * b, r + 32 * b, totals);
     for (int h = 0; h < 2; ++h) {
-      dx[2 * b + h] = d / 256.f;
-      xs[2 * b + h] = d / 256.f * float(totals[h]);
+      dx[2 * b + h] = part_step<P>(d);
+      xs[2 * b + h] = part_step<P>(d) * float(totals[h]);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------- portable
-template <class F>
-void rows_ref(const Act& a, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t begin, int64_t end) {
+template <class F, int P>
+void rows_ref(const Act<P>& a, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t begin, int64_t end) {
   const int64_t units = K / F::kUnit, row_bytes = units * F::kBytes;
   float sc[16], off[16];
   uint8_t codes[F::kUnit];
@@ -72,11 +74,12 @@ void rows_ref(const Act& a, int64_t M, int64_t K, const uint8_t* w, float* y, in
       for (int64_t i = 0; i < F::kUnit; ++i) codes[i] = uint8_t(F::code(unit, i));
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xq = a.qp + m * K + u * F::kUnit;
-        const int8_t* xr = a.rp + m * K + u * F::kUnit;
+        const int8_t* xr = P == 2 ? a.rp + m * K + u * F::kUnit : xq;
         const int64_t g0 = m * (K / 16) + u * (F::kUnit / 16);
         for (int64_t g = 0; g < F::kUnit / 16; ++g) {
           int32_t dot = 0;
-          for (int i = 0; i < 16; ++i) dot += int32_t(codes[16 * g + i]) * (256 * xq[16 * g + i] + xr[16 * g + i]);
+          for (int i = 0; i < 16; ++i)
+            dot += int32_t(codes[16 * g + i]) * (P == 2 ? 256 * xq[16 * g + i] + xr[16 * g + i] : xq[16 * g + i]);
           acc[m] += sc[g] * a.dxp[g0 + g] * float(dot) + off[g] * a.xsp[g0 + g];
         }
       }
@@ -102,22 +105,23 @@ void dequantize_rows_ref(const uint8_t* w, int64_t K, float* out, int64_t begin,
 #define TRAMONTANE_TILES "blocks_tiles.h"
 #include "per_isa.h"
 
-Act quantize_act(const float* x, int64_t M, int64_t K) {
-  Act a;
+template <int P>
+Act<P> quantize_act(const float* x, int64_t M, int64_t K) {
+  Act<P> a;
   a.q = torch::empty({M, K}, torch::kInt8);
-  a.r = torch::empty({M, K}, torch::kInt8);
+  a.r = torch::empty({P == 2 ? M : 0, K}, torch::kInt8);
   a.dx = torch::empty({M, K / 16}, torch::kFloat32);
   a.xs = torch::empty({M, K / 16}, torch::kFloat32);
-  int8_t* q = a.q.data_ptr<int8_t>();
-  int8_t* r = a.r.data_ptr<int8_t>();
-  float* dx = a.dx.data_ptr<float>();
-  float* xs = a.xs.data_ptr<float>();
+  int8_t* q = a.q.template data_ptr<int8_t>();
+  int8_t* r = P == 2 ? a.r.template data_ptr<int8_t>() : nullptr;
+  float* dx = a.dx.template data_ptr<float>();
+  float* xs = a.xs.template data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    int8_t *qm = q + m * K, *rm = r + m * K;
+    int8_t *qm = q + m * K, *rm = r ? r + m * K : nullptr;
     float *dxm = dx + m * (K / 16), *xsm = xs + m * (K / 16);
-    BY_ISA(quantize_row(xm, K, qm, rm, dxm, xsm), continue);
-    quantize_row_ref(xm, K, qm, rm, dxm, xsm);
+    BY_ISA(quantize_row<P>(xm, K, qm, rm, dxm, xsm), continue);
+    quantize_row_ref<P>(xm, K, qm, rm, dxm, xsm);
   }
   a.qp = q;
   a.rp = r;
@@ -243,12 +247,15 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
       return y;
     }
 #endif
-    const Act a = quantize_act(x.data_ptr<float>(), M, K);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-      BY_ISA(block_rows<F>(a, M, K, wp, yp, N, begin, end), return);
-      rows_ref<F>(a, M, K, wp, yp, N, begin, end);
+    with_parts([&](auto parts) {
+      constexpr int P = decltype(parts)::value;
+      const Act<P> a = quantize_act<P>(x.data_ptr<float>(), M, K);
+      at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+        BY_ISA(block_rows<F>(a, M, K, wp, yp, N, begin, end), return);
+        rows_ref<F>(a, M, K, wp, yp, N, begin, end);
+      });
     });
     return y;
   });

@@ -2,17 +2,18 @@
 // compiles this file once per instruction set. Includes nothing: blocks.cpp has what it needs in scope,
 // per_isa.h the activations' split (split_tiles.h).
 
-// One row of x in two int8 parts per element (split_block, split_tiles.h), in natural order, with per
-// 16 elements the block's d / 256 and x's sum as the parts hold it.
+// One row of x in P int8 parts per element (split_block, split_tiles.h), in natural order, with per 16
+// elements the block's step (part_step) and x's sum as the parts hold it.
+template <int P>
 inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
     int8_t* const qs[2] = {q + 32 * b, q + 32 * b + 16};
-    int8_t* const rs[2] = {r + 32 * b, r + 32 * b + 16};
+    int8_t* const rs[2] = {r ? r + 32 * b : nullptr, r ? r + 32 * b + 16 : nullptr};
     int32_t totals[2];
-    const float d = split_block(x + 32 * b, qs, rs, totals);
+    const float d = split_block<P>(x + 32 * b, qs, rs, totals);
     for (int h = 0; h < 2; ++h) {
-      dx[2 * b + h] = d / 256.f;
-      xs[2 * b + h] = d / 256.f * float(totals[h]);
+      dx[2 * b + h] = part_step<P>(d);
+      xs[2 * b + h] = part_step<P>(d) * float(totals[h]);
     }
   }
 }
@@ -22,8 +23,8 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float*
 // row's scales and offsets; the scales combined with x's into one factor per group (spread over the 4
 // lanes of the dot sums that cover it), the offsets straight into the accumulators. Per chunk of
 // V::kBytes elements: codes decoded once, used for every row of x.
-template <int R, int T, class Fm>
-inline void block_tile(Fm, const Act& a, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t o, int64_t m0) {
+template <int R, int T, class Fm, int P>
+inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t o, int64_t m0) {
   constexpr int64_t kStep = 256 / Fm::kUnit, kChunks = Fm::kUnit / V::kBytes;  // units per step, chunks per unit
   const int64_t units = K / Fm::kUnit, row_bytes = units * Fm::kBytes, K16 = K / 16;
   const NextTile<R> next(w, row_bytes, o, N, m0);
@@ -52,11 +53,19 @@ inline void block_tile(Fm, const Act& a, int64_t K, const uint8_t* w, float* y, 
       for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, c % kChunks);
       for (int t = 0; t < T; ++t) {
         const int64_t at = (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes;
-        const typename V::I xq = V::loadi(a.qp + at), xr = V::loadi(a.rp + at);
-        for (int r = 0; r < R; ++r) {
-          const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
-          const typename V::I dot = V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr);
-          acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
+        const typename V::I xq = V::loadi(a.qp + at);
+        if constexpr (P == 2) {
+          const typename V::I xr = V::loadi(a.rp + at);
+          for (int r = 0; r < R; ++r) {
+            const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
+            const typename V::I dot = V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr);
+            acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
+          }
+        } else {
+          for (int r = 0; r < R; ++r) {
+            const typename V::I dot = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
+            acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
+          }
         }
       }
     }
@@ -65,8 +74,8 @@ inline void block_tile(Fm, const Act& a, int64_t K, const uint8_t* w, float* y, 
     for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]);
 }
 
-template <class Fm>
-void block_rows(const Act& a, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t begin, int64_t end) {
+template <class Fm, int P>
+void block_rows(const Act<P>& a, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t begin, int64_t end) {
   const Fm fmt{};
   walk(M, begin, end, DISPATCH_TILE(block_tile, fmt, a, K, w, y, N));
 }

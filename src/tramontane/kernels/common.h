@@ -10,6 +10,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -65,17 +66,27 @@ inline bool& amx_in_use() {
 // Activations for the integer kernels, in two int8 parts per element: per block of 32, step d = max|x| /
 // 127, inv = 127 / max|x|, q = round(x inv) and r = round(256 fma(x, inv, -q)) saturated to int8 ([-128,
 // 127], as the vector stores saturate); x = d (q + r / 256) to within d / 512. The fma is explicit in
-// every path, so no compiler's contraction choice changes a tie. One int8 part alone (llama.cpp's
-// rounding) cost SmolLM2 Q4_K_M 3% of its top-1 agreement with the fp32 weights; a product is then
-// (dot(w, q) << 8) + dot(w, r), times d / 256.
+// every path, so no compiler's contraction choice changes a tie. A product is then (dot(w, q) << 8) +
+// dot(w, r), times d / 256. With one part (llama.cpp's Q8 rounding) x = d q to within d / 2 and a
+// product is dot(w, q) times d: half the dot products, less exact (`activation_parts` says which; the
+// kernel policy chooses, kernels/policy.py).
 inline void split_ref(float x, float inv, int8_t& q, int8_t& r) {
   const float whole = std::nearbyint(x * inv);
   q = int8_t(whole);
   r = int8_t(std::max(-128.f, std::min(127.f, std::nearbyint(std::fma(x, inv, -whole) * 256.f))));
 }
 
-// Block x[0, 32) split as split_ref rounds, in natural order into q and r [32]; totals[h] is the sum of
-// 256 q + r over half h of 16. Returns d = max|x| / 127. (The vector paths: split_tiles.h.)
+// The int8 parts per element of the integer kernels' activations, 1 or 2 (see split_ref), for every
+// product of the process; set_activation_parts changes it.
+inline int& activation_parts() {
+  static int parts = 2;
+  return parts;
+}
+
+// Block x[0, 32) split as split_ref rounds (P = 2 parts) or into q alone (P = 1; r untouched), in natural
+// order into q and r [32]; totals[h] is the sum over half h of 16 of 256 q + r (P = 2) or of q (P = 1).
+// Returns d = max|x| / 127. (The vector paths: split_tiles.h.)
+template <int P>
 inline float split_block_ref(const float* x, int8_t* q, int8_t* r, int32_t totals[2]) {
   float amax = 0.f;
   for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -83,11 +94,29 @@ inline float split_block_ref(const float* x, int8_t* q, int8_t* r, int32_t total
   for (int h = 0; h < 2; ++h) {
     totals[h] = 0;
     for (int i = 16 * h; i < 16 * h + 16; ++i) {
-      split_ref(x[i], inv, q[i], r[i]);
-      totals[h] += 256 * q[i] + r[i];
+      if constexpr (P == 2) {
+        split_ref(x[i], inv, q[i], r[i]);
+        totals[h] += 256 * q[i] + r[i];
+      } else {
+        q[i] = int8_t(std::nearbyint(x[i] * inv));
+        totals[h] += q[i];
+      }
     }
   }
   return amax / 127.f;
+}
+
+// One step of x's split in a product: d / 256 (two parts) or d (one part).
+template <int P>
+constexpr float part_step(float d) {
+  return P == 2 ? d / 256.f : d;
+}
+
+// Calls fn with std::integral_constant<int, P> for the activation_parts() in use.
+template <class Fn>
+auto with_parts(Fn fn) {
+  if (activation_parts() == 1) return fn(std::integral_constant<int, 1>{});
+  return fn(std::integral_constant<int, 2>{});
 }
 
 inline int64_t grain(int64_t N) {

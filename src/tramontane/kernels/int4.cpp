@@ -7,7 +7,8 @@
 // multiple of 32).
 //
 // Each call first splits the rows of x into two int8 parts per element in blocks of 32 (split_ref,
-// common.h: x = d (q + r / 256), d = max|x| / 127; llama.cpp's Q8_0 activations are q alone). An output
+// common.h: x = d (q + r / 256), d = max|x| / 127; llama.cpp's Q8_0 activations are q alone, as ours
+// are with activation_parts 1, which drops the second dot below). An output
 // is then the sum over blocks of scale_w * d / 256 * ((dot(c - 8, q) << 8) + dot(c - 8, r)), the dots in
 // integer arithmetic: VNNI's dpbusd (u8 x s8 -> s32) on AVX-512 and AVX-VNNI, maddubs + madd on AVX2
 // (int4_tiles.h, written once over the vector width). The -8 is folded in by starting the second dot at
@@ -19,12 +20,13 @@
 
 namespace {
 
-// Activations for one call in two int8 parts per element (split_ref, common.h), laid out for the vector
+// Activations for one call in P int8 parts per element (split_ref, common.h), laid out for the vector
 // width in use (int4_quantize_row).
+template <int P>
 struct QuantizedX {
-  torch::Tensor q, r;   // int8 [M, K]: the parts
-  torch::Tensor scale;  // float [M, K / 32]: d / 256 per block
-  torch::Tensor bias;   // int32 [M, K / 4]: -8 times 256 q + r summed over each 4 consecutive elements
+  torch::Tensor q, r;   // int8 [M, K]: the parts (r: P = 2 only)
+  torch::Tensor scale;  // float [M, K / 32]: the step per block (part_step)
+  torch::Tensor bias;   // int32 [M, K / 4]: -8 times the parts' value (256 q + r, or q) over each 4 elements
   torch::Tensor sum;    // float [M, K / 32]: x's sum per block as the parts hold it (for a minimum's term)
   const int8_t* qp;
   const int8_t* rp;
@@ -34,40 +36,43 @@ struct QuantizedX {
 };
 
 // The dot of one block's 32 codes (16 bytes, element i in the low nibble of byte i and i + 16 in its
-// high one), less `offset`, with 32 elements of x in two int8 parts (256 q + r), in natural order.
+// high one), less `offset`, with 32 elements of x in P int8 parts (256 q + r, or q), in natural order.
+template <int P>
 inline int32_t int4_block_dot(const uint8_t* row, const int8_t* xq, const int8_t* xr, int32_t offset) {
   int32_t dot = 0;
-  for (int i = 0; i < 16; ++i)
-    dot += (int32_t(row[i] & 15) - offset) * (256 * xq[i] + xr[i]) +
-           (int32_t(row[i] >> 4) - offset) * (256 * xq[i + 16] + xr[i + 16]);
+  for (int i = 0; i < 16; ++i) {
+    const int32_t lo = P == 2 ? 256 * xq[i] + xr[i] : xq[i], hi = P == 2 ? 256 * xq[i + 16] + xr[i + 16] : xq[i + 16];
+    dot += (int32_t(row[i] & 15) - offset) * lo + (int32_t(row[i] >> 4) - offset) * hi;
+  }
   return dot;
 }
 
 #define TRAMONTANE_TILES "int4_tiles.h"
 #include "per_isa.h"
 
-QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
+template <int P>
+QuantizedX<P> quantize_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / 32;
-  QuantizedX out;
+  QuantizedX<P> out;
   out.q = torch::empty({M, K}, torch::kInt8);
-  out.r = torch::empty({M, K}, torch::kInt8);
+  out.r = torch::empty({P == 2 ? M : 0, K}, torch::kInt8);
   out.scale = torch::empty({M, nb}, torch::kFloat32);
   out.bias = torch::empty({M, K / 4}, torch::kInt32);
   out.sum = torch::empty({M, nb}, torch::kFloat32);
-  int8_t* q = out.q.data_ptr<int8_t>();
-  int8_t* r = out.r.data_ptr<int8_t>();
-  float* s = out.scale.data_ptr<float>();
-  int32_t* bias = out.bias.data_ptr<int32_t>();
-  float* sums = out.sum.data_ptr<float>();
+  int8_t* q = out.q.template data_ptr<int8_t>();
+  int8_t* r = P == 2 ? out.r.template data_ptr<int8_t>() : nullptr;
+  float* s = out.scale.template data_ptr<float>();
+  int32_t* bias = out.bias.template data_ptr<int32_t>();
+  float* sums = out.sum.template data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    int8_t *qm = q + m * K, *rm = r + m * K;
-    BY_ISA(int4_quantize_row(xm, K, qm, rm, s + m * nb, bias + m * (K / 4), sums + m * nb), continue);
+    int8_t *qm = q + m * K, *rm = r ? r + m * K : nullptr;
+    BY_ISA(int4_quantize_row<P>(xm, K, qm, rm, s + m * nb, bias + m * (K / 4), sums + m * nb), continue);
     for (int64_t b = 0; b < nb; ++b) {
       int32_t totals[2];
-      const float d = split_block_ref(xm + 32 * b, qm + 32 * b, rm + 32 * b, totals);
-      s[m * nb + b] = d / 256.f;
-      sums[m * nb + b] = d / 256.f * float(totals[0] + totals[1]);
+      const float d = split_block_ref<P>(xm + 32 * b, qm + 32 * b, rm ? rm + 32 * b : nullptr, totals);
+      s[m * nb + b] = part_step<P>(d);
+      sums[m * nb + b] = part_step<P>(d) * float(totals[0] + totals[1]);
     }
   }
   out.qp = q;
@@ -81,17 +86,18 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
 inline float half_to_float(uint16_t h) { return float(c10::Half(h, c10::Half::from_bits())); }
 
 // ---------------------------------------------------------------------------------------- portable
-void int4_rows_ref(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+template <int P>
+void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
                    const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
   const int64_t nb = K / 32, groups = K / group;
   const int32_t offset = wmin ? 0 : 8;
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* row = w + o * (K / 2);
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t *xq = qx.qp + m * K, *xr = qx.rp + m * K;
+      const int8_t *xq = qx.qp + m * K, *xr = qx.rp ? qx.rp + m * K : nullptr;
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int32_t dot = int4_block_dot(row + b * 16, xq + b * 32, xr + b * 32, offset);
+        const int32_t dot = int4_block_dot<P>(row + b * 16, xq + b * 32, xr ? xr + b * 32 : nullptr, offset);
         const int64_t g = o * groups + b * 32 / group;
         acc += float(dot) * half_to_float(wscale[g]) * qx.sp[m * nb + b];
         if (wmin) acc += half_to_float(wmin[g]) * qx.sum_p[m * nb + b];
@@ -128,15 +134,17 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
                     mins ? half_bits(*mins) : nullptr, group, y.data_ptr<float>(), N);
     return y;
   }
-  const QuantizedX qx = quantize_x(x.data_ptr<float>(), M, K);
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);
   const uint16_t* mp = mins ? half_bits(*mins) : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
-    BY_ISA(int4_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
-    int4_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
+  with_parts([&](auto parts) {
+    const QuantizedX<decltype(parts)::value> qx = quantize_x<decltype(parts)::value>(x.data_ptr<float>(), M, K);
+    at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+      BY_ISA(int4_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
+      int4_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
+    });
   });
   return y;
 }

@@ -6,8 +6,9 @@
 // nibbles [low nibbles, high nibbles], so x is stored in that order (QuantizedX), and each dot lane
 // covers 4 elements of one block (V::by_block spreads the blocks' factors to their lanes).
 
-// One row of x in two int8 parts per element (split_block, split_tiles.h), laid out by groups of
+// One row of x in P int8 parts per element (split_block, split_tiles.h), laid out by groups of
 // V::kInt4Blocks blocks as the nibbles come; the blocks after the last whole group in natural order.
+template <int P>
 inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* s, int32_t* bias,
                               float* sums) {
   constexpr int64_t G = V::kInt4Blocks;
@@ -17,15 +18,15 @@ inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, f
     int64_t at[2];
     for (int h = 0; h < 2; ++h) at[h] = b < grouped ? b / G * 32 * G + h * 16 * G + b % G * 16 : 32 * b + 16 * h;
     int8_t* const qs[2] = {q + at[0], q + at[1]};
-    int8_t* const rs[2] = {r + at[0], r + at[1]};
+    int8_t* const rs[2] = {r ? r + at[0] : nullptr, r ? r + at[1] : nullptr};
     int32_t totals[2];
-    const float d = split_block(x + 32 * b, qs, rs, totals);
-    s[b] = d / 256.f;
-    sums[b] = d / 256.f * float(totals[0] + totals[1]);
+    const float d = split_block<P>(x + 32 * b, qs, rs, totals);
+    s[b] = part_step<P>(d);
+    sums[b] = part_step<P>(d) * float(totals[0] + totals[1]);
   }
   for (int64_t j = 0; j < K / 4; ++j) {
     int32_t four = 0;
-    for (int64_t i = 4 * j; i < 4 * j + 4; ++i) four += 256 * q[i] + r[i];
+    for (int64_t i = 4 * j; i < 4 * j + 4; ++i) four += P == 2 ? 256 * q[i] + r[i] : q[i];
     bias[j] = -8 * four;
   }
 }
@@ -34,8 +35,8 @@ inline void int4_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, f
 // minimums' terms (min * sum(x)) straight into the accumulators. Per step: the weight bytes widened once
 // and used for every row of x, their dot with x's first part shifted by 8 bits and continued with the
 // second; the -8 of symmetric codes is in the second dot's starting value.
-template <int R, int T>
-inline void int4_tile(const QuantizedX& qx, int64_t K, const uint8_t* w, const uint16_t* wscale, const uint16_t* wmin,
+template <int R, int T, int P>
+inline void int4_tile(const QuantizedX<P>& qx, int64_t K, const uint8_t* w, const uint16_t* wscale, const uint16_t* wmin,
                       int64_t group, float* y, int64_t N, int64_t o, int64_t m0) {
   constexpr int64_t G = V::kInt4Blocks;
   const int64_t nb = K / 32, groups = K / group, row_bytes = K / 2;
@@ -67,26 +68,36 @@ inline void int4_tile(const QuantizedX& qx, int64_t K, const uint8_t* w, const u
       typename V::I wv[R];
       for (int r = 0; r < R; ++r) wv[r] = V::int4_nibbles(w + (o + r) * row_bytes + b * 16);
       for (int t = 0; t < T; ++t) {
-        const typename V::I xq = V::loadi(qx.qp + (m0 + t) * K + b * 32), xr = V::loadi(qx.rp + (m0 + t) * K + b * 32);
+        const typename V::I xq = V::loadi(qx.qp + (m0 + t) * K + b * 32);
         const typename V::I bv = wmin ? V::zero_int() : V::loadi(qx.bp + (m0 + t) * (K / 4) + b * 8);
-        for (int r = 0; r < R; ++r) {
-          const typename V::I whole = V::template dot<4>(V::zero_int(), wv[r], xq);
-          const typename V::I d = V::template dot<4>(V::add(V::times256(whole), bv), wv[r], xr);
-          acc[r][t] = V::fmadd(V::to_float(d), V::by_block(&cs[r][t][b - c0]), acc[r][t]);
+        if constexpr (P == 2) {
+          const typename V::I xr = V::loadi(qx.rp + (m0 + t) * K + b * 32);
+          for (int r = 0; r < R; ++r) {
+            const typename V::I whole = V::template dot<4>(V::zero_int(), wv[r], xq);
+            const typename V::I d = V::template dot<4>(V::add(V::times256(whole), bv), wv[r], xr);
+            acc[r][t] = V::fmadd(V::to_float(d), V::by_block(&cs[r][t][b - c0]), acc[r][t]);
+          }
+        } else {
+          for (int r = 0; r < R; ++r) {
+            const typename V::I d = V::template dot<4>(bv, wv[r], xq);
+            acc[r][t] = V::fmadd(V::to_float(d), V::by_block(&cs[r][t][b - c0]), acc[r][t]);
+          }
         }
       }
     }
     for (int64_t b = grouped_end; b < c0 + cn; ++b)  // at most one block, in natural order
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t)
-          lone[r][t] += float(int4_block_dot(w + (o + r) * row_bytes + b * 16, qx.qp + (m0 + t) * K + b * 32,
-                                             qx.rp + (m0 + t) * K + b * 32, wmin ? 0 : 8)) * cs[r][t][b - c0];
+          lone[r][t] += float(int4_block_dot<P>(w + (o + r) * row_bytes + b * 16, qx.qp + (m0 + t) * K + b * 32,
+                                                P == 2 ? qx.rp + (m0 + t) * K + b * 32 : nullptr, wmin ? 0 : 8)) *
+                        cs[r][t][b - c0];
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]) + lone[r][t];
 }
 
-inline void int4_rows(const QuantizedX& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+template <int P>
+inline void int4_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
                       const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
   walk(M, begin, end, DISPATCH_TILE(int4_tile, qx, K, w, wscale, wmin, group, y, N));
 }

@@ -48,6 +48,12 @@ class KernelPolicy:
     # The operands of big float products: a quantized layer's dequantized tiles (beyond small_batch
     # rows) and training's frozen products (lora.lower_frozen). See the module's docstring.
     gemm_dtype: torch.dtype = torch.float32
+    # int8 parts per element of the integer kernels' activations (kernels/common.h, split_ref): 2 on every
+    # CPU. One part (llama.cpp's Q8 rounding) halves the dot products, but SmolLM2's top-1 agreement with
+    # its fp32 weights fell below the 99% that benchmarks/gguf_files.py asks, while a one-row int4
+    # product of the 7B shape ran no faster on Zen 4 (it waits on memory there). Kernels.set_activation_parts
+    # gives one part to those who want it.
+    activation_parts: int = 2
 
     @classmethod
     def detect(cls, speedup: Callable[[], float] | None = None) -> KernelPolicy:
@@ -56,7 +62,9 @@ class KernelPolicy:
         if kernels is None:
             return cls(None)
         fast = (speedup or bf16_speedup)() >= BF16_MIN_SPEEDUP
-        return cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32)
+        policy = cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32)
+        kernels.set_activation_parts(policy.activation_parts)
+        return policy
 
     def vector_wins(self, rows: int, amx_tiles: bool, in_features: int) -> bool:
         """Whether a quantized layer's kernel beats dequantize + GEMM for `rows` rows of activations: at
