@@ -1,7 +1,7 @@
 """A benchmark worker: loads one system (tramontane, llama.cpp's llama-bench or transformers) once, then answers timing
 commands on stdin with JSON lines on stdout, so that the orchestrator can interleave the systems.
 
-    python benchmarks/workers.py ours  PATH [--quantize int8|int4] [--dequantize]
+    python benchmarks/workers.py ours  PATH [--quantize int8|int4] [--dequantize] [--isa avx2]
     python benchmarks/workers.py llama PATH.gguf
     python benchmarks/workers.py hf    PATH [--gguf]
 
@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--gguf", action="store_true")
     ap.add_argument("--dequantize", action="store_true", help="ours: a GGUF file's blocks as floats")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--isa", default=None, help="ours: the kernels' instruction set (amx, avx512, avx_vnni, avx2), "
+                    "lowered with set_isa so one CPU shows the paths of others")
     a = ap.parse_args()
     # the libraries are imported before the baseline, so that RSS figures count the model, not the runtime
     if a.kind != "llama":
@@ -144,6 +146,13 @@ def main() -> None:
             import transformers  # noqa: F401
         if a.threads:
             torch.set_num_threads(a.threads)
+        if a.isa:
+            from tramontane.kernels import qlinear
+
+            ext = qlinear()
+            if ext is None or a.isa not in ext.isas():
+                raise SystemExit(f"--isa {a.isa}: this CPU's kernels run {ext.isas() if ext else 'none'}")
+            ext.set_isa(a.isa)
     base = current_rss_bytes()
     t0 = time.perf_counter()
     system: Ours | Llama | HF
