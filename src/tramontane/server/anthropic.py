@@ -16,9 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -27,11 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .errors import bad_request
+from .mistral import call_id
 from .schemas import MAX_STOP_STRINGS, ChatCompletionRequest, StopString
 
 STRICT = ConfigDict(extra="ignore", strict=True)  # Anthropic's optional extras (cache_control, ...) are ignored
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # Anthropic's rule for a tool's name
-CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # what Mistral's v3+ tokenizers accept as a tool-call id
 # Our finish reasons in Anthropic's words ("stop" is end_turn or stop_sequence: see `stop_reason`)
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -155,11 +153,6 @@ def _text(content: str | list[TextBlock]) -> str:
     return content if isinstance(content, str) else "\n".join(b.text for b in content)
 
 
-def _call_id(tool_use_id: str) -> str:
-    """`tool_use_id` where a Mistral tokenizer accepts it, else a digest of it in the accepted form."""
-    return tool_use_id if CALL_ID.fullmatch(tool_use_id) else hashlib.sha256(tool_use_id.encode()).hexdigest()[:9]
-
-
 def _turn(message: Message, i: int, calls: set[str]) -> list[dict[str, Any]]:
     """OpenAI messages of one Anthropic turn; `calls`: the ids a tool_result here may answer."""
     if isinstance(message.content, str):
@@ -173,16 +166,16 @@ def _turn(message: Message, i: int, calls: set[str]) -> list[dict[str, Any]]:
         elif isinstance(block, ToolUseBlock):
             if message.role != "assistant":
                 raise bad_request(f"{where}: tool_use blocks belong in assistant turns", where)
-            tool_calls.append({"id": _call_id(block.id), "type": "function",
+            tool_calls.append({"id": call_id(block.id), "type": "function",
                                "function": {"name": block.name, "arguments": json.dumps(block.input)}})
         else:
             if message.role != "user":
                 raise bad_request(f"{where}: tool_result blocks belong in user turns", where)
-            if _call_id(block.tool_use_id) not in calls:
+            if call_id(block.tool_use_id) not in calls:
                 raise bad_request(f"{where}.tool_use_id: {block.tool_use_id!r} answers no tool_use block of the "
                                   "assistant turn just before", f"{where}.tool_use_id")
             result = _text(block.content)
-            out.append({"role": "tool", "tool_call_id": _call_id(block.tool_use_id),
+            out.append({"role": "tool", "tool_call_id": call_id(block.tool_use_id),
                         "content": f"Error: {result}" if block.is_error else result})
     if message.role == "assistant":  # Mistral's formats hold text or calls, not both: the calls are what is answered
         return [{"role": "assistant", "tool_calls": tool_calls} if tool_calls else
@@ -235,8 +228,3 @@ def stop_reason(tokenizer: Tokenizer, choice: p.Choice, reason: str, stops: tupl
     whole = tokenizer.decode(choice.tokens)
     found = [(at, s) for s in stops if (at := whole.find(s)) >= 0]
     return ("stop_sequence", min(found)[1]) if found else ("end_turn", None)
-
-
-def event(payload: dict[str, Any]) -> str:
-    """One server-sent event as Anthropic streams them: its type also names the event."""
-    return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"

@@ -23,7 +23,7 @@ from . import anthropic as a
 from . import protocol as p
 from .bridge import Submission
 from .schemas import ChatCompletionRequest
-from .streaming import EventStream
+from .streaming import EventStream, typed_event
 
 
 class ChatServer(Protocol):
@@ -78,9 +78,9 @@ class MessagesRoutes:
         once the call after [TOOL_CALLS] has parsed (their input in one input_json_delta each), message_delta
         with the stop reason and usage, message_stop."""
         tok = self.server.tokenizer
-        yield a.event({"type": "message_start",
-                       "message": a.message_body(mid, model, [], None, None, prompt_tokens, 0)})
-        yield a.event({"type": "ping"})
+        yield typed_event({"type": "message_start",
+                           "message": a.message_body(mid, model, [], None, None, prompt_tokens, 0)})
+        yield typed_event({"type": "ping"})
         choice = p.Choice()
         text_open = False
 
@@ -88,15 +88,15 @@ class MessagesRoutes:
             nonlocal text_open
             if not text_open:  # opened on the first text, so an answer that only calls a tool has no empty block
                 text_open = True
-                yield a.event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-            yield a.event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+                yield typed_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+            yield typed_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
 
         held: list[str] | None = None  # text after [TOOL_CALLS], until the call parses
         async for _, ev in sub.events():
             choice.add(ev)
             failure = choice.failure(self.server.request_timeout, self.server.shutting_down)
             if failure is not None:
-                yield a.event(failure.anthropic_body())
+                yield typed_event(failure.anthropic_body())
                 return
             if tools and held is None and p.is_tool_call_start(tok, ev.token):
                 held = []
@@ -111,14 +111,14 @@ class MessagesRoutes:
             for chunk in text("".join(held)):
                 yield chunk
         if text_open:
-            yield a.event({"type": "content_block_stop", "index": 0})
+            yield typed_event({"type": "content_block_stop", "index": 0})
         for index, call in enumerate(calls, start=int(text_open)):
             block = a.tool_use_block(call)
-            yield a.event({"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}})
-            yield a.event({"type": "content_block_delta", "index": index,
-                           "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
-            yield a.event({"type": "content_block_stop", "index": index})
+            yield typed_event({"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}})
+            yield typed_event({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "input_json_delta", "partial_json": call["function"]["arguments"]}})
+            yield typed_event({"type": "content_block_stop", "index": index})
         stop_reason, stop = a.stop_reason(tok, choice, reason, stops)
-        yield a.event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop},
-                       "usage": {"input_tokens": prompt_tokens, "output_tokens": len(choice.tokens)}})
-        yield a.event({"type": "message_stop"})
+        yield typed_event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop},
+                           "usage": {"input_tokens": prompt_tokens, "output_tokens": len(choice.tokens)}})
+        yield typed_event({"type": "message_stop"})

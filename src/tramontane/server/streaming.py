@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -21,3 +23,8 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()  # a client that hung up frees its cache rows within one engine step
+
+
+def typed_event(payload: dict[str, Any]) -> str:
+    """One server-sent event named by its payload's `type`, as Anthropic's and OpenAI's Responses API stream them."""
+    return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
