@@ -98,7 +98,10 @@ class ModelArgs:
     """Shape and maths of a Llama-shaped transformer (Mistral, Mixtral, Llama, SmolLM2, ...).
 
     `sliding_window=None` means full causal attention; `max_seq_len=None` means no context limit
-    is known (a sliding-window model then serves any length).
+    is known (a sliding-window model then serves any length). A `bare` model is the transformer alone,
+    as transformers calls its `MistralModel` ("the bare Mistral Model outputting raw hidden-states"),
+    which is how embedding models ship (e5-mistral-7b-instruct, SFR-Embedding-Mistral): it has no output
+    layer, so it gives final hidden states (`Transformer.features`) and no logits.
     """
 
     dim: int
@@ -115,6 +118,7 @@ class ModelArgs:
     tied_embeddings: bool = False
     moe: MoeArgs | None = None
     head: HeadArgs | None = None  # a task head instead of the vocabulary output (see heads.py)
+    bare: bool = False  # no output layer at all: hidden states only (embedding models)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +144,8 @@ class ModelArgs:
             self.head = HeadArgs(**self.head)
         if self.head is not None and self.head.pad_token_id is not None and self.head.pad_token_id >= self.vocab_size:
             raise ValueError(f"head.pad_token_id {self.head.pad_token_id} is not below vocab_size {self.vocab_size}")
+        if self.bare and (self.head is not None or self.tied_embeddings):
+            raise ValueError("bare: a bare model has no output layer, so neither a task head nor tied_embeddings")
 
     # ------------------------------------------------------------------ native params.json
     @classmethod
@@ -177,6 +183,7 @@ class ModelArgs:
                 tied_embeddings=_bool(params, "tied_embeddings", source),
                 moe=MoeArgs(**_moe_fields(moe, source)) if moe else None,
                 head=_head_fields(params["head"], source) if params.get("head") else None,
+                bare=_bool(params, "bare", source),
                 extra={k: params[k] for k in _PARAMS_IGNORED if k in params},
             )
         except (ValueError, TypeError) as e:
@@ -203,6 +210,8 @@ class ModelArgs:
             out["moe"] = dataclasses.asdict(self.moe)
         if self.head is not None:
             out["head"] = dataclasses.asdict(self.head)
+        if self.bare:
+            out["bare"] = True
         return out
 
     # ------------------------------------------------------------------ Hugging Face config.json
@@ -215,6 +224,10 @@ class ModelArgs:
         head = _hf_head(config, source)
         if head is not None:  # the same families as their causal-LM classes
             archs = [a.replace(suffix, "ForCausalLM") for a in archs for suffix in HEAD_KINDS if a.endswith(suffix)]
+        # transformers' bare classes (MistralModel, ...): the body of a causal LM, without its lm_head
+        bare = head is None and any(a.endswith("Model") and _causal_of(a) in _HF_ARCHITECTURES for a in archs)
+        if bare:
+            archs = [_causal_of(a) for a in archs]
         family = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
         if family is None and isinstance(config.get("model_type"), str) and config["model_type"] in _HF_ARCHITECTURES.values():
             family = config["model_type"]
@@ -272,9 +285,11 @@ class ModelArgs:
                 rope_theta=theta,
                 sliding_window=window,
                 max_seq_len=_opt_int(config, "max_position_embeddings", source),
-                tied_embeddings=_bool(config, "tie_word_embeddings", source),
+                # a bare model has no head to tie (transformers' configs may still say true)
+                tied_embeddings=_bool(config, "tie_word_embeddings", source) and not bare,
                 moe=MoeArgs(*moe) if moe else None,
                 head=head,
+                bare=bare,
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(source, str(e)) from e
@@ -304,6 +319,8 @@ class ModelArgs:
         if self.moe is not None:
             out["num_local_experts"] = self.moe.num_experts
             out["num_experts_per_tok"] = self.moe.num_experts_per_tok
+        if self.bare:
+            out["architectures"] = [arch.removesuffix("ForCausalLM") + "Model"]
         if self.head is not None:
             suffix = next(s for s, kind in HEAD_KINDS.items() if kind == self.head.kind)
             out["architectures"] = [arch.replace("ForCausalLM", suffix)]
@@ -321,10 +338,15 @@ class ModelArgs:
         if self.moe is not None:
             ffn = ffn * self.moe.num_experts + self.dim * self.moe.num_experts
         per_layer = attn + ffn + 2 * self.dim
-        heads = self.vocab_size * self.dim * (1 if self.tied_embeddings or self.head else 2)
+        heads = self.vocab_size * self.dim * (1 if self.tied_embeddings or self.head or self.bare else 2)
         if self.head is not None:
             heads += self.head.n_outputs * (self.dim + self.head.bias)
         return self.n_layers * per_layer + heads + self.dim
+
+
+def _causal_of(arch: str) -> str:
+    """The causal-LM class of transformers' bare class `arch` (MistralModel -> MistralForCausalLM)."""
+    return arch.removesuffix("Model") + "ForCausalLM" if arch.endswith("Model") else arch
 
 
 def _moe_fields(moe: Any, source: str | Path) -> dict[str, int]:

@@ -114,8 +114,12 @@ def check_language_model(model: Transformer) -> None:
     """Generating needs next-token logits, which a model with a task head does not give.
 
     Raises:
-        ValueError: `model` has a classification or question-answering head.
+        ValueError: `model` has a classification or question-answering head, or none at all (a bare
+            embedding model).
     """
+    if model.args.bare:
+        raise ValueError("model: it is a bare transformer (an embedding model) without a language-model head, so it "
+                         "cannot generate text (use tramontane.embed, or serve it for /v1/embeddings)")
     if model.args.head is not None:
         raise ValueError(f"model: it has a {model.args.head.kind!r} task head instead of a language-model "
                          "output, so it cannot generate text (use `tramontane classify` or `tramontane answer`)")

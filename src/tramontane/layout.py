@@ -61,6 +61,8 @@ def to_internal(name: str, tensor: Array, args: ModelArgs, source: Path) -> list
             return [(_HEAD[name], tensor)]
         if name.startswith("transformer."):  # LlamaForQuestionAnswering's body prefix
             name = "model." + name.removeprefix("transformer.")
+    if args.bare and not name.startswith("model."):  # a bare MistralModel saves its body without the prefix
+        name = "model." + name
     if name in _GLOBAL:
         if name == "lm_head.weight" and args.tied_embeddings:
             return []  # some tied checkpoints store the shared matrix twice
@@ -103,6 +105,8 @@ def to_internal(name: str, tensor: Array, args: ModelArgs, source: Path) -> list
 def to_hf(name: str, tensor: Array, args: ModelArgs) -> tuple[str, Array]:
     """Map one internal tensor to its Hugging Face name (q/k re-permuted)."""
     hf_name, tensor = _to_hf_body(name, tensor, args)
+    if args.bare:  # as transformers' MistralModel.save_pretrained names them
+        hf_name = hf_name.removeprefix("model.")
     if args.head is not None and args.to_hf_config()["architectures"] == ["LlamaForQuestionAnswering"]:
         hf_name = hf_name.replace("model.", "transformer.", 1)  # that class keeps its old body prefix
     return hf_name, tensor

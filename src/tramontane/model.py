@@ -39,8 +39,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied models (SmolLM2, small Llamas) project with the embedding matrix and own no `output`;
-        # nor do models with a task head (heads.TaskModel), which project to labels instead.
-        lm_head = not args.tied_embeddings and args.head is None
+        # nor do models with a task head (heads.TaskModel), which project to labels instead, nor bare
+        # ones (embedding models), which give hidden states only.
+        lm_head = not args.tied_embeddings and args.head is None and not args.bare
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if lm_head else None
         # This rank's place when the model is one share of a torch.distributed job (parallel/shard.py
         # sets it; `args` are then the share's: its heads, hidden units and layers).
@@ -80,7 +81,15 @@ class Transformer(nn.Module):
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (fp32) of final-norm hidden states `h` [..., dim]: training scores only the rows it
-        needs (the targets) through this."""
+        needs (the targets) through this.
+
+        Raises:
+            ValueError: the model is bare (an embedding model): it has no output layer to give logits.
+        """
+        if self.args.bare:
+            raise ValueError("model: this is a bare transformer (config.json architectures: MistralModel, as embedding "
+                             "models ship), with no language-model head: it gives no logits. Use "
+                             "model.features(tokens) for its hidden states, or tramontane.embed(...)")
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight).float()
         return self.output(h).float()
