@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .args import PRESETS, HeadArgs, ModelArgs, MoeArgs, preset
     from .cache import KVCache
+    from .embed import embed
     from .errors import CheckpointError, ConfigError, TensorMismatchError, TokenizerError
     from .generate import Generation, compile_decode, generate, stream
     from .heads import TaskModel, classify
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "args": ["PRESETS", "HeadArgs", "ModelArgs", "MoeArgs", "preset"],
     "cache": ["KVCache"],
+    "embed": ["embed"],
     "errors": ["CheckpointError", "ConfigError", "TensorMismatchError", "TokenizerError"],
     "generate": ["Generation", "compile_decode", "generate", "stream"],
     "heads": ["TaskModel", "classify"],
@@ -43,7 +45,7 @@ _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names
 __all__ = [  # the names above (tests/test_package.py checks that both lists agree)
     "PRESETS", "CheckpointError", "ConfigError", "Generation", "HeadArgs", "KVCache", "ModelArgs", "MoeArgs",
     "ParallelConfig", "ParallelError", "SamplingParams", "TaskModel", "TensorMismatchError", "Tokenizer", "TokenizerError", "Transformer", "chat",
-    "classify", "compile_decode", "complete", "generate", "load_model", "load_tokenizer", "preset",
+    "classify", "compile_decode", "complete", "embed", "generate", "load_model", "load_tokenizer", "preset",
     "read_model_args", "save_model", "stream", "stream_chat", "stream_text", "visualize_mask",
 ]
 __version__ = "0.1.0"

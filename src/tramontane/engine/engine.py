@@ -10,10 +10,13 @@ In a parallel job (a model loaded with `parallel=`), rank 0's engine schedules a
 each step's `StepInputs` to the other ranks, whose engines `follow`: every step is the same sequence of
 collectives on every rank.
 
+Other work on the model (embeddings) is handed to the same thread with `call`: it runs between two steps.
+
 Example:
     >>> engine = Engine(model, tokenizer, max_batch=16)
     >>> engine.start()
     >>> engine.submit(Request(prompt=ids, max_tokens=64, emit=print))
+    >>> vectors = engine.call(lambda model: embed_tokens(model, [ids])).result()
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 # KEEPALIVE seconds, so that a quiet server does not run into the collectives' timeout), or that it stops.
 IDLE, STOP = "idle", "stop"
 KEEPALIVE = 5.0
+T = TypeVar("T")
 
 
 class QueueFullError(Exception):
@@ -84,6 +89,9 @@ class Engine:
 
     When a peer rank of a parallel job fails, the engine fails what runs, stops, keeps the reason in
     `failed` and calls `on_fatal` with it (the server sets it to shut itself down).
+
+    A bare model (an embedding model, `ModelArgs.bare`) generates nothing: its engine refuses every
+    request, reserves no KV pool to speak of (one block), and only runs `call`s.
     """
 
     def __init__(
@@ -106,12 +114,16 @@ class Engine:
             raise ValueError("max_batch and chunk_size must be >= 1 and max_queue >= 0")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        check_language_model(model)
         args = model.args
+        self.generates = not args.bare
+        if self.generates:
+            check_language_model(model)
         context = args.max_seq_len or 4096
         self.max_seq_len = min(max_seq_len or min(context, 4096), context)
         per_context = -(-self.max_seq_len // block_size)
-        if kv_blocks is None:
+        if not self.generates:
+            kv_blocks = 1  # the scheduler and runner want a pool; nothing is ever admitted to it
+        elif kv_blocks is None:
             kv_blocks = max(per_context, -(-max_batch * self.max_seq_len // (4 * block_size)))
         elif kv_blocks < per_context:
             raise ValueError(f"kv_blocks: {kv_blocks} blocks of {block_size} positions cannot hold one sequence "
@@ -138,6 +150,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._submitted: deque[Request] = deque()
+        self._calls: deque[tuple[Callable[[Transformer], Any], Future[Any]]] = deque()
         self._lives: list[_Live] = []
         self._thread: threading.Thread | None = None
         self._running = False
@@ -147,6 +160,9 @@ class Engine:
     # ------------------------------------------------------------------ client side (any thread)
     def validate(self, req: Request) -> None:
         """Raise ValueError naming the field when a request cannot be served."""
+        if not self.generates:
+            raise ValueError("model: this is an embedding model (a bare transformer, without a language-model head): "
+                             "it cannot generate text; it answers /v1/embeddings")
         vocab = self.model.args.vocab_size
         check_prompt(req.prompt, "prompt", vocab, req.max_tokens, self.max_seq_len)
         served = self.adapters.count if self.adapters is not None else 0
@@ -168,6 +184,18 @@ class Engine:
             self.metrics.queue_length.set(self.waiting)
             self._cond.notify()
 
+    def call(self, fn: Callable[[Transformer], T]) -> Future[T]:
+        """Run `fn(model)` on the engine thread, between two steps, and return its future (which holds
+        its result or its exception): the way to use the model for anything but generation without a
+        second thread touching it. Call from any thread; the calls run in order, after `start`."""
+        future: Future[T] = Future()
+        with self._cond:
+            if self.failed is not None:
+                raise ParallelError(self.failed)
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
     def start(self) -> None:
         if self._thread is not None:
             return
@@ -184,6 +212,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._cancel_calls()
 
     @property
     def active(self) -> int:
@@ -217,7 +246,7 @@ class Engine:
                 busy = False
             if not busy:
                 with self._cond:
-                    if self._running and not self._submitted:
+                    if self._running and not self._submitted and not self._calls:
                         self._cond.wait(timeout=0.1)
         if topology is not None:
             topology.from_leader(STOP)
@@ -237,6 +266,7 @@ class Engine:
         self.failed = error
         self._running = False
         self._fail_all(error)
+        self._cancel_calls()
         if self.on_fatal is not None:
             self.on_fatal(error)
 
@@ -244,12 +274,13 @@ class Engine:
         """One iteration: take in new requests, retire cancelled/expired ones, schedule, run, emit.
         Returns whether there was anything to do."""
         with torch.inference_mode():
+            called = self._run_calls()
             self._take_submitted()
             self._retire()
             plan = self.scheduler.schedule()
             self.metrics.preemptions.inc(len(plan.preempted))
             if plan.empty:
-                return False
+                return called
             inputs = self.runner.inputs(plan)
             if self.model.parallel is not None:
                 self.model.parallel.from_leader(inputs)  # the other ranks run the same step
@@ -259,6 +290,28 @@ class Engine:
                 self._sample(seqs, logits)
             self.metrics.kv_blocks_used.set(self.blocks.used)
         return True
+
+    def _run_calls(self) -> bool:
+        """Run the `call`s waiting now (not those they queue); whether there were any."""
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.model))
+                except Exception as e:  # the caller's to handle: the engine goes on
+                    future.set_exception(e)
+        return bool(calls)
+
+    def _cancel_calls(self) -> None:
+        """Calls that will never run (the engine stopped or failed) end with an error, not a hang."""
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(self.failed or "the engine stopped before running this call"))
 
     def _take_submitted(self) -> None:
         with self._cond:
