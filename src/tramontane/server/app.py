@@ -35,6 +35,7 @@ from .errors import APIError, bad_request, field_of, install_error_handlers
 from .limits import ServerLimits, check_prompt_chars, scan_text
 from .middleware import LOCAL_HOSTS, BodyLimit, CatchAll, HostCheck, KeyAuth, LoopbackDocs
 from .mistral import capabilities, with_safety_prompt
+from .responses_routes import responses_router
 from .schemas import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletionRequest,
@@ -73,7 +74,8 @@ def create_app(
     an error (for shutdown). `adapters` names the LoRA adapters served on the engine's model (engine
     adapter i + 1 for `adapters[i]`): a request's "model" picks one, or the base model by `model_name`.
     Web pages on the `cors` origins ('*': any) may call the API (`cors.Cors`). Anthropic's Messages API
-    is served beside OpenAI's (`anthropic_routes`), through the same checks, limits and engine.
+    is served beside OpenAI's (`anthropic_routes`), as is OpenAI's Responses API (`responses_routes`), through
+    the same checks, limits and engine.
     """
     limits = limits or ServerLimits()
     served = getattr(engine, "adapters", None)
@@ -117,6 +119,7 @@ def create_app(
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     app.include_router(anthropic_router(server))
+    app.include_router(responses_router(server))
     return app
 
 
