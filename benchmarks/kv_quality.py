@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/kv_quality.py --tokens 2000 --decode 200
 
-The same text (this repository's README, `--tokens` of it) goes through the paged pool once per dtype,
+The same text (this repository's docs/serving.md, `--tokens` of it) goes through the paged pool once per dtype,
 teacher-forced: the first `tokens - decode` positions in prompt chunks of `--chunk` (every key is stored
 in the pool's dtype and read back from it), the last `--decode` one token at a time (the decode path: the
 native block-table attention, for every dtype). At every position we compare the next-token
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=200, help="how many of the last tokens go one at a time")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--text", type=Path, default=Path(__file__).parent.parent / "README.md")
+    ap.add_argument("--text", type=Path, default=Path(__file__).parent.parent / "docs" / "serving.md")
     a = ap.parse_args()
     path = demo_model_path()
     model = load_model(path, dequantize=True)  # float weights: fast prompt chunks; the KV dtype is what varies
