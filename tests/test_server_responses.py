@@ -13,6 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel
 from scripted import V3, scripted_server
 
 from tramontane import load_tokenizer
@@ -141,6 +142,14 @@ def test_a_stream_follows_openais_event_sequence(client, engine, tok):
     assert events[-2].item.id == events[2].item.id == final.output[0].id
 
 
+def test_the_clients_stream_helper_assembles_the_final_response(client, engine, tok):
+    engine.script = lambda req: answer(tok, "Hello world, twice.")
+    with client.responses.stream(model=MODEL, input=QUESTION) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "Hello world, twice."
+
+
 def test_a_streamed_function_call_arrives_as_argument_events(client, engine, tok):
     engine.script = lambda req: tool_call(tok, "get_weather", {"city": "Paris"})
     events = list(create(client, stream=True, tools=[WEATHER], tool_choice="required"))
@@ -229,6 +238,16 @@ def test_json_schema_output_is_enforced_and_valid(client, engine, tok):
     assert engine.submitted[-1].grammar is not None and res.text.format.type == "json_schema"
 
 
+def test_the_clients_parse_helper_reads_a_pydantic_model(client, engine, tok):
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    engine.script = lambda req: answer(tok, '{"name": "Ada", "age": 36}')
+    res = client.responses.parse(model=MODEL, input="Who wrote the first program?", text_format=Person)
+    assert res.output_parsed == Person(name="Ada", age=36) and engine.submitted[-1].grammar is not None
+
+
 def test_json_object_output_is_enforced(client, engine, tok):
     engine.script = lambda req: answer(tok, '{"ok": true}')
     res = create(client, text={"format": {"type": "json_object"}})
@@ -302,6 +321,13 @@ def test_fields_that_would_change_the_answer_are_refused_by_name(client, engine,
     body = bad_request(lambda: create(client, **fields))
     assert body["param"] == param and body["message"].startswith(f"{param}:")
     assert not engine.submitted
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client, engine, tok):
+    engine.script = lambda req: answer(tok, "Fine.")
+    res = create(client, reasoning={"effort": None}, background=False, include=[], top_logprobs=0,
+                 extra_body={"max_tool_calls": None, "conversation": None})
+    assert res.output_text == "Fine."
 
 
 def test_validation_errors_take_openais_shape(server):

@@ -121,7 +121,7 @@ class Reasoning(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    """`POST /v1/responses`. Ranges are OpenAI's; unknown fields are kept (`extra`) to be refused by name."""
+    """`POST /v1/responses`. Ranges are OpenAI's; unknown fields are kept (`model_extra`) to be refused by name."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -155,9 +155,11 @@ class ResponsesRequest(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- translation
 def refuse_unserved(body: ResponsesRequest) -> None:
-    """Raise APIError (400) naming the first field that asks for what this server does not do."""
-    for name in body.model_extra or {}:
-        raise bad_request(f"{name}: is not supported by this server; leave it out", name)
+    """Raise APIError (400) naming the first field that asks for what this server does not do (a field
+    it does not know asks for nothing only when null: clients that send every field send nulls)."""
+    unknown = next((name for name, value in (body.model_extra or {}).items() if value is not None), None)
+    if unknown is not None:
+        raise bad_request(f"{unknown}: is not supported by this server; leave it out", unknown)
     refusals = [
         (body.background, "background", "background responses are not supported; leave it out or false"),
         (body.reasoning and body.reasoning.effort not in (None, "none"), "reasoning.effort",
