@@ -20,7 +20,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "merge", "info", "classify", "answer", "mask",
-                                     "download", "models"])
+                                     "download", "models", "serve", "quantize", "finetune"])
 def test_every_subcommand_has_help(command):
     r = run(command, "--help")
     assert r.returncode == 0 and "usage: tramontane " + command in r.stdout
@@ -59,12 +59,13 @@ def test_compiled_and_quantized_completions_match_plain_ones():
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["complete", "x", "--model", "/no/such/model"], 1, "--model /no/such/model: no such file or folder"),
-        (["complete", "x", "--max-tokens", "many"], 2, "invalid int value: 'many'"),
-        (["complete", "x", "--max-tokens", "0"], 1, "--max-tokens must be >= 1"),
-        (["complete", "x", "--temperature", "-1"], 1, "temperature must be >= 0"),
-        (["chat", "--top-p", "2"], 1, "top_p must be in (0, 1]"),
-        (["complete", "x", "--dtype", "float8"], 1, "--dtype float8"),
+        (["complete", "x", "--model", "/no/such/model"], 1, "/no/such/model: no such file or folder"),
+        (["complete", "x", "--max-tokens", "many"], 2, "--max-tokens: expected an integer, got 'many'"),
+        (["complete", "x", "--max-tokens", "0"], 2, "--max-tokens: must be >= 1, got 0"),
+        (["complete", "x", "--temperature", "-1"], 2, "--temperature: must be >= 0, got -1"),
+        (["chat", "--top-p", "2"], 2, "--top-p: must be in (0, 1], got 2"),
+        (["complete", "x", "--dtype", "float8"], 2, "--dtype: invalid choice: 'float8'"),
+        (["serve", "--threads", "-1"], 2, "--threads: must be >= 0, got -1"),
         (["info", "/no/such/model"], 1, "no such file or folder"),
         (["frobnicate"], 2, "invalid choice"),
     ],

@@ -128,11 +128,12 @@ def test_app_refuses_names_that_do_not_fit(served) -> None:
 def test_load_engine_serves_adapter_folders(tiny_hf, tmp_path: Path, monkeypatch) -> None:
     """`load_engine(path, lora=[...])`, what `serve --lora NAME=DIR` calls: folder i (PEFT's format, then
     mistral-finetune's) is engine adapter i + 1, and a batch of all three answers as each model alone."""
+    from tramontane.loading import options
     from tramontane.server import serve as serve_module
 
     _, folder = tiny_hf("mistral-nowindow")
     paths = make_adapters(folder, tmp_path)
-    monkeypatch.setattr(serve_module, "load_tokenizer", lambda path: IdText())  # the tiny folder has none
+    monkeypatch.setattr(options, "load_tokenizer", lambda path: IdText())  # the tiny folder has none
     engine, _ = serve_module.load_engine(folder, lora=paths, max_batch=3)
     assert engine.adapters is not None and engine.adapters.count == 2
     sink = Collector()

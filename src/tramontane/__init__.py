@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .generate import Generation, compile_decode, generate, stream
     from .heads import TaskModel, classify
     from .loading import load_model, read_model_args, save_model
+    from .loading.options import ModelOptions, OpenedModel, open_model
     from .mask_viz import visualize_mask
     from .model import Transformer
     from .parallel import ParallelConfig, ParallelError
@@ -34,6 +35,7 @@ _WHERE = {
     "generate": ["Generation", "compile_decode", "generate", "stream"],
     "heads": ["TaskModel", "classify"],
     "loading": ["load_model", "read_model_args", "save_model"],
+    "loading.options": ["ModelOptions", "OpenedModel", "open_model"],
     "mask_viz": ["visualize_mask"],
     "model": ["Transformer"],
     "parallel": ["ParallelConfig", "ParallelError"],
@@ -43,9 +45,9 @@ _WHERE = {
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = [  # the names above (tests/test_package.py checks that both lists agree)
-    "PRESETS", "CheckpointError", "ConfigError", "Generation", "HeadArgs", "KVCache", "ModelArgs", "MoeArgs",
-    "ParallelConfig", "ParallelError", "SamplingParams", "TaskModel", "TensorMismatchError", "Tokenizer", "TokenizerError", "Transformer", "chat",
-    "classify", "compile_decode", "complete", "embed", "generate", "load_model", "load_tokenizer", "preset",
+    "PRESETS", "CheckpointError", "ConfigError", "Generation", "HeadArgs", "KVCache", "ModelArgs", "ModelOptions", "MoeArgs",
+    "OpenedModel", "ParallelConfig", "ParallelError", "SamplingParams", "TaskModel", "TensorMismatchError", "Tokenizer", "TokenizerError", "Transformer", "chat",
+    "classify", "compile_decode", "complete", "embed", "generate", "load_model", "load_tokenizer", "open_model", "preset",
     "read_model_args", "save_model", "stream", "stream_chat", "stream_text", "visualize_mask",
 ]
 __version__ = "0.1.0"

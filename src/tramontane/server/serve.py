@@ -22,11 +22,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine import Engine
-from ..generate import compile_decode
-from ..loading import load_model
 from ..loading.adapter_files import read_adapter
+from ..loading.options import ModelOptions, open_model
 from ..multi_lora import serve_adapters
-from ..tokenizer import Tokenizer, load_tokenizer
+from ..tokenizer import Tokenizer
 from .app import create_app
 from .errors import APIError
 from .limits import ConnectionLimits, ServerLimits
@@ -41,45 +40,37 @@ def default_model_name(path: Path) -> str:
 
 
 def load_engine(
-    path: Path,
+    model: ModelOptions | str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
     max_batch: int = 16,
     max_queue: int = 256,
     max_seq_len: int | None = None,
-    quantize: str | None = None,
-    dequantize: bool = False,
-    compile: bool = False,
     kv_blocks: int | None = None,
     prefix_cache: bool = True,
     kv_dtype: torch.dtype | None = None,
     lora: Sequence[Path] = (),
-    parallel: Any = None,
 ) -> tuple[Engine, Tokenizer]:
-    """A model and its tokenizer, read from `path`, in an engine whose KV pool is reserved now (not started);
-    `compile` routes decode steps through torch.compile (`generate.compile_decode`); the KV options are
-    `Engine`'s. `lora` are adapter folders served together on the model (`multi_lora`): engine adapter
-    i + 1 is `lora[i]`. `parallel` (as `load_model`'s) holds this rank's share of the model: rank 0's
-    engine serves, the others' `follow` it.
+    """The model and tokenizer `model` names (`open_model`'s options, or just a path), in an engine whose KV
+    pool is reserved now (not started); the KV options are `Engine`'s. `lora` are adapter folders served
+    together on the model (`multi_lora`): engine adapter i + 1 is `lora[i]`. A model split over a torchrun
+    job (`ModelOptions.tp`/`pp`) holds this rank's share: rank 0's engine serves, the others' `follow` it.
 
     Raises:
-        ValueError: the KV pool does not fit in memory, or adapters are asked for under `parallel`.
+        ValueError: the KV pool does not fit in memory, or adapters are asked for on a split model.
     """
-    if lora and parallel is not None:
+    options = model if isinstance(model, ModelOptions) else ModelOptions(model=model)
+    if lora and options.split:
         raise ValueError("lora: serving adapters is not supported on a parallel model yet; serve them in one process")
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=dtype, device=device, quantize=quantize, dequantize=dequantize, parallel=parallel)
-    rows = serve_adapters(model, [read_adapter(folder, model.args) for folder in lora]) if lora else None
-    if compile:
-        compile_decode(model)
+    opened = open_model(options)
+    rows = serve_adapters(opened.model, [read_adapter(folder, opened.model.args) for folder in lora]) if lora else None
     try:
-        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
-                        kv_blocks=kv_blocks, prefix_cache=prefix_cache, kv_dtype=kv_dtype, adapters=rows)
+        engine = Engine(opened.model, opened.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                        max_seq_len=max_seq_len, kv_blocks=kv_blocks, prefix_cache=prefix_cache, kv_dtype=kv_dtype,
+                        adapters=rows)
     except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError included)
         raise ValueError(f"max_batch ({max_batch}) x max_seq_len ({max_seq_len or 'the model context'}), "
                          f"kv_blocks ({kv_blocks}): the KV pool does not fit in memory ({str(e).splitlines()[0]})") from e
-    return engine, tokenizer
+    return engine, opened.tokenizer
 
 
 class HeaderDeadline(H11Protocol):
@@ -185,16 +176,19 @@ def run(
     log_level: str = "info",
     adapters: Sequence[str] = (),
     cors: Iterable[str] = (),
+    embeddings: str | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully (`GracefulServer`) and return.
 
     Without `api_key`, only `Host` headers naming localhost, `host` or one of `extra_hosts` are answered.
     `adapters` names the engine's LoRA adapters (`load_engine(lora=...)`), in order; web pages on the `cors`
-    origins may call the API.
+    origins may call the API. `embeddings` ("last" or "mean") serves /v1/embeddings on a language model
+    (`create_app`'s); an embedding model serves it anyway.
     """
     connections = connections or ConnectionLimits()
     app = create_app(engine, tokenizer, model_name, api_key, request_timeout=request_timeout, limits=limits,
-                     allowed_hosts=allowed_hosts(host, extra_hosts), adapters=adapters, cors=cors)
+                     allowed_hosts=allowed_hosts(host, extra_hosts), adapters=adapters, cors=cors,
+                     embeddings=embeddings)
     server = GracefulServer(server_config(app, host, port, connections, log_level), app.state.drain,
                             connections.shutdown_timeout)
     if threading.current_thread() is not threading.main_thread():
