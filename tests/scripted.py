@@ -31,6 +31,7 @@ class ScriptedEngine:
         self.metrics = Metrics()
         self.max_seq_len = 256
         self.max_queue = 64
+        self.generates = True  # a language model's engine
         self.active = self.waiting = 0
         self.vocabulary = Vocabulary(tokenizer, tokenizer.vocab_size)  # checks grammars; the script ignores them
         self.reset()

@@ -26,6 +26,9 @@ class Metrics:
         self.cached_tokens = Counter("tramontane_prefix_cached_tokens", "Prompt tokens found in the prefix cache",
                                      registry=r)
         self.preemptions = Counter("tramontane_preemptions", "Sequences preempted for lack of KV blocks", registry=r)
+        self.embedding_inputs = Counter("tramontane_embedding_inputs", "Texts or token lists embedded", registry=r)
+        self.embedding_tokens = Counter("tramontane_embedding_tokens", "Tokens run through the model to embed",
+                                        registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

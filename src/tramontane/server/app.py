@@ -31,6 +31,7 @@ from . import protocol as p
 from .anthropic_routes import anthropic_router
 from .bridge import Job, Submission, submit
 from .cors import Cors, cors_origins
+from .embeddings import embeddings_router, served_pooling
 from .errors import APIError, bad_request, field_of, install_error_handlers
 from .limits import ServerLimits, check_prompt_chars, scan_text
 from .middleware import LOCAL_HOSTS, BodyLimit, CatchAll, HostCheck, KeyAuth, LoopbackDocs
@@ -63,8 +64,12 @@ def create_app(
     allowed_hosts: Iterable[str] = LOCAL_HOSTS,
     adapters: Sequence[str] = (),
     cors: Iterable[str] = (),
+    embeddings: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `engine` under `model_name`.
+
+    /v1/embeddings (`server.embeddings`) pools the final hidden states of an embedding model (at the last
+    token), or of a language model when `embeddings` is "last" or "mean" (None: off for a language model).
 
     The app starts the engine's thread when it starts and stops it when it shuts down. With `api_key`,
     every path but /health and /metrics needs `Authorization: Bearer <api_key>` or `x-api-key`; without one, only
@@ -78,6 +83,7 @@ def create_app(
     the same checks, limits and engine.
     """
     limits = limits or ServerLimits()
+    pooling = served_pooling(engine, embeddings)
     served = getattr(engine, "adapters", None)
     if len(adapters) != (served.count if served is not None else 0):
         raise ValueError(f"adapters: {len(adapters)} names for the {served.count if served else 0} adapters the "
@@ -119,6 +125,7 @@ def create_app(
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     app.include_router(anthropic_router(server))
+    app.include_router(embeddings_router(server, pooling))
     app.include_router(responses_router(server))
     return app
 
