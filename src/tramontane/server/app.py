@@ -30,6 +30,7 @@ from ..tokenizer import Tokenizer
 from . import protocol as p
 from .anthropic_routes import anthropic_router
 from .bridge import Job, Submission, submit
+from .chat_page import PAGE_PATHS, page_router
 from .cors import Cors, cors_origins
 from .embeddings import embeddings_router, served_pooling
 from .errors import APIError, bad_request, field_of, install_error_handlers
@@ -72,8 +73,9 @@ def create_app(
     token), or of a language model when `embeddings` is "last" or "mean" (None: off for a language model).
 
     The app starts the engine's thread when it starts and stops it when it shuts down. With `api_key`,
-    every path but /health and /metrics needs `Authorization: Bearer <api_key>` or `x-api-key`; without one, only
-    `Host` headers among `allowed_hosts` ('*': any) are answered and /docs only to loopback clients.
+    every path but /health, /metrics and the chat page's files (`chat_page`) needs `Authorization: Bearer <api_key>`
+    or `x-api-key`; without one, only `Host` headers among `allowed_hosts` ('*': any) are answered and /docs only
+    to loopback clients.
     Each request ends with an error after `request_timeout` seconds (None: never) and is bounded by
     `limits` (None: `ServerLimits()`'s defaults). `app.state.drain()` ends every running request with
     an error (for shutdown). `adapters` names the LoRA adapters served on the engine's model (engine
@@ -107,7 +109,7 @@ def create_app(
     # the last added runs first: Cors, CatchAll, HostCheck or KeyAuth, LoopbackDocs, BodyLimit
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes, timeout=limits.body_timeout)
     if api_key:
-        app.add_middleware(KeyAuth, api_key=api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(KeyAuth, api_key=api_key, open_paths=(*OPEN_PATHS, *PAGE_PATHS))  # the page asks for it
     else:
         app.add_middleware(LoopbackDocs)
         hosts = frozenset(h.lower().strip("[]") for h in allowed_hosts)
@@ -127,6 +129,7 @@ def create_app(
     app.include_router(anthropic_router(server))
     app.include_router(embeddings_router(server, pooling))
     app.include_router(responses_router(server))
+    app.include_router(page_router())  # the chat page at /
     return app
 
 
