@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tramontane-installed
 
-.PHONY: setup test test-fast lint demo bench fuzz clean
+.PHONY: setup chromium test test-fast lint demo bench fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ lint: setup
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy src tests
 
-test: lint
+# The chat page's tests drive the system's Chromium (tests/test_chat_page.py) and skip without one. Best
+# effort, as root with apt only; silent when one is there, and never a failure.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } \
+		  >/dev/null 2>&1; } || echo "no Chromium (apt-get install chromium): the chat page's browser tests will skip"
+
+test: lint chromium
 	$(PY) -m pytest -q --durations=20
 
 # the tier to run on every change: everything not marked slow

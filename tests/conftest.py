@@ -63,7 +63,7 @@ def smollm2_gguf_path() -> Path:
 # whole file of live servers and console-script subprocesses. `make test-fast` runs the rest.
 SLOW_FIXTURES = {"smollm2_gguf_path"}
 SLOW_FILES = {"test_cli.py", "test_server_shutdown.py", "test_kernels_build.py", "test_download.py", "test_compile.py",
-              "test_fuzz_checkpoints.py", "test_server_fuzz.py", "test_jax.py"}
+              "test_fuzz_checkpoints.py", "test_server_fuzz.py", "test_jax.py", "test_chat_page.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
