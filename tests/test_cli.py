@@ -20,7 +20,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "merge", "info", "classify", "answer", "mask",
-                                     "download", "models", "serve", "quantize", "finetune"])
+                                     "download", "models", "serve", "quantize", "finetune", "embed"])
 def test_every_subcommand_has_help(command):
     r = run(command, "--help")
     assert r.returncode == 0 and "usage: tramontane " + command in r.stdout

@@ -168,3 +168,29 @@ def test_a_causal_lm_still_loads_with_its_head_and_embeds(tmp_path, tok) -> None
     torch.testing.assert_close(model(torch.tensor([ids])), out.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(embed(model, tok, ["Hello there"])[0], F.normalize(out.hidden_states[-1][0, -1], dim=-1),
                                atol=1e-5, rtol=0)
+
+
+def test_the_embed_command_prints_what_embed_gives(bare, tok, monkeypatch, capsys) -> None:
+    from tramontane.cli import main
+    from tramontane.loading import options
+
+    _, folder = bare
+    model = load_model(folder)
+    monkeypatch.setattr(options, "load_tokenizer", lambda path: tok)  # the tiny folder has no tokenizer
+    texts = ["the tramontane", "a cold wind from the north"]
+    assert main(["embed", "--model", str(folder), *texts, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [p["text"] for p in printed] == texts
+    torch.testing.assert_close(torch.tensor([p["embedding"] for p in printed]), embed(model, tok, texts))
+    assert main(["embed", "--model", str(folder), texts[0], "--pooling", "mean", "--no-normalize"]) == 0
+    line = torch.tensor([float(x) for x in capsys.readouterr().out.split()])
+    torch.testing.assert_close(line, embed(model, tok, texts[0], pooling="mean", normalize=False)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_serve_takes_the_embeddings_option() -> None:
+    from tramontane.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--embeddings", "mean"]).embeddings == "mean"
+    assert build_parser().parse_args(["serve"]).embeddings is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--embeddings", "max"])

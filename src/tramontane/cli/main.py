@@ -16,6 +16,7 @@ from . import (
     convert,
     demo,
     download,
+    embed,
     info,
     mask,
     merge,
@@ -25,8 +26,8 @@ from . import (
 )
 from .common import CliError, bounded
 
-COMMANDS = [demo, chat, complete, classify, answer, mask, serve, convert, merge, quantize, download, models, info]
-DESCRIPTION = ("Run Mistral and Llama-shaped models: demo, chat, complete, classify, answer, mask, serve, convert, "
+COMMANDS = [demo, chat, complete, classify, answer, embed, mask, serve, convert, merge, quantize, download, models, info]
+DESCRIPTION = ("Run Mistral and Llama-shaped models: demo, chat, complete, classify, answer, embed, mask, serve, convert, "
                "merge, quantize, download, models, finetune, info.")
 
 

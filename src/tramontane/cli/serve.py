@@ -97,6 +97,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="KV cache dtype (int8: a scale per stored vector; default: the compute dtype)")
     sv.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV blocks of shared prompt "
                     "prefixes")
+    sv.add_argument("--embeddings", choices=["last", "mean"], default=None,
+                    help="also answer /v1/embeddings with a language model's pooled hidden states (last token "
+                         "after EOS, or mean); an embedding model serves it without this")
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     sv.set_defaults(func=run)
 
@@ -135,7 +138,7 @@ def run(a: argparse.Namespace) -> int:
     serve_forever(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
                   request_timeout=a.request_timeout or None, limits=limits, connections=connections,
                   extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora],
-                  cors=a.cors_origins)
+                  cors=a.cors_origins, embeddings=a.embeddings)
     if engine.failed is not None:
         from ..parallel import ParallelError
 
