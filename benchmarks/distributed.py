@@ -66,6 +66,7 @@ def child(path: str, steps: int, parallel: bool) -> None:
     import tramontane
     from tramontane.generate import decode_step, prefill
     from tramontane.parallel import init_distributed
+    from tramontane.step_backends import choose_backend
 
     base = current_rss_bytes()
     if parallel:
@@ -73,13 +74,14 @@ def child(path: str, steps: int, parallel: bool) -> None:
     model = tramontane.load_model(path, parallel="tensor" if parallel else None)
     cache = tramontane.KVCache.create(model.args, 1, 256)
     with torch.inference_mode():
-        logits = prefill(model, list(range(1, 17)), cache, 0, 16)
+        step = choose_backend(model)
+        logits = prefill(step, list(range(1, 17)), cache, 0, 16)
         token = torch.tensor([int(logits.argmax())])
         if model.parallel is not None:
             model.parallel.traffic = type(model.parallel.traffic)()  # count the decode steps only
         t0 = time.perf_counter()
         for i in range(steps):
-            token = decode_step(model, token, torch.tensor([16 + i]), cache).argmax(-1)
+            token = decode_step(step, token, torch.tensor([16 + i]), cache).argmax(-1)
         seconds = time.perf_counter() - t0
     peaks = [peak_rss_bytes() - base]
     traffic = {}

@@ -19,6 +19,7 @@ import torch
 from tramontane import KVCache, Transformer
 from tramontane.fuse import fuse_projections
 from tramontane.generate import decode_step, prefill
+from tramontane.step_backends import choose_backend
 
 from common import MISTRAL_1B, ensure_checkpoint, save_result
 from workers import HF, Ours, prompts
@@ -30,12 +31,13 @@ def decode_rate_at(model: Transformer, start: int, steps: int = 32) -> float:
     cache = KVCache.create(model.args, 1, cap, dtype=model.dtype)
     ids = prompts(1, start, model.args.vocab_size)[0]
     with torch.inference_mode():
-        prefill(model, ids, cache, 0, 512)
+        step = choose_backend(model)
+        prefill(step, ids, cache, 0, 512)
         tok = torch.tensor([1])
-        decode_step(model, tok, torch.tensor([start]), cache)
+        decode_step(step, tok, torch.tensor([start]), cache)
         t0 = time.perf_counter()
         for i in range(1, steps + 1):
-            decode_step(model, tok, torch.tensor([start + i]), cache)
+            decode_step(step, tok, torch.tensor([start + i]), cache)
     return steps / (time.perf_counter() - t0)
 
 

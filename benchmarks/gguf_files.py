@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 from tramontane import preset  # noqa: E402
 from tramontane.cli import demo_model_path  # noqa: E402
-from tramontane.kernels import qlinear  # noqa: E402
+from tramontane.kernels import load_kernels  # noqa: E402
 from tramontane.loading.gguf import read_gguf_metadata  # noqa: E402
 
 from common import RESULTS, WORK, machine, random_quantized_gguf  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--isa", default="", help="our kernels' paths to measure, e.g. amx,avx512,avx2 (set_isa): "
                     "those this CPU has, the best first; default: the best alone")
     a = ap.parse_args()
-    ext = qlinear()
+    ext = load_kernels()
     have = ext.isas() if ext is not None else ["portable"]
     best = ext.isa() if ext is not None else "portable"
     isas = [best] + [isa for isa in a.isa.split(",") if isa and isa != best and isa in have]
@@ -140,7 +140,7 @@ def main() -> None:
             checks.append((f"{model}: peak RSS loading <= 1.15x the file", r <= 1.15, f"{r:.2f}x"))
     if "Q4_K_M" in files:
         # every product path this CPU has for 16 rows: AMX tiles where it has them, the integer kernels always
-        ext = qlinear()
+        ext = load_kernels()
         paths = [p for p in ("amx", "avx512", "avx_vnni", "avx2") if ext is not None and p in ext.isas()][:2]
         for isa in paths:
             section(f"quality: SmolLM2 Q4_K_M in its formats against the same weights in fp32, 4096 tokens, {isa}")

@@ -54,14 +54,16 @@ class Ours:
     def prefill(self, n: int) -> float:
         from tramontane import KVCache
         from tramontane.generate import prefill
+        from tramontane.step_backends import choose_backend
 
         ids = prompts(1, n, self.vocab)[0]
         cache = KVCache.create(self.model.args, 1, n + 1, dtype=self.model.dtype)
+        step = choose_backend(self.model)
         with self.torch.inference_mode():
-            prefill(self.model, ids[:32], cache, 0, 512)
+            prefill(step, ids[:32], cache, 0, 512)
             cache.reset()
             t0 = time.perf_counter()
-            prefill(self.model, ids, cache, 0, 512)
+            prefill(step, ids, cache, 0, 512)
         return n / (time.perf_counter() - t0)
 
 
@@ -147,9 +149,9 @@ def main() -> None:
         if a.threads:
             torch.set_num_threads(a.threads)
         if a.isa:
-            from tramontane.kernels import qlinear
+            from tramontane.kernels import load_kernels
 
-            ext = qlinear()
+            ext = load_kernels()
             if ext is None or a.isa not in ext.isas():
                 raise SystemExit(f"--isa {a.isa}: this CPU's kernels run {ext.isas() if ext else 'none'}")
             ext.set_isa(a.isa)

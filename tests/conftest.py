@@ -19,13 +19,13 @@ def use_policy(monkeypatch: pytest.MonkeyPatch):
     with those fields changed, for the rest of the test."""
     import tramontane.finetune.run as finetune_run
     import tramontane.fuse as fuse
-    import tramontane.native_decode as native_decode
     import tramontane.quantize as quantize
+    import tramontane.step_backends as step_backends
     from tramontane.kernels.policy import KernelPolicy, kernel_policy
 
     def use(**changes) -> KernelPolicy:
         policy = dataclasses.replace(kernel_policy(), **changes)
-        for module in (finetune_run, fuse, native_decode, quantize):
+        for module in (finetune_run, fuse, step_backends, quantize):
             monkeypatch.setattr(module, "kernel_policy", lambda: policy)
         return policy
 

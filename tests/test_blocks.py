@@ -16,7 +16,7 @@ from test_quantize import quantize_activations
 from tramontane import generate, load_model
 from tramontane.args import ModelArgs
 from tramontane.blocks import BLOCK_FORMATS, BlockLinear, block_formats
-from tramontane.kernels import qlinear
+from tramontane.kernels import load_kernels
 from tramontane.kernels.policy import kernel_policy
 from tramontane.loading import save_model
 from tramontane.loading.gguf_write import write_gguf_blocks
@@ -43,7 +43,7 @@ def reference(kind: str, w: torch.Tensor) -> torch.Tensor:
 
 
 def isas() -> list[str]:
-    ext = qlinear()
+    ext = load_kernels()
     if ext is None:
         return []
     # an AMX CPU runs the AVX-512 kernels below block_amx_min_rows rows, which must be tested there too
@@ -53,7 +53,7 @@ def isas() -> list[str]:
 @pytest.fixture(params=isas())
 def isa(request):
     """Each instruction set this CPU has (the portable path on every CPU)."""
-    ext = qlinear()
+    ext = load_kernels()
     best = ext.isa()
     ext.set_isa(request.param)
     yield request.param
@@ -63,7 +63,7 @@ def isa(request):
 @pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
 def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
     w = random_blocks(kind, 24, 512)
-    ours = qlinear().block_dequantize(w, BLOCK_FORMATS[kind])
+    ours = load_kernels().block_dequantize(w, BLOCK_FORMATS[kind])
     assert torch.equal(ours, reference(kind, w))
 
 
@@ -71,7 +71,7 @@ def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """block_linear's product, checked against the dequantized weights times x as the kernels round them:
     x in the activation parts in use (test_quantize.quantize_activations), or on AMX tiles (from
     block_amx_min_rows rows) x and the weights to bf16."""
-    ext = qlinear()
+    ext = load_kernels()
     if ext.isa() == "amx" and x.shape[0] >= ext.block_amx_min_rows(BLOCK_FORMATS[kind]):
         want = x.bfloat16().double() @ reference(kind, w).bfloat16().double().T
     else:
@@ -104,7 +104,7 @@ def test_products_equal_dequantize_then_matmul(kind, rows, isa):
 @pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
 @pytest.mark.parametrize("rows", [1, 5])
 def test_products_with_one_activation_part(kind, rows, isa):
-    ext = qlinear()
+    ext = load_kernels()
     K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576
     w, x = random_blocks(kind, 37, K, seed=rows), torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     two = ext.block_linear(x, w, BLOCK_FORMATS[kind])
@@ -118,7 +118,7 @@ def test_products_with_one_activation_part(kind, rows, isa):
         assert not torch.allclose(one, two, rtol=1e-5, atol=1e-5), "expected the one-part product"
 
 
-@pytest.mark.skipif(qlinear() is None or qlinear().isa() != "amx", reason="this CPU has no AMX")
+@pytest.mark.skipif(load_kernels() is None or load_kernels().isa() != "amx", reason="this CPU has no AMX")
 @pytest.mark.parametrize("kind", sorted(BLOCK_FORMATS))
 @pytest.mark.parametrize("rows", [6, 9, 17, 33, 70])
 def test_amx_products_of_every_row_count(kind, rows):
@@ -127,14 +127,14 @@ def test_amx_products_of_every_row_count(kind, rows):
     K = 768 if BLOCK_FORMATS_UNIT[kind] == 256 else 576
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     kernel_product(kind, random_blocks(kind, 70, K, seed=rows), x)
-    assert qlinear().block_amx_min_rows(BLOCK_FORMATS[kind]) in (6, 9)
+    assert load_kernels().block_amx_min_rows(BLOCK_FORMATS[kind]) in (6, 9)
 
 
 BLOCK_FORMATS_UNIT = {"Q8_0": 64, "Q5_0": 64, "Q5_1": 64, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 
 
 def test_units_match_the_kernels():
-    ext = qlinear()
+    ext = load_kernels()
     for kind, number in BLOCK_FORMATS.items():
         elements, nbytes = ext.block_unit(number)
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
@@ -144,7 +144,7 @@ def test_units_match_the_kernels():
 def test_layer_without_kernels_dequantizes_with_the_reference(monkeypatch):
     w = random_blocks("Q4_K", 8, 512)
     layer = BlockLinear.from_blocks(w, 512, "Q4_K")
-    monkeypatch.setattr("tramontane.blocks.qlinear", lambda: None)
+    monkeypatch.setattr("tramontane.blocks.load_kernels", lambda: None)
     assert torch.equal(layer.dequantize(), reference("Q4_K", w))
     assert torch.equal(layer.dequantize(torch.tensor([5, 1])), reference("Q4_K", w)[[5, 1]])
 
@@ -222,7 +222,7 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, use_policy):
     # prefill: dequantize + GEMM, with exact fp32 products (the bf16 ones are tested in test_quantize.py,
     # the AMX tiles that take every row count on AMX CPUs in test_amx_products_of_every_row_count)
     use_policy(gemm_dtype=torch.float32)
-    ext, best = qlinear(), qlinear().isa()
+    ext, best = load_kernels(), load_kernels().isa()
     ext.set_isa("avx512" if best == "amx" else best)
     try:
         torch.testing.assert_close(blocks(tokens), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -114,8 +116,8 @@ def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
     """A long prompt in chunks never builds a score matrix beyond chunk x (capacity + chunk)."""
     import torch.nn.functional as F
 
-    import tramontane.native_decode as native_decode
     from tramontane.generate import generate
+    from tramontane.step_backends import PythonBlocks
 
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder)  # window 8: capacity 8
@@ -129,7 +131,8 @@ def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(native_decode, "native_stack", lambda *_: None)  # short chunks would run as its rows
+    generate_module = sys.modules["tramontane.generate"]  # (the package's `generate` is the function)
+    monkeypatch.setattr(generate_module, "choose_backend", PythonBlocks)  # the native stack would take short chunks
     generate(model, [prompt(3, 100)[0].tolist()], max_tokens=1, chunk_size=5)
     assert len(shapes) == 20 * model.args.n_layers  # 100 tokens in chunks of 5, every layer
     assert max(q for q, _ in shapes) <= 5

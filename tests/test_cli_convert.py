@@ -60,7 +60,7 @@ def test_convert_errors(tiny_hf, tmp_path: Path):
     r = run("convert", str(folder), str(tmp_path / "out"), "--to", "onnx")
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = run("convert", str(folder), str(tmp_path / "out"), "--to", "native", "--dtype", "int3")
-    assert r.returncode == 1 and "--dtype int3" in r.stderr
+    assert r.returncode == 2 and "--dtype: invalid choice: 'int3'" in r.stderr
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     (bad / "config.json").write_text("{")

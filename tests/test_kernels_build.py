@@ -18,7 +18,7 @@ from tramontane.kernels.sources import build_name, digest
 def test_installed_build_is_used_and_nothing_compiles(tmp_path):
     """After `make setup` the first command finds the build made at install time: it compiles nothing
     and says nothing (an empty extensions folder stays empty)."""
-    code = "from tramontane.kernels import qlinear; print(qlinear().__name__, qlinear().DIGEST)"
+    code = "from tramontane.kernels import load_kernels; print(load_kernels().__name__, load_kernels().DIGEST)"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     assert r.stdout.split() == ["tramontane.kernels._native", digest(torch.__version__)]

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from tramontane.args import ModelArgs
 from tramontane.fuse import concat_rows
-from tramontane.kernels import HUGE_PAGE, qlinear, weight_empty
+from tramontane.kernels import HUGE_PAGE, load_kernels, weight_empty
 from tramontane.loading.common import expected_shapes, iter_safetensors, settle_in_memory
 from tramontane.loading.gguf_write import write_gguf
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or qlinear() is None,
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or load_kernels() is None,
                                 reason="huge pages and page release are Linux-only and need the kernels")
 
 
@@ -60,7 +60,7 @@ def huge_pages_asked(t: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("huge", [True, False])
 def test_mapped_empty_gives_the_asked_size_and_pages(huge: bool):
-    ext = qlinear()
+    ext = load_kernels()
     for n in (0, 100, HUGE_PAGE + 3):
         t = ext.mapped_empty(n, huge)
         assert t.dtype == torch.uint8 and t.numel() == n

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from tramontane import KVCache, load_model
 from tramontane.generate import decode_step, prefill
-from tramontane.kernels import qlinear
-from tramontane.native_decode import run_step
+from tramontane.kernels import load_kernels
+from tramontane.step_backends import NativeBlocks, PythonBlocks, choose_backend
 
 
 def decode_logits(model, prompts: list[list[int]], steps: int, native: bool) -> list[torch.Tensor]:
@@ -24,14 +22,15 @@ def paired_steps(model, prompts: list[list[int]], steps: int) -> list[tuple[torc
     same cache: the Python blocks' (a copy goes to the native stack), so differences cannot compound."""
     cache = KVCache.create(model.args, len(prompts), 64, dtype=model.dtype)
     out: list[tuple[torch.Tensor, ...]] = []
+    backend = choose_backend(model)
     with torch.inference_mode():
         for row, p in enumerate(prompts):
-            prefill(model, p, cache, row, chunk_size=8)
+            prefill(backend, p, cache, row, chunk_size=8)
         positions = torch.tensor([len(p) for p in prompts])
         for step in range(steps):
             tokens = (torch.arange(len(prompts)) * 7 + step * 3) % model.args.vocab_size
             trial = KVCache(cache.k.clone(), cache.v.clone(), cache.positions.clone(), cache.window)
-            native = decode_step(model, tokens, positions, trial)  # the decode backend: the native stack
+            native = decode_step(backend, tokens, positions, trial)  # the step backend: the native stack
             python = model(tokens[:, None], positions[:, None], cache=cache)[:, 0]  # the Python blocks
             out.append((native, python, trial.k, cache.k.clone()))
             positions = positions + 1
@@ -44,7 +43,7 @@ PROMPTS = [[5, 9, 12, 3, 7, 1, 30, 8, 2, 11], [40, 41, 42], [7] * 20]
 @pytest.fixture(params=["best", "avx2"])
 def isa(request):
     """The kernels' best instruction set, then AVX2 (the path of CPUs without AVX-512)."""
-    ext = qlinear()
+    ext = load_kernels()
     best = ext.isa()
     if request.param != "best":
         try:
@@ -62,7 +61,7 @@ def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, isa):
     model = load_model(folder, quantize=quantize)
     for batch in (PROMPTS[:1], PROMPTS):  # one row (PyTorch's matrix-vector path) and three
         steps = paired_steps(model, batch, 40)  # 40 steps: past the window of 32
-        assert model.__dict__["_native_stack"][1] is not None, "the native stack was not used"
+        assert isinstance(choose_backend(model), NativeBlocks), "the native stack was not chosen"
         # int4 splits activations into two int8 parts: a last-bit difference in a norm can carry one across a
         # rounding boundary of its second part, a step of d / 256 (d = max|x| / 127 of its block of 32)
         tol = 1e-4 if quantize in (None, "int8") else 2e-3
@@ -71,52 +70,46 @@ def test_native_stack_equals_python_blocks(tiny_hf, name, quantize, isa):
             torch.testing.assert_close(native_k, python_k, atol=tol, rtol=1e-4)
 
 
-def test_native_stack_follows_replaced_weights(tiny_hf):
+def test_a_backend_chosen_after_a_change_runs_the_new_weights(tiny_hf):
+    """Nothing is revalidated per step: a model changed after a backend was chosen gets a new backend,
+    whose native stack holds the new modules and weights."""
     _, folder = tiny_hf("mistral-nowindow")
     model = load_model(folder)
-    decode_logits(model, PROMPTS[:1], 2, True)
-    first = model.__dict__["_native_stack"][1]
-    with torch.no_grad():  # a new module in one block: the stack must be rebuilt, not run stale weights
+    first = choose_backend(model)
+    with torch.no_grad():  # a new module in one block
         old = model.layers[1].attention.wo
         new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
         new.weight.copy_(old.weight * 0.5)
         model.layers[1].attention.wo = new
-    native = decode_logits(model, PROMPTS[:1], 3, True)
-    assert model.__dict__["_native_stack"][1] is not first
-    python = decode_logits(model, PROMPTS[:1], 3, False)
-    for a, b in zip(native, python):
+    second = choose_backend(model)
+    assert isinstance(second, NativeBlocks) and second.stack is not first.stack
+    for a, b in zip(decode_logits(model, PROMPTS[:1], 3, True), decode_logits(model, PROMPTS[:1], 3, False)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    second = model.__dict__["_native_stack"][1]
     # a new weight tensor in a module the stack already holds, and a new norm weight
     ffn, norm = model.layers[0].feed_forward.w2, model.layers[1].ffn_norm
     ffn.weight = torch.nn.Parameter(ffn.weight.detach() * 0.5, requires_grad=False)
     norm.weight = torch.nn.Parameter(norm.weight.detach() * 2.0, requires_grad=False)
-    native = decode_logits(model, PROMPTS[:1], 3, True)
-    assert model.__dict__["_native_stack"][1] is not second
-    python = decode_logits(model, PROMPTS[:1], 3, False)
-    for a, b in zip(native, python):
+    for a, b in zip(decode_logits(model, PROMPTS[:1], 3, True), decode_logits(model, PROMPTS[:1], 3, False)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_mixture_of_experts_stays_in_python(tiny_hf):
     _, folder = tiny_hf("mixtral")
     model = load_model(folder)
+    assert isinstance(choose_backend(model), PythonBlocks)
     decode_logits(model, PROMPTS[:1], 2, True)
-    assert model.__dict__["_native_stack"][1] is None
 
 
 def native_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that gets one entry each time the native stack runs a step (while `monkeypatch` holds)."""
-    from tramontane.native_decode import NativeStack
-
     runs: list[int] = []
-    real = NativeStack.forward
+    real = NativeBlocks.run
 
-    def counted(self, h, meta):
+    def counted(self, tokens, meta, last_only):
         runs.append(1)
-        return real(self, h, meta)
+        return real(self, tokens, meta, last_only)
 
-    monkeypatch.setattr(NativeStack, "forward", counted)
+    monkeypatch.setattr(NativeBlocks, "run", counted)
     return runs
 
 
@@ -136,7 +129,7 @@ def chunked_prefill(model, tokens: list[int], chunks: list[int], paged: bool, na
         cache = KVCache.create(model.args, 1, 32, dtype=model.dtype)  # a window model: capacity = window
         keys = cache.k
     logits = []
-    step_logits = functools.partial(run_step, model) if native else model  # the decode backend, or the Python blocks
+    step_logits = choose_backend(model) if native else model  # the step backend, or the Python blocks
     with monkeypatch.context() as m, torch.inference_mode():
         runs = native_runs(m)
         start = 0

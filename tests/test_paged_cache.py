@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-import tramontane.layers as layers_module
 from tramontane import load_model
 from tramontane.cache import PagedKVCache, quantize_vectors
-from tramontane.native_decode import run_step
+from tramontane.step_backends import choose_backend
 
 from test_native_decode import native_runs
 
@@ -88,24 +85,22 @@ def test_positions_outside_the_table_are_refused(tiny_hf):
 TABLES = [[9, 3, 17, 1, 12, 5], [4, 20, 2, 15]]
 
 
-def paged_decode(model, dtype: torch.dtype, native: bool, monkeypatch) -> tuple[torch.Tensor, PagedKVCache]:
+def paged_decode(model, dtype: torch.dtype, native: bool) -> tuple[torch.Tensor, PagedKVCache]:
     """Two sequences of different lengths in scattered blocks, prefilled, then 6 decode steps together,
     fed fixed tokens; on the native decode attention over block tables or on the torch gather."""
     pool = PagedKVCache.create(model.args, n_blocks=24, block_size=4, dtype=dtype)
     tables = TABLES
     pool.clear(tables[0] + tables[1])
     lengths = [13, 6]
-    for table, n, seed in zip(tables, lengths, (1, 2)):  # prefilled alike, by the decode backend
-        run_step(model, prompt(seed, n), torch.arange(n)[None], pool.batch([table], [0]))
+    backend = choose_backend(model)
+    for table, n, seed in zip(tables, lengths, (1, 2)):  # prefilled alike, by the step backend
+        backend(prompt(seed, n), torch.arange(n)[None], pool.batch([table], [0]))
     out = []
-    step_logits = functools.partial(run_step, model) if native else model  # the decode backend, or Python
-    with monkeypatch.context() as m:
-        if not native:  # the Python blocks, and their attention in torch
-            m.setattr(layers_module, "decode_kernels", lambda *_: None)
-        for step in range(6):
-            tokens = torch.tensor([[(7 * step + 3) % 128], [(5 * step + 1) % 128]])
-            positions = torch.tensor([[lengths[0] + step], [lengths[1] + step]])
-            out.append(step_logits(tokens, positions, cache=pool.batch(tables, [0, 0]))[:, 0])
+    step_logits = backend if native else model  # the step backend, or the Python blocks with attention in torch
+    for step in range(6):
+        tokens = torch.tensor([[(7 * step + 3) % 128], [(5 * step + 1) % 128]])
+        positions = torch.tensor([[lengths[0] + step], [lengths[1] + step]])
+        out.append(step_logits(tokens, positions, cache=pool.batch(tables, [0, 0]))[:, 0])
     return torch.stack(out), pool
 
 
@@ -116,9 +111,9 @@ def test_native_paged_decode_equals_torch_gather(tiny_hf, dtype, quantize, monke
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder, quantize=quantize)
     runs = native_runs(monkeypatch)
-    native, pool_n = paged_decode(model, dtype, True, monkeypatch)
+    native, pool_n = paged_decode(model, dtype, True)
     assert len(runs) == 2 + 6  # the two prompts (13 and 6 tokens, as rows) and the six decode steps
-    torch_path, pool_t = paged_decode(model, dtype, False, monkeypatch)
+    torch_path, pool_t = paged_decode(model, dtype, False)
     # (int4: a last-bit difference can carry an activation across a rounding boundary of its second int8
     # part, a step of d / 256; see test_native_decode)
     torch.testing.assert_close(native, torch_path, atol=1e-4 if quantize is None else 2e-3, rtol=1e-4)

@@ -36,6 +36,7 @@ from tramontane.loading.gguf_write import write_gguf
 from tramontane.parallel import ParallelConfig, ParallelError
 from tramontane.parallel.shard import stage_layers
 from tramontane.parallel.topology import core_share
+from tramontane.step_backends import NativeBlocks, choose_backend
 
 from .tiny import COMMON, TINY, save_hf
 
@@ -138,7 +139,7 @@ def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[s
     sampled = [g.tokens for g in tramontane.generate(model, prompts, max_tokens=10, temperature=1.0)]
     return {
         "shape": list(got.shape), "error": (got - want).abs().max().item(), "scale": want.abs().max().item(),
-        "quantized": quantized, "native_stack": model.__dict__.get("_native_stack", (None, None))[1] is not None,
+        "quantized": quantized, "native_stack": isinstance(choose_backend(model), NativeBlocks),
         "greedy": greedy, "greedy_ref": [g.tokens for g in tramontane.generate(ref, prompts, max_tokens=10)],
         "sampled": sampled, "params": sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
         "params_ref": sum(t.numel() for t in [*ref.parameters(), *ref.buffers()]),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tramontane import generate, load_model
-from tramontane.kernels import qlinear
+from tramontane.kernels import load_kernels
 from tramontane.loading import save_model
 from tramontane.quantize import (
     Int4Linear,
@@ -27,7 +27,7 @@ ISAS = ["portable", "avx2", "avx_vnni", "avx512", "amx"]  # those this CPU lacks
 
 @pytest.fixture(scope="module")
 def ext():
-    module = qlinear()
+    module = load_kernels()
     assert module is not None, "the kernel extension must build here (gcc and the Python headers are present)"
     best = module.isa()
     yield module
@@ -239,7 +239,7 @@ def test_gemm_dtype_follows_the_measured_bf16_rate(monkeypatch):
     assert KernelPolicy.detect(lambda: 0.5).gemm_dtype == torch.float32
     assert KernelPolicy.detect(lambda: BF16_MIN_SPEEDUP - 0.01).gemm_dtype == torch.float32
     assert KernelPolicy.detect(lambda: 2.5).gemm_dtype == torch.bfloat16
-    monkeypatch.setattr(policy_module, "qlinear", lambda: None)  # no kernels: plain PyTorch, fp32
+    monkeypatch.setattr(policy_module, "load_kernels", lambda: None)  # no kernels: plain PyTorch, fp32
     assert KernelPolicy.detect(lambda: 2.5).gemm_dtype == torch.float32
 
 

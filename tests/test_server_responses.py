@@ -75,8 +75,9 @@ def prompt_text(tok, engine) -> str:
 def bad_request(call) -> dict:
     with pytest.raises(openai.BadRequestError) as e:
         call()
-    assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
-    return e.value.body
+    body = e.value.body
+    assert e.value.status_code == 400 and isinstance(body, dict) and body["type"] == "invalid_request_error"
+    return body
 
 
 # ---------------------------------------------------------------------------------------------- answers

@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
-from .kernels import Kernels, qlinear
+from .kernels import Kernels, load_kernels
 from .model import Transformer
 from .quantize import Int4Linear, QuantEmbedding, QuantLinearBase
 
@@ -69,7 +69,7 @@ class BlockLinear(QuantLinearBase):
 
     def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         part = self.weight[rows]
-        ext = qlinear() if part.device.type == "cpu" else None
+        ext = load_kernels() if part.device.type == "cpu" else None
         if ext is not None:
             return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind])
         values = gguf_dequantize(part.cpu().numpy(), GGMLQuantizationType[self.kind])

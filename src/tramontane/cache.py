@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .args import ModelArgs
+
+if TYPE_CHECKING:
+    from .kernels import Kernels
 
 
 class KVCache:
@@ -182,6 +186,8 @@ class StepMeta:
     fresh: bool = False  # a chunk into empty rows: nothing old to attend to
     kv_len: int = 0  # decode: only slots [0, kv_len) can hold anything yet
     rot: torch.Tensor | None = None  # decode: (cos, sin) per rotary pair [B, head_dim // 2, 2], for fused kernels
+    # the native decode attention the step backend chose for this step (with `view` and `rot`), else None
+    fused: Kernels | None = None
     view: DecodeView | None = None  # decode: where the native decode attention reads and writes
     # decode: the mask's inputs, for `attention_mask` (the native kernels build their own from the cache)
     key_positions: torch.Tensor | None = None  # [B, kv_len]

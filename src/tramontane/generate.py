@@ -16,9 +16,9 @@ import torch
 
 from .cache import KVCache
 from .model import Transformer
-from .native_decode import run_step
 from .parallel.topology import wait_all
 from .sampling import Penalties, SamplingParams, sample_rows, token_logprobs
+from .step_backends import StepBackend, choose_backend
 
 
 @dataclass(frozen=True)
@@ -49,33 +49,36 @@ class Generation:
 
 
 def prefill(
-    model: Transformer, tokens: Sequence[int], cache: KVCache, row: int, chunk_size: int, start: int = 0
+    step: StepBackend, tokens: Sequence[int], cache: KVCache, row: int, chunk_size: int, start: int = 0
 ) -> torch.Tensor:
-    """Run `tokens` (at positions start, start+1, ...) into cache row `row` in chunks; last logits [V]."""
-    ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
-    rows = torch.tensor([row], device=model.device)
+    """Run `tokens` (at positions start, start+1, ...) into cache row `row` in chunks, each a step of
+    `step` (`choose_backend(model)`); last logits [V]."""
+    device = step.model.device
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    rows = torch.tensor([row], device=device)
     logits = None
     for s in range(0, ids.shape[1], chunk_size):
         chunk = ids[:, s : s + chunk_size]
-        pos = torch.arange(start + s, start + s + chunk.shape[1], device=model.device)[None]
-        logits = run_step(model, chunk, pos, cache, rows=rows, last_only=True)
+        pos = torch.arange(start + s, start + s + chunk.shape[1], device=device)[None]
+        logits = step(chunk, pos, cache, rows=rows, last_only=True)
     assert logits is not None
     return logits[0, -1]
 
 
-def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token for each of the first B cache rows: tokens, positions [B] -> logits [B, V].
+def decode_step(step: StepBackend, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token for each of the first B cache rows: tokens, positions [B] -> logits [B, V], a step of
+    `step` (`choose_backend(model)`).
 
     Runs through torch.compile after `compile_decode(model)`.
     """
-    compiled = model.__dict__.get("_compiled_decode")
+    compiled = step.model.__dict__.get("_compiled_decode")
     if compiled is not None:
         return compiled(tokens, positions, cache)
-    return _decode(model, tokens, positions, cache)
+    return _decode(step, tokens, positions, cache)
 
 
-def _decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    return run_step(model, tokens[:, None], positions[:, None], cache)[:, 0]
+def _decode(step: StepBackend, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    return step(tokens[:, None], positions[:, None], cache)[:, 0]
 
 
 def compile_decode(model: Transformer) -> None:
@@ -91,13 +94,13 @@ def compile_decode(model: Transformer) -> None:
         >>> compile_decode(model)
         >>> generate(model, [[1, 851, 349]], max_tokens=16)  # first step compiles
     """
-    model.__dict__["_compiled_decode"] = _CompiledDecode(model)
+    model.__dict__["_compiled_decode"] = _CompiledDecode(choose_backend(model))
 
 
 class _CompiledDecode:
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(functools.partial(_decode, model), dynamic=True)
+    def __init__(self, step: StepBackend) -> None:
+        self.step = step
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(functools.partial(_decode, step), dynamic=True)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if self.compiled is not None:
@@ -107,7 +110,7 @@ class _CompiledDecode:
                 warnings.warn(f"tramontane: torch.compile of the decode step failed ({type(e).__name__}: "
                               f"{str(e)[:200]}); decoding without it", stacklevel=3)
                 self.compiled = None
-        return _decode(self.model, tokens, positions, cache)
+        return _decode(self.step, tokens, positions, cache)
 
 
 def check_language_model(model: Transformer) -> None:
@@ -230,12 +233,13 @@ def stream(
     loops = [TokenLoop(max_tokens, stop_ids, penalties[i],
                        None if stop_check is None else functools.partial(stop_check, i)) for i in range(len(prompts))]
     lengths = [len(p) for p in prompts]
+    step = choose_backend(model)  # once: the model does not change while it generates
     with torch.inference_mode():
         flights = []
         groups = _groups(model, len(prompts))
         for group in groups:
             cache = KVCache.create(args, len(group), capacity, dtype=model.dtype, device=device)
-            logits = torch.stack([prefill(model, prompts[i], cache, r, chunk) for r, i in enumerate(group)])
+            logits = torch.stack([prefill(step, prompts[i], cache, r, chunk) for r, i in enumerate(group)])
             flights.append(_Flight(group, cache, logits, overlap=len(groups) > 1))
         while flights:
             for flight in list(flights):  # each group's step is in flight while the others are handled
@@ -262,7 +266,7 @@ def stream(
                     flight.active = [active[r] for r in keep]
                 toks = torch.tensor([chosen[r] for r in keep], device=device)
                 pos = torch.tensor([lengths[i] + loops[i].produced - 1 for i in flight.active], device=device)
-                flight.depart(model, toks, pos)
+                flight.depart(step, toks, pos)
     if model.parallel is not None:
         model.parallel.settle()
 
@@ -288,14 +292,15 @@ class _Flight:
     overlap: bool = False
     pending: list[torch.distributed.Work] = field(default_factory=list)
 
-    def depart(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+    def depart(self, step: StepBackend, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Start the step of `tokens` [B] at `positions` [B]; with `overlap`, the logits arrive later and
         the first stage goes on to the next group meanwhile."""
-        if not self.overlap or model.parallel is None:
-            self.logits = decode_step(model, tokens, positions, self.cache)
+        parallel = step.model.parallel
+        if not self.overlap or parallel is None:
+            self.logits = decode_step(step, tokens, positions, self.cache)
             return
-        with model.parallel.deferred_logits() as self.pending:
-            self.logits = decode_step(model, tokens, positions, self.cache)
+        with parallel.deferred_logits() as self.pending:
+            self.logits = decode_step(step, tokens, positions, self.cache)
 
     def arrive(self) -> None:
         if self.pending:

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs, MoeArgs
-from .cache import KV_DTYPES, StepMeta
-from .kernels import Kernels, qlinear
+from .cache import StepMeta
 from .rope import apply_rotary
 
 
@@ -47,13 +46,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, meta: StepMeta, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv is not None and (fast := decode_kernels(x, meta)) is not None:
+        if self.wqkv is not None and meta.fused is not None:
             # one call: rotary, cache write and attention for this token of every sequence
             view = meta.view
-            assert view is not None and meta.rot is not None  # decode_kernels checked both
-            out = fast.decode_attention(self.wqkv(x).view(B, -1), meta.rot, *view.layer(layer), view.tables,
-                                        view.key_pos, view.write, meta.positions.view(-1), view.window,
-                                        view.scan, H, KV)
+            assert view is not None and meta.rot is not None  # the step backend set them with `fused`
+            out = meta.fused.decode_attention(self.wqkv(x).view(B, -1), meta.rot, *view.layer(layer), view.tables,
+                                              view.key_pos, view.write, meta.positions.view(-1), view.window,
+                                              view.scan, H, KV)
             return self.wo(out.view(B, 1, H * D))
         if self.wqkv is None:
             q = apply_rotary(self.wq(x).view(B, T, H, D), freqs_cis)
@@ -71,16 +70,6 @@ class Attention(nn.Module):
         else:
             out = attend(q, keys, values, meta.attention_mask(), meta.is_causal)  # [B, heads, T, head_dim]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-def decode_kernels(x: torch.Tensor, meta: StepMeta) -> Kernels | None:
-    """The native kernels when this step can use them: an fp32 CPU decode step over a cache or pool of a
-    KV dtype (the fused decode attention here, the whole native stack in `native_decode`); else None."""
-    if not meta.decode or x.dtype != torch.float32 or x.device.type != "cpu" or meta.rot is None:
-        return None
-    if meta.view is None or meta.view.k.dtype not in KV_DTYPES or meta.view.k.device.type != "cpu":
-        return None
-    return qlinear()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:

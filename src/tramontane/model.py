@@ -22,7 +22,7 @@ from .layers import Block, RMSNorm
 from .rope import rotary_angles
 
 if TYPE_CHECKING:
-    from .native_decode import NativeStack
+    from .cache import StepMeta
     from .parallel.topology import Topology
 
 
@@ -64,7 +64,6 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         last_only: bool = False,
         segments: torch.Tensor | None = None,
-        native: NativeStack | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (fp32) for `tokens` [B, T] at `positions` [B, T].
 
@@ -73,11 +72,12 @@ class Transformer(nn.Module):
         gives block tables instead. `last_only` computes logits for the last position only
         ([B, 1, vocab]), which is all a prefill needs. `segments` [B, T] (no cache) packs several
         sequences into one row, as training batches do: a token attends only to earlier tokens of its
-        own segment, and each sequence's positions start again at 0. `native` runs the blocks as one
-        native call instead of the Python blocks (the decode backend, `native_decode.run_step`, passes
-        it for the steps it allows).
+        own segment, and each sequence's positions start again at 0.
+
+        This is the reference computation, in PyTorch operations only; generation runs its steps through
+        a step backend (`step_backends.choose_backend`), which may run the same blocks natively.
         """
-        return self.project(self.features(tokens, positions, cache, rows, last_only, segments, native=native))
+        return self.project(self.features(tokens, positions, cache, rows, last_only, segments))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (fp32) of final-norm hidden states `h` [..., dim]: training scores only the rows it
@@ -103,37 +103,54 @@ class Transformer(nn.Module):
         last_only: bool = False,
         segments: torch.Tensor | None = None,
         recompute: bool = False,
-        native: NativeStack | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, T, dim] (T = 1 with `last_only`) that the output head reads;
         arguments as for `forward`. With `recompute` (training: gradient checkpointing), autograd keeps
         only each block's input and runs the block again in the backward pass: one block's activations
         held at a time instead of every block's, for about a third more arithmetic."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required when a cache is given")
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        elif positions.shape != tokens.shape:
-            raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
-        if segments is not None and segments.shape != tokens.shape:
-            raise ValueError(f"segments {tuple(segments.shape)} must match tokens {tuple(tokens.shape)}")
-        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments, flat=native is not None)
-        freqs_cis = rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
-        if meta.view is not None:  # the native kernels' rotary: (cos, sin) pairs of each token [B * T, D / 2, 2]
-            meta.rot = torch.view_as_real(freqs_cis.reshape(B * T, -1)).contiguous()
-        h = self.tok_embeddings(tokens)
-        if native is not None and meta.view is not None:
-            h = native.forward(h, meta)
-        else:
-            for i, layer in enumerate(self.layers):
-                if recompute and torch.is_grad_enabled():
-                    h = checkpoint(layer, h, freqs_cis, meta, i, use_reentrant=False)  # RNG kept: same dropout
-                else:
-                    h = layer(h, freqs_cis, meta, i)
+        positions = step_positions(tokens, positions, cache, segments)
+        meta = step_meta(positions, self.args.sliding_window, cache, rows, segments)
+        h = self.blocks(self.tok_embeddings(tokens), meta, recompute=recompute)
+        return self.finish(h, meta, last_only)
+
+    def blocks(self, h: torch.Tensor, meta: StepMeta, freqs_cis: torch.Tensor | None = None,
+               recompute: bool = False) -> torch.Tensor:
+        """Hidden states `h` [B, T, dim] through every block, in Python, for the step `meta` describes;
+        `freqs_cis` are the rotary angles of `meta.positions` when the caller has them already."""
+        if freqs_cis is None:
+            freqs_cis = rotary_angles(meta.positions, self.args.head_dim, self.args.rope_theta)
+        for i, layer in enumerate(self.layers):
+            if recompute and torch.is_grad_enabled():
+                h = checkpoint(layer, h, freqs_cis, meta, i, use_reentrant=False)  # RNG kept: same dropout
+            else:
+                h = layer(h, freqs_cis, meta, i)
+        return h
+
+    def finish(self, h: torch.Tensor, meta: StepMeta, last_only: bool = False) -> torch.Tensor:
+        """After the blocks: record the step's positions in the cache, and the final norm (of the last
+        position only with `last_only`)."""
         meta.commit()
         if last_only:
             h = h[:, -1:]
         return self.norm(h)
+
+
+def step_positions(tokens: torch.Tensor, positions: torch.Tensor | None, cache: object | None,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
+    """The positions [B, T] of a step of `tokens` [B, T], checked; from 0 when not given (no cache).
+
+    Raises:
+        ValueError: a shape does not match, or a cached step has no positions.
+    """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+    B, T = tokens.shape
+    if positions is None:
+        if cache is not None:
+            raise ValueError("positions are required when a cache is given")
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+    elif positions.shape != tokens.shape:
+        raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+    if segments is not None and segments.shape != tokens.shape:
+        raise ValueError(f"segments {tuple(segments.shape)} must match tokens {tuple(tokens.shape)}")
+    return positions

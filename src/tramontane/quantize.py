@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import Kernels, qlinear, weight_empty
+from .kernels import Kernels, load_kernels, weight_empty
 from .kernels.policy import kernel_policy
 from .model import Transformer
 
@@ -276,7 +276,7 @@ class Int4Linear(QuantLinearBase):
 
     def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         mins = None if self.mins is None else self.mins[rows]
-        ext = qlinear() if self.weight.device.type == "cpu" else None
+        ext = load_kernels() if self.weight.device.type == "cpu" else None
         if ext is not None:
             return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size)
         return dequantize_int4(self.weight[rows], self.scale[rows], mins)

@@ -18,7 +18,7 @@ import torch
 from ..cache import PagedKVCache
 from ..model import Transformer
 from ..multi_lora import AdapterRows
-from ..native_decode import run_step
+from ..step_backends import choose_backend
 from .scheduler import Plan, Sequence
 
 
@@ -56,6 +56,7 @@ class Runner:
         self.model = model
         self.pool = pool
         self.adapters = adapters  # with served LoRA adapters: set to each row's before every forward
+        self.step = choose_backend(model)  # once: the model's modules are fixed while it serves
 
     @staticmethod
     def inputs(plan: Plan) -> StepInputs:
@@ -84,7 +85,7 @@ class Runner:
         if self.adapters is not None:
             self.adapters.index = torch.tensor(f.adapters, device=device)
         batch = self.pool.batch(f.tables, f.first_blocks)
-        return run_step(self.model, tokens, positions, batch, last_only=last_only)
+        return self.step(tokens, positions, batch, last_only=last_only)
 
     def execute(self, plan: Plan, inputs: StepInputs | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
         """The sequences that produced next-token logits this step (a prompt's last chunk, every decode)

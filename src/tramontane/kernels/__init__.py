@@ -1,6 +1,6 @@
 """Native kernels: built at install time (`setup.py`), or else once on first use and cached on disk.
 
-`qlinear()` returns the compiled module, typed as `Kernels` (its functions as the C++ declares them,
+`load_kernels()` returns the compiled module, typed as `Kernels` (its functions as the C++ declares them,
 kernels/bindings.cpp), or None (with one warning) when it cannot be had; callers then use plain
 PyTorch, which gives the same results more slowly.
 """
@@ -25,12 +25,25 @@ from .sources import CFLAGS, LDFLAGS, SOURCES, build_name, digest
 HUGE_PAGE = 2 << 20
 
 
+class ProjectionKinds(Protocol):
+    """How a native projection's weights are stored (kernels/decode.cpp's `ProjectionKind`, bound as an enum)."""
+
+    FLOAT: ProjectionKind  # fp32 [out, in]
+    INT8: ProjectionKind  # int8 per output channel
+    INT4: ProjectionKind  # int4 in groups, with or without minimums
+    GGUF: ProjectionKind  # a GGUF quantization format, `group` holding its ggml type number
+
+
+class ProjectionKind(Protocol):
+    """One value of the bound enum."""
+
+
 class Projection(Protocol):
     """One projection of a native decode block (kernels/decode.cpp): its weights in one stored format."""
 
 
 class ProjectionType(Protocol):
-    def __call__(self, kind: int, weight: torch.Tensor, scale: torch.Tensor, group: int,
+    def __call__(self, kind: ProjectionKind, weight: torch.Tensor, scale: torch.Tensor, group: int,
                  mins: torch.Tensor | None = None) -> Projection: ...
 
     def side_by_side(self, parts: list[Projection]) -> Projection: ...
@@ -60,6 +73,7 @@ class Kernels(Protocol):
     DIGEST: str
     AMX_MIN_ROWS_INT4: int
     AMX_MIN_ROWS_INT8: int
+    ProjectionKind: ProjectionKinds
     Projection: ProjectionType
     DecodeStack: DecodeStackType
 
@@ -89,7 +103,7 @@ class Kernels(Protocol):
 
 
 @functools.lru_cache(maxsize=1)
-def qlinear() -> Kernels | None:
+def load_kernels() -> Kernels | None:
     """The CPU kernels (fp32/int8/int4 products, GGUF block formats, the decode stack): the build made at
     install time when it was built from these sources, else a build of its own (once per sources, torch
     and environment, cached under ~/.cache/torch_extensions)."""
@@ -141,7 +155,7 @@ def release_threads() -> None:
     """End the calling thread's OpenMP workers, before handing the computing to another thread: with
     two threads' teams alive on few cores, libgomp stops spinning between parallel regions, and every
     step pays for waking its workers (see `release_threads` in memory.cpp). Without the kernels, nothing."""
-    ext = qlinear()
+    ext = load_kernels()
     if ext is not None:
         ext.release_threads()
 
@@ -153,7 +167,7 @@ def weight_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     to the system, in 2 MiB pages if `huge_pages` (see `mapped_empty` in memory.cpp for when they pay;
     `settle_in_memory` moves the other weights there); elsewhere `torch.empty`."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    ext = qlinear() if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE else None
+    ext = load_kernels() if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE else None
     if ext is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return ext.mapped_empty(nbytes, huge_pages).view(dtype).view(shape)  # [nbytes] -> shape

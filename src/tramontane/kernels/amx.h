@@ -33,6 +33,20 @@
 #include <memory>
 #include <vector>
 
+// What amx.cpp defines. AMX tiles for int4 and int8 products from these many rows of x (below, the vector
+// kernels win; the GGUF block formats' counts are block_amx_min_rows): whether the CPU and the operating
+// system allow them, and whether they are in use. In use implies the AVX-512 path: set_isa sets both
+// (tests turn AMX off with set_isa("avx512")).
+bool amx_available();
+constexpr int64_t kAmxMinRowsInt4 = 5, kAmxMinRowsInt8 = 4;
+inline bool& amx_in_use() {
+  static bool on = amx_available();
+  return on;
+}
+void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                     const uint16_t* wmin, int64_t group, float* y, int64_t N);
+void int8_linear_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N);
+
 #if defined(TRAMONTANE_X86) && defined(__linux__)
 #define TRAMONTANE_AMX 1
 // AMX CPUs have AVX-512 VNNI too: the block formats' code readers (blocks.cpp) are written for it

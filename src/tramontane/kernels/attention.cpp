@@ -10,7 +10,7 @@
 // Keys and values are float32, bfloat16, float16, or int8 with one float32 scale per stored vector
 // ([n_blocks, KV, S]).
 
-#include "common.h"
+#include "attention.h"
 
 #include <vector>
 

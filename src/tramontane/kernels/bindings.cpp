@@ -1,7 +1,11 @@
 // The Python bindings of every kernel (the module `tramontane.kernels._native`); kernels/__init__.py
 // types them (`Kernels`).
 
-#include "common.h"
+#include "amx.h"
+#include "attention.h"
+#include "blocks.h"
+#include "dense.h"
+#include "int4.h"
 
 #include <pybind11/stl.h>
 

@@ -23,6 +23,7 @@
 // weight dequantizes once to bf16, whatever the number of rows of x, and x rounds to bf16 instead of int8.
 
 #include "amx.h"
+#include "blocks.h"
 #include "q5.h"
 #include "q6_k.h"
 #include "q8_0.h"

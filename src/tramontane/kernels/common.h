@@ -52,16 +52,6 @@ inline Isa& current_isa() {
   return isa;
 }
 
-// AMX tiles for int4 and int8 products from these many rows of x (amx.h; below, the vector kernels win;
-// the GGUF block formats' counts are block_amx_min_rows): whether the CPU and the operating system allow
-// them, and whether they are in use. In use implies the AVX-512 path: set_isa sets both (tests turn AMX
-// off with set_isa("avx512")).
-bool amx_available();
-constexpr int64_t kAmxMinRowsInt4 = 5, kAmxMinRowsInt8 = 4;
-inline bool& amx_in_use() {
-  static bool on = amx_available();
-  return on;
-}
 
 // Activations for the integer kernels, in two int8 parts per element: per block of 32, step d = max|x| /
 // 127, inv = 127 / max|x|, q = round(x inv) and r = round(256 fma(x, inv, -q)) saturated to int8 ([-128,
@@ -224,22 +214,3 @@ inline void walk(int64_t M, int64_t begin, int64_t end, Tile tile) {
       default: return FN<1, 4>(__VA_ARGS__, o, m0);             \
     }                                                           \
   }
-
-
-torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w);
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins,
-                          int64_t group);
-torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
-                               c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
-                               torch::Tensor tables, torch::Tensor key_pos, torch::Tensor write, torch::Tensor q_pos,
-                               int64_t window, int64_t scan, int64_t n_heads, int64_t n_kv_heads);
-void int4_linear_amx(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                     const uint16_t* wmin, int64_t group, float* y, int64_t N);
-void int8_linear_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* y, int64_t N);
-// GGUF block formats (blocks.cpp), by ggml type number: (elements, bytes) per unit, products, dequantization.
-std::tuple<int64_t, int64_t> block_unit(int64_t kind);
-int64_t block_amx_min_rows(int64_t kind);
-torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind);
-torch::Tensor block_dequantize(torch::Tensor w, int64_t kind);
-torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group);

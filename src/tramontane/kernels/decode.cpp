@@ -8,7 +8,10 @@
 // Python side (layers.py, model.py) stays the reference and handles everything else: prefill, MoE,
 // other dtypes and devices.
 
-#include "common.h"
+#include "attention.h"
+#include "blocks.h"
+#include "dense.h"
+#include "int4.h"
 
 #include <pybind11/stl.h>
 
@@ -16,11 +19,15 @@
 
 namespace {
 
-// One projection: fp32 (kind 0), int8 per channel (1), int4 in groups (2, with or without minimums), a
-// GGUF block format (3, `group` holding its ggml type number), or the outputs of `parts` side by side
-// (projections a checkpoint keeps in different formats, which cannot be stacked into one matrix).
+// How a projection's weights are stored (bound as ProjectionKind; kernels/__init__.py mirrors it): fp32,
+// int8 per output channel, int4 in groups (with or without minimums), or a GGUF block format (`group`
+// holding its ggml type number).
+enum class ProjectionKind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kGguf = 3 };
+
+// One projection of a kind, or the outputs of `parts` side by side (projections a checkpoint keeps in
+// different formats, which cannot be stacked into one matrix).
 struct Projection {
-  int64_t kind;
+  ProjectionKind kind;
   torch::Tensor w, scale;
   int64_t group;
   c10::optional<torch::Tensor> mins;
@@ -32,9 +39,9 @@ struct Projection {
       for (const Projection& p : parts) outs.push_back(p(x));
       return at::cat(outs, 1);
     }
-    if (kind == 1) return int8_linear(x, w, scale);
-    if (kind == 2) return int4_linear(x, w, scale, mins, group);
-    if (kind == 3) return block_linear(x, w, group);
+    if (kind == ProjectionKind::kInt8) return int8_linear(x, w, scale);
+    if (kind == ProjectionKind::kInt4) return int4_linear(x, w, scale, mins, group);
+    if (kind == ProjectionKind::kGguf) return block_linear(x, w, group);
     // one row: PyTorch's matrix-vector product reads fp32 weights at full speed; more: the tiled kernel
     return x.size(0) == 1 ? at::linear(x, w) : f32_linear(x, w);
   }
@@ -129,13 +136,18 @@ class DecodeStack {
 
 void bind_decode_stack(pybind11::module_& m) {
   namespace py = pybind11;
+  py::enum_<ProjectionKind>(m, "ProjectionKind")
+      .value("FLOAT", ProjectionKind::kFloat)
+      .value("INT8", ProjectionKind::kInt8)
+      .value("INT4", ProjectionKind::kInt4)
+      .value("GGUF", ProjectionKind::kGguf);
   py::class_<Projection>(m, "Projection")
-      .def(py::init([](int64_t kind, torch::Tensor w, torch::Tensor scale, int64_t group,
+      .def(py::init([](ProjectionKind kind, torch::Tensor w, torch::Tensor scale, int64_t group,
                        c10::optional<torch::Tensor> mins) { return Projection{kind, w, scale, group, mins, {}}; }),
            py::arg("kind"), py::arg("weight"), py::arg("scale"), py::arg("group"), py::arg("mins") = py::none())
       .def_static("side_by_side", [](std::vector<Projection> parts) {
         TORCH_CHECK(!parts.empty(), "side_by_side needs at least one projection");
-        return Projection{0, torch::Tensor(), torch::Tensor(), 0, c10::nullopt, std::move(parts)};
+        return Projection{ProjectionKind::kFloat, torch::Tensor(), torch::Tensor(), 0, c10::nullopt, std::move(parts)};
       });
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<double, int64_t, int64_t>(), py::arg("eps"), py::arg("n_heads"), py::arg("n_kv_heads"))

@@ -10,6 +10,8 @@
 // portable C++ elsewhere. Threads split the output rows through ATen's parallel_for, so the kernels share
 // PyTorch's thread pool.
 
+#include "amx.h"
+#include "dense.h"
 #include "simd.h"
 
 namespace {

@@ -16,6 +16,8 @@
 // block, sixteen blocks per vector multiply-add. Weight bytes are widened to nibbles once per tile and
 // reused for every row of x.
 
+#include "amx.h"
+#include "int4.h"
 #include "simd.h"
 
 namespace {

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import Kernels, qlinear
+from . import Kernels, load_kernels
 
 # bf16 operands round activations and weights to 8 bits of mantissa: worth it only for a clear win.
 BF16_MIN_SPEEDUP = 1.25
@@ -58,7 +58,7 @@ class KernelPolicy:
     @classmethod
     def detect(cls, speedup: Callable[[], float] | None = None) -> KernelPolicy:
         """The policy for this CPU; `speedup` (default `bf16_speedup`) gives bf16's GEMM rate over fp32's."""
-        kernels = qlinear()
+        kernels = load_kernels()
         if kernels is None:
             return cls(None)
         fast = (speedup or bf16_speedup)() >= BF16_MIN_SPEEDUP

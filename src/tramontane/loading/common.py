@@ -18,7 +18,7 @@ from ..blocks import use_block_formats
 from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import fuse_projections, use_fast_linears
 from ..heads import model_for
-from ..kernels import HUGE_PAGE, qlinear, weight_empty
+from ..kernels import HUGE_PAGE, load_kernels, weight_empty
 from ..layout import read_safetensors
 from ..model import Transformer
 from ..parallel.shard import ShardPlan
@@ -172,7 +172,7 @@ class _FilePages:
     tensors copied out of them: otherwise they stay resident as long as their file is mapped."""
 
     def __init__(self) -> None:
-        self.ext = qlinear() if Path("/proc/self/maps").is_file() else None
+        self.ext = load_kernels() if Path("/proc/self/maps").is_file() else None
         self.ranges: dict[Path, list[tuple[int, int]]] = {}
 
     def mapped(self, file: Path) -> list[tuple[int, int]]:

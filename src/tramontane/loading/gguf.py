@@ -32,7 +32,7 @@ from ..errors import CheckpointError, TensorMismatchError
 from ..fuse import FUSED
 from ..gguf_args import gguf_to_internal, read_gguf_args
 from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
-from ..kernels import qlinear, weight_empty
+from ..kernels import load_kernels, weight_empty
 from .common import expected_shapes
 
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64}
@@ -332,7 +332,7 @@ def _release_mapped(file: GGUFFile, tensor: GGUFTensor) -> None:
     """Release the reader's mapped pages of a tensor that has been copied out: mapped pages count as
     this process's memory for as long as the file stays mapped (loading a 7B Q8_0 file as int8 peaked
     at 2.6x the weights). Never loses data: the pages are read again if touched."""
-    ext = qlinear()
+    ext = load_kernels()
     if ext is not None:
         data = file.array(tensor)
         ext.release_pages(data.ctypes.data, data.nbytes)

@@ -1,0 +1,12 @@
+// What blocks.cpp defines: the GGUF quantization formats, by ggml type number: (elements, bytes) per unit,
+// the rows of x from which products run on AMX tiles, products and dequantization.
+#pragma once
+
+#include "common.h"
+
+#include <tuple>
+
+std::tuple<int64_t, int64_t> block_unit(int64_t kind);
+int64_t block_amx_min_rows(int64_t kind);
+torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind);
+torch::Tensor block_dequantize(torch::Tensor w, int64_t kind);
