@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -111,29 +109,43 @@ def test_cache_needs_positions_and_capacity(tiny_hf):
         model(prompt(1, 4), cache=cache)
 
 
-@torch.no_grad()
-def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
-    """A long prompt in chunks never builds a score matrix beyond chunk x (capacity + chunk)."""
+def attention_shapes(model, monkeypatch) -> list[tuple[int, int]]:
+    """A list that gets (queries per head, keys) of every attention product (while `monkeypatch` holds)."""
     import torch.nn.functional as F
 
-    from tramontane.generate import generate
+    shapes: list[tuple[int, int]] = []
+    real = F.scaled_dot_product_attention
+    rep = model.args.n_heads // model.args.n_kv_heads  # query heads that share a key head are stacked
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append((q.shape[2] // rep, k.shape[2]))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return shapes
+
+
+@torch.no_grad()
+def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
+    """A long prompt in chunks never builds a score matrix beyond chunk x (capacity + chunk) in a rolling
+    cache, nor beyond chunk x (window + chunk + two blocks) in the engine's paged pool, whose blocks
+    leave as the window passes them."""
+    from tramontane.generate import generate, prefill
     from tramontane.step_backends import PythonBlocks
 
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder)  # window 8: capacity 8
-    shapes: list[tuple[int, int]] = []
-    real = F.scaled_dot_product_attention
-
-    rep = model.args.n_heads // model.args.n_kv_heads  # query heads that share a key head are stacked
-
-    def spy(q, k, v, attn_mask=None, **kw):
-        shapes.append((q.shape[2] // rep, k.shape[2]))  # (queries per head, keys)
-        return real(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    generate_module = sys.modules["tramontane.generate"]  # (the package's `generate` is the function)
-    monkeypatch.setattr(generate_module, "choose_backend", PythonBlocks)  # the native stack would take short chunks
-    generate(model, [prompt(3, 100)[0].tolist()], max_tokens=1, chunk_size=5)
+    shapes = attention_shapes(model, monkeypatch)
+    cache = KVCache.create(model.args, 1)
+    prefill(PythonBlocks(model), prompt(3, 100)[0].tolist(), cache, 0, chunk_size=5)  # the native stack would take them
     assert len(shapes) == 20 * model.args.n_layers  # 100 tokens in chunks of 5, every layer
     assert max(q for q, _ in shapes) <= 5
     assert max(q * k for q, k in shapes) <= 5 * (8 + 5)
+    shapes.clear()
+    with monkeypatch.context() as m:
+        m.setattr("tramontane.engine.runner.choose_backend", PythonBlocks)
+        generate(model, [prompt(3, 100)[0].tolist()], max_tokens=1, chunk_size=5)
+    assert len(shapes) == 20 * model.args.n_layers
+    # the window (8) and the chunk (5) span at most two blocks of 16, plus the block the window's start
+    # lies in, which is kept whole: three blocks of keys, not the whole prompt's table
+    assert max(q * k for q, k in shapes) <= 5 * 3 * 16

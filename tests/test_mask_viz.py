@@ -93,7 +93,7 @@ def test_mask_command_grid_and_png(smollm2_gguf_path, tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "tramontane.cli", "mask", "--window", "0", TEXT],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "--window" in bad.stderr
+    assert bad.returncode == 2 and "--window: must be >= 1" in bad.stderr
 
 
 def test_png_without_matplotlib_says_how_to_install(monkeypatch, tokenizer, tmp_path) -> None:

@@ -505,6 +505,9 @@ class PagedStepMeta(StepMeta):
     decode attention, which reads the block tables directly; the torch path here gathers the blocks."""
 
     paged: PagedBatch | None = None
+    # the tables' blocks up to the last position of this step, which is all the torch path reads: blocks
+    # further on (the rest of a prompt being prefilled) hold nothing yet
+    reach: torch.Tensor | None = None  # [B, W'] with W' <= W
     block_index: torch.Tensor | None = None  # [B, T] pool block of each new position
     offsets: torch.Tensor | None = None  # [B, T] its slot within the block
 
@@ -512,14 +515,15 @@ class PagedStepMeta(StepMeta):
         assert self.paged is not None and self.block_index is not None and self.offsets is not None
         pool = self.paged.pool
         pool.store(layer, self.block_index, self.offsets, k.transpose(1, 2), v.transpose(1, 2))
-        return pool.read(layer, self.paged.tables, k.dtype)
+        assert self.reach is not None
+        return pool.read(layer, self.reach, k.dtype)
 
     def attention_mask(self) -> torch.Tensor | None:
         """Built on first use: the native decode path never needs it."""
         if self.mask is None:
-            assert self.paged is not None
+            assert self.paged is not None and self.reach is not None
             B = self.positions.shape[0]
-            key_positions = self.paged.pool.positions[self.paged.tables].view(B, -1)  # [B, width * size]
+            key_positions = self.paged.pool.positions[self.reach].view(B, -1)  # [B, width * size]
             self.mask = _visible(key_positions, self.positions, self.window)
         return self.mask
 
@@ -543,5 +547,6 @@ def _paged_meta(positions: torch.Tensor, window: int | None, paged: PagedBatch, 
     if T == 1 or flat:
         view = DecodeView(pool.k, pool.v, pool.k_scale, pool.v_scale, paged.tables.repeat_interleave(T, 0),
                           pool.positions, (block_index * size + offsets).view(-1), size, window or 0)
+    reach = paged.tables[:, : int(logical.max()) + 1]
     return PagedStepMeta(positions, None, False, decode=T == 1, window=window, view=view, paged=paged,
-                         block_index=block_index, offsets=offsets)
+                         block_index=block_index, offsets=offsets, reach=reach)

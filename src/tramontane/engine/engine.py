@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 import torch
 
 from ..cache import PagedKVCache
-from ..generate import TokenLoop, check_language_model, check_prompt
 from ..kernels import release_threads
 from ..loading.validate import available_memory
 from ..model import Transformer
@@ -46,6 +45,7 @@ from .metrics import Metrics
 from .request import EngineEvent, Request
 from .runner import Runner, StepInputs
 from .scheduler import Plan, Scheduler, Sequence
+from .tokens import TokenLoop, check_language_model, check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # KEEPALIVE seconds, so that a quiet server does not run into the collectives' timeout), or that it stops.
 IDLE, STOP = "idle", "stop"
 KEEPALIVE = 5.0
+DEFAULT_CONTEXT = 4096  # positions per sequence when neither the caller nor the model says
+BLOCK_SIZE = 16  # positions per KV block
 T = TypeVar("T")
 
 
@@ -87,6 +89,10 @@ class Engine:
     `adapters` is the selector of the LoRA adapters served on `model` (`multi_lora.serve_adapters`): a
     request's `adapter` picks one, and rows with different adapters share each step.
 
+    On a parallel model, rank 0's engine hands each step's inputs to the other ranks, which `follow`;
+    with `lockstep`, every rank runs an engine of its own over the same requests instead (what
+    `generate.stream` does on every rank of a job), and each samples alike from the same logits.
+
     When a peer rank of a parallel job fails, the engine fails what runs, stops, keeps the reason in
     `failed` and calls `on_fatal` with it (the server sets it to shut itself down).
 
@@ -105,10 +111,11 @@ class Engine:
         max_queue: int = 256,
         metrics: Metrics | None = None,
         kv_blocks: int | None = None,
-        block_size: int = 16,
+        block_size: int = BLOCK_SIZE,
         prefix_cache: bool = True,
         kv_dtype: torch.dtype | None = None,
         adapters: AdapterRows | None = None,
+        lockstep: bool = False,
     ) -> None:
         if max_batch < 1 or chunk_size < 1 or max_queue < 0:
             raise ValueError("max_batch and chunk_size must be >= 1 and max_queue >= 0")
@@ -118,8 +125,11 @@ class Engine:
         self.generates = not args.bare
         if self.generates:
             check_language_model(model)
-        context = args.max_seq_len or 4096
-        self.max_seq_len = min(max_seq_len or min(context, 4096), context)
+        context = args.max_seq_len or DEFAULT_CONTEXT
+        if max_seq_len is not None and args.sliding_window is not None:
+            self.max_seq_len = max_seq_len  # the window rolls: positions may run past the trained context
+        else:
+            self.max_seq_len = min(max_seq_len or min(context, DEFAULT_CONTEXT), context)
         per_context = -(-self.max_seq_len // block_size)
         if not self.generates:
             kv_blocks = 1  # the scheduler and runner want a pool; nothing is ever admitted to it
@@ -144,6 +154,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, chunk_size=chunk_size,
                                    window=args.sliding_window)
         self.adapters = adapters
+        self.lockstep = lockstep
         self.runner = Runner(model, self.pool, adapters)
         self.vocabulary = Vocabulary(tokenizer, args.vocab_size)  # for constrained requests, built on first use
         self.max_queue = max_queue
@@ -282,7 +293,7 @@ class Engine:
             if plan.empty:
                 return called
             inputs = self.runner.inputs(plan)
-            if self.model.parallel is not None:
+            if self.model.parallel is not None and not self.lockstep:
                 self.model.parallel.from_leader(inputs)  # the other ranks run the same step
             seqs, logits = self.runner.execute(plan, inputs)
             self._advance(plan)

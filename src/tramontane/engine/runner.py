@@ -18,6 +18,7 @@ import torch
 from ..cache import PagedKVCache
 from ..model import Transformer
 from ..multi_lora import AdapterRows
+from ..parallel.topology import wait_all
 from ..step_backends import choose_backend
 from .scheduler import Plan, Sequence
 
@@ -37,6 +38,13 @@ class Forward:
     def of(cls, seqs: list[Sequence], tokens: list[list[int]], starts: list[int]) -> Forward:
         return cls(tokens, starts, [list(s.blocks) for s in seqs], [s.first_block for s in seqs],
                    [s.adapter for s in seqs])
+
+    def split(self, groups: int) -> list[Forward]:
+        """The rows in `groups` contiguous groups as even as can be."""
+        n = len(self.tokens)
+        bounds = [n * g // groups for g in range(groups + 1)]
+        return [Forward(self.tokens[a:b], self.starts[a:b], self.tables[a:b], self.first_blocks[a:b],
+                        self.adapters[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,24 @@ class Runner:
         (None for a part the step does not have)."""
         self.pool.clear(inputs.new_blocks)
         prefill = None if inputs.prefill is None else self._forward(inputs.prefill, last_only=True)[:, -1]
-        decode = None if inputs.decode is None else self._forward(inputs.decode, last_only=False)[:, 0]
+        decode = None if inputs.decode is None else self._decode(inputs.decode)
         return prefill, decode
+
+    def _decode(self, f: Forward) -> torch.Tensor:
+        """The decode rows' logits [B, vocab]. On a pipeline they run as `ParallelConfig.groups_for(B)`
+        groups in flight: the first stage starts the next group while the last stage computes this one,
+        and the logits are waited for once every group is on its way."""
+        topology = self.model.parallel
+        groups = 1 if topology is None else topology.config.groups_for(len(f.tokens))
+        if groups == 1 or topology is None:
+            return self._forward(f, last_only=False)[:, 0]
+        outs, pending = [], []
+        for part in f.split(groups):
+            with topology.deferred_logits() as started:
+                outs.append(self._forward(part, last_only=False)[:, 0])
+            pending.extend(started)
+        wait_all(pending)
+        return torch.cat(outs)
 
     def _forward(self, f: Forward, last_only: bool) -> torch.Tensor:
         device = self.model.device

@@ -148,7 +148,7 @@ def open_model(options: ModelOptions, *, progress: bool | None = None) -> Opened
         raise CheckpointError(path, f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{model.args.vocab_size}")
     if options.compile:
-        from ..generate import compile_decode
+        from ..step_backends import compile_decode
 
         compile_decode(model)
     return OpenedModel(model, tokenizer, path)
