@@ -149,3 +149,23 @@ def test_chunked_prefill_bounds_the_attention_matrix(tiny_hf, monkeypatch):
     # the window (8) and the chunk (5) span at most two blocks of 16, plus the block the window's start
     # lies in, which is kept whole: three blocks of keys, not the whole prompt's table
     assert max(q * k for q, k in shapes) <= 5 * 3 * 16
+
+
+def test_each_cache_kind_builds_its_own_step_meta(tiny_hf) -> None:
+    """One protocol (layer_kv, attention_mask, commit), one implementation per cache, in its own module."""
+    from tramontane.cache import PagedKVCache, PagedStepMeta, RollingStepMeta, StepMeta, step_meta
+
+    _, folder = tiny_hf("mistral-window")
+    args = load_model(folder).args
+    positions = torch.arange(4)[None]
+    rolling = step_meta(positions, 8, KVCache.create(args, 1))
+    pool = PagedKVCache.create(args, n_blocks=4, block_size=4)
+    pool.clear([1])
+    paged = step_meta(positions, 8, pool.batch([[1]], [0]))
+    plain = step_meta(positions, 8)
+    packed = step_meta(torch.tensor([[0, 1, 0, 1]]), 8, segments=torch.tensor([[0, 0, 1, 1]]))
+    assert type(rolling) is RollingStepMeta and type(paged) is PagedStepMeta
+    assert type(plain) is StepMeta and plain.is_causal and type(packed) is StepMeta
+    assert packed.spans == ((0, 2), (2, 4))  # training's packed rows: attention within each sequence
+    for meta in (rolling, paged, plain, packed):
+        assert callable(meta.layer_kv) and callable(meta.attention_mask) and callable(meta.commit)

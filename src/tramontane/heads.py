@@ -68,7 +68,7 @@ class TaskModel(Transformer):
 
     def hidden(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, dim]; rows with padding run on their own, at their tokens' positions,
-        so that the model's own position rule (cache.py) masks what lies between."""
+        so that the model's own position rule (cache/meta.py) masks what lies between."""
         if attention_mask is None or bool(attention_mask.bool().all()):
             return self.features(tokens)
         if attention_mask.shape != tokens.shape:

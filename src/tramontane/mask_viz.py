@@ -1,4 +1,4 @@
-"""Draw which tokens each token may attend to, from the mask the model's attention uses (cache.py).
+"""Draw which tokens each token may attend to, from the mask the model's attention uses (cache/).
 
 The mask comes from `step_meta`, the function every forward call builds its attention metadata with:
 full causal attention, or a sliding window of W keys counting the query itself. Several prompts are

@@ -4,7 +4,7 @@ Example:
     >>> model = Transformer(args)                       # plain causal forward from position 0
     >>> logits = model(tokens)                          # [batch, seq, vocab]
     >>> cache = KVCache.create(args, batch_size=1, capacity=256)
-    >>> logits = model(tokens, positions, cache=cache)  # incremental, see cache.py
+    >>> logits = model(tokens, positions, cache=cache)  # incremental, see cache/rolling.py
 """
 
 from __future__ import annotations
