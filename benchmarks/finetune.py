@@ -75,7 +75,7 @@ if system == "tramontane":
         return trainer.train_step()
 else:  # PEFT's model with our init: trained by our loop over it ("peft") or by TRL's SFTTrainer ("trl")
     import peft, transformers
-    from tramontane.layout import permute_native_to_hf
+    from tramontane.formats.layout import permute_native_to_hf
     hf_folder = {hf!r}
     del ours
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="sdpa")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from tramontane.adapters import read_adapter, save_adapter
 from tramontane.cli import demo_model_path
 from tramontane.engine import Engine, EngineEvent, Request
 from tramontane.loading import load_model
 from tramontane.lora import LoraConfig, LoraLinear, apply_lora
+from tramontane.lora.adapters import read_adapter, save_adapter
+from tramontane.lora.serving import AdapterRows, serve_adapters
 from tramontane.model import Transformer
-from tramontane.multi_lora import AdapterRows, serve_adapters
 from tramontane.tokenizer import load_tokenizer
 
 PROMPT = "Write a short story about a lighthouse keeper who"

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tramontane import load_model
-from tramontane.adapters import load_adapter, save_adapter
 from tramontane.errors import CheckpointError
 from tramontane.lora import LoraConfig, LoraLinear, apply_lora
+from tramontane.lora.adapters import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 

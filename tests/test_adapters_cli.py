@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tramontane import load_model
-from tramontane.adapters import load_adapter, save_adapter
 from tramontane.cli import main
 from tramontane.errors import CheckpointError
 from tramontane.lora import LoraConfig, LoraLinear, apply_lora
+from tramontane.lora.adapters import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ from test_quantize import quantize_activations
 
 from tramontane import generate, load_model
 from tramontane.args import ModelArgs
-from tramontane.blocks import BLOCK_FORMATS, BlockLinear, block_formats
+from tramontane.gguf_linear import BLOCK_FORMATS, BlockLinear, block_formats
 from tramontane.kernels import load_kernels
 from tramontane.kernels.policy import kernel_policy
 from tramontane.loading import save_model
@@ -144,7 +144,7 @@ def test_units_match_the_kernels():
 def test_layer_without_kernels_dequantizes_with_the_reference(monkeypatch):
     w = random_blocks("Q4_K", 8, 512)
     layer = BlockLinear.from_blocks(w, 512, "Q4_K")
-    monkeypatch.setattr("tramontane.blocks.load_kernels", lambda: None)
+    monkeypatch.setattr("tramontane.gguf_linear.load_kernels", lambda: None)
     assert torch.equal(layer.dequantize(), reference("Q4_K", w))
     assert torch.equal(layer.dequantize(torch.tensor([5, 1])), reference("Q4_K", w)[[5, 1]])
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import tramontane.loading.common as common
 from tramontane import CheckpointError, ConfigError, TensorMismatchError, TokenizerError, load_model
 from tramontane.cli import main
-from tramontane.gguf_file import read_gguf
+from tramontane.formats.gguf_file import read_gguf
 from tramontane.loading import read_model_args
 from tramontane.loading import validate as validate_module
 from tramontane.tokenizer import load_tokenizer

@@ -15,10 +15,10 @@ from test_engine import Collector, IdTokenizer, prompt, run_all
 from test_finetune import _examples, _randomize
 
 from tramontane import generate, load_model
-from tramontane.adapters import save_adapter
 from tramontane.engine import Engine, Request
 from tramontane.finetune import TrainConfig, Trainer, make_batch, prepare_model
 from tramontane.lora import LoraConfig, apply_lora
+from tramontane.lora.adapters import save_adapter
 
 DEVICE = torch.device(os.environ.get("TRAMONTANE_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),

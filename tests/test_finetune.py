@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tramontane import load_model
 from tramontane.finetune import Example, TrainConfig, Trainer, make_batch
-from tramontane.layout import permute_native_to_hf
+from tramontane.formats.layout import permute_native_to_hf
 from tramontane.lora import LoraConfig, LoraLinear, apply_lora
 from tramontane.quantize import Int4Linear, Int8Linear
 
@@ -199,7 +199,7 @@ def _q8_0(weight: torch.Tensor):
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from tramontane.blocks import BlockLinear
+    from tramontane.gguf_linear import BlockLinear
 
     rows = torch.from_numpy(quantize(weight.numpy(), GGMLQuantizationType.Q8_0))
     return BlockLinear.from_blocks(rows, weight.shape[1], "Q8_0")

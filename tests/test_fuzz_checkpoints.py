@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tramontane import TokenizerError, load_model
-from tramontane.gguf_file import read_gguf
+from tramontane.formats.gguf_file import read_gguf
 from tramontane.tokenizer import load_tokenizer
 
 from damaged import GGUF_TOKENIZER, gguf_file, hf_folder, load_all_ways, native_folder

@@ -14,8 +14,8 @@ from gguf.quants import dequantize, quantize
 
 from tramontane.args import ModelArgs, MoeArgs
 from tramontane.errors import CheckpointError, ConfigError, TensorMismatchError
-from tramontane.gguf_file import GGUFFile, read_gguf
-from tramontane.layout import permute_hf_to_native, permute_native_to_hf
+from tramontane.formats.gguf_file import GGUFFile, read_gguf
+from tramontane.formats.layout import permute_hf_to_native, permute_native_to_hf
 from tramontane.loading.common import expected_shapes
 from tramontane.loading.gguf import (
     gguf_tensor_info,
@@ -471,7 +471,7 @@ def test_q4_blocks_load_as_int4_without_requantizing(tmp_path: Path, qtype: str,
 def test_merged_experts_keep_their_blocks(tmp_path: Path, qtype: str) -> None:
     """A Mixtral GGUF's merged expert tensors stay in their format, one layer per expert."""
     from tramontane import load_model
-    from tramontane.blocks import BlockLinear
+    from tramontane.gguf_linear import BlockLinear
     from tramontane.quantize import Int4Linear
 
     # rows of whole 64-element units: what Q8_0 (two blocks a unit) needs to stay as it is

@@ -105,7 +105,7 @@ def q8_file(folder: Path, n_layers: int) -> tuple[Path, ModelArgs]:
 
 
 def test_gguf_reading_releases_the_mapped_pages_it_copied(tmp_path: Path):
-    from tramontane.gguf_file import read_gguf
+    from tramontane.formats.gguf_file import read_gguf
     from tramontane.loading.gguf import iter_gguf_tensors
 
     path, args = q8_file(tmp_path, n_layers=2)

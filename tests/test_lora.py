@@ -64,7 +64,7 @@ def test_config_errors_name_the_field(field: str, value: object, message: str) -
 
 
 def test_mistral_adapter_round_trip(tiny_hf, tmp_path) -> None:
-    from tramontane.adapters import load_adapter, save_adapter
+    from tramontane.lora.adapters import load_adapter, save_adapter
 
     _, folder = tiny_hf("mistral-window")
     config = LoraConfig(rank=4, alpha=16, targets=("wq", "wo", "w1"))

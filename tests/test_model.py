@@ -78,7 +78,7 @@ def test_native_and_hf_folders_give_same_logits(tiny_name, tiny_hf, tmp_path, dt
 
 def test_hf_permutation_is_undone(tiny_hf):
     """Native wq rows pair up as (0,1),(2,3): rotating by pairs must equal HF's rotate-half on q_proj."""
-    from tramontane.layout import permute_hf_to_native, permute_native_to_hf
+    from tramontane.formats.layout import permute_hf_to_native, permute_native_to_hf
 
     ref_model, folder = tiny_hf("mistral-window")
     q_hf = ref_model.model.layers[0].self_attn.q_proj.weight.detach()

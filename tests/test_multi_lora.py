@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from test_engine import Collector, IdTokenizer, prompt, run_all
 
 from tramontane import generate, load_model
-from tramontane.adapters import load_adapter, read_adapter, save_adapter
 from tramontane.engine import Engine, Request
 from tramontane.lora import LoraConfig, LoraLinear, apply_lora
-from tramontane.multi_lora import MultiLoraLinear, serve_adapters
+from tramontane.lora.adapters import load_adapter, read_adapter, save_adapter
+from tramontane.lora.serving import MultiLoraLinear, serve_adapters
 from tramontane.server import create_app
 
 CONFIGS = [LoraConfig(rank=4, alpha=8, targets=("wq", "wk", "wv", "w2")), LoraConfig(rank=2, alpha=6, targets=("wo", "w1", "w3", "wv"))]

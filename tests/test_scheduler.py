@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tramontane.engine.blocks import BlockManager
+from tramontane.engine.kv_blocks import BlockManager
 from tramontane.engine.scheduler import Scheduler, Sequence
 
 

@@ -58,7 +58,7 @@ def test_default_load_keeps_the_files_formats_and_agrees_with_fp32(smollm2_gguf_
     from pydoc_data.topics import topics
 
     from tramontane import KVCache
-    from tramontane.blocks import block_formats
+    from tramontane.gguf_linear import block_formats
     from tramontane.loading.gguf import gguf_tensor_info
 
     floats, _, tok = models

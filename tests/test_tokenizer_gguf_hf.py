@@ -19,7 +19,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from test_tokenizer import CORPUS
 
 from tramontane import Tokenizer, TokenizerError, load_tokenizer
-from tramontane.gguf_file import read_gguf
+from tramontane.formats.gguf_file import read_gguf
 from tramontane.tokenizer import gguf_tokenizer_from_file
 
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import BlockLinear
+from .gguf_linear import BlockLinear
 from .kernels import weight_empty
 from .kernels.policy import kernel_policy
 from .layers import Attention, FeedForward

@@ -30,8 +30,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .blocks import BLOCK_FORMATS, BlockLinear
 from .cache import KV_DTYPES, KVCache, PagedBatch, StepMeta, step_meta
+from .gguf_linear import BLOCK_FORMATS, BlockLinear
 from .kernels import DecodeStack, Kernels, Projection
 from .kernels.policy import kernel_policy
 from .layers import Block, FeedForward

@@ -22,7 +22,7 @@ class PagedKVCache:
 
     `k` and `v` are [n_layers, n_blocks, n_kv_heads, block_size, head_dim]; `positions` is
     [n_blocks, block_size], the absolute position held by each slot (-1 for empty). A sequence owns a
-    list of blocks (its block table, handed out by `engine.blocks.BlockManager`): position p sits in
+    list of blocks (its block table, handed out by `engine.kv_blocks.BlockManager`): position p sits in
     slot p % block_size of the table's block for p // block_size. Masks come from the stored positions
     with the rule of the module docstring, so blocks that left a sliding window can be dropped from the
     front of a table, and blocks holding a shared prompt prefix can sit in several tables at once.

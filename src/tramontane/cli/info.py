@@ -45,7 +45,7 @@ def run(a: argparse.Namespace) -> int:
     if fmt == "gguf":
         from collections import Counter
 
-        from ..gguf_file import find_gguf
+        from ..formats.gguf_file import find_gguf
         from ..loading.gguf import gguf_tensor_info
 
         types = Counter(kind for kind, _ in gguf_tensor_info(find_gguf(path)).values())

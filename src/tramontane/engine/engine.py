@@ -35,12 +35,12 @@ import torch
 from ..cache import PagedKVCache
 from ..kernels import release_threads
 from ..loading.validate import available_memory
+from ..lora.serving import AdapterRows
 from ..model import Transformer
-from ..multi_lora import AdapterRows
 from ..parallel import ParallelError
 from ..sampling import Penalties, sample_rows, top_token_logprobs
-from .blocks import BlockManager
 from .grammar import Matcher, Vocabulary
+from .kv_blocks import BlockManager
 from .metrics import Metrics
 from .request import EngineEvent, Request
 from .runner import Runner, StepInputs
@@ -86,7 +86,7 @@ class Engine:
     sliding-window models too: a block that leaves a sequence's window stays cached). At most
     `max_batch` sequences run at once; the others wait in a queue of at most `max_queue`. Only the
     engine thread touches the model.
-    `adapters` is the selector of the LoRA adapters served on `model` (`multi_lora.serve_adapters`): a
+    `adapters` is the selector of the LoRA adapters served on `model` (`lora.serving.serve_adapters`): a
     request's `adapter` picks one, and rows with different adapters share each step.
 
     On a parallel model, rank 0's engine hands each step's inputs to the other ranks, which `follow`;

@@ -45,7 +45,7 @@ class Request:
     top_logprobs: int = 0  # with logprobs: also the this many most likely tokens at each step
     grammar: str | None = None  # llguidance grammar the output must follow (engine.grammar builds them)
     timeout: float | None = None  # seconds from submission
-    adapter: int = 0  # the served LoRA adapter (multi_lora.AdapterRows index; 0: the base model)
+    adapter: int = 0  # the served LoRA adapter (lora.serving.AdapterRows index; 0: the base model)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import PagedKVCache
+from ..lora.serving import AdapterRows
 from ..model import Transformer
-from ..multi_lora import AdapterRows
 from ..parallel.topology import wait_all
 from ..step_backends import choose_backend
 from .scheduler import Plan, Sequence

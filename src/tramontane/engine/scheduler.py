@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .blocks import BlockManager
+from .kv_blocks import BlockManager
 
 
 @dataclass(eq=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import save_adapter
 from ..kernels.policy import kernel_policy
 from ..loading import load_model, save_model
 from ..lora import LoraConfig, apply_lora, lower_frozen
+from ..lora.adapters import save_adapter
 from ..model import Transformer
 from ..tokenizer import load_tokenizer
 from .data import load_examples

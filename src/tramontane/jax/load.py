@@ -1,5 +1,5 @@
 """Weights for the JAX model, read without torch: native and Hugging Face safetensors folders (names and
-q/k layout through `tramontane.layout`, the torch loaders' own table) and GGUF files (header, hyper-
+q/k layout through `tramontane.formats.layout`, the torch loaders' own table) and GGUF files (header, hyper-
 parameters and names through `gguf_file` and `gguf_args`, as the torch loader reads them; the blocks
 dequantized by gguf-py's numpy code)."""
 
@@ -15,9 +15,9 @@ from gguf.quants import dequantize
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
-from ..gguf_args import gguf_to_internal, read_gguf_args
-from ..gguf_file import GGUFFile, find_gguf, read_gguf
-from ..layout import read_safetensors, to_internal, weight_files
+from ..formats.gguf_args import gguf_to_internal, read_gguf_args
+from ..formats.gguf_file import GGUFFile, find_gguf, read_gguf
+from ..formats.layout import read_safetensors, to_internal, weight_files
 from .model import Params
 
 

@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 
 from ..args import ModelArgs
-from ..blocks import BLOCK_FORMATS, block_formats
 from ..download import resolve_model_name
 from ..errors import CheckpointError
+from ..formats.gguf_args import read_gguf_args
+from ..formats.gguf_file import find_gguf, read_gguf
 from ..fuse import unfused_state_dict
-from ..gguf_args import read_gguf_args
-from ..gguf_file import find_gguf, read_gguf
+from ..gguf_linear import BLOCK_FORMATS, block_formats
 from ..lora import LoraWeights, attach_lora
+from ..lora.files import merged_tensors, read_adapter
 from ..model import Transformer
 from ..parallel.config import ParallelConfig
 from ..parallel.shard import ShardPlan
 from ..parallel.topology import Topology, init_topology
 from ..quantize import QuantConfig, quantized_state_dict
 from . import hf, native
-from .adapter_files import merged_tensors, read_adapter
 from .common import NamedTensors, build_model
 from .validate import check_memory
 

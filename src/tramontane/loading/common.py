@@ -14,12 +14,12 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ..args import ModelArgs
-from ..blocks import use_block_formats
 from ..errors import CheckpointError, TensorMismatchError
+from ..formats.layout import read_safetensors
 from ..fuse import fuse_projections, use_fast_linears
+from ..gguf_linear import use_block_formats
 from ..heads import model_for
 from ..kernels import HUGE_PAGE, load_kernels, weight_empty
-from ..layout import read_safetensors
 from ..model import Transformer
 from ..parallel.shard import ShardPlan
 from ..quantize import (

@@ -27,11 +27,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ..args import ModelArgs
-from ..blocks import fits, row_bytes
 from ..errors import CheckpointError, TensorMismatchError
+from ..formats.gguf_args import gguf_to_internal, read_gguf_args
+from ..formats.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from ..fuse import FUSED
-from ..gguf_args import gguf_to_internal, read_gguf_args
-from ..gguf_file import GGUFFile, GGUFTensor, read_gguf
+from ..gguf_linear import fits, row_bytes
 from ..kernels import load_kernels, weight_empty
 from .common import expected_shapes
 

@@ -13,7 +13,7 @@ from gguf.quants import quantize
 
 from ..args import ModelArgs
 from ..errors import TensorMismatchError
-from ..gguf_args import _EXPERTS, _PER_LAYER
+from ..formats.gguf_args import _EXPERTS, _PER_LAYER
 from .common import expected_shapes
 
 WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")

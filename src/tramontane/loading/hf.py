@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..args import ModelArgs
-from ..layout import HF_FIELDS, check_against_tensors, to_hf, to_internal, weight_files
+from ..formats.layout import HF_FIELDS, check_against_tensors, to_hf, to_internal, weight_files
 from .common import iter_safetensors, safetensors_shapes
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ..args import ModelArgs
 from ..errors import CheckpointError, TensorMismatchError
-from ..layout import NATIVE_FIELDS, check_against_tensors
+from ..formats.layout import NATIVE_FIELDS, check_against_tensors
 from ..quantize import QuantConfig
 from .common import iter_safetensors, load_pth, safetensors_shapes
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..args import ModelArgs
-from ..blocks import UNIT, fits
+from ..gguf_linear import UNIT, fits
 from ..layers import Block, FeedForward, MoeFeedForward
 from ..model import Transformer
 from ..quantize import QuantConfig

@@ -22,9 +22,9 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine import Engine
-from ..loading.adapter_files import read_adapter
 from ..loading.options import ModelOptions, open_model
-from ..multi_lora import serve_adapters
+from ..lora.files import read_adapter
+from ..lora.serving import serve_adapters
 from ..tokenizer import Tokenizer
 from .app import create_app
 from .errors import APIError
@@ -52,7 +52,7 @@ def load_engine(
 ) -> tuple[Engine, Tokenizer]:
     """The model and tokenizer `model` names (`open_model`'s options, or just a path), in an engine whose KV
     pool is reserved now (not started); the KV options are `Engine`'s. `lora` are adapter folders served
-    together on the model (`multi_lora`): engine adapter i + 1 is `lora[i]`. A model split over a torchrun
+    together on the model (`lora.serving`): engine adapter i + 1 is `lora[i]`. A model split over a torchrun
     job (`ModelOptions.tp`/`pp`) holds this rank's share: rank 0's engine serves, the others' `follow` it.
 
     Raises:

@@ -20,7 +20,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from ..errors import CheckpointError, TokenizerError
-from ..gguf_file import GGUFFile, read_gguf
+from ..formats.gguf_file import GGUFFile, read_gguf
 from .hf import HFTokenizer, byte_level_alphabet
 
 # llama.cpp token types (gguf.TokenType)

@@ -14,8 +14,8 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from .args import ModelArgs
-from .errors import CheckpointError, ConfigError, TensorMismatchError
+from ..args import ModelArgs
+from ..errors import CheckpointError, ConfigError, TensorMismatchError
 
 Array = Any  # torch.Tensor or numpy.ndarray
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .args import ModelArgs, MoeArgs
-from .errors import ConfigError
+from ..args import ModelArgs, MoeArgs
+from ..errors import ConfigError
 from .gguf_file import GGUFFile, GGUFTensor, read_gguf
 from .layout import check_against_tensors, gguf_fields
 

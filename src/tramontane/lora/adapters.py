@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import CheckpointError
-from .loading.adapter_files import FORMATS, adapter_format, read_adapter, write_adapter
-from .lora import LoraConfig, attach_lora, lora_weights
-from .model import Transformer
+from ..errors import CheckpointError
+from ..model import Transformer
+from .files import FORMATS, adapter_format, read_adapter, write_adapter
+from .modules import LoraConfig, attach_lora, lora_weights
 
 __all__ = ["FORMATS", "adapter_format", "load_adapter", "read_adapter", "save_adapter"]
 

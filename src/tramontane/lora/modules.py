@@ -21,9 +21,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from .fuse import unfuse_projections
-from .layers import Attention, FeedForward
-from .model import Transformer
+from ..fuse import unfuse_projections
+from ..layers import Attention, FeedForward
+from ..model import Transformer
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 

@@ -28,8 +28,8 @@ import torch
 
 from ..args import ModelArgs
 from ..errors import CheckpointError
-from ..layout import permute_hf_to_native, permute_native_to_hf
-from ..lora import LoraConfig, LoraWeights
+from ..formats.layout import permute_hf_to_native, permute_native_to_hf
+from .modules import LoraConfig, LoraWeights
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

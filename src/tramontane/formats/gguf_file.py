@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MAGIC = b"GGUF"
 # metadata value type -> (struct format, numpy dtype); 8 is a string, 9 an array

@@ -4,7 +4,7 @@ mistral-finetune writes `lora.safetensors` (native names, `layers.0.attention.wq
 `...lora_B.weight` [out, rank]) beside a `params.json` holding the model's parameters and
 `"lora": {"enable", "rank", "dropout", "scaling"}`; mistral-inference merges `B @ A * scaling`, its
 `load_lora` taking `scaling=2.0` when told nothing. The rank is the tensors' own. PEFT folders
-(`adapter_config.json` + `adapter_model.safetensors`) go through `loading.peft`.
+(`adapter_config.json` + `adapter_model.safetensors`) go through `peft`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from ..args import ModelArgs
 from ..errors import CheckpointError
-from ..lora import LoraConfig, LoraWeights, merge_update
+from ..loading.common import NamedTensors
 from . import peft
-from .common import NamedTensors
+from .modules import LoraConfig, LoraWeights, merge_update
 
 MISTRAL_FILE = "lora.safetensors"
 MISTRAL_PARAMS = "params.json"

@@ -24,10 +24,10 @@ from typing import cast
 import torch
 from torch import nn
 
-from .fuse import unfuse_projections
-from .layers import MoeFeedForward
-from .lora import LoraWeights, lora_slots
-from .model import Transformer
+from ..fuse import unfuse_projections
+from ..layers import MoeFeedForward
+from ..model import Transformer
+from .modules import LoraWeights, lora_slots
 
 
 class AdapterRows:
