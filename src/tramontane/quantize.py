@@ -79,7 +79,7 @@ class QuantLinearBase(nn.Module):
         raise NotImplementedError
 
     # Whether the kernel has an AMX path that decodes each block of 32 to bf16 once for all rows
-    # (kernels/amx.h; 2x faster than the GEMM for int4, and for Q4_K and Q6_K at 64 and 512 rows), so
+    # (kernels/amx.h; faster than the GEMM for int4, Q4_K and Q6_K, benchmarks/dot_rates.py), so
     # that on AMX it wins at any number of rows (`KernelPolicy.vector_wins`).
     amx_tiles = False
 

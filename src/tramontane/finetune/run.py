@@ -27,7 +27,7 @@ DEFAULT_CONFIG = TrainConfig()
 
 def frozen_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype a LoRA run keeps its frozen float products in by default: the kernel policy's on a CPU
-    (bf16 with AMX), else the model's."""
+    (bf16 where the kernel policy measured bf16 products faster), else the model's."""
     return kernel_policy().gemm_dtype if torch.device(device).type == "cpu" and dtype == torch.float32 else dtype
 
 
@@ -40,7 +40,7 @@ def prepare_model(path: str | Path, lora: LoraConfig | None, quantize: str | Non
     A GGUF file's quantized tensors are dequantized to `dtype` unless `quantize` is given (then those
     already in that scheme stay as stored: a Q4_1 file under "int4_asym" trains on its own blocks).
     With adapters on a float base, the frozen products (bases, head) are kept in `base_dtype`
-    (default `frozen_dtype`: bf16 on a CPU with AMX) while adapters, norms and sums stay in `dtype`.
+    (default `frozen_dtype`: bf16 where the kernel policy chose it) while adapters, norms and sums stay in `dtype`.
 
     Raises:
         ValueError: full training (`lora` None) of a quantized model.

@@ -330,8 +330,8 @@ def _to_torch(file: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
 
 def _release_mapped(file: GGUFFile, tensor: GGUFTensor) -> None:
     """Release the reader's mapped pages of a tensor that has been copied out: mapped pages count as
-    this process's memory for as long as the file stays mapped (loading a 7B Q8_0 file as int8 peaked
-    at 2.6x the weights). Never loses data: the pages are read again if touched."""
+    this process's memory for as long as the file stays mapped (benchmarks/load_memory.py measures the
+    peak). Never loses data: the pages are read again if touched."""
     ext = load_kernels()
     if ext is not None:
         data = file.array(tensor)

@@ -96,8 +96,9 @@ def lower_frozen(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Store the big frozen products of a LoRA model in `dtype`, in place: every adapter's float base and
     the output head (a tied head gets its own copy; the embedding lookup keeps the table as it is).
     Their weights and inputs are rounded to `dtype`; everything that trains, and the sums, stay in
-    the model's dtype. This is how the trainer uses AMX: bf16 products ran 6x faster than fp32 here,
-    and the loss curve stayed within 0.006 of fp32's (benchmarks/finetune.py).
+    the model's dtype. This is how the trainer uses fast bf16 products (AMX, Zen 4) where the kernel
+    policy measured them faster than fp32; benchmarks/finetune.py compares the speed and the loss curve
+    with fp32's.
     """
     for module in model.modules():
         if isinstance(module, LoraLinear) and isinstance(module.base, nn.Linear):  # FastLinear too

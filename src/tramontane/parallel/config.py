@@ -23,8 +23,7 @@ from typing import Any
 MOE_SPLITS = ("expert", "tensor")
 # Fewer sequences than this per group are not worth splitting by default: a step of a few rows reads
 # every weight once however many rows it has, so halving the rows barely shortens it, and two groups
-# read the weights twice. Measured (benchmarks/distributed.py, 2 stages x 1 thread, Xeon with AMX):
-# 2 groups decode 4 sequences 0.88x as fast as 1 group, 16 sequences 1.08x, 32 sequences 1.13x.
+# read the weights twice: benchmarks/distributed.py measures where two groups start to pay.
 MIN_GROUP_ROWS = 8
 
 

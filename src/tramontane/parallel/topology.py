@@ -220,9 +220,8 @@ def init_distributed(device: str, timeout: datetime.timedelta = DEFAULT_TIMEOUT)
 
     On CPU, a process that shares its machine with other ranks (torchrun's LOCAL_WORLD_SIZE) first binds
     itself to its own share of the cores (`core_share`), before gloo and OpenMP start their threads: the
-    ranks then never preempt each other between collectives. Measured on the 1B shape, 2 ranks x 1 thread:
-    a tensor-parallel token took 159-169 ms instead of 182-188, its all-reduces waiting 25-32 ms instead
-    of 50-58."""
+    ranks then never preempt each other between collectives, and the all-reduces wait less
+    (benchmarks/distributed.py)."""
     if dist.is_initialized():
         return
     if torch.device(device).type == "cpu" and hasattr(os, "sched_setaffinity"):
