@@ -70,3 +70,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+
+
+# ------------------------------------------------------------------ the scripted server (tests/scripted.py)
+@pytest.fixture(scope="module")
+def tok():
+    """Mistral's v3 tokenizer, mistral_common's own file."""
+    from scripted import V3
+
+    from tramontane.tokenizer import load_tokenizer
+
+    return load_tokenizer(V3)
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    """(base URL, engine) of a live server over a scripted engine, model "scripted", API key "sesame"."""
+    from scripted import KEY, MODEL, scripted_server
+
+    with scripted_server(MODEL, tok, api_key=KEY, request_timeout=30) as served:
+        yield served
+
+
+@pytest.fixture
+def engine(server):
+    """`server`'s scripted engine, its scripts and records cleared."""
+    server[1].reset()
+    return server[1]
+

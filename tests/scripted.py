@@ -20,6 +20,8 @@ from tramontane.server.limits import ConnectionLimits
 
 # Mistral's v3 vocabulary, shipped with mistral_common: FIM and tool-call tokens
 V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+MODEL = "scripted"  # the served model's name (conftest's `server`)
+KEY = "sesame"  # its API key
 
 
 class ScriptedEngine:

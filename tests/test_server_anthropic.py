@@ -13,35 +13,15 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
-from scripted import V3, scripted_server
+from scripted import KEY, MODEL, scripted_server
 
-from tramontane import load_tokenizer
 from tramontane.server.limits import ServerLimits
 
-MODEL = "scripted"
-KEY = "sesame"
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TIME = {"name": "get_time", "description": "The time in a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(V3)
-
-
-@pytest.fixture(scope="module")
-def server(tok):
-    with scripted_server(MODEL, tok, api_key=KEY, request_timeout=30) as served:
-        yield served
-
-
-@pytest.fixture
-def engine(server):
-    server[1].reset()
-    return server[1]
 
 
 @pytest.fixture(scope="module")

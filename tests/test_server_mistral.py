@@ -15,35 +15,16 @@ import pytest
 from live_server import live_server
 from mistralai.client import Mistral
 from mistralai.client.errors import SDKError
-from scripted import V3, ScriptedEngine, scripted_server
+from scripted import KEY, MODEL, ScriptedEngine
 
 from tramontane import load_tokenizer
 from tramontane.server import create_app
 from tramontane.server.mistral import SAFETY_PROMPT
 
-MODEL = "scripted"
-KEY = "sesame"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(V3)
-
-
-@pytest.fixture(scope="module")
-def server(tok):
-    with scripted_server(MODEL, tok, api_key=KEY, request_timeout=30) as served:
-        yield served
-
-
-@pytest.fixture
-def engine(server):
-    server[1].reset()
-    return server[1]
 
 
 @pytest.fixture(scope="module")

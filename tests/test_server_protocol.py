@@ -13,7 +13,6 @@ import pytest
 from live_server import live_server
 from scripted import ScriptedEngine
 
-from tramontane import load_tokenizer
 from tramontane.server import create_app
 
 V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
@@ -25,21 +24,10 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(V3)
-
-
-@pytest.fixture(scope="module")
 def server(tok):
     engine = ScriptedEngine(tok)
     with live_server(create_app(engine, tok, MODEL, request_timeout=30)) as url:
         yield url, engine
-
-
-@pytest.fixture
-def engine(server):
-    server[1].reset()
-    return server[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,11 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
-from scripted import V3, scripted_server
+from scripted import KEY, MODEL, scripted_server
 
-from tramontane import load_tokenizer
 from tramontane.server.limits import ServerLimits
 from tramontane.server.responses import ResponseStore
 
-MODEL = "scripted"
-KEY = "sesame"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                           "additionalProperties": False}}
@@ -29,23 +26,6 @@ TIME = {**WEATHER, "name": "get_time", "description": "The time in a city"}
 QUESTION = "What is the weather in Paris?"
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(V3)
-
-
-@pytest.fixture(scope="module")
-def server(tok):
-    with scripted_server(MODEL, tok, api_key=KEY, request_timeout=30) as served:
-        yield served
-
-
-@pytest.fixture
-def engine(server):
-    server[1].reset()
-    return server[1]
 
 
 @pytest.fixture(scope="module")
