@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,3 +78,14 @@ def scripted_server(model: str = "scripted", tokenizer: Any = None, **options: A
     engine = ScriptedEngine(tok)
     with live_server(create_app(engine, tok, model, **options), connections=ConnectionLimits()) as url:
         yield url, engine
+
+
+def answer(tok: Any, text: str) -> list[int]:
+    """What the scripted engine emits for a plain answer: the text's tokens, then EOS."""
+    return [*tok.encode(text, bos=False), tok.eos_id]
+
+
+def tool_call(tok: Any, name: str, arguments: dict) -> list[int]:
+    """The v3 layout of one call: [TOOL_CALLS] then a JSON list, then EOS."""
+    return [tok._tool_calls_id, *tok.encode(json.dumps([{"name": name, "arguments": arguments}]), bos=False),
+            tok.eos_id]

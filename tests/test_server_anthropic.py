@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
-from scripted import KEY, MODEL, scripted_server
+from scripted import KEY, MODEL, answer, scripted_server, tool_call
 
 from tramontane.server.limits import ServerLimits
 
@@ -28,16 +28,6 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 def client(server):
     with anthropic.Anthropic(base_url=server[0], api_key=KEY, max_retries=0) as c:
         yield c
-
-
-def answer(tok, text: str) -> list[int]:
-    return [*tok.encode(text, bos=False), tok.eos_id]
-
-
-def tool_call(tok, name: str, arguments: dict) -> list[int]:
-    """The v3 layout of one call: [TOOL_CALLS] then a JSON list."""
-    return [tok._tool_calls_id, *tok.encode(json.dumps([{"name": name, "arguments": arguments}]), bos=False),
-            tok.eos_id]
 
 
 def create(client, **kw):

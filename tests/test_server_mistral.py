@@ -15,7 +15,7 @@ import pytest
 from live_server import live_server
 from mistralai.client import Mistral
 from mistralai.client.errors import SDKError
-from scripted import KEY, MODEL, ScriptedEngine
+from scripted import KEY, MODEL, ScriptedEngine, answer
 
 from tramontane import load_tokenizer
 from tramontane.server import create_app
@@ -42,10 +42,6 @@ def refusal(call) -> dict:
         call()
     assert e.value.status_code == 400
     return json.loads(e.value.body)["error"]
-
-
-def answer(tok, text: str) -> list[int]:
-    return [*tok.encode(text, bos=False), tok.eos_id]
 
 
 # ---------------------------------------------------------------------------------------------- models

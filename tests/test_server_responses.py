@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
-from scripted import KEY, MODEL, scripted_server
+from scripted import KEY, MODEL, answer, scripted_server, tool_call
 
 from tramontane.server.limits import ServerLimits
 from tramontane.server.responses import ResponseStore
@@ -32,16 +32,6 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 def client(server):
     with openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0) as c:
         yield c
-
-
-def answer(tok, text: str) -> list[int]:
-    return [*tok.encode(text, bos=False), tok.eos_id]
-
-
-def tool_call(tok, name: str, arguments: dict) -> list[int]:
-    """The v3 layout of one call: [TOOL_CALLS] then a JSON list."""
-    return [tok._tool_calls_id, *tok.encode(json.dumps([{"name": name, "arguments": arguments}]), bos=False),
-            tok.eos_id]
 
 
 def create(client, **kw):
