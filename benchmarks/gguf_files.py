@@ -75,11 +75,25 @@ def mistral_7b_files() -> dict[str, Path]:
     return {"7B_Q4_0": q4_0, "7B_Q4_K_M": requantize(q4_0, "Q4_K_M", WORK / "mistral7b-q4_k_m.gguf")}
 
 
+ALL_FILES = "Q4_1,Q4_0,Q8_0,Q4_K_M,Q5_K_M,Q6_K,7B_Q4_0,7B_Q4_K_M"
+
+
+def results_name(files: str, out: str | None) -> str:
+    """`out`, or gguf_files for the whole set of files, else gguf_files_ and the files run."""
+    if out:
+        return out
+    if sorted(files.split(",")) == sorted(ALL_FILES.split(",")):
+        return "gguf_files"
+    return "gguf_files_" + "_".join(f.lower() for f in files.split(",") if f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--files", default="Q4_1,Q4_0,Q8_0,Q4_K_M,Q5_K_M,Q6_K,7B_Q4_0,7B_Q4_K_M")
+    ap.add_argument("--files", default=ALL_FILES)
+    ap.add_argument("--out", default=None, help="results name under benchmarks/results (default: gguf_files for "
+                    "every file, else gguf_files_ and the files run, so a partial run never replaces the whole one)")
     ap.add_argument("--isa", default="", help="our kernels' paths to measure, e.g. amx,avx512,avx2 (set_isa): "
                     "those this CPU has, the best first; default: the best alone")
     a = ap.parse_args()
@@ -160,8 +174,9 @@ def main() -> None:
         print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
     results["targets"] = [{"target": t, "pass": ok, "value": v} for t, ok, v in checks]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gguf_files.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {RESULTS / 'gguf_files.json'}")
+    path = RESULTS / f"{results_name(a.files, a.out)}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
