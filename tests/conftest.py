@@ -66,6 +66,16 @@ SLOW_FILES = {"test_cli.py", "test_server_shutdown.py", "test_kernels_build.py",
               "test_fuzz_checkpoints.py", "test_server_fuzz.py", "test_jax.py", "test_chat_page.py"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs a worker per core: one thread each, and one in every process a test starts, so
+        # no OpenMP team spins waiting for cores another worker holds
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:

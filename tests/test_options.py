@@ -67,3 +67,18 @@ def test_serve_takes_the_shared_model_options() -> None:
     a = build_parser().parse_args(["serve", "--threads", "2", "--dtype", "bfloat16", "--lora", "fr=/tmp/fr"])
     assert model_options(a) == ModelOptions(dtype="bfloat16", threads=2)  # serve's --lora is served, not merged
     assert a.lora == [("fr", Path("/tmp/fr"))]
+
+
+def test_compile_asks_for_the_compiled_decode_step(tiny_hf, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile` (ModelOptions.compile) routes decode steps through compile_decode; whether compiled
+    steps give the eager tokens is test_compile.py's."""
+    import tramontane.step_backends as step_backends
+
+    _, folder = tiny_hf("mistral-nowindow")
+    monkeypatch.setattr(options, "load_tokenizer", lambda path: SimpleNamespace(vocab_size=10))
+    compiled: list[object] = []
+    monkeypatch.setattr(step_backends, "compile_decode", compiled.append)
+    opened = open_model(ModelOptions(model=folder, compile=True))
+    assert compiled == [opened.model]
+    assert open_model(ModelOptions(model=folder)) and len(compiled) == 1
+
