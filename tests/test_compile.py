@@ -1,4 +1,8 @@
-"""The optional torch.compile of the decode step: same tokens as eager, and eager again if it fails."""
+"""The optional torch.compile of the decode step: same tokens as eager, and eager again if it fails.
+
+Dynamo traces the decode step here with the aot_eager backend: the graphs Inductor would compile, without
+a C++ compiler run per graph (a minute on 2 cores); Inductor's own code is torch's to test, and the GPU
+tier (test_device.py) compiles with it."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_hf):
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder, dtype=torch.bfloat16)  # bf16: the whole step is Python blocks for Dynamo
     eager = [g.tokens for g in generate(model, PROMPTS, max_tokens=8)]
-    compile_decode(model)
+    compile_decode(model, backend="aot_eager")
     compiled = [g.tokens for g in generate(model, PROMPTS, max_tokens=8)]
     assert compiled == eager
     assert model.__dict__["_compiled_decode"].compiled is not None, "compilation failed and fell back"

@@ -71,6 +71,19 @@ def test_greedy_generation_matches_the_cpu(tiny_hf, tiny_name: str) -> None:
     assert [g.tokens for g in dev] == [g.tokens for g in cpu]
 
 
+def test_inductor_compiled_decode_gives_the_eager_tokens(tiny_hf) -> None:
+    """torch.compile with Inductor (the GPU's reason for --compile); the CPU tests trace with aot_eager."""
+    from tramontane import compile_decode
+
+    _, folder = tiny_hf("mistral-window")
+    model = load_model(folder, device=DEVICE)
+    prompts = [[5, 9, 12, 3, 7], [40, 41]]
+    eager = [g.tokens for g in generate(model, prompts, max_tokens=8)]
+    compile_decode(model)
+    assert [g.tokens for g in generate(model, prompts, max_tokens=8)] == eager
+    assert model.__dict__["_compiled_decode"].compiled is not None, "compilation failed and fell back"
+
+
 def test_engine_batches_match_the_cpu(tiny_hf) -> None:
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder, device=DEVICE)

@@ -140,20 +140,22 @@ class _Compiled:
     compiled: Callable[..., torch.Tensor] | None  # None once compiling has failed
 
 
-def compile_decode(model: Transformer) -> None:
+def compile_decode(model: Transformer, backend: str = "inductor") -> None:
     """Route `model`'s decode steps through torch.compile (Inductor): every backend chosen from now on
     (generate, stream, the chat, the server's engine) runs them so.
 
     Compilation happens on the first step (tens of seconds) and again for new shapes. If compiling or
     running the compiled step fails, decoding goes on eagerly, with one warning. Worth it on GPUs; on
     CPU the native decode stack already runs the blocks of a step in one call, and compiling the rest
-    measured slower than eager.
+    measured slower than eager. `backend` is torch.compile's ("aot_eager" traces the same graphs
+    without generating code: what the CPU tests use).
 
     Example:
         >>> compile_decode(model)
         >>> generate(model, [[1, 851, 349]], max_tokens=16)  # first step compiles
     """
-    model.__dict__["_compiled_decode"] = _Compiled(torch.compile(functools.partial(_python_step, model), dynamic=True))
+    compiled = torch.compile(functools.partial(_python_step, model), dynamic=True, backend=backend)
+    model.__dict__["_compiled_decode"] = _Compiled(compiled)
 
 
 def _python_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
