@@ -1,5 +1,6 @@
 """Mistral's own API, driven by the official `mistralai` client: model cards, tool_choice "any",
-random_seed, safe_prompt, parallel_tool_calls, penalties, n, prediction, and fill-in-the-middle.
+random_seed, safe_prompt, parallel_tool_calls, penalties, n, prediction, fill-in-the-middle, and every
+other field its chat request can send: served when it asks for nothing more, else refused by name.
 
 A scripted engine behind a live uvicorn, with a real Mistral v3 tokenizer (FIM and tool-call tokens);
 the demo model's tokenizer (SmolLM2, neither) stands for a model that cannot fill in the middle.
@@ -35,6 +36,12 @@ def mistral(server):
 
 def chat(mistral, **kw):
     return mistral.chat.complete(model=MODEL, messages=QUESTION, **{"max_tokens": 64, **kw})
+
+
+def seen(req) -> tuple:
+    """What the engine was asked: everything of a request but its id, time and callback."""
+    return (req.prompt, req.max_tokens, req.params, req.stop_ids, req.seed, req.logprobs, req.top_logprobs,
+            req.grammar, req.adapter)
 
 
 def refusal(call) -> dict:
@@ -111,6 +118,49 @@ def test_min_tokens_is_refused_by_name(mistral):
     assert refusal(lambda: chat(mistral, min_tokens=3))["param"] == "min_tokens"
 
 
+def test_fields_that_ask_for_nothing_more_reach_the_engine_unchanged(engine, mistral):
+    chat(mistral, random_seed=1)
+    plain = seen(engine.submitted[-1])
+    chat(mistral, random_seed=1, metadata={"team": "search", "run": 3}, prompt_cache_key="user-42",
+         reasoning_effort="none", guardrails=[], prompt_logprobs=False, top_prompt_logprobs=0, service_tier="auto")
+    assert seen(engine.submitted[-1]) == plain
+    chat(mistral, random_seed=1, service_tier="standard_only")  # the one tier there is
+    assert seen(engine.submitted[-1]) == plain
+
+
+def test_null_is_a_field_left_out(server, engine, mistral):
+    chat(mistral, random_seed=1)
+    plain = seen(engine.submitted[-1])
+    chat(mistral, random_seed=1, n=None, logprobs=None, top_logprobs=None, temperature=None, metadata=None,
+         prompt_cache_key=None, reasoning_effort=None, prompt_mode=None, guardrails=None, prompt_logprobs=None,
+         top_prompt_logprobs=None, service_tier=None, min_tokens=None)
+    assert seen(engine.submitted[-1]) == plain
+    nulls = dict.fromkeys(["n", "stream", "logprobs", "safe_prompt", "stream_options", "tools", "tool_choice"])
+    res = httpx.post(server[0] + "/v1/chat/completions", headers={"x-api-key": KEY},
+                     json={"messages": QUESTION, "max_tokens": 64, "random_seed": 1, **nulls})
+    assert res.status_code == 200 and len(res.json()["choices"]) == 1
+    assert seen(engine.submitted[-1]) == plain
+
+
+@pytest.mark.parametrize("field, value", [
+    ("reasoning_effort", "high"), ("prompt_mode", "reasoning"), ("prompt_logprobs", True),
+    ("top_prompt_logprobs", 2), ("guardrails", [{"block_on_error": True, "moderation_llm_v1": {}}]),
+])
+def test_what_this_server_cannot_give_is_refused_by_name(engine, mistral, field, value):
+    error = refusal(lambda: chat(mistral, **{field: value}))
+    assert error["param"] == field and error["message"].startswith(f"{field}: ")
+    assert error["type"] == "invalid_request_error" and not engine.submitted
+
+
+@pytest.mark.parametrize("tier", ["priority", "flex", "scale"])
+def test_a_service_tier_other_than_the_one_there_is_is_refused(server, engine, tier):
+    # the SDK only sends Mistral's tiers, both served; OpenAI's others come from other clients
+    res = httpx.post(server[0] + "/v1/chat/completions", headers={"x-api-key": KEY},
+                     json={"messages": QUESTION, "service_tier": tier})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "service_tier"
+    assert tier in res.json()["error"]["message"] and not engine.submitted
+
+
 # ---------------------------------------------------------------------------------------------- fill in the middle
 def test_fim_complete(tok, engine, mistral):
     engine.script = lambda req: answer(tok, "a + b")
@@ -121,6 +171,14 @@ def test_fim_complete(tok, engine, mistral):
     assert submitted.seed == 3 and submitted.max_tokens == 16
     assert out.choices[0].message.content == " a + b" and out.choices[0].finish_reason == "stop"
     assert out.usage.prompt_tokens == len(submitted.prompt)
+
+
+def test_fim_accepts_metadata_and_a_prompt_cache_key(engine, mistral):
+    mistral.fim.complete(model=MODEL, prompt="x = ", suffix="\n", random_seed=2)
+    plain = seen(engine.submitted[-1])
+    mistral.fim.complete(model=MODEL, prompt="x = ", suffix="\n", random_seed=2, metadata={"file": "a.py"},
+                         prompt_cache_key="repo-1")
+    assert seen(engine.submitted[-1]) == plain
 
 
 def test_fim_stream(tok, engine, mistral):

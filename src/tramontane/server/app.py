@@ -305,6 +305,8 @@ class OpenAIServer:
         """The checked request's prompt ids and the tools shown to the model (None: none), for every
         dialect of chat (OpenAI's, Mistral's, Anthropic's through `anthropic.to_chat`)."""
         self._check_body(body, ("messages", "tools"), "messages")
+        if (unserved := body.unserved()) is not None:
+            raise bad_request(unserved[1], unserved[0])
         self._check_fits(1, body.n, "messages")
         tools = self._tools(body)
         messages = with_safety_prompt(body.messages) if body.safe_prompt else body.messages

@@ -5,14 +5,17 @@ types are strict as OpenAI's are (`"max_tokens": "10"`, `"n": "2"`, `"stream": "
 integer is accepted where a number is), so a value OpenAI rejects is rejected here too, with a 400
 naming the field. `top_k`, `min_p` and `repetition_penalty` are extensions, as in other
 OpenAI-compatible servers; `random_seed`, `safe_prompt`, `prediction` and `tool_choice: "any"` are
-Mistral's. Unknown fields are ignored.
+Mistral's. A null field is a field left out (clients that send every field send nulls), as OpenAI and
+Mistral read it. Every field of Mistral's chat and FIM requests is declared: those that ask for nothing
+this server cannot give are accepted (`metadata`, `prompt_cache_key`), the others are refused by name
+unless they ask for nothing (`ChatCompletionRequest.unserved`). Other unknown fields are ignored.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling import SamplingParams
 
@@ -56,6 +59,14 @@ class GenerationFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: dict[str, Any] | None = None  # the caller's tags for its own records: accepted, kept nowhere
+    prompt_cache_key: str | None = None  # the prefix cache needs no key: prompts that share a prefix share it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        """`"n": null` is `n` left out (its default), as OpenAI and Mistral read it."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def sampling_params(self) -> SamplingParams:
         """The engine's sampling parameters; raises ValueError naming a field if a combination is invalid."""
@@ -129,6 +140,33 @@ class ChatCompletionRequest(GenerationFields):
     response_format: dict[str, Any] | None = None
     safe_prompt: bool = False  # Mistral's: its safety prompt before the conversation
     prediction: Prediction | None = None
+    # refused unless they ask for nothing (`unserved`)
+    reasoning_effort: str | None = None
+    prompt_mode: str | None = None  # Mistral's: "reasoning", its reasoning system prompt
+    guardrails: list[dict[str, Any]] | None = None  # Mistral's: moderation of the request and the answer
+    prompt_logprobs: bool | None = None  # Mistral's
+    top_prompt_logprobs: int | None = Field(None, ge=0)  # Mistral's
+    service_tier: str | None = None
+
+    def unserved(self) -> tuple[str, str] | None:
+        """(field, message naming it) of the first field that asks for what this server cannot give; None if
+        none does. A value that asks for nothing is served: reasoning effort "none", no guardrails, prompt
+        logprobs false, the one tier there is ("auto", OpenAI's "default", Mistral's "standard_only")."""
+        refusals = [
+            (self.reasoning_effort not in (None, "none"), "reasoning_effort",
+             "this server's models do not reason; leave it out, null or 'none'"),
+            (self.prompt_mode is not None, "prompt_mode",
+             f"{self.prompt_mode!r}: this server has no reasoning mode or prompt modes; leave it out or null"),
+            (bool(self.guardrails), "guardrails",
+             "this server runs no moderation model, so it cannot apply guardrails; leave it out or empty"),
+            (bool(self.prompt_logprobs), "prompt_logprobs",
+             "log probabilities of prompt tokens are not computed; leave it out or false"),
+            (bool(self.top_prompt_logprobs), "top_prompt_logprobs",
+             "log probabilities of prompt tokens are not computed; leave it out, null or 0"),
+            (self.service_tier not in (None, "auto", "default", "standard_only"), "service_tier",
+             f"{self.service_tier!r}: this server has one tier; leave it out, 'auto', 'default' or 'standard_only'"),
+        ]
+        return next(((param, f"{param}: {why}") for refused, param, why in refusals if refused), None)
 
     @field_validator("tool_choice")
     @classmethod
