@@ -13,6 +13,7 @@ import pytest
 from live_server import live_server
 from scripted import ScriptedEngine
 
+from tramontane import load_tokenizer
 from tramontane.server import create_app
 
 V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
@@ -110,6 +111,30 @@ def test_choices_are_ordered_prompt_major(tok, engine, client):
     lengths = [len(tok.encode(p)) for p in ("a", "a b c")]
     assert [c.text for c in out.choices] == [f" seed {s} prompt {n}" for n in lengths for s in (5, 6)]
     assert out.usage.prompt_tokens == sum(lengths)
+
+
+def test_an_empty_prompt_continues_from_bos_alone(tok, engine, client):
+    out = client.completions.create(model=MODEL, prompt="", max_tokens=4)
+    assert engine.submitted[-1].prompt == [tok.bos_id] and out.usage.prompt_tokens == 1
+    assert out.choices[0].finish_reason == "length"
+    client.completions.create(model=MODEL, prompt=["", "a"], max_tokens=4)
+    assert [r.prompt for r in engine.submitted[-2:]] == [[tok.bos_id], tok.encode("a")]
+    for nothing in ([], [[]]):  # no token at all, not even BOS: nothing to continue from
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=nothing, max_tokens=4)
+        assert e.value.body["param"] == "prompt"
+
+
+def test_an_empty_prompt_is_bos_where_a_text_gets_none(smollm2_gguf_path):
+    smol = load_tokenizer(smollm2_gguf_path)  # SmolLM2 puts no BOS before a text: "" alone would be no token
+    assert smol.encode("", bos=True) == [] and smol.bos_id is not None
+    engine = ScriptedEngine(smol)
+    with live_server(create_app(engine, smol, "demo")) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as smol_client:
+            smol_client.completions.create(model="demo", prompt="", max_tokens=4)
+            assert engine.submitted[-1].prompt == [smol.bos_id]
+            smol_client.completions.create(model="demo", prompt="Hi", max_tokens=4)
+            assert engine.submitted[-1].prompt == smol.encode("Hi")  # a text still gets no BOS
 
 
 def test_completion_stream_usage_and_logprobs(tok, engine, client):

@@ -229,7 +229,8 @@ class OpenAIServer:
         """Token ids of every prompt, and the text each one echoes."""
         prompt = body.prompt
         if isinstance(prompt, list) and not prompt:
-            raise bad_request("prompt: must not be empty", "prompt")
+            raise bad_request('prompt: must not be empty: a list holds no prompt (to continue from BOS alone, send "")',
+                              "prompt")
         texts: list[str] | None = None
         if isinstance(prompt, str):
             texts = [prompt]
@@ -243,12 +244,19 @@ class OpenAIServer:
                                   "suffix")
             return [self.tokenizer.encode_fim(t, body.suffix) for t in texts], texts
         if texts is not None:
-            return [self.tokenizer.encode(t, bos=True) for t in texts], texts
+            return [self._encode_text(t) for t in texts], texts
         rows = cast(list[list[int]], prompt if isinstance(prompt[0], list) else [prompt])
         ids = [[int(t) for t in row] for row in rows]
         for i in ids:
             self._check_ids(i, "prompt")
         return ids, [self.tokenizer.decode(i) for i in ids]
+
+    def _encode_text(self, text: str) -> list[int]:
+        """A text prompt's ids; an empty text is BOS alone, even where the model puts no BOS before a text
+        (OpenAI's models continue an empty prompt from the start of a document)."""
+        if not text and self.tokenizer.bos_id is not None:
+            return [self.tokenizer.bos_id]
+        return self.tokenizer.encode(text, bos=True)
 
     async def _completion_stream(
         self, sub: Submission, cid: str, created: int, body: CompletionRequest, prompts: list[list[int]],
