@@ -152,6 +152,24 @@ def test_what_this_server_cannot_give_is_refused_by_name(engine, mistral, field,
     assert error["type"] == "invalid_request_error" and not engine.submitted
 
 
+@pytest.mark.parametrize("field, value", [
+    ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
+    ("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto"), ("verbosity", "low"), ("store", True),
+])
+def test_openais_fields_beyond_text_generation_are_refused_by_name(server, engine, field, value):
+    res = httpx.post(server[0] + "/v1/chat/completions", headers={"x-api-key": KEY},
+                     json={"messages": QUESTION, field: value})
+    assert res.status_code == 400 and res.json()["error"]["param"] == field, res.text
+    assert not engine.submitted
+
+
+def test_openais_fields_that_ask_for_nothing_are_accepted(server, engine):
+    res = httpx.post(server[0] + "/v1/chat/completions", headers={"x-api-key": KEY},
+                     json={"messages": QUESTION, "modalities": ["text"], "verbosity": "medium", "store": False,
+                           "safety_identifier": "user-1"})
+    assert res.status_code == 200, res.text
+
+
 @pytest.mark.parametrize("tier", ["priority", "flex", "scale"])
 def test_a_service_tier_other_than_the_one_there_is_is_refused(server, engine, tier):
     # the SDK only sends Mistral's tiers, both served; OpenAI's others come from other clients

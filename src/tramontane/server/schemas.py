@@ -59,6 +59,7 @@ class GenerationFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's newer `user`: an end user's id, for the caller's records
     metadata: dict[str, Any] | None = None  # the caller's tags for its own records: accepted, kept nowhere
     prompt_cache_key: str | None = None  # the prefix cache needs no key: prompts that share a prefix share it
 
@@ -147,6 +148,14 @@ class ChatCompletionRequest(GenerationFields):
     prompt_logprobs: bool | None = None  # Mistral's
     top_prompt_logprobs: int | None = Field(None, ge=0)  # Mistral's
     service_tier: str | None = None
+    # OpenAI's, beyond text generation
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # the deprecated form of `tools`
+    function_call: str | dict[str, Any] | None = None  # the deprecated form of `tool_choice`
+    verbosity: str | None = None
+    store: bool | None = None
 
     def unserved(self) -> tuple[str, str] | None:
         """(field, message naming it) of the first field that asks for what this server cannot give; None if
@@ -165,6 +174,16 @@ class ChatCompletionRequest(GenerationFields):
              "log probabilities of prompt tokens are not computed; leave it out, null or 0"),
             (self.service_tier not in (None, "auto", "default", "standard_only"), "service_tier",
              f"{self.service_tier!r}: this server has one tier; leave it out, 'auto', 'default' or 'standard_only'"),
+            (self.modalities not in (None, ["text"]), "modalities",
+             f"{self.modalities!r}: this server answers in text only; leave it out or ['text']"),
+            (self.audio is not None, "audio", "this server answers in text only; leave it out"),
+            (self.web_search_options is not None, "web_search_options", "this server does not search the web"),
+            (self.functions is not None, "functions", "the deprecated form of tools: send `tools` instead"),
+            (self.function_call is not None, "function_call",
+             "the deprecated form of tool_choice: send `tool_choice` instead"),
+            (self.verbosity not in (None, "medium"), "verbosity",
+             f"{self.verbosity!r}: the answer's length is set by max_tokens and the prompt; leave it out or 'medium'"),
+            (bool(self.store), "store", "this server keeps no completions; leave it out or false"),
         ]
         return next(((param, f"{param}: {why}") for refused, param, why in refusals if refused), None)
 
