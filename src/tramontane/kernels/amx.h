@@ -16,7 +16,7 @@
 // Two groups of 16 weight rows share each B tile, and a second chunk of 16 rows of x uses a second B
 // tile: 4 C + 2 A + 2 B = the 8 tile registers. Beyond 32 rows of x (prefill) a unit's decoded blocks
 // are kept and reused by each further pair of chunks, which makes this faster than dequantizing to a
-// bf16 GEMM (2x for int4).
+// bf16 GEMM (benchmarks/dot_rates.py).
 //
 // What the tile loop needs of a weight format (`Rows`): `w` and `row_bytes` (to prefetch), `K`, the
 // input k_of(t) that it decodes to position t of a block (x is packed in the same order), `prepare`

@@ -210,9 +210,9 @@ auto with_format(int64_t kind, Fn fn) {
 }
 
 // From this many rows of x on, AMX tiles beat the integer kernel: dequantizing every weight to bf16 costs
-// what that many rows of dot products do. 4096 x 4096, 2 threads, Xeon with AMX, tiles against VNNI:
-// Q4_K 1.15 / 1.21 ms at 6 rows, 1.13 / 1.50 at 8; Q6_K 1.25 / 1.34 at 6; Q8_0 1.41 / 1.39 at 8, 1.39 /
-// 1.70 at 9 (a gather of each block's scale, where K-quant units read theirs with a few vector loads).
+// what that many rows of dot products do (benchmarks/dot_rates.py, tiles against VNNI on a 4096 x 4096
+// matrix). Q8_0 needs more rows than the K-quants: its units gather each block's scale, where K-quant
+// units read theirs with a few vector loads.
 template <class F>
 constexpr int64_t amx_min_rows() {
   return F::kUnit == 256 ? 6 : 9;

@@ -139,8 +139,7 @@ __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t
 // as the tile reaches each new 64-byte line `pos` of its rows, the same line of the R rows after it.
 // Rows are short (a few lines for small models), too short for the hardware prefetcher to run ahead
 // within one. Spread over the pass rather than requested all at once at its start, the requests do not
-// queue up behind the core's few outstanding misses: on the 1B shape this took batch-1 int4 from 16.3
-// to 18.9 GB/s and int8 from 17.7 to 20.7 GB/s.
+// queue up behind the core's few outstanding misses (benchmarks/dot_rates.py measures the read rate).
 template <int R>
 struct NextTile {
   const char* next;

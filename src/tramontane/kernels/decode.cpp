@@ -72,7 +72,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, floa
 }
 
 // [B, 2F] (gate | up) -> silu(gate) * up, [B, F], with PyTorch's vectorized, threaded silu as the Python
-// blocks do (a scalar loop of exp cost 1.6 ms of a 60 ms batch-8 step on the 1B shape)
+// blocks do (a scalar loop of exp is a visible share of a batched decode step)
 torch::Tensor swiglu(const torch::Tensor& gu) {
   const int64_t F = gu.size(1) / 2;
   return at::silu(gu.narrow(1, 0, F)).mul_(gu.narrow(1, F, F));

@@ -13,10 +13,9 @@
 // An uninitialised uint8 tensor of `nbytes`, mapped directly (2 MiB-aligned) rather than taken from
 // malloc, whose heap would keep the pages of the tensors it replaces; with `huge_pages`, backed by 2 MiB
 // pages where Linux allows (transparent huge pages, asked for with madvise). A decode step reads every
-// weight once, and with 4 KiB pages (TLB misses) the 1B shape quantized to int4 decoded 15-17% slower,
-// the 7B shape's GGUF files in their own formats 1-1.5% (Q4_K_M, and Q4_0 on the same int4 kernel). A
+// weight once, and 4 KiB pages cost it TLB misses (benchmarks/load_memory.py and run.py measure both). A
 // fresh huge page costs its first write far more, though, on a virtual machine whose host takes back
-// free 2 MiB blocks: 0.5-1.7 GB/s where 4 KiB pages go at 2-5 GB/s, so the caller weighs the two.
+// free 2 MiB blocks, so the caller weighs the two.
 // Elsewhere, or if mapping fails, an ordinary tensor.
 torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
   TORCH_CHECK(nbytes >= 0, "nbytes must be >= 0");
@@ -35,7 +34,7 @@ torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
       if (huge_pages) madvise(p, size_t(nbytes) / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: failure leaves 4 KiB pages
       // Touch every page now, on every thread: a fresh page costs its first write (the kernel zeroes it,
       // and a virtual machine's host backs it first), so that the loader's single-threaded reads that
-      // follow only copy. A fresh huge page went at 0.5 GB/s on one thread of this project's VM, 1.0 on two.
+      // follow only copy.
       volatile char* bytes = static_cast<char*>(p);
       at::parallel_for(0, (nbytes + 4095) / 4096, 512, [&](int64_t begin, int64_t end) {
         for (int64_t page = begin; page < end; ++page) bytes[page * 4096] = 0;
@@ -57,8 +56,8 @@ void trim_heap() {
 
 // End the OpenMP worker threads of the calling thread's team (libgomp frees its pool; a later parallel
 // region on this thread makes a new one). Once a second thread computes, two teams exist, and with more
-// OpenMP threads than cores libgomp stops spinning between parallel regions: on 2 cores a decode step
-// on the server's engine thread took 19 ms instead of 10 while the loading thread's idle team lived.
+// OpenMP threads than cores libgomp stops spinning between parallel regions, and a decode step on the
+// server's engine thread waits for its workers to wake (benchmarks/serve.py would show it).
 void release_threads() { omp_pause_resource_all(omp_pause_soft); }
 
 // Ask Linux to reclaim the whole pages in [address, address + nbytes) (MADV_PAGEOUT): for the mapped
