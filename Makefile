@@ -47,7 +47,7 @@ test: setup chromium
 
 # the tier to run on every change: everything not marked slow
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto -m "not slow"
 
 demo: setup
 	$(VENV)/bin/tramontane demo

@@ -172,6 +172,8 @@ def test_an_embedding_model_does_not_chat(server) -> None:
     res = httpx.post(f"{server[0]}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
                      headers={"authorization": f"Bearer {KEY}"}, timeout=60)
     assert "embedding model" in refusal(res)["message"]
+    (card,) = httpx.get(f"{server[0]}/v1/models", headers={"authorization": f"Bearer {KEY}"}).json()["data"]
+    assert not any(card["capabilities"][c] for c in ("completion_chat", "completion_fim", "function_calling"))
 
 
 def test_the_key_guards_the_path_and_metrics_count_it(server) -> None:

@@ -167,7 +167,7 @@ class OpenAIServer:
         card: dict[str, Any] = {
             "id": name, "object": "model", "created": self.created, "owned_by": "tramontane",
             "max_model_len": self.engine.max_seq_len, "max_context_length": self.engine.max_seq_len,
-            "type": "base", "capabilities": capabilities(self.tokenizer)}
+            "type": "base", "capabilities": capabilities(self.tokenizer, self.engine.generates)}
         if name in self.adapters:  # a LoRA adapter on the base model: vLLM's `parent`, Mistral's fine-tuned card
             card.update(parent=self.model_name, root=self.model_name, type="fine-tuned", job="", archived=False)
         return card

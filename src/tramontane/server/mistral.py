@@ -31,11 +31,13 @@ def with_safety_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "system", "content": SAFETY_PROMPT}, *messages]
 
 
-def capabilities(tokenizer: Tokenizer) -> dict[str, bool]:
+def capabilities(tokenizer: Tokenizer, generates: bool = True) -> dict[str, bool]:
     """Mistral's `capabilities` of a served model, read from its tokenizer: a chat format, FIM tokens,
-    a tool-call token. Fine-tuning, vision and classification are not served."""
-    return {"completion_chat": tokenizer.chat_format != "none", "completion_fim": tokenizer.has_fim,
-            "function_calling": tokenizer.has_tool_calls, "fine_tuning": False, "vision": False,
+    a tool-call token; none of them for a model that does not generate (an embedding model).
+    Fine-tuning, vision and classification are not served."""
+    return {"completion_chat": generates and tokenizer.chat_format != "none",
+            "completion_fim": generates and tokenizer.has_fim,
+            "function_calling": generates and tokenizer.has_tool_calls, "fine_tuning": False, "vision": False,
             "classification": False}
 
 
