@@ -42,12 +42,12 @@ chromium:
 test: setup chromium
 	$(PY) -m ruff check src tests benchmarks tools
 	$(PY) -m mypy src tests & types=$$!; \
-		$(PY) -m pytest -q -n auto --durations=20; tests=$$?; \
+		$(PY) -m pytest -q -n auto --dist loadgroup --durations=20; tests=$$?; \
 		wait $$types && test $$tests = 0
 
 # the tier to run on every change: everything not marked slow
 test-fast: setup
-	$(PY) -m pytest -q -n auto -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 demo: setup
 	$(VENV)/bin/tramontane demo

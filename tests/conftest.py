@@ -59,6 +59,17 @@ def smollm2_gguf_path() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf_path: Path):
+    """transformers' own load of the SmolLM2 GGUF (its dequantization, fp32), the reference model: made once
+    per session (about 15 s), and the tests that use it share an xdist group, so once per run."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32).eval()
+
+
 # What makes a test slow here: the real SmolLM2 weights (loading and running 135M parameters), or a
 # whole file of live servers and console-script subprocesses. `make test-fast` runs the rest.
 SLOW_FIXTURES = {"smollm2_gguf_path"}

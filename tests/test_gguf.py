@@ -26,6 +26,8 @@ from tramontane.loading.gguf import (
 )
 from tramontane.loading.gguf_write import write_gguf
 
+pytestmark = pytest.mark.xdist_group("smollm2_transformers")  # shares test_smollm2.py's reference load
+
 # transformers' parameter names -> ours, for the dense Llama layout.
 HF_TO_INTERNAL = {
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
@@ -53,17 +55,11 @@ def ours(smollm2_reader: GGUFFile) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf_path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """transformers' config and dequantized weights (HF names, q/k in rotate-half layout)."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = transformers.AutoConfig.from_pretrained(smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name)
-    # from_pretrained(gguf_file=...) needs `accelerate`; the loader it calls needs only a model to name tensors.
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    loaded = load_gguf_checkpoint(str(smollm2_gguf_path), return_tensors=True, model_to_load=model)
-    return config, loaded["tensors"]
+def reference(smollm2_transformers) -> tuple[Any, dict[str, torch.Tensor]]:
+    """transformers' config and dequantized weights (HF names, q/k in rotate-half layout; the tied head,
+    the embedding table again, left out)."""
+    state = smollm2_transformers.state_dict()
+    return smollm2_transformers.config, {k: v for k, v in state.items() if k != "lm_head.weight"}
 
 
 def test_smollm2_args_match_transformers(ours, reference) -> None:

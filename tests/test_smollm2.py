@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 import torch
-import transformers
 
 from tramontane import generate, load_model, load_tokenizer
 
@@ -17,13 +16,13 @@ PROMPTS = [
 ]
 
 
+pytestmark = pytest.mark.xdist_group("smollm2_transformers")  # one load of the reference per run
+
+
 @pytest.fixture(scope="module")
-def models(smollm2_gguf_path):
+def models(smollm2_gguf_path, smollm2_transformers):
     ours = load_model(smollm2_gguf_path, dequantize=True)  # the same fp32 weights as transformers'
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32
-    ).eval()
-    return ours, ref, load_tokenizer(smollm2_gguf_path)
+    return ours, smollm2_transformers, load_tokenizer(smollm2_gguf_path)
 
 
 @torch.no_grad()
