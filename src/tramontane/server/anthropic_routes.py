@@ -91,24 +91,21 @@ class MessagesRoutes:
                 yield typed_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
             yield typed_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
 
-        held: list[str] | None = None  # text after [TOOL_CALLS], until the call parses
-        async for _, ev in sub.events():
-            choice.add(ev)
-            failure = choice.failure(self.server.request_timeout, self.server.shutting_down)
-            if failure is not None:
-                yield typed_event(failure.anthropic_body())
+        held: str | None = None
+        async for kind, value in p.shown_text(sub.events(), choice, tok, tools, lambda: choice.failure(
+                self.server.request_timeout, self.server.shutting_down)):
+            if kind == "failure":
+                yield typed_event(value.anthropic_body())
                 return
-            if tools and held is None and p.is_tool_call_start(tok, ev.token):
-                held = []
-            if held is not None:
-                held.append(ev.text)
-            elif ev.text:
-                for chunk in text(ev.text):
+            if kind == "text":
+                for chunk in text(value):
                     yield chunk
+            else:
+                held = value
         message, reason = p.assistant_message(tok, choice, tools)
         calls: list[dict[str, Any]] = message.get("tool_calls") or []
-        if held is not None and not calls and "".join(held):  # not a valid call after all: the text held back
-            for chunk in text("".join(held)):
+        if held and not calls:  # not a valid call after all: the text held back
+            for chunk in text(held):
                 yield chunk
         if text_open:
             yield typed_event({"type": "content_block_stop", "index": 0})

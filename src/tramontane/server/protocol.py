@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,3 +221,25 @@ def chat_chunk(
 def usage_chunk(cid: str, created: int, model: str, obj: str, usage_: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, only usage."""
     return {"id": cid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
+
+
+async def shown_text(events: AsyncIterator[tuple[int, EngineEvent]], choice: Choice, tokenizer: Tokenizer,
+                     tools: bool, failure: Callable[[], APIError | None]) -> AsyncIterator[tuple[str, Any]]:
+    """One choice's answer as it streams, for the dialects that show its text at once and its tool calls
+    at the end (Anthropic's, the Responses API): ("text", piece) for text to show now; from a tool-call
+    token on the text is held back until the call can be parsed, and comes last as ("held", text), None
+    when nothing was held; ("failure", error) ends the stream early. Every event is added to `choice`."""
+    held: list[str] | None = None  # text after [TOOL_CALLS], until the call parses
+    async for _, ev in events:
+        choice.add(ev)
+        if (error := failure()) is not None:
+            yield "failure", error
+            return
+        if tools and held is None and is_tool_call_start(tokenizer, ev.token):
+            held = []
+        if held is not None:
+            held.append(ev.text)
+        elif ev.text:
+            yield "text", ev.text
+    yield "held", None if held is None else "".join(held)
+

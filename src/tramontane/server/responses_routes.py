@@ -117,24 +117,21 @@ class ResponsesRoutes:
                 yield emit("response.output_text.delta", **at, delta=piece, logprobs=[])
 
         choice = p.Choice()
-        held: list[str] | None = None  # text after [TOOL_CALLS], until the call parses
-        async for _, ev in sub.events():
-            choice.add(ev)
-            failure = choice.failure(self.server.request_timeout, self.server.shutting_down)
-            if failure is not None:
-                yield emit("response.failed", response=r.failed(start, failure))
+        held: str | None = None
+        async for kind, value in p.shown_text(sub.events(), choice, tok, tools, lambda: choice.failure(
+                self.server.request_timeout, self.server.shutting_down)):
+            if kind == "failure":
+                yield emit("response.failed", response=r.failed(start, value))
                 return
-            if tools and held is None and p.is_tool_call_start(tok, ev.token):
-                held = []
-            if held is not None:
-                held.append(ev.text)
-            elif ev.text:
-                for chunk in text(ev.text):
+            if kind == "text":
+                for chunk in text(value):
                     yield chunk
+            else:
+                held = value
         message, reason = p.assistant_message(tok, choice, tools)
         calls: list[dict[str, Any]] = message.get("tool_calls") or []
         if not calls and (held or not shown):  # text held back that was no call after all; or an empty answer
-            for chunk in text("".join(held or [])):
+            for chunk in text(held or ""):
                 yield chunk
         output = []
         if shown:
