@@ -119,10 +119,16 @@ def read_prompt(prompt: str | None) -> str:
 
 
 # ---------------------------------------------------------------------- what convert, merge and quantize share
-def copy_parents() -> argparse.ArgumentParser:
+def copy_parents(floats: bool = False) -> argparse.ArgumentParser:
+    """The options of the commands that write a checkpoint; with `floats` (convert, merge), the float
+    folder's format (`--to`) and dtype (`--dtype`, read by `output_dtype`)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if floats:
+        p.add_argument("--to", choices=["native", "hf"], required=True, help="output format")
+        p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="output dtype (default auto: keep the source's)")
     return p
 
 

@@ -8,16 +8,12 @@ from typing import Any
 
 from .common import copy_parents, output_dtype, source_and_destination
 
-FLOAT_CHOICES = ["auto", "float32", "bfloat16", "float16"]
-
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    c = sub.add_parser("convert", parents=[common, copy_parents()],
+    c = sub.add_parser("convert", parents=[common, copy_parents(floats=True)],
                        help="convert a checkpoint (native, HF or GGUF) to a native or HF folder")
     c.add_argument("src", help="native folder, Hugging Face folder or .gguf file")
     c.add_argument("dst", help="output folder")
-    c.add_argument("--to", choices=["native", "hf"], required=True, help="output format")
-    c.add_argument("--dtype", choices=FLOAT_CHOICES, default="auto", help="output dtype (default: keep the source's)")
     c.set_defaults(func=run)
 
 

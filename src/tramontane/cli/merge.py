@@ -7,17 +7,14 @@ import time
 from typing import Any
 
 from .common import CliError, copy_parents, output_dtype, source_and_destination
-from .convert import FLOAT_CHOICES
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    mg = sub.add_parser("merge", parents=[common, copy_parents()],
+    mg = sub.add_parser("merge", parents=[common, copy_parents(floats=True)],
                         help="fold a LoRA adapter (PEFT or mistral format) into a model's weights and save the result")
     mg.add_argument("src", metavar="BASE", help="the adapter's base model: native folder, Hugging Face folder or .gguf")
     mg.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json or lora.safetensors)")
     mg.add_argument("dst", metavar="OUT", help="output folder")
-    mg.add_argument("--to", choices=["native", "hf"], required=True, help="output format")
-    mg.add_argument("--dtype", choices=FLOAT_CHOICES, default="auto", help="output dtype (default: keep the base's)")
     mg.set_defaults(func=run)
 
 
