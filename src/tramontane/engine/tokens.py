@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 
 from ..model import Transformer
 from ..sampling import Penalties
@@ -40,12 +40,12 @@ def check_prompt(prompt: Sequence[int], name: str, vocab_size: int, max_tokens: 
 
 
 class TokenLoop:
-    """What each sampled token of one sequence does: the one place where stop ids, a stop check (stop
-    strings), penalties and the length limit end a sequence, for `stream` and the server's engine alike.
+    """What each sampled token of one sequence does in the engine: the one place where stop ids, penalties
+    and the length limit end a sequence. (Stop strings are the consumer's, which sees the text: it cancels
+    the request, as `generate.stream` and the server do.)
 
     Per token, `accept(token)` first (False: a stop id, which ends the sequence with 'stop' and is not
-    output); then, once the token is out, `finish_reason(token)`: 'stop' when `stop_check(token)` says
-    so, 'length' at `max_tokens`, else None.
+    output); then, once the token is out, `finish_reason(token)`: 'length' at `max_tokens`, else None.
 
     Example:
         >>> loop = TokenLoop(max_tokens=2, stop_ids={2})
@@ -58,12 +58,10 @@ class TokenLoop:
         max_tokens: int,
         stop_ids: Collection[int] = (),
         penalties: Penalties | None = None,
-        stop_check: Callable[[int], bool] | None = None,
     ) -> None:
         self.max_tokens = max_tokens
         self.stop_ids = stop_ids
         self.penalties = penalties
-        self.stop_check = stop_check
         self.produced = 0
 
     def accept(self, token: int) -> bool:
@@ -71,8 +69,6 @@ class TokenLoop:
         return token not in self.stop_ids
 
     def finish_reason(self, token: int) -> str | None:
-        if self.stop_check is not None and self.stop_check(token):
-            return "stop"
         if self.penalties is not None:
             self.penalties.record(token)
         return "length" if self.produced >= self.max_tokens else None
