@@ -39,7 +39,7 @@ void axpy_as(const T* v, float w, float* o, int64_t D) {
 
 struct KvStore {
   void* data = nullptr;
-  torch::ScalarType type = torch::kFloat32;  // float32, bfloat16, float16, or int8 with
+  at::ScalarType type = at::kFloat;  // float32, bfloat16, float16, or int8 with
   float* scale = nullptr;                     // one scale per vector
   int64_t D = 0;
 
@@ -49,9 +49,9 @@ struct KvStore {
   // store x (D values) at vector index `at`
   void put(int64_t at, const float* x) const {
     switch (type) {
-      case torch::kFloat32: std::memcpy(at_<float>(at), x, D * sizeof(float)); return;
-      case torch::kBFloat16: put_as(at_<c10::BFloat16>(at), x, D); return;
-      case torch::kHalf: put_as(at_<c10::Half>(at), x, D); return;
+      case at::kFloat: std::memcpy(at_<float>(at), x, D * sizeof(float)); return;
+      case at::kBFloat16: put_as(at_<c10::BFloat16>(at), x, D); return;
+      case at::kHalf: put_as(at_<c10::Half>(at), x, D); return;
       default: break;
     }
     float amax = 0.f;
@@ -64,9 +64,9 @@ struct KvStore {
 
   float dot(int64_t at, const float* x) const {
     switch (type) {
-      case torch::kFloat32: return dot_as(at_<float>(at), x, D);
-      case torch::kBFloat16: return dot_as(at_<c10::BFloat16>(at), x, D);
-      case torch::kHalf: return dot_as(at_<c10::Half>(at), x, D);
+      case at::kFloat: return dot_as(at_<float>(at), x, D);
+      case at::kBFloat16: return dot_as(at_<c10::BFloat16>(at), x, D);
+      case at::kHalf: return dot_as(at_<c10::Half>(at), x, D);
       default: return dot_as(at_<int8_t>(at), x, D) * scale[at];
     }
   }
@@ -74,27 +74,27 @@ struct KvStore {
   // o += w * vector
   void axpy(int64_t at, float w, float* o) const {
     switch (type) {
-      case torch::kFloat32: axpy_as(at_<float>(at), w, o, D); return;
-      case torch::kBFloat16: axpy_as(at_<c10::BFloat16>(at), w, o, D); return;
-      case torch::kHalf: axpy_as(at_<c10::Half>(at), w, o, D); return;
+      case at::kFloat: axpy_as(at_<float>(at), w, o, D); return;
+      case at::kBFloat16: axpy_as(at_<c10::BFloat16>(at), w, o, D); return;
+      case at::kHalf: axpy_as(at_<c10::Half>(at), w, o, D); return;
       default: axpy_as(at_<int8_t>(at), w * scale[at], o, D); return;
     }
   }
 };
 
-KvStore kv_store(const torch::Tensor& cache, const c10::optional<torch::Tensor>& scale, const char* name) {
+KvStore kv_store(const at::Tensor& cache, const c10::optional<at::Tensor>& scale, const char* name) {
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, name, " cache must be contiguous [blocks, KV, S, D]");
   KvStore st;
   st.D = cache.size(3);
   st.type = cache.scalar_type();
   st.data = cache.data_ptr();
-  if (st.type == torch::kFloat32 || st.type == torch::kBFloat16 || st.type == torch::kHalf) {
+  if (st.type == at::kFloat || st.type == at::kBFloat16 || st.type == at::kHalf) {
     TORCH_CHECK(!scale.has_value(), name, " scales are only for an int8 cache");
     return st;
   }
-  TORCH_CHECK(st.type == torch::kInt8 && scale.has_value(), name,
+  TORCH_CHECK(st.type == at::kChar && scale.has_value(), name,
               " cache must be float32, bfloat16, float16, or int8 with scales");
-  TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
                   scale->numel() == cache.numel() / st.D, name, " scales must be contiguous float32 [blocks, KV, S]");
   st.scale = scale->data_ptr<float>();
   return st;
@@ -102,21 +102,21 @@ KvStore kv_store(const torch::Tensor& cache, const c10::optional<torch::Tensor>&
 
 }  // namespace
 
-torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
-                               c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
-                               torch::Tensor tables, torch::Tensor key_pos, torch::Tensor write, torch::Tensor q_pos,
+at::Tensor decode_attention(at::Tensor qkv, at::Tensor rot, at::Tensor kcache, at::Tensor vcache,
+                               c10::optional<at::Tensor> kscale, c10::optional<at::Tensor> vscale,
+                               at::Tensor tables, at::Tensor key_pos, at::Tensor write, at::Tensor q_pos,
                                int64_t window, int64_t scan, int64_t n_heads, int64_t n_kv_heads) {
   const int64_t B = qkv.size(0), KV = n_kv_heads, H = n_heads, rep = H / KV;
   const int64_t NB = kcache.size(0), S = kcache.size(2), D = kcache.size(3);
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() && qkv.size(1) == (H + 2 * KV) * D,
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.size(1) == (H + 2 * KV) * D,
               "qkv must be contiguous float32 [B, (H + 2 KV) D]");
   TORCH_CHECK(kcache.size(1) == KV && vcache.sizes() == kcache.sizes(), "caches must be [blocks, KV, S, D] alike");
   const KvStore ks = kv_store(kcache, kscale, "key"), vs = kv_store(vcache, vscale, "value");
-  TORCH_CHECK(rot.scalar_type() == torch::kFloat32 && rot.is_contiguous() && rot.numel() == B * D,
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.is_contiguous() && rot.numel() == B * D,
               "rot must be contiguous float32 [B, D/2, 2] (cos, sin)");
-  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.dim() == 2 && tables.size(0) == B,
+  TORCH_CHECK(tables.scalar_type() == at::kLong && tables.dim() == 2 && tables.size(0) == B,
               "tables must be int64 [B, W]");
-  TORCH_CHECK(key_pos.scalar_type() == torch::kInt64 && key_pos.is_contiguous() && key_pos.numel() == NB * S,
+  TORCH_CHECK(key_pos.scalar_type() == at::kLong && key_pos.is_contiguous() && key_pos.numel() == NB * S,
               "key_pos must be contiguous int64 [blocks, S]");
   TORCH_CHECK(write.numel() == B && q_pos.numel() == B, "write and q_pos must hold one entry per row");
   TORCH_CHECK(scan >= 1 && scan <= S, "scan out of range");
@@ -124,7 +124,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor rot, torch::Tens
   write = write.contiguous();
   q_pos = q_pos.contiguous();
   const int64_t W = tables.size(1);
-  auto out = torch::empty({B, H * D}, qkv.options());
+  auto out = at::empty({B, H * D}, qkv.options());
   const float* qp = qkv.data_ptr<float>();
   const float* rp = rot.data_ptr<float>();
   const int64_t* tp = tables.data_ptr<int64_t>();

@@ -7,6 +7,7 @@
 #include "dense.h"
 #include "int4.h"
 
+#include <torch/csrc/utils/pybind.h>
 #include <pybind11/stl.h>
 
 #include <string>
@@ -15,7 +16,7 @@
 std::string isa();
 std::vector<std::string> isas();
 void set_isa(const std::string& name);
-torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages);
+at::Tensor mapped_empty(int64_t nbytes, bool huge_pages);
 void trim_heap();
 void release_threads();
 void release_pages(int64_t address, int64_t nbytes);

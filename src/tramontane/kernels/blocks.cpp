@@ -42,7 +42,7 @@ using namespace blockfmt;  // the formats and what they share (block_format.h)
 // elements the block's step (part_step) and x's sum as the parts hold it.
 template <int P>
 struct Act {
-  torch::Tensor q, r, dx, xs;  // int8 [M, K] (r: P = 2 only); float [M, K / 16] twice
+  at::Tensor q, r, dx, xs;  // int8 [M, K] (r: P = 2 only); float [M, K / 16] twice
   const int8_t* qp;
   const int8_t* rp;
   const float* dxp;
@@ -109,10 +109,10 @@ void dequantize_rows_ref(const uint8_t* w, int64_t K, float* out, int64_t begin,
 template <int P>
 Act<P> quantize_act(const float* x, int64_t M, int64_t K) {
   Act<P> a;
-  a.q = torch::empty({M, K}, torch::kInt8);
-  a.r = torch::empty({P == 2 ? M : 0, K}, torch::kInt8);
-  a.dx = torch::empty({M, K / 16}, torch::kFloat32);
-  a.xs = torch::empty({M, K / 16}, torch::kFloat32);
+  a.q = at::empty({M, K}, at::kChar);
+  a.r = at::empty({P == 2 ? M : 0, K}, at::kChar);
+  a.dx = at::empty({M, K / 16}, at::kFloat);
+  a.xs = at::empty({M, K / 16}, at::kFloat);
   int8_t* q = a.q.template data_ptr<int8_t>();
   int8_t* r = P == 2 ? a.r.template data_ptr<int8_t>() : nullptr;
   float* dx = a.dx.template data_ptr<float>();
@@ -219,8 +219,8 @@ constexpr int64_t amx_min_rows() {
 }
 
 template <class F>
-int64_t check_blocks(F, const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.device().is_cpu(),
+int64_t check_blocks(F, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(),
               "w must be a contiguous uint8 CPU tensor [N, row bytes]");
   TORCH_CHECK(w.size(1) % F::kBytes == 0, "row bytes ", w.size(1), " are not whole units of ", F::kBytes);
   return w.size(1) / F::kBytes * F::kUnit;  // K
@@ -236,12 +236,12 @@ int64_t block_amx_min_rows(int64_t kind) {
   return with_format(kind, [](auto f) { return amx_min_rows<decltype(f)>(); });
 }
 
-torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
+at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
     const int64_t K = check_blocks(f, w), N = w.size(0), M = x.size(0);
     check_x(x, K);
-    auto y = torch::empty({M, N}, x.options());
+    auto y = at::empty({M, N}, x.options());
 #ifdef TRAMONTANE_AMX
     if (M >= amx_min_rows<F>() && amx_in_use()) {
       amx::run(x.data_ptr<float>(), M, BlockRows<F>{w.data_ptr<uint8_t>(), K, w.size(1), {}, {}}, y.data_ptr<float>(), N);
@@ -262,11 +262,11 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor w, int64_t kind) {
   });
 }
 
-torch::Tensor block_dequantize(torch::Tensor w, int64_t kind) {
+at::Tensor block_dequantize(at::Tensor w, int64_t kind) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
     const int64_t K = check_blocks(f, w), N = w.size(0);
-    auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+    auto out = at::empty({N, K}, at::kFloat);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {

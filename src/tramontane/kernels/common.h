@@ -1,7 +1,7 @@
 // What the kernel files share: instruction-set choice, thread grain, argument checks and the tiling walk.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -115,9 +115,9 @@ inline int64_t grain(int64_t N) {
   return std::max<int64_t>(16, N / (threads * 8));
 }
 
-inline void check_x(const torch::Tensor& x, int64_t K) {
+inline void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous float32 CPU tensor");
 }
 

@@ -13,6 +13,7 @@
 #include "dense.h"
 #include "int4.h"
 
+#include <torch/csrc/utils/pybind.h>
 #include <pybind11/stl.h>
 
 #include <vector>
@@ -28,14 +29,14 @@ enum class ProjectionKind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kGguf = 
 // different formats, which cannot be stacked into one matrix).
 struct Projection {
   ProjectionKind kind;
-  torch::Tensor w, scale;
+  at::Tensor w, scale;
   int64_t group;
-  c10::optional<torch::Tensor> mins;
+  c10::optional<at::Tensor> mins;
   std::vector<Projection> parts;
 
-  torch::Tensor operator()(const torch::Tensor& x) const {
+  at::Tensor operator()(const at::Tensor& x) const {
     if (!parts.empty()) {
-      std::vector<torch::Tensor> outs;
+      std::vector<at::Tensor> outs;
       for (const Projection& p : parts) outs.push_back(p(x));
       return at::cat(outs, 1);
     }
@@ -48,14 +49,14 @@ struct Projection {
 };
 
 struct Block {
-  torch::Tensor attention_norm, ffn_norm;
+  at::Tensor attention_norm, ffn_norm;
   Projection wqkv, wo, w13, w2;
 };
 
 // out = x / sqrt(mean(x^2) + eps) * weight, row by row ([B, D]).
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, float eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, float eps) {
   const int64_t B = x.size(0), D = x.size(1);
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -73,12 +74,12 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, floa
 
 // [B, 2F] (gate | up) -> silu(gate) * up, [B, F], with PyTorch's vectorized, threaded silu as the Python
 // blocks do (a scalar loop of exp is a visible share of a batched decode step)
-torch::Tensor swiglu(const torch::Tensor& gu) {
+at::Tensor swiglu(const at::Tensor& gu) {
   const int64_t F = gu.size(1) / 2;
   return at::silu(gu.narrow(1, 0, F)).mul_(gu.narrow(1, F, F));
 }
 
-void add_into(torch::Tensor& h, const torch::Tensor& delta) {
+void add_into(at::Tensor& h, const at::Tensor& delta) {
   float* hp = h.data_ptr<float>();
   const float* dp = delta.data_ptr<float>();
   const int64_t n = h.numel();
@@ -90,7 +91,7 @@ class DecodeStack {
  public:
   DecodeStack(double eps, int64_t n_heads, int64_t n_kv_heads) : eps_(float(eps)), heads_(n_heads), kv_heads_(n_kv_heads) {}
 
-  void add_block(torch::Tensor attention_norm, torch::Tensor ffn_norm, Projection wqkv, Projection wo,
+  void add_block(at::Tensor attention_norm, at::Tensor ffn_norm, Projection wqkv, Projection wo,
                  Projection w13, Projection w2) {
     blocks_.push_back({attention_norm.contiguous(), ffn_norm.contiguous(), wqkv, wo, w13, w2});
   }
@@ -98,11 +99,11 @@ class DecodeStack {
   // h [B, dim] (one new token per sequence) through every block; the cache tensors are
   // [layers, blocks, kv_heads, S, head_dim] (scales [layers, blocks, kv_heads, S] for int8), the other
   // arguments as for decode_attention.
-  torch::Tensor forward(torch::Tensor h, torch::Tensor rot, torch::Tensor kcache, torch::Tensor vcache,
-                        c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
-                        torch::Tensor tables, torch::Tensor key_pos, torch::Tensor write, torch::Tensor q_pos,
+  at::Tensor forward(at::Tensor h, at::Tensor rot, at::Tensor kcache, at::Tensor vcache,
+                        c10::optional<at::Tensor> kscale, c10::optional<at::Tensor> vscale,
+                        at::Tensor tables, at::Tensor key_pos, at::Tensor write, at::Tensor q_pos,
                         int64_t window, int64_t scan) const {
-    TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.device().is_cpu(), "h must be float32 [B, dim]");
+    TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.device().is_cpu(), "h must be float32 [B, dim]");
     TORCH_CHECK(kcache.size(0) == int64_t(blocks_.size()), "cache has ", kcache.size(0), " layers, the stack ",
                 blocks_.size());
     TORCH_CHECK(kscale.has_value() == vscale.has_value(), "give both scales or neither");
@@ -111,7 +112,7 @@ class DecodeStack {
     for (size_t l = 0; l < blocks_.size(); ++l) {
       const Block& blk = blocks_[l];
       auto qkv = blk.wqkv(rms_norm(h, blk.attention_norm, eps_));
-      c10::optional<torch::Tensor> ksl, vsl;
+      c10::optional<at::Tensor> ksl, vsl;
       if (kscale.has_value()) {
         ksl = (*kscale)[l];
         vsl = (*vscale)[l];
@@ -142,12 +143,12 @@ void bind_decode_stack(pybind11::module_& m) {
       .value("INT4", ProjectionKind::kInt4)
       .value("GGUF", ProjectionKind::kGguf);
   py::class_<Projection>(m, "Projection")
-      .def(py::init([](ProjectionKind kind, torch::Tensor w, torch::Tensor scale, int64_t group,
-                       c10::optional<torch::Tensor> mins) { return Projection{kind, w, scale, group, mins, {}}; }),
+      .def(py::init([](ProjectionKind kind, at::Tensor w, at::Tensor scale, int64_t group,
+                       c10::optional<at::Tensor> mins) { return Projection{kind, w, scale, group, mins, {}}; }),
            py::arg("kind"), py::arg("weight"), py::arg("scale"), py::arg("group"), py::arg("mins") = py::none())
       .def_static("side_by_side", [](std::vector<Projection> parts) {
         TORCH_CHECK(!parts.empty(), "side_by_side needs at least one projection");
-        return Projection{ProjectionKind::kFloat, torch::Tensor(), torch::Tensor(), 0, c10::nullopt, std::move(parts)};
+        return Projection{ProjectionKind::kFloat, at::Tensor(), at::Tensor(), 0, c10::nullopt, std::move(parts)};
       });
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<double, int64_t, int64_t>(), py::arg("eps"), py::arg("n_heads"), py::arg("n_kv_heads"))

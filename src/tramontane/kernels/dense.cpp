@@ -35,12 +35,12 @@ void int8_rows_ref(const float* x, int64_t M, int64_t K, const int8_t* w, const 
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8 [N, K]");
+at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w must be contiguous int8 [N, K]");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "scale must be float32 [N]");
-  auto y = torch::empty({M, N}, x.options());
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be float32 [N]");
+  auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -56,15 +56,15 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale)
   return y;
 }
 
-torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(), "w must be contiguous float32 [N, K]");
+at::Tensor f32_linear(at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w must be contiguous float32 [N, K]");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (current_isa() == Isa::kRef) return torch::matmul(x, w.t());
+  if (current_isa() == Isa::kRef) return at::matmul(x, w.t());
   at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
     BY_ISA(dense_rows(xp, M, K, wp, static_cast<const float*>(nullptr), yp, N, begin, end), return);
   });

@@ -3,5 +3,5 @@
 
 #include "common.h"
 
-torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w);
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale);
+at::Tensor f32_linear(at::Tensor x, at::Tensor w);
+at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale);

@@ -26,10 +26,10 @@ namespace {
 // width in use (int4_quantize_row).
 template <int P>
 struct QuantizedX {
-  torch::Tensor q, r;   // int8 [M, K]: the parts (r: P = 2 only)
-  torch::Tensor scale;  // float [M, K / 32]: the step per block (part_step)
-  torch::Tensor bias;   // int32 [M, K / 4]: -8 times the parts' value (256 q + r, or q) over each 4 elements
-  torch::Tensor sum;    // float [M, K / 32]: x's sum per block as the parts hold it (for a minimum's term)
+  at::Tensor q, r;   // int8 [M, K]: the parts (r: P = 2 only)
+  at::Tensor scale;  // float [M, K / 32]: the step per block (part_step)
+  at::Tensor bias;   // int32 [M, K / 4]: -8 times the parts' value (256 q + r, or q) over each 4 elements
+  at::Tensor sum;    // float [M, K / 32]: x's sum per block as the parts hold it (for a minimum's term)
   const int8_t* qp;
   const int8_t* rp;
   const float* sp;
@@ -56,11 +56,11 @@ template <int P>
 QuantizedX<P> quantize_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / 32;
   QuantizedX<P> out;
-  out.q = torch::empty({M, K}, torch::kInt8);
-  out.r = torch::empty({P == 2 ? M : 0, K}, torch::kInt8);
-  out.scale = torch::empty({M, nb}, torch::kFloat32);
-  out.bias = torch::empty({M, K / 4}, torch::kInt32);
-  out.sum = torch::empty({M, nb}, torch::kFloat32);
+  out.q = at::empty({M, K}, at::kChar);
+  out.r = at::empty({P == 2 ? M : 0, K}, at::kChar);
+  out.scale = at::empty({M, nb}, at::kFloat);
+  out.bias = at::empty({M, K / 4}, at::kInt);
+  out.sum = at::empty({M, nb}, at::kFloat);
   int8_t* q = out.q.template data_ptr<int8_t>();
   int8_t* r = P == 2 ? out.r.template data_ptr<int8_t>() : nullptr;
   float* s = out.scale.template data_ptr<float>();
@@ -109,34 +109,34 @@ void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t*
   }
 }
 
-void check_int4(const torch::Tensor& w, const torch::Tensor& scale, const c10::optional<torch::Tensor>& mins,
+void check_int4(const at::Tensor& w, const at::Tensor& scale, const c10::optional<at::Tensor>& mins,
                 int64_t group) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "group size must be a multiple of 32 that divides K");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.is_contiguous() && scale.numel() == N * (K / group),
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == N * (K / group),
               "scale must be contiguous float16 [N, K/group]");
   if (mins)
-    TORCH_CHECK(mins->scalar_type() == torch::kFloat16 && mins->is_contiguous() && mins->numel() == N * (K / group),
+    TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->numel() == N * (K / group),
                 "mins must be contiguous float16 [N, K/group]");
 }
 
-const uint16_t* half_bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
 }  // namespace
 
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins,
+at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins,
                           int64_t group) {
   check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
   check_x(x, K);
   if (M >= kAmxMinRowsInt4 && amx_in_use()) {
-    auto y = torch::empty({M, N}, x.options());
+    auto y = at::empty({M, N}, x.options());
     int4_linear_amx(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), half_bits(scale),
                     mins ? half_bits(*mins) : nullptr, group, y.data_ptr<float>(), N);
     return y;
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);
   const uint16_t* mp = mins ? half_bits(*mins) : nullptr;
@@ -152,10 +152,10 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 }
 
 // Dequantize packed int4 rows to fp32 [N, K] (for prefill, where a GEMM on fp32 weights wins).
-torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> mins, int64_t group) {
+at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group) {
   check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  auto out = at::empty({N, K}, at::kFloat);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);
   const uint16_t* mp = mins ? half_bits(*mins) : nullptr;

@@ -17,7 +17,7 @@
 // fresh huge page costs its first write far more, though, on a virtual machine whose host takes back
 // free 2 MiB blocks, so the caller weighs the two.
 // Elsewhere, or if mapping fails, an ordinary tensor.
-torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
+at::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
   TORCH_CHECK(nbytes >= 0, "nbytes must be >= 0");
 #ifdef __linux__
   constexpr size_t kHuge = size_t(2) << 20;
@@ -39,11 +39,11 @@ torch::Tensor mapped_empty(int64_t nbytes, bool huge_pages) {
       at::parallel_for(0, (nbytes + 4095) / 4096, 512, [&](int64_t begin, int64_t end) {
         for (int64_t page = begin; page < end; ++page) bytes[page * 4096] = 0;
       });
-      return torch::from_blob(p, {nbytes}, [size](void* q) { munmap(q, size); }, torch::dtype(torch::kUInt8));
+      return at::from_blob(p, {nbytes}, [size](void* q) { munmap(q, size); }, at::kByte);
     }
   }
 #endif
-  return torch::empty({nbytes}, torch::kUInt8);
+  return at::empty({nbytes}, at::kByte);
 }
 
 // Give the C heap's free memory back to the system (glibc's malloc_trim): the weights that loading
