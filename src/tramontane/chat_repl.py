@@ -36,6 +36,8 @@ class ChatSession:
         sampling: dict[str, Any] | None = None,
         out: TextIO | None = None,
         read: Callable[[str], str] = input,
+        speculative: str | Transformer | None = None,
+        draft_tokens: int = 8,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -45,6 +47,8 @@ class ChatSession:
         self.params = SamplingParams(**(sampling or {}))
         self.out = out or sys.stdout
         self.read = read
+        self.speculative = speculative  # "ngram" or a draft model: speculative decoding (generate.stream)
+        self.draft_tokens = draft_tokens
         self.history: list[dict[str, str]] = []
         args = model.args
         # A sliding-window model can attend over any length, but its context is still what it was trained on.
@@ -88,13 +92,15 @@ class ChatSession:
         t0 = time.perf_counter()
         first: float | None = None
         interrupted = False
+        drafted = accepted = 0
         events = stream_text(self.model, self.tokenizer, [ids], max_tokens=max_tokens, params=self.params,
-                             seed=self.seed)
+                             seed=self.seed, speculative=self.speculative, draft_tokens=self.draft_tokens)
         try:
             for ev in events:
                 if ev.token is not None:
                     n += 1
                     first = first or time.perf_counter()
+                drafted, accepted = drafted + ev.draft_tokens, accepted + ev.accepted_tokens
                 pieces.append(ev.text)
                 self.out.write(ev.text)
                 self.out.flush()
@@ -105,7 +111,8 @@ class ChatSession:
         elapsed = time.perf_counter() - (first or t0)
         rate = (n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0
         note = "interrupted, " if interrupted else ""
-        self.out.write(f"\n[{note}{n} tokens, {rate:.1f} tokens/s]\n")
+        drafts = f", {accepted}/{drafted} drafted tokens accepted" if drafted else ""
+        self.out.write(f"\n[{note}{n} tokens, {rate:.1f} tokens/s{drafts}]\n")
         self.out.flush()
         self.history.append({"role": "assistant", "content": "".join(pieces)})
 

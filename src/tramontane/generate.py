@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
+from .engine.drafters import Speculation, speculation_for
 from .engine.engine import BLOCK_SIZE, Engine
 from .engine.request import EngineEvent, Request
 from .engine.tokens import TokenLoop, check_language_model, check_prompt
@@ -40,10 +41,13 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """Prompt `index` is done: reason 'stop' (eos or a stop token) or 'length' (max_tokens reached)."""
+    """Prompt `index` is done: reason 'stop' (eos or a stop token) or 'length' (max_tokens reached). With
+    speculative decoding: how many tokens were drafted for it, and how many of them were accepted."""
 
     index: int
     reason: str
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 Event = TokenEvent | FinishEvent
@@ -103,6 +107,8 @@ def stream(
     chunk_size: int | None = None,
     logprobs: bool = False,
     stop_check: Callable[[int, int], bool] | None = None,
+    speculative: str | Transformer | Speculation | None = None,
+    draft_tokens: int = 8,
 ) -> Iterator[Event]:
     """Yield TokenEvents as they are produced and a FinishEvent per prompt.
 
@@ -111,13 +117,17 @@ def stream(
     prompt that finishes leaves the batch at once. `stop_check(index, token)`, called after each token is
     yielded, ends that prompt with reason 'stop' when it returns True (e.g. a stop string matched). On a
     parallel model every rank calls `stream` alike and steps its own engine in lockstep.
+
+    `speculative` ("ngram", a draft model with the same vocabulary, or a `Speculation`) drafts up to
+    `draft_tokens` tokens per step for the model to check (`engine.drafters`): the same tokens when greedy,
+    the same distribution when sampling, in fewer steps when the drafts are accepted.
     """
     params = params or SamplingParams()
     check_language_model(model)
     check_request(model, prompts, max_tokens, chunk_size)
     if model.parallel is not None:  # one share of a model: every rank must sample alike
         seed = model.parallel.shared_seed(seed)
-    engine = _engine_for(model, prompts, max_tokens, chunk_size)
+    engine = _engine_for(model, prompts, max_tokens, chunk_size, speculative, draft_tokens)
     events: deque[EngineEvent] = deque()
     requests = [Request(list(p), max_tokens, events.append, params=params, stop_ids=frozenset(stop_ids),
                         seed=None if seed is None else seed + i, logprobs=logprobs) for i, p in enumerate(prompts)]
@@ -137,7 +147,7 @@ def stream(
                 if event.finish_reason == "error":
                     raise RuntimeError(f"prompts[{i}]: {event.error}")
                 done.add(i)
-                yield FinishEvent(i, event.finish_reason)
+                yield FinishEvent(i, event.finish_reason, event.draft_tokens, event.accepted_tokens)
                 continue
             assert event.token is not None
             yield TokenEvent(i, event.token, event.logprob)
@@ -149,16 +159,19 @@ def stream(
         model.parallel.settle()
 
 
-def _engine_for(model: Transformer, prompts: Sequence[Sequence[int]], max_tokens: int,
-                chunk_size: int | None) -> Engine:
+def _engine_for(model: Transformer, prompts: Sequence[Sequence[int]], max_tokens: int, chunk_size: int | None,
+                speculative: str | Transformer | Speculation | None = None, draft_tokens: int = 8) -> Engine:
     """An engine for these prompts only: every one admitted at once, with KV blocks for all of its
-    positions (nothing is ever preempted), and no prefix cache (each prompt is computed as it is)."""
+    positions and its drafts (nothing is ever preempted), and no prefix cache (each prompt is computed as
+    it is)."""
     args = model.args
     lengths = [len(p) + max_tokens for p in prompts]
-    blocks = sum(-(-n // BLOCK_SIZE) for n in lengths)
+    blocks = sum(-(-(n + draft_tokens) // BLOCK_SIZE) for n in lengths)
+    speculation = None if speculative is None else speculation_for(speculative, model, draft_tokens, blocks)
     return Engine(model, None, max_batch=len(prompts), max_seq_len=max(lengths),
                   chunk_size=chunk_size or min(512, args.sliding_window or 512), max_queue=len(prompts),
-                  kv_blocks=blocks, block_size=BLOCK_SIZE, prefix_cache=False, lockstep=True)
+                  kv_blocks=blocks, block_size=BLOCK_SIZE, prefix_cache=False, lockstep=True,
+                  speculation=speculation)
 
 
 def generate(
@@ -178,10 +191,13 @@ def generate(
     seed: int | None = None,
     chunk_size: int | None = None,
     logprobs: bool = False,
+    speculative: str | Transformer | Speculation | None = None,
+    draft_tokens: int = 8,
 ) -> list[Generation]:
     """Generate for a batch of token-id prompts; per prompt, the new tokens only (eos excluded).
 
-    `stop` holds extra token ids that end a sequence like `eos_id`. Temperature 0 is greedy.
+    `stop` holds extra token ids that end a sequence like `eos_id`. Temperature 0 is greedy. `speculative`
+    ("ngram" or a draft model) and `draft_tokens`: speculative decoding, as in `stream`.
 
     Raises:
         ValueError: an empty prompt, max_tokens < 1, a sampling parameter out of range, or a prompt
@@ -191,7 +207,8 @@ def generate(
     stop_ids = set(stop or ()) | ({eos_id} if eos_id is not None else set())
     results = [Generation(logprobs=[] if logprobs else None) for _ in prompts]
     for event in stream(model, prompts, max_tokens=max_tokens, params=params, stop_ids=stop_ids, seed=seed,
-                        chunk_size=chunk_size, logprobs=logprobs):
+                        chunk_size=chunk_size, logprobs=logprobs, speculative=speculative,
+                        draft_tokens=draft_tokens):
         result = results[event.index]
         if isinstance(event, TokenEvent):
             result.tokens.append(event.token)

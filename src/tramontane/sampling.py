@@ -205,14 +205,7 @@ def sample_rows(
     if changed:
         logits = logits.clone()
         for i in changed:
-            row, p, pen = logits[i], params[i], penalties[i]
-            if p.logit_bias:
-                row = apply_logit_bias(row, p.logit_bias)
-            if p.penalised:
-                if pen is None:
-                    raise ValueError("penalties need the seen tokens and output counts")
-                row = apply_penalties(row, pen.seen, pen.counts, p)
-            logits[i] = row
+            logits[i] = adjusted(logits[i], params[i], penalties[i])
     chosen = [0] * len(params)
     picked = [i for i, p in enumerate(params) if p.greedy]
     if picked:
@@ -225,6 +218,48 @@ def sample_rows(
         for i, token in zip(sampled, draw(weights, [generators[i] for i in sampled])):
             chosen[i] = token
     return chosen
+
+
+def adjusted(logits: torch.Tensor, params: SamplingParams, penalties: Penalties | None) -> torch.Tensor:
+    """One row of logits [V] after its logit bias and penalties (the first steps of sampling)."""
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
+    if params.penalised:
+        if penalties is None:
+            raise ValueError("penalties need the seen tokens and output counts")
+        logits = apply_penalties(logits, penalties.seen, penalties.counts, params)
+    return logits
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    draft: int,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    penalties: Penalties | None = None,
+) -> tuple[int, bool]:
+    """Speculative decoding's check of one drafted token against the target's logits [V] (fp32) at its
+    position: the token to emit there, and whether it is the draft.
+
+    Drafts are proposed with certainty (n-gram lookup, a greedy draft model: q is one-hot), so the standard
+    rejection rule, accept with probability min(1, p(x)/q(x)) and otherwise draw from max(0, p - q)
+    renormalised, becomes: keep the draft with probability p(draft), else draw from p without the draft.
+    Every emitted token then follows p, the distribution plain sampling draws from. Greedy: the target's
+    own choice, which is the draft or not.
+
+    Example:
+        >>> verify_draft(torch.tensor([0.0, 5.0, 1.0]), draft=1, params=SamplingParams())
+        (1, True)
+    """
+    if params.greedy:
+        token = sample_one(logits, params, generator, penalties)
+        return token, token == draft
+    weights = sampling_weights(adjusted(logits, params, penalties)[None], [params])[0]
+    u = torch.rand((), generator=generator, device=weights.device)
+    if float(u * weights.sum()) < float(weights[draft]):
+        return draft, True
+    weights[draft] = 0.0
+    return draw(weights[None], [generator])[0], False
 
 
 def top_token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int

@@ -12,6 +12,7 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .engine.drafters import Speculation
 from .generate import FinishEvent, TokenEvent, stream
 from .model import Transformer
 from .sampling import SamplingParams
@@ -19,13 +20,16 @@ from .sampling import SamplingParams
 
 @dataclass(frozen=True)
 class TextEvent:
-    """A piece of text for prompt `index` (possibly empty); `finish_reason` set on the last event."""
+    """A piece of text for prompt `index` (possibly empty); `finish_reason` set on the last event, with the
+    speculative decoding counts (`generate.FinishEvent`)."""
 
     index: int
     text: str
     token: int | None = None
     logprob: float | None = None
     finish_reason: str | None = None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -99,24 +103,29 @@ def stream_text(
     chunk_size: int | None = None,
     logprobs: bool = False,
     continuation: bool = False,
+    speculative: str | Transformer | Speculation | None = None,
+    draft_tokens: int = 8,
 ) -> Generator[TextEvent, None, None]:
     """Stream text pieces for token-id prompts; generation ends at the tokenizer's stop ids, a stop
     string (excluded from the text) or `max_tokens`. With `continuation` the text continues the
-    prompt's (a leading space is kept), as a completion does; otherwise it starts afresh, as an answer."""
+    prompt's (a leading space is kept), as a completion does; otherwise it starts afresh, as an answer.
+    `speculative` and `draft_tokens`: speculative decoding, as in `generate.stream`."""
     trackers = [TextTracker(tokenizer, stop, continuation) for _ in prompts]
 
     def check(i: int, token: int) -> bool:  # called once the token's event is out: its text is fed already
         return trackers[i].stopped
 
     for ev in stream(model, prompts, max_tokens=max_tokens, params=params, stop_ids=tokenizer.stop_ids, seed=seed,
-                     chunk_size=chunk_size, logprobs=logprobs, stop_check=check):
+                     chunk_size=chunk_size, logprobs=logprobs, stop_check=check, speculative=speculative,
+                     draft_tokens=draft_tokens):
         if isinstance(ev, TokenEvent):
             # each token's text goes out with the token itself, so the last one (whatever ends the
             # sequence) is never left behind
             text, _ = trackers[ev.index].feed(ev.token)
             yield TextEvent(ev.index, text, ev.token, ev.logprob)
         elif isinstance(ev, FinishEvent):
-            yield TextEvent(ev.index, trackers[ev.index].finish(), finish_reason=ev.reason)
+            yield TextEvent(ev.index, trackers[ev.index].finish(), finish_reason=ev.reason,
+                            draft_tokens=ev.draft_tokens, accepted_tokens=ev.accepted_tokens)
 
 
 def _collect(events: Iterator[TextEvent], n: int, prompt_lengths: list[int], prefix: list[str]) -> list[Completion]:

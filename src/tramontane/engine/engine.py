@@ -34,11 +34,13 @@ import torch
 
 from ..cache import PagedKVCache
 from ..kernels import release_threads
+from ..kernels.policy import kernel_policy
 from ..loading.validate import available_memory
 from ..lora.serving import AdapterRows
 from ..model import Transformer
 from ..parallel import ParallelError
-from ..sampling import Penalties, sample_rows, top_token_logprobs
+from ..sampling import Penalties, sample_one, sample_rows, top_token_logprobs, verify_draft
+from .drafters import Pace, Speculation
 from .grammar import Matcher, Vocabulary
 from .kv_blocks import BlockManager
 from .metrics import Metrics
@@ -73,6 +75,9 @@ class _Live:
     penalties: Penalties | None
     matcher: Matcher | None = None  # the request's grammar, when its output is constrained
     last_time: float = 0.0
+    pace: Pace | None = None  # how many tokens it drafts, when it speculates
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Engine:
@@ -96,6 +101,10 @@ class Engine:
     When a peer rank of a parallel job fails, the engine fails what runs, stops, keeps the reason in
     `failed` and calls `on_fatal` with it (the server sets it to shut itself down).
 
+    With `speculation`, decoding sequences draft tokens (`engine.drafters`) that each step checks as rows
+    beside their last token: greedy output stays the same token for token, sampled output follows the
+    same distribution, and every accepted draft saves a step.
+
     A bare model (an embedding model, `ModelArgs.bare`) generates nothing: its engine refuses every
     request, reserves no KV pool to speak of (one block), and only runs `call`s.
     """
@@ -116,6 +125,7 @@ class Engine:
         kv_dtype: torch.dtype | None = None,
         adapters: AdapterRows | None = None,
         lockstep: bool = False,
+        speculation: Speculation | None = None,
     ) -> None:
         if max_batch < 1 or chunk_size < 1 or max_queue < 0:
             raise ValueError("max_batch and chunk_size must be >= 1 and max_queue >= 0")
@@ -155,6 +165,7 @@ class Engine:
                                    window=args.sliding_window)
         self.adapters = adapters
         self.lockstep = lockstep
+        self.speculation = speculation
         self.runner = Runner(model, self.pool, adapters)
         self.vocabulary = Vocabulary(tokenizer, args.vocab_size)  # for constrained requests, built on first use
         self.max_queue = max_queue
@@ -292,13 +303,17 @@ class Engine:
             self.metrics.preemptions.inc(len(plan.preempted))
             if plan.empty:
                 return called
+            if self.speculation is not None and plan.decode:
+                self._draft(plan, self.speculation)
             inputs = self.runner.inputs(plan)
             if self.model.parallel is not None and not self.lockstep:
                 self.model.parallel.from_leader(inputs)  # the other ranks run the same step
-            seqs, logits = self.runner.execute(plan, inputs)
+            seqs, logits, verified = self.runner.execute(plan, inputs)
             self._advance(plan)
             if logits is not None:
                 self._sample(seqs, logits)
+            if verified is not None:
+                self._check_drafts(plan.verify, verified)
             self.metrics.kv_blocks_used.set(self.blocks.used)
         return True
 
@@ -346,6 +361,8 @@ class Engine:
         loop = TokenLoop(req.max_tokens, stop_ids, penalties)
         matcher = None if req.grammar is None else self.vocabulary.matcher(req.grammar)
         live = _Live(req, Sequence(list(req.prompt), adapter=req.adapter), loop, gen, penalties, matcher)
+        if self.speculation is not None and req.speculative:
+            live.pace = Pace(self.speculation.max_draft)
         live.seq.owner = live
         return live
 
@@ -378,9 +395,85 @@ class Engine:
         for live, token, lp, top in zip(lives, chosen, lps, tops):
             self._accept(live, token, lp, tuple(top))
 
+    def _draft(self, plan: Plan, spec: Speculation) -> None:
+        """Ask the drafter for the decoding sequences' drafts and, when there are any, turn the step's
+        decode rows into one verifying forward: every decoding sequence's last token plus its drafts, all
+        padded to one width, with at most `max_rows` rows in all (so a large batch decodes plainly)."""
+        rows = len(plan.decode)
+        width = min(spec.max_draft, (spec.max_rows or kernel_policy().small_batch) // rows - 1)
+        if width < 1:
+            return
+        for seq in plan.decode:
+            live: _Live = seq.owner
+            if live.pace is None or (want := live.pace.want()) == 0:
+                continue
+            # drafts past the request's last token or the context would be thrown away
+            want = min(want, width, live.loop.max_tokens - live.loop.produced - 1, self.max_seq_len - len(seq.tokens))
+            if want > 0:
+                seq.draft = spec.drafter.propose(live, seq.tokens, want)[:want]
+        width = max(len(seq.draft) for seq in plan.decode)
+        if width == 0:
+            return
+        reserved: list[int] = []
+        for seq in plan.decode:
+            fresh = self.scheduler.reserve(seq, width)
+            if fresh is None:  # the pool is short: no drafts this step (what was taken is given back)
+                for other in plan.decode:
+                    other.draft = []
+                    self.scheduler.trim(other)
+                return
+            reserved.extend(fresh)
+        plan.new_blocks.extend(reserved)
+        plan.verify, plan.decode = plan.decode, []
+
+    def _check_drafts(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each verifying row's tokens, from its logits at every position [B, T, vocab]: the drafts the model
+        accepts (`sampling.verify_draft`), then one token of its own where the first draft is rejected (or
+        after the last). Each token goes through the request's loop as a decoded one does; the sequence then
+        keeps the keys and values of what it accepted and gives back the blocks of the rest."""
+        self.metrics.batch_size.set(len(seqs))
+        self.metrics.batch_sizes.observe(len(seqs))
+        for seq, rows in zip(seqs, logits):
+            live: _Live = seq.owner
+            draft, seq.draft = seq.draft, []
+            params = live.req.params
+            emitted = accepted = 0
+            alive = True
+            live.drafted += len(draft)  # counted before a token can end the request, whose last event reports them
+            for j in range(len(draft) + 1):
+                row = rows[j]
+                if live.matcher is not None:  # only what the grammar allows after the tokens accepted so far
+                    row = row.clone()
+                    live.matcher.mask(row)
+                if j < len(draft):
+                    token, ok = verify_draft(row, draft[j], params, live.generator, live.penalties)
+                else:
+                    token, ok = sample_one(row, params, live.generator, live.penalties), False
+                lp: float | None = None
+                top: tuple[tuple[int, float], ...] = ()
+                if live.req.logprobs:
+                    picked, best = top_token_logprobs(rows[j : j + 1], [token], live.req.top_logprobs)
+                    lp, top = picked[0], tuple(best[0])
+                emitted += 1
+                accepted += ok
+                live.accepted += ok
+                alive = self._accept(live, token, lp, top)
+                if not alive or not ok:
+                    break
+            if draft:
+                self.metrics.draft_tokens.inc(len(draft))
+                self.metrics.accepted_tokens.inc(accepted)
+                if live.pace is not None:
+                    live.pace.record(len(draft), accepted)
+            self.metrics.verify_rows.inc()
+            self.metrics.verify_tokens.inc(emitted)
+            if alive:
+                self.scheduler.advance(seq, emitted)  # the fed tokens it accepted now hold their keys
+                self.scheduler.trim(seq)
+
     def _accept(self, live: _Live, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] = ()
-                ) -> None:
-        """Record a sampled token, emit it, and end the request when its loop says so."""
+                ) -> bool:
+        """Record a sampled token, emit it, and end the request when its loop says so; whether it goes on."""
         now = time.monotonic()
         if live.loop.produced == 0:
             self.metrics.ttft.observe(now - live.req.submitted)
@@ -391,23 +484,27 @@ class Engine:
         self.metrics.generation_tokens.inc()
         if not live.loop.accept(token):
             self._finish(live, "stop")
-            return
+            return False
         if live.matcher is not None and not live.matcher.consume(token):
             self._finish(live, "error", f"the grammar refused token {token}: {live.matcher.error}")
-            return
+            return False
         live.req.emit(EngineEvent(live.req.id, "", token, logprob, top, cached_tokens=max(live.seq.cached_tokens, 0)))
         if (reason := live.loop.finish_reason(token)) is None:
             live.seq.tokens.append(token)
-        else:
-            self._finish(live, reason)
+            return True
+        self._finish(live, reason)
+        return False
 
     def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(live.seq)
         self._lives.remove(live)
+        if self.speculation is not None:
+            self.speculation.drafter.forget(live)
         self.metrics.requests.labels(reason=reason).inc()
         try:
             live.req.emit(EngineEvent(live.req.id, "", finish_reason=reason, error=error,
-                                      cached_tokens=max(live.seq.cached_tokens, 0)))
+                                      cached_tokens=max(live.seq.cached_tokens, 0), draft_tokens=live.drafted,
+                                      accepted_tokens=live.accepted))
         except Exception:  # a broken client callback must not take the engine down
             log.exception("emit failed for %s", live.req.id)
 

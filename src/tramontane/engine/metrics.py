@@ -26,6 +26,15 @@ class Metrics:
         self.cached_tokens = Counter("tramontane_prefix_cached_tokens", "Prompt tokens found in the prefix cache",
                                      registry=r)
         self.preemptions = Counter("tramontane_preemptions", "Sequences preempted for lack of KV blocks", registry=r)
+        self.draft_tokens = Counter("tramontane_speculative_draft_tokens", "Tokens drafted for speculative decoding",
+                                    registry=r)
+        self.accepted_tokens = Counter("tramontane_speculative_accepted_tokens", "Drafted tokens the model accepted",
+                                       registry=r)
+        self.verify_rows = Counter("tramontane_speculative_verify_rows",
+                                   "Sequence-steps that checked drafts (tokens per step: verify_tokens / verify_rows)",
+                                   registry=r)
+        self.verify_tokens = Counter("tramontane_speculative_verify_tokens", "Tokens emitted by those sequence-steps",
+                                     registry=r)
         self.embedding_inputs = Counter("tramontane_embedding_inputs", "Texts or token lists embedded", registry=r)
         self.embedding_tokens = Counter("tramontane_embedding_tokens", "Tokens run through the model to embed",
                                         registry=r)

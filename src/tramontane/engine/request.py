@@ -28,6 +28,8 @@ class EngineEvent:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # on the last event, with speculative decoding: the tokens drafted for this request
+    accepted_tokens: int = 0  # and how many of them the model accepted
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Request:
     grammar: str | None = None  # llguidance grammar the output must follow (engine.grammar builds them)
     timeout: float | None = None  # seconds from submission
     adapter: int = 0  # the served LoRA adapter (lora.serving.AdapterRows index; 0: the base model)
+    speculative: bool = True  # draft tokens when the engine speculates (False: decode this one plainly)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False

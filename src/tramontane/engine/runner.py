@@ -50,11 +50,24 @@ class Forward:
 @dataclass(frozen=True)
 class StepInputs:
     """What every rank needs to run one step: blocks to zero first, a prompt chunk (its last position's
-    logits), and one decode token per decoding sequence."""
+    logits), one decode token per decoding sequence, or, in a step that checks drafts, every decoding
+    sequence's last token and its drafts (none for some), padded to one length by repeating the row's last
+    token (every position's logits)."""
 
     new_blocks: list[int]
     prefill: Forward | None
     decode: Forward | None
+    verify: Forward | None = None
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """A step's logits: the prompt chunk's last position [1, V], the decode rows [B, V] and the verifying
+    rows at every position [B', T, V] (None for a part the step does not have)."""
+
+    prefill: torch.Tensor | None
+    decode: torch.Tensor | None
+    verify: torch.Tensor | None
 
 
 class Runner:
@@ -76,15 +89,19 @@ class Runner:
         if plan.decode:
             decode = Forward.of(plan.decode, [[s.tokens[-1]] for s in plan.decode],
                                 [len(s.tokens) - 1 for s in plan.decode])
-        return StepInputs(list(plan.new_blocks), prefill, decode)
+        verify = None
+        if plan.verify:
+            width = max(len(s.draft) for s in plan.verify)
+            verify = Forward.of(plan.verify, [[s.tokens[-1], *s.draft, *(s.draft or s.tokens)[-1:] * (width - len(s.draft))]
+                                              for s in plan.verify], [len(s.tokens) - 1 for s in plan.verify])
+        return StepInputs(list(plan.new_blocks), prefill, decode, verify)
 
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The logits of the prompt chunk's last position [1, vocab] and of the decode rows [B, vocab]
-        (None for a part the step does not have)."""
+    def run(self, inputs: StepInputs) -> StepLogits:
         self.pool.clear(inputs.new_blocks)
         prefill = None if inputs.prefill is None else self._forward(inputs.prefill, last_only=True)[:, -1]
         decode = None if inputs.decode is None else self._decode(inputs.decode)
-        return prefill, decode
+        verify = None if inputs.verify is None else self._forward(inputs.verify, last_only=False)
+        return StepLogits(prefill, decode, verify)
 
     def _decode(self, f: Forward) -> torch.Tensor:
         """The decode rows' logits [B, vocab]. On a pipeline they run as `ParallelConfig.groups_for(B)`
@@ -111,11 +128,14 @@ class Runner:
         batch = self.pool.batch(f.tables, f.first_blocks)
         return self.step(tokens, positions, batch, last_only=last_only)
 
-    def execute(self, plan: Plan, inputs: StepInputs | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
+    def execute(self, plan: Plan, inputs: StepInputs | None = None
+                ) -> tuple[list[Sequence], torch.Tensor | None, torch.Tensor | None]:
         """The sequences that produced next-token logits this step (a prompt's last chunk, every decode)
-        and those logits [N, vocab], or None when there are none. The caller advances the scheduler.
-        `inputs` are the plan's (`inputs(plan)`) when the caller has them already."""
-        prefill, decode = self.run(inputs or self.inputs(plan))
+        and those logits [N, vocab], or None when there are none; then the verifying rows' logits
+        [len(plan.verify), T, vocab] (or None). The caller advances the scheduler. `inputs` are the plan's
+        (`inputs(plan)`) when the caller has them already."""
+        out = self.run(inputs or self.inputs(plan))
+        prefill, decode = out.prefill, out.decode
         seqs: list[Sequence] = []
         rows: list[torch.Tensor] = []
         if plan.prefill is not None and plan.prefill.last and prefill is not None:
@@ -125,5 +145,5 @@ class Runner:
             seqs.extend(plan.decode)
             rows.append(decode)
         if not rows:
-            return seqs, None
-        return seqs, rows[0] if len(rows) == 1 else torch.cat(rows)
+            return seqs, None, out.verify
+        return seqs, rows[0] if len(rows) == 1 else torch.cat(rows), out.verify

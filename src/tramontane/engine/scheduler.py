@@ -36,6 +36,7 @@ class Sequence:
     cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted)
     preemptions: int = 0
     adapter: int = 0  # its LoRA adapter: KV of the same tokens differs per adapter, so prefixes are shared within one
+    draft: list[int] = field(default_factory=list)  # tokens proposed to follow `tokens`, checked in the next step
     _chain: list[int] = field(default_factory=list)  # prefix key id of each registered full block
 
     @property
@@ -58,14 +59,18 @@ class Chunk:
 
 @dataclass
 class Plan:
+    """A step: one prompt chunk (or none), the sequences decoding one token, and those (`verify`) whose last
+    token runs with their drafts, which the engine moves out of `decode` after drafting."""
+
     prefill: Chunk | None
     decode: list[Sequence]
     new_blocks: list[int]
     preempted: list[Sequence]
+    verify: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode
+        return self.prefill is None and not self.decode and not self.verify
 
 
 class Scheduler:
@@ -123,6 +128,25 @@ class Scheduler:
                 self.blocks.release(seq.blocks[:gone])
                 del seq.blocks[:gone]
                 seq.first_block += gone
+
+    def reserve(self, seq: Sequence, extra: int) -> list[int] | None:
+        """Blocks for `extra` positions past `seq.tokens` (a decoding sequence's drafts), taken only from free
+        blocks, never by preempting: the new blocks (to be zeroed before the step), or None when there are
+        too few."""
+        size = self.blocks.block_size
+        need = -(-(len(seq.tokens) + extra) // size) - seq.first_block - len(seq.blocks)
+        if need > self.blocks.available:
+            return None
+        fresh = [self.blocks.allocate() for _ in range(max(need, 0))]
+        seq.blocks.extend(fresh)
+        return fresh
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past those `seq.tokens` needs (what rejected drafts were written into)."""
+        keep = -(-len(seq.tokens) // self.blocks.block_size) - seq.first_block
+        if len(seq.blocks) > keep:
+            self.blocks.release(seq.blocks[keep:])
+            del seq.blocks[keep:]
 
     def finish(self, seq: Sequence) -> None:
         """`seq` is done (finished, cancelled, failed): release its blocks, waiting or running."""
