@@ -338,7 +338,7 @@ def test_serve_command(smollm2_gguf_path):
     port = free_port()
     cmd = [sys.executable, "-m", "tramontane.cli", "serve", "--model", str(smollm2_gguf_path), "--port", str(port),
            "--api-key", "k", "--served-model-name", "demo", "--max-batch", "2", "--max-seq-len", "256",
-           "--log-level", "warning"]
+           "--speculative", "ngram", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -358,7 +358,7 @@ def test_serve_command(smollm2_gguf_path):
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
-    assert f"serving demo at http://127.0.0.1:{port}/v1" in output
+    assert f"serving demo at http://127.0.0.1:{port}/v1" in output and "speculative decoding: ngram" in output
 
 
 def free_port() -> int:

@@ -79,6 +79,25 @@ def sampling_parents() -> argparse.ArgumentParser:
     return p
 
 
+def speculative_parents() -> argparse.ArgumentParser:
+    """Speculative decoding's options, for the commands that decode."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--speculative", metavar="ngram|MODEL", default=None,
+                   help="speculative decoding: draft tokens by looking up the last tokens earlier in the prompt and "
+                        "answer ('ngram'), or with a smaller model sharing the tokenizer (a path or card name, loaded "
+                        "with --dtype/--device); the model checks them in one step, so the output is the same")
+    p.add_argument("--draft-tokens", type=bounded(int, 1, 64), default=8,
+                   help="most tokens drafted per sequence and step (default 8)")
+    return p
+
+
+def draft_choice(a: argparse.Namespace) -> Any:
+    """What `--speculative` names: None, "ngram", or the draft model, opened as the main one is."""
+    if a.speculative is None or a.speculative == "ngram":
+        return a.speculative
+    return open_model(ModelOptions(model=a.speculative, dtype=a.dtype, device=a.device, threads=a.threads)).model
+
+
 def model_options(a: argparse.Namespace) -> ModelOptions:
     """The `model_parents` options as the library's ModelOptions."""
     return ModelOptions(model=a.model, dtype=a.dtype, device=a.device, threads=a.threads, quantize=a.quantize,

@@ -12,7 +12,15 @@ from typing import Any
 import torch
 
 from ..loading.options import DTYPES, resolve_model
-from .common import CliError, bounded, is_leader, model_options, model_parents
+from .common import (
+    CliError,
+    bounded,
+    draft_choice,
+    is_leader,
+    model_options,
+    model_parents,
+    speculative_parents,
+)
 
 MAX_BATCH = 4096  # beyond, the KV cache alone outgrows any machine
 MAX_QUEUE = 1_000_000
@@ -53,7 +61,7 @@ def named_adapter(text: str) -> tuple[str, Path]:
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    sv = sub.add_parser("serve", parents=[common, model_parents(lora=False)],
+    sv = sub.add_parser("serve", parents=[common, model_parents(lora=False), speculative_parents()],
                         help="OpenAI-compatible HTTP server (continuous batching); under torchrun, rank 0 serves "
                              "and every rank runs its share of each step")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -120,7 +128,7 @@ def run(a: argparse.Namespace) -> int:
         options, max_batch=a.max_batch, max_queue=a.max_queue, max_seq_len=a.max_seq_len,
         kv_blocks=a.kv_blocks, prefix_cache=not a.no_prefix_cache,
         kv_dtype=None if a.kv_cache_dtype is None else KV_DTYPES[a.kv_cache_dtype],
-        lora=[folder for _, folder in a.lora])
+        lora=[folder for _, folder in a.lora], speculative=draft_choice(a), draft_tokens=a.draft_tokens)
     if not is_leader(engine.model):
         engine.follow()  # rank 0 serves; this rank runs its share of every step until rank 0 stops
         return 0
@@ -134,7 +142,8 @@ def run(a: argparse.Namespace) -> int:
           f"batch {a.max_batch}, KV pool of {pool.n_blocks - 1} blocks x {pool.block_size} positions, "
           f"up to {pool.nbytes() / 2**30:.2f} GiB, committed as used, {torch.get_num_threads()} threads)"
           f"{'; API key required' if a.api_key else ''}"
-          f"{'; adapters ' + ', '.join(n for n, _ in a.lora) if a.lora else ''}", flush=True)
+          f"{'; adapters ' + ', '.join(n for n, _ in a.lora) if a.lora else ''}"
+          f"{'; speculative decoding: ' + a.speculative if a.speculative else ''}", flush=True)
     serve_forever(engine, tokenizer, name, host=a.host, port=a.port, api_key=a.api_key,
                   request_timeout=a.request_timeout or None, limits=limits, connections=connections,
                   extra_hosts=a.allowed_hosts, log_level=a.log_level, adapters=[n for n, _ in a.lora],

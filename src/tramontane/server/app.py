@@ -525,7 +525,8 @@ class OpenAIServer:
             raise bad_request(str(e), field_of(str(e), SAMPLING_FIELDS)) from e
         return Job(max_tokens=max_tokens, params=params, n=body.n, stop_strings=body.stop_strings(), seed=seed,
                    logprobs=logprobs, top_logprobs=top_logprobs, grammar=grammar, timeout=self.request_timeout,
-                   continuation=continuation, adapter=self.adapters.get(body.model or "", 0))
+                   continuation=continuation, adapter=self.adapters.get(body.model or "", 0),
+                   speculative=body.speculative is not False)
 
     def _submit(self, prompts: list[list[int]], job: Job, prompt_param: str) -> Submission:
         if self.shutting_down:

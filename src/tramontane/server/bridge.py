@@ -33,6 +33,7 @@ class Job:
     timeout: float | None = None
     continuation: bool = False  # completions continue the prompt's text; chat answers start afresh
     adapter: int = 0  # the engine's LoRA adapter (0: the base model)
+    speculative: bool = True  # draft tokens when the engine speculates
 
 
 class Submission:
@@ -93,6 +94,7 @@ def submit(engine: Engine, prompts: Sequence[list[int]], job: Job) -> Submission
                 grammar=job.grammar,
                 timeout=job.timeout,
                 adapter=job.adapter,
+                speculative=job.speculative,
             )
             output.on_stop = functools.partial(request.cancel, "stop")
             engine.validate(request)

@@ -34,6 +34,8 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and accepted, for this choice
+    accepted_tokens: int = 0
 
     def add(self, event: EngineEvent) -> None:
         if event.text:
@@ -46,6 +48,7 @@ class Choice:
             self.finish_reason = event.finish_reason
             self.error = event.error
             self.cached_tokens = event.cached_tokens
+            self.draft_tokens, self.accepted_tokens = event.draft_tokens, event.accepted_tokens
 
     @property
     def text(self) -> str:
@@ -87,11 +90,16 @@ def sse(payload: dict[str, Any]) -> str:
 def usage(prompt_tokens: int, choices: list[Choice], n: int = 1) -> dict[str, Any]:
     """Token counts of one call whose choices come `n` per prompt (prompt p's are p * n ... p * n + n - 1);
     `prompt_tokens_details.cached_tokens` counts the prompt tokens that came from the prefix cache
-    (those of each prompt's first choice, since a prompt is counted once)."""
+    (those of each prompt's first choice, since a prompt is counted once). With speculative decoding, the
+    extension field `speculative` counts the tokens drafted and accepted."""
     completion_tokens = sum(len(c.tokens) for c in choices)
     cached = sum(c.cached_tokens for c in choices[::n])
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens,
+                           "prompt_tokens_details": {"cached_tokens": cached}}
+    if drafted := sum(c.draft_tokens for c in choices):
+        out["speculative"] = {"draft_tokens": drafted, "accepted_tokens": sum(c.accepted_tokens for c in choices)}
+    return out
 
 
 class TokenPieces:

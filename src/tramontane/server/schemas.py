@@ -62,6 +62,7 @@ class GenerationFields(BaseModel):
     safety_identifier: str | None = None  # OpenAI's newer `user`: an end user's id, for the caller's records
     metadata: dict[str, Any] | None = None  # the caller's tags for its own records: accepted, kept nowhere
     prompt_cache_key: str | None = None  # the prefix cache needs no key: prompts that share a prefix share it
+    speculative: bool | None = None  # tramontane's: false decodes this request without the server's speculation
 
     @model_validator(mode="before")
     @classmethod

@@ -22,9 +22,11 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine import Engine
+from ..engine.drafters import speculation_for
 from ..loading.options import ModelOptions, open_model
 from ..lora.files import read_adapter
 from ..lora.serving import serve_adapters
+from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .app import create_app
 from .errors import APIError
@@ -49,10 +51,14 @@ def load_engine(
     prefix_cache: bool = True,
     kv_dtype: torch.dtype | None = None,
     lora: Sequence[Path] = (),
+    speculative: str | Transformer | None = None,
+    draft_tokens: int = 8,
 ) -> tuple[Engine, Tokenizer]:
     """The model and tokenizer `model` names (`open_model`'s options, or just a path), in an engine whose KV
     pool is reserved now (not started); the KV options are `Engine`'s. `lora` are adapter folders served
-    together on the model (`lora.serving`): engine adapter i + 1 is `lora[i]`. A model split over a torchrun
+    together on the model (`lora.serving`): engine adapter i + 1 is `lora[i]`. `speculative` ("ngram" or a
+    loaded draft model) drafts up to `draft_tokens` tokens per step (`engine.drafters`); a request opts out
+    with `"speculative": false`. A model split over a torchrun
     job (`ModelOptions.tp`/`pp`) holds this rank's share: rank 0's engine serves, the others' `follow` it.
 
     Raises:
@@ -70,6 +76,8 @@ def load_engine(
     except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError included)
         raise ValueError(f"max_batch ({max_batch}) x max_seq_len ({max_seq_len or 'the model context'}), "
                          f"kv_blocks ({kv_blocks}): the KV pool does not fit in memory ({str(e).splitlines()[0]})") from e
+    if speculative is not None:  # a draft model's pool holds as many blocks as the engine's
+        engine.speculation = speculation_for(speculative, opened.model, draft_tokens, engine.pool.n_blocks)
     return engine, opened.tokenizer
 
 
