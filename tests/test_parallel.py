@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 import transformers
 
 import tramontane
+from tramontane.engine.drafters import Speculation
 from tramontane.loading import load_model, save_model
 from tramontane.loading.common import expected_shapes
 from tramontane.loading.gguf_write import write_gguf
@@ -137,13 +138,36 @@ def _compare(case: str, path: Path, kw: dict[str, Any], parallel: Any) -> dict[s
     prompts = [[1, 5, 9, 3], [7, 2]]
     greedy = [g.tokens for g in tramontane.generate(model, prompts, max_tokens=10)]
     sampled = [g.tokens for g in tramontane.generate(model, prompts, max_tokens=10, temperature=1.0)]
+    # drafts of one process's answer, every third one wrong from its third token: every rank verifies the
+    # same drafts in one step, accepts some and rejects some
+    answer = tramontane.generate(ref, prompts[:1], max_tokens=10)[0].tokens
+    drafts = Speculation(Replay(len(prompts[0]), answer), 4)
+    speculative = tramontane.generate(model, prompts[:1], max_tokens=10, speculative=drafts)[0].tokens
     return {
         "shape": list(got.shape), "error": (got - want).abs().max().item(), "scale": want.abs().max().item(),
         "quantized": quantized, "native_stack": isinstance(choose_backend(model), NativeBlocks),
         "greedy": greedy, "greedy_ref": [g.tokens for g in tramontane.generate(ref, prompts, max_tokens=10)],
-        "sampled": sampled, "params": sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
+        "sampled": sampled, "speculative": speculative, "speculative_ref": answer, "drafted": drafts.drafter.calls,
+        "params": sum(t.numel() for t in [*model.parameters(), *model.buffers()]),
         "params_ref": sum(t.numel() for t in [*ref.parameters(), *ref.buffers()]),
     }
+
+
+class Replay:
+    """A drafter proposing a known answer to a prompt of `start` tokens, every third proposal wrong."""
+
+    def __init__(self, start: int, answer: list[int]) -> None:
+        self.start, self.answer, self.calls = start, answer, 0
+
+    def propose(self, key: Any, tokens: list[int], k: int) -> list[int]:
+        self.calls += 1
+        out = self.answer[len(tokens) - self.start :][:k]
+        if self.calls % 3 == 0 and len(out) > 2:
+            out[2] = (out[2] + 1) % 128
+        return out
+
+    def forget(self, key: Any) -> None:
+        pass
 
 
 def _overlap(path: Path) -> list[str]:
@@ -253,6 +277,7 @@ def test_logits_and_greedy_equal_one_process(two_ranks: list[dict[str, Any]], ca
         assert r["shape"][2] == 128, f"rank {rank}: full logits on every rank"
         assert r["error"] <= tolerance(r), f"rank {rank}: logits differ by {r['error']}"
         assert r["greedy"] == r["greedy_ref"], f"rank {rank}: greedy tokens differ from one process"
+        assert r["speculative"] == r["speculative_ref"] and r["drafted"] > 0, f"rank {rank}: speculative tokens differ"
         assert r["params"] < r["params_ref"], f"rank {rank}: holds the whole model, not a share"
     assert two_ranks[0][case]["sampled"] == two_ranks[1][case]["sampled"], "ranks sampled different tokens"
 
