@@ -63,6 +63,8 @@ make bench BENCH_ARGS="--quick"                   # a smoke run of run.py
 .venv/bin/python benchmarks/startup.py                             # serve start-up to the first answer vs llama-server
 .venv/bin/python benchmarks/distributed.py --shape 1b --sequences 16   # tensor and pipeline parallel, 2 ranks (--shape small)
 .venv/bin/python benchmarks/lora_serving.py                        # serving LoRA adapters: none, merged, several together
+.venv/bin/python benchmarks/speculative.py                         # n-gram speculative decoding vs plain and llama-server's n-gram types
+.venv/bin/python benchmarks/speculative.py --part verify           # one step of 1/4/8/16 rows (--part batch1, serve; --quick)
 PYTHONPATH=src python benchmarks/engine_step.py --clients 1 --tokens 64 --threads 1     # where one engine step goes
 PYTHONPATH=src python benchmarks/engine_step.py --clients 4 --kv-cache-dtype int8 --json-schema
 PYTHONPATH=src python benchmarks/engine_step.py --clients 16 --temperature 0.7 --top-p 0.9
