@@ -19,7 +19,7 @@ from test_structured import tok as v3_tok  # noqa: F401  (a fixture)
 
 from tramontane import load_model
 from tramontane.engine import Engine, Request
-from tramontane.engine.drafters import ModelDrafter, NgramDrafter, Pace, Speculation
+from tramontane.engine.drafters import ModelDrafter, NgramDrafter, Pace, Speculation, StepCosts, best_width
 from tramontane.engine.grammar import response_format_grammar
 from tramontane.generate import generate
 from tramontane.sampling import SamplingParams, verify_draft
@@ -161,8 +161,9 @@ def test_an_engine_mixes_speculating_and_plain_rows_and_gives_back_rejected_bloc
 @torch.no_grad()
 def test_a_step_drafts_only_while_its_rows_fit_max_rows(model):
     prompts = [repetitive(i) for i in range(9)]
+    drafter = Oracle(prompts, [g.tokens for g in generate(model, prompts, max_tokens=48)])
     engine = Engine(model, None, max_batch=9, max_seq_len=128, kv_blocks=64,
-                    speculation=Speculation(NgramDrafter(), 8, max_rows=16))
+                    speculation=Speculation(drafter, 8, max_rows=16))
     steps = []
     run = engine.runner.run
 
@@ -281,12 +282,28 @@ def test_ngram_drafter_proposes_what_followed_the_longest_recent_match():
     assert d.propose("a", [1, 2, 1], k=2) == []  # n_min = 2: one token is not a match
 
 
-def test_pace_drafts_less_after_misses_and_pauses():
+def test_pace_asks_for_more_drafts_as_they_are_accepted_and_fewer_as_they_fail():
     pace = Pace(limit=8)
-    pace.record(pace.want(), 2)
-    assert pace.want() == 4
-    pace.record(4, 1)
-    assert pace.want() == 2
-    for _ in range(3):
-        pace.record(pace.want(), 0)
-    assert [pace.want() for _ in range(3)] == [0, 0, 1]
+    assert pace.acceptance == 0.5 and pace.want() == 3  # 0.5 ** 3 >= 0.1 > 0.5 ** 4
+    for _ in range(6):
+        pace.record(4, 4)
+    assert pace.acceptance > 0.9 and pace.want() == 8
+    for _ in range(20):
+        pace.record(3, 0)
+    assert pace.acceptance < 0.1 and pace.want() == 1
+    low = pace.acceptance
+    for _ in range(50):
+        pace.record(0, 0)  # steps without drafts: back towards an even chance, to try again
+    assert low < pace.acceptance < 0.5
+
+
+def test_the_width_pays_for_its_rows():
+    costs = StepCosts()
+    for rows, ms in [(1, 10.0), (2, 11.0), (4, 16.0), (9, 36.0)]:
+        costs.observe(rows, ms)
+    assert costs.estimate(3) == 13.5 and costs.estimate(13) == 52.0  # between, and along the last slope
+    sure, unsure = Pace(limit=8, hits=9.5, trials=10), Pace(limit=8, hits=1, trials=10)
+    assert best_width([(sure, 8)], costs, 8) == 3  # 1 + .95 + .9 + .86 tokens for 16 ms beats 8 rows' share
+    assert best_width([(unsure, 8)], costs, 8) == 0  # 1.1 tokens for 11 ms loses to 1 for 10
+    assert best_width([(sure, 8), (unsure, 0)], costs, 8) == 1  # the plain row pays for the width too
+    assert StepCosts(measured=False).estimate(9) == 3.0  # lockstep ranks: the shape, not the clock

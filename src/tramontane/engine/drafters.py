@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -61,33 +62,96 @@ class Speculation:
 
 @dataclass
 class Pace:
-    """How many tokens one sequence drafts next: doubles (up to `limit`) while every draft is accepted,
-    falls back to one more than were accepted, and after `patience` steps in a row without an accepted
-    draft pauses drafting for a number of steps that doubles each time (up to 64), so that a sequence
-    whose drafts keep failing costs next to nothing over plain decoding."""
+    """One sequence's record of its drafts: how likely its next draft is to be accepted (`acceptance`, a
+    running estimate that forgets old steps, starting from an even chance), and how many tokens are
+    worth asking the drafter for (`want`: while the chance that the whole run of drafts is accepted stays
+    above `keep`, at most `limit`). While a sequence does not draft, its estimate drifts back towards the
+    even chance, so that a sequence whose drafts failed tries again later."""
 
     limit: int
-    k: int = 2
-    misses: int = 0
-    pause: int = 0
-    patience: int = 3
+    hits: float = 1.0  # accepted drafts, discounted, plus a prior of one in two
+    trials: float = 2.0
+    forget: float = 0.8  # weight of the past at each step that drafts
+    drift: float = 0.97  # at each step that does not
+    keep: float = 0.1
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / self.trials
 
     def want(self) -> int:
-        if self.pause > 0:
-            self.pause -= 1
-            return 0
-        return min(self.k, self.limit)
+        a = min(self.acceptance, 0.99)
+        return max(1, min(self.limit, int(math.log(self.keep) / math.log(a)) if a > 0 else 1))
+
+    def expected(self, drafts: int) -> float:
+        """Tokens one step gives with `drafts` drafts: its own token plus the run of accepted drafts."""
+        a = self.acceptance
+        return float(sum(a**j for j in range(drafts + 1)))
 
     def record(self, drafted: int, accepted: int) -> None:
+        """A step checked `drafted` drafts and accepted the first `accepted` (each a trial, and the
+        rejected one too); a step without drafts is `record(0, 0)`."""
         if drafted == 0:
+            self.hits = self.drift * self.hits + (1 - self.drift) * 1.0
+            self.trials = self.drift * self.trials + (1 - self.drift) * 2.0
             return
-        self.k = min(self.limit, 2 * self.k) if accepted == drafted else max(1, accepted + 1)
-        if accepted > 0:
-            self.misses = 0
-            return
-        self.misses += 1
-        if self.misses >= self.patience:
-            self.pause = min(64, 2 ** (self.misses - self.patience + 1))
+        self.hits = self.forget * self.hits + accepted
+        self.trials = self.forget * self.trials + accepted + (accepted < drafted)
+
+
+class StepCosts:
+    """What a decode step of r rows (sequences x tokens each) costs, as measured on this model (`observe`,
+    a running mean per row count), and estimated where it was not: between two measured counts on the
+    line through them, beyond the last one along the last measured slope, and, before two counts are
+    known, as one row plus a `slope` of its cost per extra row. `measured=False` keeps to that shape
+    alone: the ranks of a parallel job that step in lockstep must choose alike, whatever their clocks say.
+
+    Example:
+        >>> costs = StepCosts(measured=False)
+        >>> costs.estimate(5) / costs.estimate(1)
+        2.0
+    """
+
+    def __init__(self, measured: bool = True, slope: float = 0.25) -> None:
+        self.measured = measured
+        self.slope = slope
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if self.measured:
+            old = self.seconds.get(rows)
+            self.seconds[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def estimate(self, rows: int) -> float:
+        known = sorted(self.seconds)
+        if rows in self.seconds:
+            return self.seconds[rows]
+        if not known:
+            return 1.0 + self.slope * (rows - 1)
+        below = [r for r in known if r < rows]
+        above = [r for r in known if r > rows]
+        if below and above:
+            a, b = below[-1], above[0]
+            return self.seconds[a] + (self.seconds[b] - self.seconds[a]) * (rows - a) / (b - a)
+        if len(known) >= 2 and below:
+            a, b = known[-2], known[-1]
+            step = max((self.seconds[b] - self.seconds[a]) / (b - a), 0.0)
+            return self.seconds[b] + step * (rows - b)
+        r = known[0] if not below else below[-1]
+        return self.seconds[r] * (1.0 + self.slope * (rows - 1)) / (1.0 + self.slope * (r - 1))
+
+
+def best_width(paces: list[tuple[Pace, int]], costs: StepCosts, widest: int) -> int:
+    """The number of drafts per row (0: none) that gives the most tokens per second for a step of these
+    rows, each (its pace, the drafts it has): every row counts as wide as the widest, since the step pads
+    them to one width."""
+    rows = len(paces)
+    best, rate = 0, rows / costs.estimate(rows)
+    for width in range(1, widest + 1):
+        tokens = sum(pace.expected(min(width, have)) for pace, have in paces)
+        if (r := tokens / costs.estimate(rows * (width + 1))) > rate:
+            best, rate = width, r
+    return best
 
 
 @dataclass

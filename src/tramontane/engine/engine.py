@@ -40,7 +40,7 @@ from ..lora.serving import AdapterRows
 from ..model import Transformer
 from ..parallel import ParallelError
 from ..sampling import Penalties, sample_one, sample_rows, top_token_logprobs, verify_draft
-from .drafters import Pace, Speculation
+from .drafters import Pace, Speculation, StepCosts, best_width
 from .grammar import Matcher, Vocabulary
 from .kv_blocks import BlockManager
 from .metrics import Metrics
@@ -60,6 +60,9 @@ BLOCK_SIZE = 16  # positions per KV block
 T = TypeVar("T")
 
 
+_PLAIN = Pace(limit=0)  # a row that does not speculate: one token per step, whatever the width
+
+
 class QueueFullError(Exception):
     """The engine's waiting queue is full; try again later."""
 
@@ -75,7 +78,7 @@ class _Live:
     penalties: Penalties | None
     matcher: Matcher | None = None  # the request's grammar, when its output is constrained
     last_time: float = 0.0
-    pace: Pace | None = None  # how many tokens it drafts, when it speculates
+    pace: Pace | None = None  # how its drafts fare, when it speculates
     drafted: int = 0
     accepted: int = 0
 
@@ -166,7 +169,9 @@ class Engine:
         self.adapters = adapters
         self.lockstep = lockstep
         self.speculation = speculation
-        self.runner = Runner(model, self.pool, adapters)
+        # what decode steps cost by rows, which decides how much speculation drafts (measured, except where
+        # every rank of a parallel job decides alone and must decide alike)
+        self.runner = Runner(model, self.pool, adapters, StepCosts(measured=not lockstep))
         self.vocabulary = Vocabulary(tokenizer, args.vocab_size)  # for constrained requests, built on first use
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -396,22 +401,31 @@ class Engine:
             self._accept(live, token, lp, tuple(top))
 
     def _draft(self, plan: Plan, spec: Speculation) -> None:
-        """Ask the drafter for the decoding sequences' drafts and, when there are any, turn the step's
-        decode rows into one verifying forward: every decoding sequence's last token plus its drafts, all
-        padded to one width, with at most `max_rows` rows in all (so a large batch decodes plainly)."""
+        """Ask the drafter for the decoding sequences' drafts and, when they pay, turn the step's decode
+        rows into one verifying forward: every decoding sequence's last token plus its drafts, all padded
+        to the width that gives the most tokens per second (`drafters.best_width`: each sequence's
+        acceptance so far against what steps of so many rows cost), with at most `max_rows` rows in all
+        (so a large batch decodes plainly)."""
         rows = len(plan.decode)
-        width = min(spec.max_draft, (spec.max_rows or kernel_policy().small_batch) // rows - 1)
-        if width < 1:
+        widest = min(spec.max_draft, (spec.max_rows or kernel_policy().small_batch) // rows - 1)
+        if widest < 1:
             return
-        for seq in plan.decode:
-            live: _Live = seq.owner
-            if live.pace is None or (want := live.pace.want()) == 0:
+        lives: list[_Live] = [seq.owner for seq in plan.decode]
+        for seq, live in zip(plan.decode, lives):
+            if live.pace is None:
                 continue
             # drafts past the request's last token or the context would be thrown away
-            want = min(want, width, live.loop.max_tokens - live.loop.produced - 1, self.max_seq_len - len(seq.tokens))
+            want = min(live.pace.want(), widest, live.loop.max_tokens - live.loop.produced - 1,
+                       self.max_seq_len - len(seq.tokens))
             if want > 0:
                 seq.draft = spec.drafter.propose(live, seq.tokens, want)[:want]
-        width = max(len(seq.draft) for seq in plan.decode)
+        have = max(len(seq.draft) for seq in plan.decode)
+        width = best_width([(live.pace or _PLAIN, len(seq.draft)) for seq, live in zip(plan.decode, lives)],
+                           self.runner.costs, have) if have else 0
+        for seq, live in zip(plan.decode, lives):
+            del seq.draft[width:]
+            if live.pace is not None and not seq.draft:
+                live.pace.record(0, 0)
         if width == 0:
             return
         reserved: list[int] = []

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from ..lora.serving import AdapterRows
 from ..model import Transformer
 from ..parallel.topology import wait_all
 from ..step_backends import choose_backend
+from .drafters import StepCosts
 from .scheduler import Plan, Sequence
 
 
@@ -73,11 +75,13 @@ class StepLogits:
 class Runner:
     """Runs one step: the plan's prompt chunk (if any), then one decode token for each decoding sequence."""
 
-    def __init__(self, model: Transformer, pool: PagedKVCache, adapters: AdapterRows | None = None) -> None:
+    def __init__(self, model: Transformer, pool: PagedKVCache, adapters: AdapterRows | None = None,
+                 costs: StepCosts | None = None) -> None:
         self.model = model
         self.pool = pool
         self.adapters = adapters  # with served LoRA adapters: set to each row's before every forward
         self.step = choose_backend(model)  # once: the model's modules are fixed while it serves
+        self.costs = costs or StepCosts()  # the decode forwards' times by rows, for speculative decoding
 
     @staticmethod
     def inputs(plan: Plan) -> StepInputs:
@@ -99,8 +103,14 @@ class Runner:
     def run(self, inputs: StepInputs) -> StepLogits:
         self.pool.clear(inputs.new_blocks)
         prefill = None if inputs.prefill is None else self._forward(inputs.prefill, last_only=True)[:, -1]
-        decode = None if inputs.decode is None else self._decode(inputs.decode)
-        verify = None if inputs.verify is None else self._forward(inputs.verify, last_only=False)
+        decode = verify = None
+        t0 = time.perf_counter()
+        if inputs.decode is not None:
+            decode = self._decode(inputs.decode)
+            self.costs.observe(len(inputs.decode.tokens), time.perf_counter() - t0)
+        elif inputs.verify is not None:
+            verify = self._forward(inputs.verify, last_only=False)
+            self.costs.observe(len(inputs.verify.tokens) * len(inputs.verify.tokens[0]), time.perf_counter() - t0)
         return StepLogits(prefill, decode, verify)
 
     def _decode(self, f: Forward) -> torch.Tensor:
