@@ -11,10 +11,16 @@
 // ([n_blocks, KV, S]).
 
 #include "attention.h"
+#include "simd.h"
 
 #include <vector>
 
 namespace {
+
+constexpr int64_t kMaxRep = 8;  // query heads per kv head that the vector path takes (attention_tiles.h)
+
+#define TRAMONTANE_TILES "attention_tiles.h"
+#include "per_isa.h"
 
 // One stored vector of D values in a storage type T (float, bf16, fp16): converted on the fly, rounded to
 // nearest even when stored, as PyTorch's `.to(dtype)` rounds.
@@ -81,6 +87,56 @@ struct KvStore {
     }
   }
 };
+
+// Rotary embedding (interleaved pairs r = (cos, sin)) of one D-wide vector, times `scale`.
+void rotate(const float* x, const float* r, int64_t D, float scale, float* out) {
+  for (int64_t i = 0; i < D / 2; ++i) {
+    const float c = r[2 * i], s = r[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
+    out[2 * i] = (x0 * c - x1 * s) * scale;
+    out[2 * i + 1] = (x0 * s + x1 * c) * scale;
+  }
+}
+
+// Float32 keys and values on a vector ISA: each (row, kv head) in `parts` parts over its blocks, enough
+// parts for twice as many tasks as threads (a decode step of one sequence has as few tasks as kv heads:
+// 3 on SmolLM2, which left one of two cores idle a third of the time), each part through attend_part,
+// then the parts of a row combined by their largest scores.
+void attend_split(const float* qp, const float* rp, const float* kc, const float* vc, const int64_t* kp,
+                  const int64_t* tp, const int64_t* qpos, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
+                  int64_t W, int64_t scan, int64_t window, float scale, float* op) {
+  const int64_t rep = H / KV, tasks = B * KV;
+  const int64_t parts = std::max<int64_t>(1, std::min(W, (2 * at::get_num_threads() + tasks - 1) / tasks));
+  std::vector<float> ms(tasks * parts * rep), ls(tasks * parts * rep), os(tasks * parts * rep * D);
+  at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(rep * D), scores(rep * ((W + parts - 1) / parts) * scan);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bk = i / parts, c = i % parts, b = bk / KV, g = bk % KV;
+      const float* row = qp + b * (H + 2 * KV) * D;
+      for (int64_t h = 0; h < rep; ++h) rotate(row + (g * rep + h) * D, rp + b * D, D, scale, q.data() + h * D);
+      BY_ISA(attend_part(q.data(), rep, D, kc, vc, kp, tp + b * W, c * W / parts, (c + 1) * W / parts, S, scan, KV,
+                         g, qpos[b], window, scores.data(), ms.data() + i * rep, ls.data() + i * rep,
+                         os.data() + i * rep * D),
+             continue);
+    }
+  });
+  for (int64_t bk = 0; bk < tasks; ++bk) {
+    const int64_t b = bk / KV, g = bk % KV;
+    for (int64_t h = 0; h < rep; ++h) {
+      float top = -INFINITY, total = 0.f;
+      for (int64_t c = 0; c < parts; ++c) top = std::max(top, ms[(bk * parts + c) * rep + h]);
+      float* o = op + b * H * D + (g * rep + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t c = 0; c < parts; ++c) {
+        const int64_t at = (bk * parts + c) * rep + h;
+        if (ms[at] == -INFINITY) continue;  // a part whose keys were all masked
+        const float w = std::exp(ms[at] - top);
+        total += w * ls[at];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * os[at * D + d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+    }
+  }
+}
 
 KvStore kv_store(const at::Tensor& cache, const c10::optional<at::Tensor>& scale, const char* name) {
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4, name, " cache must be contiguous [blocks, KV, S, D]");
@@ -159,6 +215,11 @@ at::Tensor decode_attention(at::Tensor qkv, at::Tensor rot, at::Tensor kcache, a
       }
     }
   }
+  if (ks.type == at::kFloat && vs.type == at::kFloat && D % 16 == 0 && rep <= kMaxRep && current_isa() != Isa::kRef) {
+    attend_split(qp, rp, static_cast<const float*>(ks.data), static_cast<const float*>(vs.data), kp, tp, qpos, B, H,
+                 KV, D, S, W, scan, window, scale, op);
+    return out;
+  }
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(W * scan), q(D);
     for (int64_t bk = begin; bk < end; ++bk) {
@@ -168,12 +229,7 @@ at::Tensor decode_attention(at::Tensor qkv, at::Tensor rot, at::Tensor kcache, a
       const int64_t qn = qpos[b];
       const int64_t* table = tp + b * W;
       for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
-        const float* qsrc = row + h * D;
-        for (int64_t i = 0; i < D / 2; ++i) {
-          const float c = r[2 * i], s = r[2 * i + 1], x0 = qsrc[2 * i], x1 = qsrc[2 * i + 1];
-          q[2 * i] = (x0 * c - x1 * s) * scale;
-          q[2 * i + 1] = (x0 * s + x1 * c) * scale;
-        }
+        rotate(row + h * D, r, D, scale, q.data());
         float mx = -INFINITY;
         for (int64_t j = 0; j < W; ++j) {
           const int64_t* pos = kp + table[j] * S;

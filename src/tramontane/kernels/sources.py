@@ -18,7 +18,7 @@ SOURCES = [HERE / name for name in (
 )]
 HEADERS = [HERE / name for name in (
     "common.h", "simd.h", "per_isa.h", "amx.h", "dense.h", "int4.h", "attention.h", "blocks.h", "dense_tiles.h", "int4_tiles.h", "blocks_tiles.h",
-    "split_tiles.h", "block_format.h", "q8_0.h", "q5.h", "qk45.h", "q6_k.h",
+    "split_tiles.h", "attention_tiles.h", "block_format.h", "q8_0.h", "q5.h", "qk45.h", "q6_k.h",
 )]
 # -fopenmp makes ATen's parallel_for parallel; libgomp.so.1 resolves to the copy torch already loaded, so
 # the kernels share torch's thread pool instead of starting a second one.
