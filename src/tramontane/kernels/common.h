@@ -187,10 +187,10 @@ T256 inline void block_halves(const uint16_t* row, int64_t b, int64_t n, int64_t
 
 // Walk output rows [begin, end) in tiles of kRows and x rows in tiles of up to kTileM.
 template <typename Tile>
-inline void walk(int64_t M, int64_t begin, int64_t end, Tile tile) {
+inline void walk(int64_t M, int64_t begin, int64_t end, Tile each) {
   for (int64_t o = begin; o < end;) {
     const bool full = o + kRows <= end;
-    for (int64_t m0 = 0; m0 < M; m0 += kTileM) tile(o, m0, std::min(kTileM, M - m0), full);
+    for (int64_t m0 = 0; m0 < M; m0 += kTileM) each(o, m0, std::min(kTileM, M - m0), full);
     o += full ? kRows : 1;
   }
 }
