@@ -11,7 +11,7 @@ from collections import Counter
 import jsonschema
 import pytest
 import torch
-from test_engine import Collector, run_all
+from test_engine import Collector, IdTokenizer, run_all, with_text
 from test_structured import SCHEMA, json_schema_format
 from test_structured import model as v3_model  # noqa: F401  (a fixture)
 from test_structured import requests as v3_requests
@@ -111,6 +111,20 @@ def test_stop_ids_max_tokens_logprobs_penalties_and_bias_stay_exact(model):
     for n in (1, 2, 5):
         short = generate(model, p, max_tokens=n, speculative="ngram")[0]
         assert short.tokens == plain_tokens(model, p, n) and short.finish_reason == "length"
+
+
+@torch.no_grad()
+def test_a_stop_string_inside_a_run_of_accepted_drafts_cuts_the_text_there(model):
+    p = repetitive(12)
+    plain = generate(model, [p], max_tokens=24)[0].tokens
+    engine = Engine(model, IdTokenizer(), max_batch=2, speculation=Speculation(Oracle([p], [plain]), 8))
+    sink = Collector()
+    request = with_text(Request(p, 24, sink, params=GREEDY), stops=(f"<{plain[9]}>",))
+    run_all(engine, [request], sink)
+    cut = plain.index(plain[9])
+    assert "".join(e.text for e in sink.events[request.id]) == "".join(f"<{t}>" for t in plain[:cut])
+    end = sink.events[request.id][-1]
+    assert end.finish_reason == "stop" and 0 < end.accepted_tokens <= end.draft_tokens  # the counts reach usage
 
 
 @torch.no_grad()

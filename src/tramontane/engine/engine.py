@@ -502,7 +502,8 @@ class Engine:
         if live.matcher is not None and not live.matcher.consume(token):
             self._finish(live, "error", f"the grammar refused token {token}: {live.matcher.error}")
             return False
-        live.req.emit(EngineEvent(live.req.id, "", token, logprob, top, cached_tokens=max(live.seq.cached_tokens, 0)))
+        live.req.emit(EngineEvent(live.req.id, "", token, logprob, top, cached_tokens=max(live.seq.cached_tokens, 0),
+                                  draft_tokens=live.drafted, accepted_tokens=live.accepted))
         if (reason := live.loop.finish_reason(token)) is None:
             live.seq.tokens.append(token)
             return True

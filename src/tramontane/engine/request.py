@@ -28,7 +28,7 @@ class EngineEvent:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0
-    draft_tokens: int = 0  # on the last event, with speculative decoding: the tokens drafted for this request
+    draft_tokens: int = 0  # with speculative decoding: the tokens drafted for this request so far
     accepted_tokens: int = 0  # and how many of them the model accepted
 
 

@@ -49,7 +49,8 @@ class TextOutput:
         out = [dataclasses.replace(event, text=text)]
         if stopped:
             self.done = True
-            out.append(EngineEvent(event.request_id, "", finish_reason="stop", cached_tokens=event.cached_tokens))
+            out.append(EngineEvent(event.request_id, "", finish_reason="stop", cached_tokens=event.cached_tokens,
+                                   draft_tokens=event.draft_tokens, accepted_tokens=event.accepted_tokens))
             if self.on_stop is not None:
                 self.on_stop()
         return out
