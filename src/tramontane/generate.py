@@ -166,7 +166,8 @@ def _engine_for(model: Transformer, prompts: Sequence[Sequence[int]], max_tokens
     it is)."""
     args = model.args
     lengths = [len(p) + max_tokens for p in prompts]
-    blocks = sum(-(-(n + draft_tokens) // BLOCK_SIZE) for n in lengths)
+    slack = 0 if speculative is None else draft_tokens  # positions a step's drafts may write past the answer
+    blocks = sum(-(-(n + slack) // BLOCK_SIZE) for n in lengths)
     speculation = None if speculative is None else speculation_for(speculative, model, draft_tokens, blocks)
     return Engine(model, None, max_batch=len(prompts), max_seq_len=max(lengths),
                   chunk_size=chunk_size or min(512, args.sliding_window or 512), max_queue=len(prompts),
