@@ -123,9 +123,9 @@ class StepCosts:
             self.seconds[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
     def estimate(self, rows: int) -> float:
-        known = sorted(self.seconds)
         if rows in self.seconds:
             return self.seconds[rows]
+        known = sorted(self.seconds)
         if not known:
             return 1.0 + self.slope * (rows - 1)
         below = [r for r in known if r < rows]
@@ -141,14 +141,14 @@ class StepCosts:
         return self.seconds[r] * (1.0 + self.slope * (rows - 1)) / (1.0 + self.slope * (r - 1))
 
 
-def best_width(paces: list[tuple[Pace, int]], costs: StepCosts, widest: int) -> int:
+def best_width(paces: list[tuple[Pace | None, int]], costs: StepCosts, widest: int) -> int:
     """The number of drafts per row (0: none) that gives the most tokens per second for a step of these
-    rows, each (its pace, the drafts it has): every row counts as wide as the widest, since the step pads
-    them to one width."""
+    rows, each (its pace, or None for a row that does not speculate, and the drafts it has): every row
+    counts as wide as the widest, since the step pads them to one width."""
     rows = len(paces)
     best, rate = 0, rows / costs.estimate(rows)
     for width in range(1, widest + 1):
-        tokens = sum(pace.expected(min(width, have)) for pace, have in paces)
+        tokens = sum(1.0 if pace is None else pace.expected(min(width, have)) for pace, have in paces)
         if (r := tokens / costs.estimate(rows * (width + 1))) > rate:
             best, rate = width, r
     return best

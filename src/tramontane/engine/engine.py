@@ -60,9 +60,6 @@ BLOCK_SIZE = 16  # positions per KV block
 T = TypeVar("T")
 
 
-_PLAIN = Pace(limit=0)  # a row that does not speculate: one token per step, whatever the width
-
-
 class QueueFullError(Exception):
     """The engine's waiting queue is full; try again later."""
 
@@ -420,7 +417,7 @@ class Engine:
             if want > 0:
                 seq.draft = spec.drafter.propose(live, seq.tokens, want)[:want]
         have = max(len(seq.draft) for seq in plan.decode)
-        width = best_width([(live.pace or _PLAIN, len(seq.draft)) for seq, live in zip(plan.decode, lives)],
+        width = best_width([(live.pace, len(seq.draft)) for seq, live in zip(plan.decode, lives)],
                            self.runner.costs, have) if have else 0
         for seq, live in zip(plan.decode, lives):
             del seq.draft[width:]
