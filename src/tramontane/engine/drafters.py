@@ -264,11 +264,9 @@ class ModelDrafter:
 
     def _reserve(self, row: _DraftRow, positions: int) -> bool:
         """Blocks for `positions` positions in `row`; False (nothing taken) when the pool runs short."""
-        size = self.blocks.block_size
-        need = -(-positions // size) - len(row.blocks)
-        if need > self.blocks.available:
+        fresh = self.blocks.take(-(-positions // self.blocks.block_size) - len(row.blocks))
+        if fresh is None:
             return False
-        fresh = [self.blocks.allocate() for _ in range(max(need, 0))]
         self.pool.clear(fresh)
         row.blocks.extend(fresh)
         return True

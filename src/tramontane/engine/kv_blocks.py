@@ -97,6 +97,13 @@ class BlockManager:
         self._refs[block] = 1
         return block
 
+    def take(self, count: int) -> list[int] | None:
+        """`count` blocks (none for count <= 0), each as `allocate` gives it, or None, taking nothing, when
+        fewer are available: for what may be done without (speculative drafts)."""
+        if count > self.available:
+            return None
+        return [self.allocate() for _ in range(max(count, 0))]
+
     def release(self, blocks: Sequence[int]) -> None:
         """One sequence lets go of `blocks`; blocks holding a prefix stay cached, the others are freed."""
         for b in blocks:

@@ -133,12 +133,10 @@ class Scheduler:
         """Blocks for `extra` positions past `seq.tokens` (a decoding sequence's drafts), taken only from free
         blocks, never by preempting: the new blocks (to be zeroed before the step), or None when there are
         too few."""
-        size = self.blocks.block_size
-        need = -(-(len(seq.tokens) + extra) // size) - seq.first_block - len(seq.blocks)
-        if need > self.blocks.available:
-            return None
-        fresh = [self.blocks.allocate() for _ in range(max(need, 0))]
-        seq.blocks.extend(fresh)
+        need = -(-(len(seq.tokens) + extra) // self.blocks.block_size) - seq.first_block - len(seq.blocks)
+        fresh = self.blocks.take(need)
+        if fresh is not None:
+            seq.blocks.extend(fresh)
         return fresh
 
     def trim(self, seq: Sequence) -> None:
