@@ -60,6 +60,14 @@ class Oracle:
         pass
 
 
+def speculating(engine: Engine) -> Engine:
+    """`engine` choosing its drafts' width from a fixed cost shape, not from this machine's clock: rows that
+    cost next to nothing, as a tiny model's do, so that what the tests assert about drafting does not
+    depend on the load of the machine running them."""
+    engine.runner.costs = StepCosts(measured=False, slope=0.01)
+    return engine
+
+
 @pytest.fixture(params=MODELS)
 def model(request, tiny_hf):
     return load_model(tiny_hf(request.param)[1])
@@ -117,7 +125,7 @@ def test_stop_ids_max_tokens_logprobs_penalties_and_bias_stay_exact(model):
 def test_a_stop_string_inside_a_run_of_accepted_drafts_cuts_the_text_there(model):
     p = repetitive(12)
     plain = generate(model, [p], max_tokens=24)[0].tokens
-    engine = Engine(model, IdTokenizer(), max_batch=2, speculation=Speculation(Oracle([p], [plain]), 8))
+    engine = speculating(Engine(model, IdTokenizer(), max_batch=2, speculation=Speculation(Oracle([p], [plain]), 8)))
     sink = Collector()
     request = with_text(Request(p, 24, sink, params=GREEDY), stops=(f"<{plain[9]}>",))
     run_all(engine, [request], sink)
@@ -136,7 +144,7 @@ def test_logit_bias_and_penalties_in_the_engine_stay_exact(model):
 
 
 def engine_tokens(model, prompts, params, speculation) -> list[list[int]]:
-    engine = Engine(model, None, max_batch=4, max_seq_len=128, speculation=speculation)
+    engine = speculating(Engine(model, None, max_batch=4, max_seq_len=128, speculation=speculation))
     sink = Collector()
     requests = [Request(p, 30, sink, params=params, stop_ids=frozenset()) for p in prompts]
     run_all(engine, requests, sink)
@@ -151,8 +159,8 @@ def plain_tokens(model, prompts, n):
 def test_an_engine_mixes_speculating_and_plain_rows_and_gives_back_rejected_blocks(model):
     prompts = [repetitive(6), repetitive(7), prompt(8, 9)]
     plain = [g.tokens for g in generate(model, prompts, max_tokens=40)]
-    engine = Engine(model, None, max_batch=4, max_seq_len=128, prefix_cache=False,
-                    speculation=Speculation(Oracle(prompts, plain), 4))
+    engine = speculating(Engine(model, None, max_batch=4, max_seq_len=128, prefix_cache=False,
+                                speculation=Speculation(Oracle(prompts, plain), 4)))
     sink = Collector()
     requests = [Request(p, 40, sink, params=GREEDY, stop_ids=frozenset(), speculative=i != 1)
                 for i, p in enumerate(prompts)]
@@ -176,8 +184,8 @@ def test_an_engine_mixes_speculating_and_plain_rows_and_gives_back_rejected_bloc
 def test_a_step_drafts_only_while_its_rows_fit_max_rows(model):
     prompts = [repetitive(i) for i in range(9)]
     drafter = Oracle(prompts, [g.tokens for g in generate(model, prompts, max_tokens=48)])
-    engine = Engine(model, None, max_batch=9, max_seq_len=128, kv_blocks=64,
-                    speculation=Speculation(drafter, 8, max_rows=16))
+    engine = speculating(Engine(model, None, max_batch=9, max_seq_len=128, kv_blocks=64,
+                                speculation=Speculation(drafter, 8, max_rows=16)))
     steps = []
     run = engine.runner.run
 
@@ -222,7 +230,7 @@ def test_constrained_requests_only_accept_drafts_the_grammar_allows(v3_model, v3
             pass
 
     again = v3_requests(v3_tok, [grammar, None])
-    engine = Engine(v3_model, v3_tok, max_batch=4, max_seq_len=256, speculation=Speculation(Wrong(), 4))
+    engine = speculating(Engine(v3_model, v3_tok, max_batch=4, max_seq_len=256, speculation=Speculation(Wrong(), 4)))
     sink = Collector()
     for r in again:
         r.emit = sink
