@@ -78,6 +78,11 @@ SLOW_FILES = {"test_cli.py", "test_server_shutdown.py", "test_kernels_build.py",
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("dist", "no") == "loadgroup" and int(pytest.__version__.split(".")[0]) >= 9:
+        # pytest-xdist 3.8 groups tests by renaming their ids `id@group`, which pytest 9's structured ids
+        # ignore: every group would split, and each worker make the group's costly fixtures again
+        raise pytest.UsageError(f"--dist loadgroup needs pytest<9 (this is {pytest.__version__}): its xdist_group "
+                                "marks would not group anything; `make setup` installs the pinned one")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # `make test` runs a worker per core: one thread each, and one in every process a test starts, so
         # no OpenMP team spins waiting for cores another worker holds
@@ -91,6 +96,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+
 
 
 # ------------------------------------------------------------------ the scripted server (tests/scripted.py)

@@ -255,6 +255,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_checkpoints(tmp_path_factory.mktemp("parallel"))
 
 
+# the tests that read `two_ranks` run on one pytest-xdist worker (`make test`), so its two ranks spawn once
+ON_TWO_RANKS = pytest.mark.xdist_group("two_ranks")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return spawn("cases", 2, tmp_path_factory.mktemp("two"), checkpoints)
@@ -270,6 +274,7 @@ def tolerance(r: dict[str, Any]) -> float:
     return (2e-2 if r["quantized"] else 1e-4) * max(1.0, r["scale"])
 
 
+@ON_TWO_RANKS
 @pytest.mark.parametrize("case", [c[0] for c in CASES_2])
 def test_logits_and_greedy_equal_one_process(two_ranks: list[dict[str, Any]], case: str) -> None:
     for rank, results in enumerate(two_ranks):
@@ -282,12 +287,14 @@ def test_logits_and_greedy_equal_one_process(two_ranks: list[dict[str, Any]], ca
     assert two_ranks[0][case]["sampled"] == two_ranks[1][case]["sampled"], "ranks sampled different tokens"
 
 
+@ON_TWO_RANKS
 @pytest.mark.parametrize("case", ["mistral-window-pp", "llama-tied-pp"])
 def test_pipeline_stages_decode_through_the_native_stack(two_ranks: list[dict[str, Any]], case: str) -> None:
     # the same kernels as one process: integer kernels' rounding then cannot make the answers differ
     assert all(results[case]["native_stack"] for results in two_ranks)
 
 
+@ON_TWO_RANKS
 @pytest.mark.parametrize(("case", "words"), [
     ("Q8_0-column-blocks", ["wo", "Q8_0", "tp 2"]),
     ("int4-column-groups", ["w2", "48", "group"]),
@@ -311,6 +318,7 @@ def test_tensor_and_pipeline_combined_on_four_ranks(checkpoints: dict[str, Path]
     assert len({json.dumps(r["tp2-pp2"]["sampled"]) for r in results}) == 1
 
 
+@ON_TWO_RANKS
 def test_the_first_stage_starts_the_next_group_before_the_last_stage_answers(
         two_ranks: list[dict[str, Any]]) -> None:
     # once both prompts decode, each step sends both groups on before it waits for their logits: the
