@@ -1,45 +1,43 @@
-"""Every subcommand through the real console script, on the embedded SmolLM2 model."""
+"""Every subcommand on the embedded SmolLM2 model: through main() in this process (tests/console.py), and
+the chat through the real console script in a terminal."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pexpect
 import pytest
 
+from console import tramontane
+
 EXE = [sys.executable, "-m", "tramontane.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXE, *args], input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
 
 
 @pytest.mark.parametrize("command", ["demo", "chat", "complete", "convert", "merge", "info", "classify", "answer", "mask",
                                      "download", "models", "serve", "quantize", "finetune", "embed"])
 def test_every_subcommand_has_help(command):
-    r = run(command, "--help")
+    r = tramontane(command, "--help")
     assert r.returncode == 0 and "usage: tramontane " + command in r.stdout
 
 
 def test_demo_prints_completions_and_speed():
-    r = run("demo", "--max-tokens", "8")
+    r = tramontane("demo", "--max-tokens", "8")
     assert r.returncode == 0, r.stderr
     assert "The tramontane is a cold wind that" in r.stdout
     assert re.search(r"\d+ tokens for 3 prompts in [\d.]+s: [\d.]+ tokens/s", r.stdout)
 
 
 def test_complete_json_and_plain_agree():
-    r = run("complete", "The capital of France is", "--max-tokens", "6", "--json")
+    r = tramontane("complete", "The capital of France is", "--max-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["completion_tokens"] == len(out["tokens"]) == 6 and out["finish_reason"] == "length"
     assert out["text"].startswith(" Paris")
-    plain = run("complete", "--max-tokens", "6", stdin="The capital of France is\n")
+    plain = tramontane("complete", "--max-tokens", "6", stdin="The capital of France is\n")
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == out["text"] + "\n"
 
@@ -47,7 +45,7 @@ def test_complete_json_and_plain_agree():
 def test_quantized_completions_match_plain_ones():
     # (--compile's tokens are test_compile.py's; --compile reaching compile_decode is test_options.py's)
     # the demo file is Q4_1: int4_asym keeps its blocks and decodes " Paris" like the fp32 load
-    asym = run("complete", "The capital of France is", "--max-tokens", "2", "--json", "--quantize", "int4_asym")
+    asym = tramontane("complete", "The capital of France is", "--max-tokens", "2", "--json", "--quantize", "int4_asym")
     assert asym.returncode == 0, asym.stderr
     assert json.loads(asym.stdout)["text"].startswith(" Paris")
 
@@ -67,29 +65,29 @@ def test_quantized_completions_match_plain_ones():
     ],
 )
 def test_bad_arguments(args, code, message):
-    r = run(*args)
+    r = tramontane(*args)
     assert r.returncode == code, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_info_on_demo_model():
-    r = run("info")
+    r = tramontane("info")
     assert r.returncode == 0, r.stderr
     assert "gguf" in r.stdout and "576" in r.stdout and "chat_format" in r.stdout
-    info = json.loads(run("info", "--json").stdout)
+    info = json.loads(tramontane("info", "--json").stdout)
     assert info["tensor_types"] == "Q4_1 210, F32 61, Q8_0 1"  # as the file stores them, and so loaded
 
 
 def test_dequantize_gives_the_float_model():
-    plain = json.loads(run("complete", "The capital of France is", "--max-tokens", "4", "--json").stdout)
-    floats = json.loads(run("complete", "The capital of France is", "--max-tokens", "4", "--json", "--dequantize").stdout)
+    plain = json.loads(tramontane("complete", "The capital of France is", "--max-tokens", "4", "--json").stdout)
+    floats = json.loads(tramontane("complete", "The capital of France is", "--max-tokens", "4", "--json", "--dequantize").stdout)
     assert plain["tokens"][:2] == floats["tokens"][:2]
-    r = run("complete", "x", "--dequantize", "--quantize", "int8")
+    r = tramontane("complete", "x", "--dequantize", "--quantize", "int8")
     assert r.returncode == 1 and "exclude" in r.stderr
 
 
 def test_scripted_chat_from_stdin():
-    r = run("chat", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/help\n/exit\n")
+    r = tramontane("chat", "--max-tokens", "12", "--temperature", "0", stdin="Hello!\n/help\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert "> Hello!" in r.stdout and "/reset" in r.stdout and re.search(r"\[\d+ tokens, [\d.]+ tokens/s\]", r.stdout)
 

@@ -1,29 +1,23 @@
-"""`tramontane convert` and `tramontane info` through the real console script."""
+"""`tramontane convert` and `tramontane info`, through the CLI's main() (tests/console.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from tramontane import load_model
 
-EXE = [sys.executable, "-m", "tramontane.cli"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=300)
+from console import tramontane
 
 
 def test_convert_round_trip_hf_native_hf(tiny_hf, tmp_path: Path):
     ref, folder = tiny_hf("mixtral")
-    r = run("convert", str(folder), str(tmp_path / "native"), "--to", "native", "--quiet")
+    r = tramontane("convert", str(folder), str(tmp_path / "native"), "--to", "native", "--quiet")
     assert r.returncode == 0, r.stderr
-    r = run("convert", str(tmp_path / "native"), str(tmp_path / "hf"), "--to", "hf", "--quiet")
+    r = tramontane("convert", str(tmp_path / "native"), str(tmp_path / "hf"), "--to", "hf", "--quiet")
     assert r.returncode == 0, r.stderr
     x = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
@@ -40,39 +34,39 @@ def test_convert_round_trip_hf_native_hf(tiny_hf, tmp_path: Path):
 
 def test_convert_to_bfloat16(tiny_hf, tmp_path: Path):
     _, folder = tiny_hf("llama-tied")
-    r = run("convert", str(folder), str(tmp_path / "out"), "--to", "native", "--dtype", "bfloat16", "--quiet")
+    r = tramontane("convert", str(folder), str(tmp_path / "out"), "--to", "native", "--dtype", "bfloat16", "--quiet")
     assert r.returncode == 0, r.stderr
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "out" / "consolidated.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
     # and a bf16 source stays bf16 by default
-    r = run("convert", str(tmp_path / "out"), str(tmp_path / "again"), "--to", "hf", "--quiet")
+    r = tramontane("convert", str(tmp_path / "out"), str(tmp_path / "again"), "--to", "hf", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "again" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_convert_errors(tiny_hf, tmp_path: Path):
     _, folder = tiny_hf("llama-tied")
-    r = run("convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "native")
+    r = tramontane("convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "native")
     assert r.returncode == 1 and "missing: no such file or folder" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run("convert", str(folder), str(tmp_path / "out"), "--to", "onnx")
+    r = tramontane("convert", str(folder), str(tmp_path / "out"), "--to", "onnx")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = run("convert", str(folder), str(tmp_path / "out"), "--to", "native", "--dtype", "int3")
+    r = tramontane("convert", str(folder), str(tmp_path / "out"), "--to", "native", "--dtype", "int3")
     assert r.returncode == 2 and "--dtype: invalid choice: 'int3'" in r.stderr
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     (bad / "config.json").write_text("{")
-    r = run("convert", str(bad), str(tmp_path / "out2"), "--to", "native")
+    r = tramontane("convert", str(bad), str(tmp_path / "out2"), "--to", "native")
     assert r.returncode == 1 and "config.json: invalid JSON" in r.stderr
-    r = run("--debug", "convert", str(bad), str(tmp_path / "out3"), "--to", "native")
+    r = tramontane("--debug", "convert", str(bad), str(tmp_path / "out3"), "--to", "native")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
 def test_info_json(tiny_hf):
     _, folder = tiny_hf("mixtral")
-    r = run("info", str(folder), "--json")
+    r = tramontane("info", str(folder), "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["format"] == "hf" and info["experts"] == "2 of 4" and info["n_layers"] == 2

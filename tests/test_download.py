@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
-import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +16,8 @@ from tramontane import ModelArgs, Transformer, load_model, save_model
 from tramontane.cards import find_card, load_cards
 from tramontane.download import DownloadError, fetch
 from tramontane.errors import CheckpointError, ConfigError
+
+from console import tramontane
 
 ARGS = ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                  vocab_size=64)
@@ -164,15 +164,13 @@ def test_builtin_cards_and_a_user_override(server, homes, tiny_tar) -> None:
         f"- name: mistral-7b-v0.1@user\n  url: {server.url('/mirror/tiny.tar')}\n  md5: {md5(data)}\n  tokenizer: null\n")
     card = find_card("mistral-7b-v0.1")
     assert card.url.endswith("/mirror/tiny.tar") and card.preset == "mistral-7b-v0.1"  # the rest inherited
-    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "download", "mistral_7b"],
-                         capture_output=True, text=True, timeout=300)
+    run = tramontane("download", "mistral_7b")
     assert run.returncode == 0, run.stderr
     assert Path(run.stdout.strip()) == homes[0] / "models" / "mistral-7b-v0.1"
     tokens = torch.tensor([[2, 4, 6]])
     with torch.no_grad():
         torch.testing.assert_close(load_model("mistral_7b")(tokens), model(tokens))
-    listing = subprocess.run([sys.executable, "-m", "tramontane.cli", "models"], capture_output=True, text=True,
-                             timeout=300)
+    listing = tramontane("models")
     line = next(x for x in listing.stdout.splitlines() if x.startswith("mistral-7b-v0.1 "))
     assert "cached" in line and "not downloaded" not in line
 
@@ -193,17 +191,13 @@ def test_download_command_offline_and_url_checks(server, homes, tiny_tar) -> Non
     data, _ = tiny_tar
     server.files["/tiny.tar"] = data
     url = server.url("/tiny.tar")
-    no_sum = subprocess.run([sys.executable, "-m", "tramontane.cli", "download", url], capture_output=True, text=True,
-                            timeout=300)
+    no_sum = tramontane("download", url)
     assert no_sum.returncode == 1 and "--md5" in no_sum.stderr
-    offline = subprocess.run([sys.executable, "-m", "tramontane.cli", "download", url, "--offline"],
-                             capture_output=True, text=True, timeout=300)
+    offline = tramontane("download", url, "--offline")
     assert offline.returncode == 1 and "--offline" in offline.stderr and server.ranges == []
-    ok = subprocess.run([sys.executable, "-m", "tramontane.cli", "download", url, "--md5", md5(data)],
-                        capture_output=True, text=True, timeout=300)
+    ok = tramontane("download", url, "--md5", md5(data))
     assert ok.returncode == 0, ok.stderr
     assert Path(ok.stdout.strip()) == homes[0] / "models" / "tiny"
     requests = len(server.ranges)
-    again = subprocess.run([sys.executable, "-m", "tramontane.cli", "download", url, "--md5", md5(data)],
-                           capture_output=True, text=True, timeout=300)
+    again = tramontane("download", url, "--md5", md5(data))
     assert again.returncode == 0 and again.stdout == ok.stdout and len(server.ranges) == requests  # cached

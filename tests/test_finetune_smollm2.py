@@ -3,8 +3,6 @@ and the `tramontane finetune` command works end to end. The bigger version is be
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from tramontane import chat, load_tokenizer
 from tramontane.finetune import TrainConfig, Trainer, load_examples, prepare_model
 from tramontane.lora import LoraConfig
 
-EXE = [sys.executable, "-m", "tramontane.cli"]
+from console import tramontane
 
 
 @pytest.mark.slow
@@ -38,22 +36,19 @@ def test_cli_check_data(smollm2_gguf_path: Path, tmp_path: Path) -> None:
     train, _ = write_facts(tmp_path, repeats=1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(train.read_text() + '{"messages": [{"role": "user", "content": "x"}]}\n')
-    r = subprocess.run([*EXE, "finetune", "--model", str(smollm2_gguf_path), "--data", str(bad), "--check-data"],
-                       capture_output=True, text=True, timeout=300)
+    r = tramontane("finetune", "--model", str(smollm2_gguf_path), "--data", str(bad), "--check-data")
     assert r.returncode == 1 and "19 records, 18 usable, 1 problems" in r.stdout
     assert f"{bad}:19: messages: no assistant message" in r.stdout
-    r = subprocess.run([*EXE, "finetune", "--model", str(smollm2_gguf_path), "--data", str(train), "--check-data"],
-                       capture_output=True, text=True, timeout=300)
+    r = tramontane("finetune", "--model", str(smollm2_gguf_path), "--data", str(train), "--check-data")
     assert r.returncode == 0 and "18 records, 18 usable, 0 problems" in r.stdout
 
 
 @pytest.mark.slow
 def test_cli_short_run_writes_adapter_and_checkpoints(smollm2_gguf_path: Path, tmp_path: Path) -> None:
     train, evals = write_facts(tmp_path, repeats=1)
-    r = subprocess.run([*EXE, "finetune", "--model", str(smollm2_gguf_path), "--data", str(train), "--eval",
-                        str(evals), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-tokens", "96",
-                        "--targets", "wq,wv", "--lora-rank", "4", "--save-every", "1", "--format", "mistral",
-                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    r = tramontane("finetune", "--model", str(smollm2_gguf_path), "--data", str(train), "--eval", str(evals),
+                   "--out", str(tmp_path / "out"), "--steps", "2", "--batch-tokens", "96", "--targets", "wq,wv",
+                   "--lora-rank", "4", "--save-every", "1", "--format", "mistral", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "2 steps" in r.stdout and (tmp_path / "out" / "lora.safetensors").is_file()
     assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.pt").is_file()

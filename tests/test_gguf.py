@@ -26,6 +26,8 @@ from tramontane.loading.gguf import (
 )
 from tramontane.loading.gguf_write import write_gguf
 
+from console import tramontane
+
 pytestmark = pytest.mark.xdist_group("smollm2_transformers")  # shares test_smollm2.py's reference load
 
 # transformers' parameter names -> ours, for the dense Llama layout.
@@ -420,15 +422,11 @@ def test_write_refuses_mismatched_state(tmp_path: Path) -> None:
 
 
 def test_convert_gguf_to_native_folder(smollm2_gguf_path, tmp_path):
-    import subprocess
-    import sys
-
     import torch
 
     from tramontane import load_model
 
-    r = subprocess.run([sys.executable, "-m", "tramontane.cli", "convert", str(smollm2_gguf_path), str(tmp_path / "n"),
-                        "--to", "native", "--quiet"], capture_output=True, text=True, timeout=600)
+    r = tramontane("convert", str(smollm2_gguf_path), str(tmp_path / "n"), "--to", "native", "--quiet")
     assert r.returncode == 0, r.stderr
     x = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():

@@ -12,6 +12,7 @@ import transformers
 from tramontane import ModelArgs, load_model, save_model
 from tramontane.heads import TaskModel
 
+from console import tramontane
 from tiny import COMMON, TINY
 
 KINDS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification", "qa": "ForQuestionAnswering"}
@@ -184,16 +185,12 @@ def word_tokenizer(folder) -> None:
 
 @pytest.mark.parametrize("kind", ["sequence", "token"])
 def test_classify_command_prints_the_reference_labels(saved, kind: str) -> None:
-    import subprocess
-    import sys
-
     from tramontane import load_tokenizer
 
     ref, folder = saved("llama-tied", kind)
     word_tokenizer(folder)
     texts = ["the wind is cold today", "what a lovely warm day"]
-    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), "--json", *texts],
-                         capture_output=True, text=True, timeout=300)
+    run = tramontane("classify", "--model", str(folder), "--json", *texts)
     assert run.returncode == 0, run.stderr
     results = json.loads(run.stdout)
     tokenizer = load_tokenizer(folder)
@@ -210,19 +207,14 @@ def test_classify_command_prints_the_reference_labels(saved, kind: str) -> None:
             assert result["scores"] == pytest.approx({LABELS[i]: float(v) for i, v in enumerate(probs[0])}, abs=1e-4)
         else:
             assert [t["token"] for t in got] == text.split()
-    plain = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), texts[0]],
-                           capture_output=True, text=True, timeout=300)
+    plain = tramontane("classify", "--model", str(folder), texts[0])
     assert plain.returncode == 0 and results[0].get("label", results[0].get("text")) in plain.stdout
 
 
 def test_classify_refuses_a_language_model(tiny_hf) -> None:
-    import subprocess
-    import sys
-
     _, folder = tiny_hf("llama-tied")
     word_tokenizer(folder)
-    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "classify", "--model", str(folder), "hi"],
-                         capture_output=True, text=True, timeout=300)
+    run = tramontane("classify", "--model", str(folder), "hi")
     assert run.returncode == 1 and "not a classification model" in run.stderr
 
 
@@ -248,17 +240,13 @@ def test_answer_is_the_reference_best_span(saved, name: str) -> None:
 
 
 def test_answer_command_prints_the_span(saved) -> None:
-    import subprocess
-    import sys
-
     from tramontane import load_tokenizer
     from tramontane.heads import answer
 
     _, folder = saved("llama-tied", "qa")
     word_tokenizer(folder)
     question, context = "where is the wind", "the wind is cold today in the north"
-    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "answer", "--model", str(folder), question,
-                          "--context", context, "--json"], capture_output=True, text=True, timeout=300)
+    run = tramontane("answer", "--model", str(folder), question, "--context", context, "--json")
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     tok = load_tokenizer(folder)

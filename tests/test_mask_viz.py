@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,8 @@ import torch
 import tramontane.layers as layers
 from tramontane import KVCache, ModelArgs, Transformer, load_tokenizer, visualize_mask
 from tramontane.mask_viz import attention_grid, parse_grid
+
+from console import tramontane
 
 TEXT = "Do you have mayonnaise recipes?"
 ARGS = ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
@@ -85,14 +86,12 @@ def test_several_prompts_get_one_grid_each(tokenizer) -> None:
 
 def test_mask_command_grid_and_png(smollm2_gguf_path, tmp_path) -> None:
     png = tmp_path / "mask.png"
-    run = subprocess.run([sys.executable, "-m", "tramontane.cli", "mask", "--model", str(smollm2_gguf_path),
-                          "--window", "3", "--png", str(png), TEXT], capture_output=True, text=True, timeout=300)
+    run = tramontane("mask", "--model", str(smollm2_gguf_path), "--window", "3", "--png", str(png), TEXT)
     assert run.returncode == 0, run.stderr
     grid_text = run.stdout.split("\n", 2)[2].rsplit("\nwrote", 1)[0]
     assert torch.equal(parse_grid(grid_text), attention_grid(8, 3))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, "-m", "tramontane.cli", "mask", "--window", "0", TEXT],
-                         capture_output=True, text=True, timeout=300)
+    bad = tramontane("mask", "--window", "0", TEXT)
     assert bad.returncode == 2 and "--window: must be >= 1" in bad.stderr
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +19,8 @@ from tramontane.quantize import (
     quantize_int4,
     quantize_int8,
 )
+
+from console import tramontane
 
 ISAS = ["portable", "avx2", "avx_vnni", "avx512", "amx"]  # those this CPU lacks are skipped, saying so
 
@@ -337,16 +337,13 @@ def test_saved_quantized_checkpoint_loads_without_requantizing(tiny_name, tiny_h
 
 def test_quantize_cli_and_flag(tiny_hf, tmp_path):
     _, folder = tiny_hf("llama-tied")
-    exe = [sys.executable, "-m", "tramontane.cli"]
-    r = subprocess.run([*exe, "quantize", str(folder), str(tmp_path / "q4"), "--to", "int4", "--quiet"],
-                       capture_output=True, text=True, timeout=300)
+    r = tramontane("quantize", str(folder), str(tmp_path / "q4"), "--to", "int4", "--quiet")
     assert r.returncode == 0, r.stderr
     q4 = tmp_path / "q4" / "consolidated.safetensors"
     assert q4.stat().st_size < (folder / "model.safetensors").stat().st_size / 3
-    r = subprocess.run([*exe, "quantize", str(folder), str(tmp_path / "bad"), "--to", "int4", "--group-size", "48"],
-                       capture_output=True, text=True, timeout=300)
+    r = tramontane("quantize", str(folder), str(tmp_path / "bad"), "--to", "int4", "--group-size", "48")
     assert r.returncode == 1 and "group_size must be a positive multiple of 32" in r.stderr
-    r = subprocess.run([*exe, "info", str(tmp_path / "q4"), "--json"], capture_output=True, text=True, timeout=300)
+    r = tramontane("info", str(tmp_path / "q4"), "--json")
     assert json.loads(r.stdout)["quantization"] == "int4"
 
 

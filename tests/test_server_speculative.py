@@ -4,8 +4,6 @@ decoding, a per-request opt-out, and the counts in usage, /metrics and `complete
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -16,6 +14,8 @@ from tramontane import load_model, load_tokenizer
 from tramontane.engine import Engine
 from tramontane.engine.drafters import NgramDrafter, Speculation, StepCosts
 from tramontane.server import create_app
+
+from console import tramontane
 
 MODEL = "smollm2"
 CODE = """Add a docstring to this function and give the whole function back.
@@ -84,8 +84,7 @@ def test_speculative_must_be_a_boolean(served):
 @pytest.mark.parametrize("drafter", ["ngram", "model"])
 def test_complete_command_prints_the_plain_tokens_and_the_counts(smollm2_gguf_path, drafter):
     def complete(*extra: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "tramontane.cli", "complete", "--model", str(smollm2_gguf_path),
-                              "--max-tokens", "48", "--json", *extra, CODE], capture_output=True, text=True, timeout=600)
+        out = tramontane("complete", "--model", str(smollm2_gguf_path), "--max-tokens", "48", "--json", *extra, CODE)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 

@@ -4,12 +4,12 @@ matched stop string), in `complete`, `chat`, `stream_chat` and the CLI's `comple
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tramontane import chat, complete, load_model, load_tokenizer, stream_chat
+
+from console import tramontane
 
 PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -60,8 +60,8 @@ def test_text_before_a_stop_string_in_the_last_piece_is_kept(demo):
 @pytest.mark.parametrize("max_tokens", [1, 32])
 def test_cli_complete_prints_every_token(smollm2_gguf_path, demo, max_tokens):
     _, tok = demo
-    cmd = [sys.executable, "-m", "tramontane.cli", "complete", PROMPT, "--max-tokens", str(max_tokens), "--temperature", "0"]
-    out = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout)
+    args = ["complete", PROMPT, "--max-tokens", str(max_tokens), "--temperature", "0"]
+    out = json.loads(tramontane(*args, "--json").stdout)
     assert out["text"] == decoded(tok, out["tokens"], True)
-    plain = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    plain = tramontane(*args).stdout
     assert plain == out["text"] + "\n"
