@@ -17,9 +17,11 @@ PROMPTS = [[5, 9, 12, 3, 7], [40, 41]]
 def test_compiled_decode_gives_the_eager_tokens(tiny_hf):
     _, folder = tiny_hf("mistral-window")
     model = load_model(folder, dtype=torch.bfloat16)  # bf16: the whole step is Python blocks for Dynamo
-    eager = [g.tokens for g in generate(model, PROMPTS, max_tokens=8)]
+    # one prompt: Dynamo traces a batch of two three times as long (30 s against 10 on 2 cores); the GPU
+    # tier's Inductor test decodes both
+    eager = [g.tokens for g in generate(model, PROMPTS[:1], max_tokens=8)]
     compile_decode(model, backend="aot_eager")
-    compiled = [g.tokens for g in generate(model, PROMPTS, max_tokens=8)]
+    compiled = [g.tokens for g in generate(model, PROMPTS[:1], max_tokens=8)]
     assert compiled == eager
     assert model.__dict__["_compiled_decode"].compiled is not None, "compilation failed and fell back"
 
