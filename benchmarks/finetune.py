@@ -13,7 +13,7 @@ TRL's SFTTrainer trains the same PEFT model too when `trl` and `datasets` are in
 at its own defaults (SFTConfig: bf16 autocast and gradient checkpointing on), with the same batch and
 schedule (its own data order), and ours must be 1.5x it as well.
 
-Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--rounds N]
+Usage: python benchmarks/finetune.py [--quick] [--skip-1b] [--skip-smollm2] [--rounds N] [--out NAME]
   --quick: seq 128, 3 timed steps, 6 curve steps and a small Mistral shape instead of the 1B one.
   --rounds N: every system's speed run N times, interleaved; each keeps its median, the faster of two
   (runs on this VM vary by 10% and more, so one round can flip a thin verdict).
@@ -248,6 +248,8 @@ def main() -> None:
     ap.add_argument("--curve-steps", type=int)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="speed runs of every system, interleaved (median kept)")
+    ap.add_argument("--out", default="finetune", help="results name under benchmarks/results (another machine's "
+                    "run beside the default one: finetune_amd_epyc_zen4)")
     a = ap.parse_args()
     seq = a.seq or (128 if a.quick else 512)
     steps = a.steps or (3 if a.quick else 6)
@@ -286,7 +288,7 @@ def main() -> None:
                              f"{q4['tokens_per_s']:.0f} tokens/s"))
     if not has_trl():
         emit(lines, "SKIP TRL SFTTrainer: trl or datasets is not installed (`pip install .[bench]`)")
-    print(f"saved {save_result('finetune', {'seq': seq, 'steps': steps, 'quick': a.quick, 'rounds': a.rounds, 'runs': results, 'verdicts': lines})}")
+    print(f"saved {save_result(a.out, {'seq': seq, 'steps': steps, 'quick': a.quick, 'rounds': a.rounds, 'runs': results, 'verdicts': lines})}")
 
 
 if __name__ == "__main__":
