@@ -98,7 +98,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
-
 # ------------------------------------------------------------------ the scripted server (tests/scripted.py)
 @pytest.fixture(scope="module")
 def tok():
