@@ -102,15 +102,28 @@ def current_rss_bytes() -> int:
     return 0
 
 
+# the CPU features that pick our kernels' paths (and llama.cpp's): which kind of x86 CPU a figure came from
+FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+
+
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
+    """The CPU (name, family and model: an AMD EPYC of family 25 is Zen 3 or 4, of 26 Zen 5; the kernel
+    features it has), cores, torch and threads of a run."""
+    info = {"model name": platform.processor(), "cpu family": "?", "model": "?", "flags": ""}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in info and info[key.strip()] in ("", "?", platform.processor()):
+                    info[key.strip()] = value.strip()
+                if not line.strip():
+                    break  # the first CPU is enough
+    except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
+    flags = set(info["flags"].split())
+    return {"cpu": info["model name"], "cpu_id": f"family {info['cpu family']} model {info['model']}",
+            "features": [f for f in FEATURES if f in flags], "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
 def save_result(name: str, data: dict[str, Any]) -> Path:

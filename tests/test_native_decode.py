@@ -8,6 +8,7 @@ import torch
 from tramontane import KVCache, load_model
 from tramontane.generate import decode_step, prefill
 from tramontane.kernels import load_kernels
+from tramontane.quantize import Int4Linear
 from tramontane.step_backends import NativeBlocks, PythonBlocks, choose_backend
 
 
@@ -91,6 +92,25 @@ def test_a_backend_chosen_after_a_change_runs_the_new_weights(tiny_hf):
     norm.weight = torch.nn.Parameter(norm.weight.detach() * 2.0, requires_grad=False)
     for a, b in zip(decode_logits(model, PROMPTS[:1], 3, True), decode_logits(model, PROMPTS[:1], 3, False)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("interleave", [False, True])
+def test_choosing_a_backend_repacks_int4_as_the_policy_says(tiny_hf, use_policy, interleave):
+    _, folder = tiny_hf("llama-tied")  # tied: the head's rows are also the embedding table's
+    model = load_model(folder, quantize="int4_asym")
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = model(x)
+    chunked = prefill(PythonBlocks(model), x[0].tolist(), KVCache.create(model.args, 1, 32), 0, chunk_size=4)
+    use_policy(interleave_int4=interleave)
+    step = choose_backend(model)
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert int4 and all(m.interleaved == (interleave and m.out_features % 8 == 0) for m in int4)
+    assert any(m.interleaved for m in int4) == interleave
+    torch.testing.assert_close(model(x), before, atol=2e-3, rtol=1e-4)  # prefill, the embeddings, the head
+    # chunks of 4 rows: the int4 kernels, in the native stack now
+    logits = prefill(step, x[0].tolist(), KVCache.create(model.args, 1, 32), 0, chunk_size=4)
+    torch.testing.assert_close(logits, chunked, atol=2e-3, rtol=1e-4)
 
 
 def test_mixture_of_experts_stays_in_python(tiny_hf):

@@ -16,8 +16,10 @@ from tramontane.quantize import (
     QuantConfig,
     dequantize_int4,
     dequantize_int8,
+    interleave_int4,
     quantize_int4,
     quantize_int8,
+    rows_in_order,
 )
 
 from console import tramontane
@@ -163,6 +165,69 @@ def test_int4_kernel_with_one_activation_part(ext, one_part, isa, M, N, K, G, ze
     y = ext.int4_linear(x, packed, scale, mins, G)
     torch.testing.assert_close(y, quantize_activations(x, parts=1) @ w.T, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(y, quantize_activations(x) @ w.T, atol=1e-4, rtol=1e-4), "expected one part"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize(("N", "K", "G"), [(8, 96, 32), (136, 256, 64), (16, 608, 32)])
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_interleaved_int4_kernel_matches_reference(ext, isa, M, N, K, G, zero_point, parts):
+    if not available(ext, isa):
+        pytest.skip(f"this CPU has no {isa}")
+    g = torch.Generator().manual_seed(M * N + K)
+    packed, scale, mins = quantize_int4(torch.randn(N, K, generator=g) + 0.3, G, zero_point)
+    x = torch.randn(M, K, generator=g)
+    x[0, :32] = 0
+    w = dequantize_int4(packed, scale, mins)
+    before = ext.activation_parts()
+    ext.set_activation_parts(parts)
+    try:  # every path, AMX's too, takes the interleaved rows through the vector kernel
+        y = ext.int4_linear(x, *interleave_int4(packed, scale, mins), G, interleaved=True)
+    finally:
+        ext.set_activation_parts(before)
+    torch.testing.assert_close(y, quantize_activations(x, parts) @ w.T, atol=1e-4, rtol=1e-4)
+
+
+def test_interleaving_permutes_within_groups_of_eight_rows():
+    packed, scale, mins = quantize_int4(torch.randn(16, 64), 32, zero_point=True)
+    w8, s8, m8 = interleave_int4(packed, scale, mins)
+    # block 1 of rows 8..15: half p holds bytes 8p..8p+7 of each row in turn
+    assert torch.equal(w8[8:16].reshape(-1)[128:256].view(2, 8, 8), packed[8:16, 16:32].view(8, 2, 8).transpose(0, 1))
+    assert torch.equal(s8[8:16].reshape(-1)[8:16], scale[8:16, 1]) and torch.equal(m8[:8].reshape(-1)[:8], mins[:8, 0])
+    for got, want in zip(rows_in_order(w8, s8, m8), (packed, scale, mins)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_interleaved_layer_keeps_its_outputs_rows_and_state_dict(zero_point, kernels, monkeypatch, vector_kernels):
+    import tramontane.quantize as quantize
+
+    if not kernels:
+        monkeypatch.setattr(quantize, "load_kernels", lambda: None)
+    layer = Int4Linear.from_float(torch.randn(48, 64), 32, zero_point)
+    x, big = torch.randn(3, 64), torch.randn(40, 64)  # big: dequantize + GEMM
+    rows = [slice(None), slice(8, 24), slice(3, 11), slice(40, None), torch.tensor([5, 0, 47, 5])]
+    before = ([layer.dequantize(r) for r in rows], layer(x), layer(big),
+              {k: v.clone() for k, v in layer.state_dict().items()})
+    layer.interleave()
+    assert layer.interleaved and "interleaved=True" in repr(layer)
+    assert not torch.equal(layer.weight, before[3]["weight"])
+    for got, want in zip([layer.dequantize(r) for r in rows], before[0]):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(layer(x), before[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(big), before[2], atol=1e-5, rtol=1e-5)
+    state = layer.state_dict()
+    assert state.keys() == before[3].keys() and all(torch.equal(state[k], before[3][k]) for k in state)
+    other = Int4Linear.from_float(torch.randn(48, 64), 32, zero_point)
+    other.interleave()
+    other.load_state_dict(before[3])  # rows in order, as checkpoints hold them
+    assert other.interleaved and torch.equal(other.weight, layer.weight)
+    layer.in_order()
+    assert not layer.interleaved and torch.equal(layer.weight, before[3]["weight"])
+    with pytest.raises(ValueError, match="44 output rows cannot be interleaved"):
+        Int4Linear.from_float(torch.randn(44, 64), 32).interleave()
 
 
 def test_activation_parts_are_one_or_two(ext):

@@ -28,7 +28,7 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 def _layout(module: nn.Module) -> tuple[object, ...]:
     """What linears must share for their rows to be stacked into one: class, input size and format."""
     return (type(module), getattr(module, "in_features", None), getattr(module, "group_size", None),
-            getattr(module, "zero_point", None), getattr(module, "kind", None),
+            getattr(module, "zero_point", None), getattr(module, "kind", None), getattr(module, "interleaved", None),
             *(t.dtype for t in itertools.chain(module.parameters(), module.buffers())))
 
 
@@ -71,6 +71,8 @@ def _adjacent(pieces: list[torch.Tensor]) -> torch.Tensor | None:
 def split_rows(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
     """The inverse of `concat_rows`: linears whose outputs are `fused`'s rows in pieces of `sizes`
     (views of its tensors, no copy)."""
+    if isinstance(fused, Int4Linear) and any(n % 8 for n in sizes):
+        fused.in_order()  # groups of 8 rows would straddle the parts
     parts = [_empty_like(fused, n) for n in sizes]
     for name, tensor in list(fused.named_parameters()) + list(fused.named_buffers()):
         for part, chunk in zip(parts, tensor.split(sizes, dim=0)):  # every tensor has one row per output
@@ -86,7 +88,7 @@ def _empty_like(first: nn.Module, out_features: int) -> nn.Module:
         if isinstance(first, Int8Linear):
             return Int8Linear(first.in_features, out_features)
         if isinstance(first, Int4Linear):
-            return Int4Linear(first.in_features, out_features, first.group_size, first.zero_point)
+            return Int4Linear(first.in_features, out_features, first.group_size, first.zero_point, first.interleaved)
         if isinstance(first, BlockLinear):
             return BlockLinear(first.in_features, out_features, first.kind)
     raise TypeError(f"cannot fuse {type(first).__name__}")

@@ -239,9 +239,34 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tenso
     return (q * scale.float()[..., None] + mins.float()[..., None]).view(N, K)
 
 
+def interleave_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows in order -> rows interleaved by eights (kernels/int4.cpp): per group of 8 rows and block of
+    32, half p (8 bytes) of the 8 rows one after another; scales and minimums [group][row]."""
+    N, half = packed.shape
+    groups = scale.shape[1]
+    w = packed.view(N // 8, 8, half // 16, 2, 8).permute(0, 2, 3, 1, 4)  # [N/8, block, half, row, 8]
+    by_group = lambda t: t.view(N // 8, 8, groups).transpose(1, 2).contiguous().view(N, groups)  # noqa: E731
+    return w.contiguous().view(N, half), by_group(scale), None if mins is None else by_group(mins)
+
+
+def rows_in_order(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of `interleave_int4`."""
+    N, half = packed.shape
+    groups = scale.shape[1]
+    w = packed.view(N // 8, half // 16, 2, 8, 8).permute(0, 3, 1, 2, 4)  # [N/8, row, block, half, 8]
+    by_row = lambda t: t.view(N // 8, groups, 8).transpose(1, 2).contiguous().view(N, groups)  # noqa: E731
+    return w.contiguous().view(N, half), by_row(scale), None if mins is None else by_row(mins)
+
+
 class Int4Linear(QuantLinearBase):
     """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte; symmetric, or with a
-    minimum per group (`zero_point`)."""
+    minimum per group (`zero_point`).
+
+    `interleaved`: the buffers hold rows interleaved by eights (`interleave`, kernels/int4.cpp), the
+    layout the kernels read fastest without AMX; outputs, `dequantize` and the state dict (rows in
+    order, as checkpoints keep them) are the same in both layouts."""
 
     amx_tiles = True
 
@@ -249,11 +274,15 @@ class Int4Linear(QuantLinearBase):
     scale: torch.Tensor
     mins: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, zero_point: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, group_size: int, zero_point: bool = False,
+                 interleaved: bool = False) -> None:
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"int4: input size {in_features} is not a multiple of group_size {group_size}")
+        if interleaved and out_features % 8:
+            raise ValueError(f"int4: {out_features} output rows cannot be interleaved by eights")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.interleaved = interleaved
         groups = in_features // group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16))
@@ -274,15 +303,71 @@ class Int4Linear(QuantLinearBase):
             m.mins = mins
         return m
 
+    def interleave(self) -> None:
+        """Repack the buffers, in place, into rows interleaved by eights (a no-op when they are)."""
+        if not self.interleaved:
+            if self.out_features % 8:
+                raise ValueError(f"int4: {self.out_features} output rows cannot be interleaved by eights")
+            self.weight, self.scale, self.mins = interleave_int4(self.weight, self.scale, self.mins)
+            self.interleaved = True
+
+    def in_order(self) -> None:
+        """Repack the buffers, in place, into rows in order (a no-op when they are)."""
+        if self.interleaved:
+            self.weight, self.scale, self.mins = rows_in_order(self.weight, self.scale, self.mins)
+            self.interleaved = False
+
     def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        mins = None if self.mins is None else self.mins[rows]
         ext = load_kernels() if self.weight.device.type == "cpu" else None
+        if not self.interleaved:
+            mins = None if self.mins is None else self.mins[rows]
+            if ext is not None:
+                return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size)
+            return dequantize_int4(self.weight[rows], self.scale[rows], mins)
+        # interleaved: whole groups of 8 rows, then the rows asked for among them
+        wanted = torch.arange(self.out_features, device=self.weight.device)[rows]  # [n]
+        groups: slice | torch.Tensor
+        if isinstance(rows, slice) and len(wanted) and wanted[0] % 8 == 0 and len(wanted) % 8 == 0 \
+                and rows.step in (None, 1):
+            groups = slice(int(wanted[0]) // 8, int(wanted[0]) // 8 + len(wanted) // 8)
+            take = None
+        else:
+            groups, take = wanted // 8, wanted % 8
+        w, s = self.weight.view(self.out_features // 8, -1)[groups], self.scale.view(self.out_features // 8, -1)[groups]
+        m = None if self.mins is None else self.mins.view(self.out_features // 8, -1)[groups]
+        n = w.shape[0] * 8
+        w, s = w.reshape(n, -1), s.reshape(n, -1)
+        m = None if m is None else m.reshape(n, -1)
         if ext is not None:
-            return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size)
-        return dequantize_int4(self.weight[rows], self.scale[rows], mins)
+            out = ext.int4_dequantize(w, s, m, self.group_size, interleaved=True)
+        else:
+            out = dequantize_int4(*rows_in_order(w, s, m))
+        if take is None:
+            return out
+        return out.view(-1, 8, self.in_features)[torch.arange(len(take)), take]  # [n, in]
 
     def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
-        return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size)
+        return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size, self.interleaved)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        if not self.interleaved:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        w, s, m = rows_in_order(self.weight, self.scale, self.mins)
+        destination[prefix + "weight"], destination[prefix + "scale"] = w, s
+        if m is not None:
+            destination[prefix + "mins"] = m
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # the state dict holds rows in order: load them so, then repack as before
+        interleaved = self.interleaved
+        self.in_order()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if interleaved:
+            self.interleave()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"zero_point={self.zero_point}" + (", interleaved=True" if self.interleaved else ""))
 
 
 

@@ -168,7 +168,8 @@ def choose_backend(model: Transformer) -> PythonBlocks | NativeBlocks | Compiled
     feed-forward, projections the kernels read) on an fp32 CPU model with the kernels built, and the
     model is not a tensor-parallel share; else the Python blocks (with the native decode attention on
     an fp32 CPU model). After `compile_decode(model)`, decode steps run compiled. Choose again after
-    changing the model's modules or weights.
+    changing the model's modules or weights. On CPU, choosing repacks int4 weights into the layout the
+    kernel policy gives them (`repack_int4`), once.
 
     Example:
         >>> step = choose_backend(model)
@@ -183,6 +184,7 @@ def _eager_backend(model: Transformer) -> PythonBlocks | NativeBlocks:
     ext = kernel_policy().kernels
     if ext is None or model.dtype != torch.float32 or model.device.type != "cpu":
         return PythonBlocks(model)
+    repack_int4(model)
     python = PythonBlocks(model, ext)
     if model.parallel is not None and model.parallel.config.tp > 1:
         return python  # its blocks end in collectives, which the native stack has not
@@ -192,6 +194,16 @@ def _eager_backend(model: Transformer) -> PythonBlocks | NativeBlocks:
     last = model.layers[-1]
     return NativeBlocks(model, stack, last if isinstance(last, SendAfter) else None, python,
                         kernel_policy().small_batch)
+
+
+def repack_int4(model: Transformer) -> None:
+    """Int4 weights, in place, in the layout the kernel policy gives them (rows interleaved by eights
+    where it pays); outputs and state dicts do not change."""
+    if not kernel_policy().interleave_int4:
+        return
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.out_features % 8 == 0 and module.weight.device.type == "cpu":
+            module.interleave()
 
 
 def native_cache(meta: StepMeta) -> bool:
@@ -240,7 +252,8 @@ def _projection(ext: Kernels, module: nn.Module | list[nn.Module]) -> Projection
     if isinstance(module, BlockLinear):
         return ext.Projection(kind.GGUF, module.weight, torch.empty(0), BLOCK_FORMATS[module.kind])
     if isinstance(module, Int4Linear):
-        return ext.Projection(kind.INT4, module.weight, module.scale, module.group_size, module.mins)
+        return ext.Projection(kind.INT4_INTERLEAVED if module.interleaved else kind.INT4, module.weight, module.scale,
+                              module.group_size, module.mins)
     if isinstance(module, Int8Linear):
         return ext.Projection(kind.INT8, module.weight, module.scale, 0)
     if isinstance(module, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32 \

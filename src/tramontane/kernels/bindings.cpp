@@ -27,12 +27,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("f32_linear", &f32_linear, nogil, "y = x @ w.T for fp32 w [N, K], tuned for few rows of x");
   m.def("int8_linear", &int8_linear, nogil, "y = x @ (w * scale[:, None]).T for int8 w [N, K]");
-  m.def("int4_linear", &int4_linear, nogil, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]");
+  m.def("int4_linear", &int4_linear, nogil, "y = x @ dequant(w).T for packed int4 w [N, K/2] with float16 scales [N, K/group]",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("mins"), py::arg("group"), py::arg("interleaved") = false);
   m.def("decode_attention", &decode_attention, nogil, "rotary + cache write + masked attention for one decode step",
         py::arg("qkv"), py::arg("rot"), py::arg("kcache"), py::arg("vcache"), py::arg("kscale"), py::arg("vscale"),
         py::arg("tables"), py::arg("key_pos"), py::arg("write"), py::arg("q_pos"), py::arg("window"), py::arg("scan"),
         py::arg("n_heads"), py::arg("n_kv_heads"));
-  m.def("int4_dequantize", &int4_dequantize, nogil, "packed int4 rows to fp32 [N, K]");
+  m.def("int4_dequantize", &int4_dequantize, nogil, "packed int4 rows to fp32 [N, K]", py::arg("w"), py::arg("scale"),
+        py::arg("mins"), py::arg("group"), py::arg("interleaved") = false);
   m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
   m.def("block_amx_min_rows", &block_amx_min_rows, "rows of x from which a GGUF block format's products run on AMX tiles");
   m.def("block_linear", &block_linear, nogil, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");

@@ -15,6 +15,13 @@
 // -8 * (256 q + r) summed (`bias`, precomputed with the activations); a minimum adds min * sum(x) per
 // block, sixteen blocks per vector multiply-add. Weight bytes are widened to nibbles once per tile and
 // reused for every row of x.
+//
+// Interleaved layout (`interleaved`; Int4Linear.interleave makes it where the kernel policy says): the
+// same bytes and scales, permuted within each group of 8 rows. Per block of 32, 128 bytes: for half
+// p = 0, 1 (bytes 8p..8p+7 of a row's 16) the 8 rows' 8 bytes one after another ([block][half][row][8]);
+// the scales and minimums of the 8 rows side by side per group ([group][row]). A dot product then gives
+// lanes per row (int4_r8_tile), where the row layout pays a factor set-up per row and a horizontal sum:
+// on SmolLM2's 576-wide rows that fixed cost was most of the kernel (benchmarks/projections.py).
 
 #include "amx.h"
 #include "int4.h"
@@ -22,13 +29,15 @@
 
 namespace {
 
-// Activations for one call in P int8 parts per element (split_ref, common.h), laid out for the vector
-// width in use (int4_quantize_row).
+// Activations for one call in P int8 parts per element (split_ref, common.h), laid out for the weights'
+// layout and the vector width in use (int4_quantize_row; interleaved rows: r8_quantize_row, natural order).
 template <int P>
 struct QuantizedX {
   at::Tensor q, r;   // int8 [M, K]: the parts (r: P = 2 only)
   at::Tensor scale;  // float [M, K / 32]: the step per block (part_step)
-  at::Tensor bias;   // int32 [M, K / 4]: -8 times the parts' value (256 q + r, or q) over each 4 elements
+  // int32 -8 times the parts' value (256 q + r, or q): [M, K / 4] over each 4 elements (rows in order),
+  // [M, K / 32] over each block (interleaved)
+  at::Tensor bias;
   at::Tensor sum;    // float [M, K / 32]: x's sum per block as the parts hold it (for a minimum's term)
   const int8_t* qp;
   const int8_t* rp;
@@ -53,13 +62,13 @@ inline int32_t int4_block_dot(const uint8_t* row, const int8_t* xq, const int8_t
 #include "per_isa.h"
 
 template <int P>
-QuantizedX<P> quantize_x(const float* x, int64_t M, int64_t K) {
-  const int64_t nb = K / 32;
+QuantizedX<P> quantize_x(const float* x, int64_t M, int64_t K, bool interleaved) {
+  const int64_t nb = K / 32, biases = interleaved ? nb : K / 4;
   QuantizedX<P> out;
   out.q = at::empty({M, K}, at::kChar);
   out.r = at::empty({P == 2 ? M : 0, K}, at::kChar);
   out.scale = at::empty({M, nb}, at::kFloat);
-  out.bias = at::empty({M, K / 4}, at::kInt);
+  out.bias = at::empty({M, biases}, at::kInt);
   out.sum = at::empty({M, nb}, at::kFloat);
   int8_t* q = out.q.template data_ptr<int8_t>();
   int8_t* r = P == 2 ? out.r.template data_ptr<int8_t>() : nullptr;
@@ -69,12 +78,17 @@ QuantizedX<P> quantize_x(const float* x, int64_t M, int64_t K) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     int8_t *qm = q + m * K, *rm = r ? r + m * K : nullptr;
-    BY_ISA(int4_quantize_row<P>(xm, K, qm, rm, s + m * nb, bias + m * (K / 4), sums + m * nb), continue);
-    for (int64_t b = 0; b < nb; ++b) {
+    if (interleaved) {
+      BY_ISA(r8_quantize_row<P>(xm, K, qm, rm, s + m * nb, bias + m * biases, sums + m * nb), continue);
+    } else {
+      BY_ISA(int4_quantize_row<P>(xm, K, qm, rm, s + m * nb, bias + m * biases, sums + m * nb), continue);
+    }
+    for (int64_t b = 0; b < nb; ++b) {  // the portable kernels: natural order, symmetric offsets per block
       int32_t totals[2];
       const float d = split_block_ref<P>(xm + 32 * b, qm + 32 * b, rm ? rm + 32 * b : nullptr, totals);
       s[m * nb + b] = part_step<P>(d);
       sums[m * nb + b] = part_step<P>(d) * float(totals[0] + totals[1]);
+      if (interleaved) bias[m * biases + b] = -8 * (totals[0] + totals[1]);
     }
   }
   out.qp = q;
@@ -109,6 +123,30 @@ void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t*
   }
 }
 
+// Interleaved rows, one at a time: byte i of row i8 of a group's block b is at b * 128 + (i / 8) * 64 +
+// i8 * 8 + i % 8.
+template <int P>
+void int4_r8_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                      const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  const int64_t nb = K / 32, groups = K / group;
+  for (int64_t g = begin; g < end; ++g)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i8 = 0; i8 < 8; ++i8) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t at = m * nb + b;
+          uint8_t row[16];
+          for (int64_t i = 0; i < 16; ++i) row[i] = w[g * 4 * K + b * 128 + i / 8 * 64 + i8 * 8 + i % 8];
+          int32_t dot = int4_block_dot<P>(row, qx.qp + at * 32, P == 2 ? qx.rp + at * 32 : nullptr, 0);
+          if (!wmin) dot += qx.bp[at];
+          const int64_t s = (g * groups + b * 32 / group) * 8 + i8;
+          acc += float(dot) * (half_to_float(wscale[s]) * qx.sp[at]);
+          if (wmin) acc += half_to_float(wmin[s]) * qx.sum_p[at];
+        }
+        y[m * N + 8 * g + i8] = acc;
+      }
+}
+
 void check_int4(const at::Tensor& w, const at::Tensor& scale, const c10::optional<at::Tensor>& mins,
                 int64_t group) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 [N, K/2]");
@@ -126,23 +164,30 @@ const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const u
 }  // namespace
 
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins,
-                          int64_t group) {
+                          int64_t group, bool interleaved) {
   check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, M = x.size(0);
   check_x(x, K);
-  if (M >= kAmxMinRowsInt4 && amx_in_use()) {
-    auto y = at::empty({M, N}, x.options());
-    int4_linear_amx(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), half_bits(scale),
-                    mins ? half_bits(*mins) : nullptr, group, y.data_ptr<float>(), N);
-    return y;
-  }
+  TORCH_CHECK(!interleaved || N % 8 == 0, "interleaved int4 rows come in eights, got ", N, " rows");
   auto y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);
   const uint16_t* mp = mins ? half_bits(*mins) : nullptr;
   float* yp = y.data_ptr<float>();
+  if (M >= kAmxMinRowsInt4 && amx_in_use() && !interleaved) {  // (the policy interleaves none with AMX)
+    int4_linear_amx(x.data_ptr<float>(), M, K, wp, sp, mp, group, yp, N);
+    return y;
+  }
   with_parts([&](auto parts) {
-    const QuantizedX<decltype(parts)::value> qx = quantize_x<decltype(parts)::value>(x.data_ptr<float>(), M, K);
+    constexpr int P = decltype(parts)::value;
+    const QuantizedX<P> qx = quantize_x<P>(x.data_ptr<float>(), M, K, interleaved);
+    if (interleaved) {  // groups of 8 rows
+      at::parallel_for(0, N / 8, std::max<int64_t>(1, grain(N) / 8), [&](int64_t begin, int64_t end) {
+        BY_ISA(int4_r8_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
+        int4_r8_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
+      });
+      return;
+    }
     at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
       BY_ISA(int4_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
       int4_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
@@ -151,10 +196,19 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   return y;
 }
 
-// Dequantize packed int4 rows to fp32 [N, K] (for prefill, where a GEMM on fp32 weights wins).
-at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group) {
+// Dequantize packed int4 rows (interleaved by eights or not) to fp32 [N, K] (for prefill, where a GEMM on
+// fp32 weights wins).
+at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group,
+                           bool interleaved) {
   check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
+  if (interleaved) {
+    TORCH_CHECK(N % 8 == 0, "interleaved int4 rows come in eights, got ", N, " rows");
+    // each group of 8 rows back to the natural layout, then as below
+    w = w.view({N / 8, K / 32, 2, 8, 8}).permute({0, 3, 1, 2, 4}).contiguous().view({N, K / 2});
+    scale = scale.view({N / 8, groups, 8}).permute({0, 2, 1}).contiguous().view({N, groups});
+    if (mins) mins = mins->view({N / 8, groups, 8}).permute({0, 2, 1}).contiguous().view({N, groups});
+  }
   auto out = at::empty({N, K}, at::kFloat);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);

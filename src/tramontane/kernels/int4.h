@@ -4,5 +4,6 @@
 #include "common.h"
 
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins,
-                          int64_t group);
-at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group);
+                          int64_t group, bool interleaved = false);
+at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group,
+                           bool interleaved = false);

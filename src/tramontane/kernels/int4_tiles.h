@@ -101,3 +101,100 @@ inline void int4_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8
                       const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
   walk(M, begin, end, DISPATCH_TILE(int4_tile, qx, K, w, wscale, wmin, group, y, N));
 }
+
+// ------------------------------------------------------------------------ rows interleaved by eights
+// The same products over weights repacked at load (int4.cpp's interleaved layout, as llama.cpp's Q4_0
+// 8x8 repack and ik_llama.cpp's _R8 formats): per group of 8 rows and block of 32, 128 bytes, bytes
+// 8p..8p+7 (half p) of each of the 8 rows one after another. A vector of codes then holds all 8 rows
+// (two 256-bit vectors: four each), and its 64-bit lanes pair with 8 elements of x repeated (a
+// broadcast load, x in natural order), so a dot product gives two int32 lanes per row: no per-row factor
+// set-up and no horizontal sums, where the row layout pays both per row. The 8 rows' sums, factors and
+// outputs are one 256-bit float vector.
+
+// One row of x: per block its P parts in natural order, the step, -8 times the parts' sum (the symmetric
+// codes' offset) and x's sum as the parts hold it.
+template <int P>
+inline void r8_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* s, int32_t* bias, float* sums) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    int8_t* const qs[2] = {q + 32 * b, q + 32 * b + 16};
+    int8_t* const rs[2] = {r ? r + 32 * b : nullptr, r ? r + 32 * b + 16 : nullptr};
+    int32_t totals[2];
+    const float d = split_block<P>(x + 32 * b, qs, rs, totals);
+    s[b] = part_step<P>(d);
+    bias[b] = -8 * (totals[0] + totals[1]);
+    sums[b] = part_step<P>(d) * float(totals[0] + totals[1]);
+  }
+}
+
+// Blocks ahead that a tile's first pass over x asks for: the rows are one stream, but the hardware
+// prefetcher alone left a 7B-shaped product well under the read rate (benchmarks/projections.py).
+constexpr int64_t kR8Ahead = 48;
+
+// The dot of one block's codes (kVecs vectors of 8 rows' halves) with x's 32 parts at xp, per slot.
+template <int kVecs>
+VEC_INLINE void r8_dot(const typename V::I lo[kVecs], const typename V::I hi[kVecs], const int8_t* xp,
+                       typename V::I d[V::kR8Slots]) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int half = v / V::kR8Slots, slot = v % V::kR8Slots;
+    d[slot] = V::template dot<4>(d[slot], lo[v], V::bcast8(xp + 8 * half));
+    d[slot] = V::template dot<4>(d[slot], hi[v], V::bcast8(xp + 16 + 8 * half));
+  }
+}
+
+// Eight interleaved weight rows [8 g, 8 g + 8) x T rows of x from m0.
+template <int T, int P>
+inline void int4_r8_tile(const QuantizedX<P>& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                         const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t g, int64_t m0) {
+  constexpr int kVecs = 128 / V::kBytes;
+  const int64_t nb = K / 32, groups = K / group, per = group / 32;
+  const uint8_t* wg = w + g * 4 * K;  // 8 rows of K / 2 bytes
+  const uint16_t* sg = wscale + g * 8 * groups;
+  const uint16_t* mg = wmin ? wmin + g * 8 * groups : nullptr;
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (m0 == 0) {
+      _mm_prefetch((const char*)(wg + (b + kR8Ahead) * 128), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wg + (b + kR8Ahead) * 128 + 64), _MM_HINT_T0);
+    }
+    typename V::I lo[kVecs], hi[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      const typename V::I packed = V::loadi(wg + b * 128 + v * V::kBytes);
+      lo[v] = V::low_nibbles(packed);
+      hi[v] = V::high_nibbles(packed);
+    }
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sg + b / per * 8)));
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = (m0 + t) * nb + b;
+      typename V::I d[V::kR8Slots];
+      for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::zero_int();
+      r8_dot<kVecs>(lo, hi, qx.qp + at * 32, d);
+      if constexpr (P == 2) {
+        for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::times256(d[i]);
+        r8_dot<kVecs>(lo, hi, qx.rp + at * 32, d);
+      }
+      __m256i d8 = V::fold8(d);
+      if (!wmin) d8 = _mm256_add_epi32(d8, _mm256_set1_epi32(qx.bp[at]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8), _mm256_mul_ps(scale, _mm256_set1_ps(qx.sp[at])), acc[t]);
+      if (wmin) {
+        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mg + b / per * 8)));
+        acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(qx.sum_p[at]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (m0 + t) * N + 8 * g, acc[t]);
+}
+
+template <int P>
+inline void int4_r8_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
+                         const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+  for (int64_t g = begin; g < end; ++g)
+    for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+      switch (std::min(kTileM, M - m0)) {
+        case 1: int4_r8_tile<1, P>(qx, K, w, wscale, wmin, group, y, N, g, m0); break;
+        case 2: int4_r8_tile<2, P>(qx, K, w, wscale, wmin, group, y, N, g, m0); break;
+        case 3: int4_r8_tile<3, P>(qx, K, w, wscale, wmin, group, y, N, g, m0); break;
+        default: int4_r8_tile<4, P>(qx, K, w, wscale, wmin, group, y, N, g, m0);
+      }
+    }
+}

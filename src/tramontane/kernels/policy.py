@@ -54,6 +54,10 @@ class KernelPolicy:
     # product of the 7B shape ran no faster on Zen 4 (it waits on memory there). Kernels.set_activation_parts
     # gives one part to those who want it.
     activation_parts: int = 2
+    # Int4 weights repacked into rows interleaved by eights when a backend is chosen (kernels/int4.cpp):
+    # with AVX-512 or AVX2 one dot product then serves 8 rows, 1.7-4x faster on SmolLM2's decode products
+    # and no slower on the 7B's (benchmarks/projections.py). Not with AMX: its tiles read rows in order.
+    interleave_int4: bool = False
 
     @classmethod
     def detect(cls, speedup: Callable[[], float] | None = None) -> KernelPolicy:
@@ -62,7 +66,8 @@ class KernelPolicy:
         if kernels is None:
             return cls(None)
         fast = (speedup or bf16_speedup)() >= BF16_MIN_SPEEDUP
-        policy = cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32)
+        policy = cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32,
+                     interleave_int4=kernels.isa() != "amx")
         kernels.set_activation_parts(policy.activation_parts)
         return policy
 

@@ -105,6 +105,21 @@ struct V512 {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1),
                                  _mm512_castps128_ps512(pair));
   }
+
+  // int4 rows interleaved by eights (int4_r8_tile): a vector's low and high nibbles; 8 bytes repeated
+  // in every 64-bit lane; and the 8 rows' sums (two int32 lanes each, 2r and 2r + 1) from kR8Slots
+  // vectors (one here, 8 rows in one)
+  static constexpr int kR8Slots = 1;
+  T512OPS VEC_INLINE static I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
+  T512OPS VEC_INLINE static I high_nibbles(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
+  T512OPS VEC_INLINE static I bcast8(const int8_t* p) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return _mm512_set1_epi64(v);
+  }
+  T512OPS VEC_INLINE static __m256i fold8(const I* d) {
+    return _mm512_cvtepi64_epi32(_mm512_add_epi32(d[0], _mm512_srli_epi64(d[0], 32)));
+  }
 };
 
 // What V256 with VNNI and V256 without share; each adds its own dot (a function's target cannot depend on
@@ -186,6 +201,18 @@ struct V256Base {
                             _mm256_set1_epi8(15));
   }
   T256OPS VEC_INLINE static F by_block(const float* f) { return _mm256_set1_ps(*f); }
+  static constexpr int kR8Slots = 2;  // rows 0..3 and 4..7
+  T256OPS VEC_INLINE static I low_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+  T256OPS VEC_INLINE static I high_nibbles(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
+  T256OPS VEC_INLINE static I bcast8(const int8_t* p) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return _mm256_set1_epi64x(v);
+  }
+  // hadd gives rows 0 1 4 5 | 2 3 6 7; the 64-bit lanes in order 0 2 1 3 put them right
+  T256OPS VEC_INLINE static __m256i fold8(const I* d) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(d[0], d[1]), 0xD8);
+  }
 };
 
 // AVX2 with AVX-VNNI (Alder Lake and later, Zen 5; Sapphire Rapids has it beside AVX-512).
