@@ -14,7 +14,8 @@ against the same weights dequantized to fp32.
 
 With --isa, each of our kernel paths this CPU has (lowered with set_isa, so an AMX Xeon also shows the
 AVX-512 and AVX2 paths other users run) gets its own row beside the same llama-bench runs; the targets
-hold for the default path.
+hold for the default path. Our AVX2 path is also compared with llama-bench built for AVX2 alone
+(llama_tools.py --avx2, built on first use), the CPU issue's target for CPUs without AVX-512.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from tramontane.loading.gguf import read_gguf_metadata  # noqa: E402
 
 from common import RESULTS, WORK, machine, random_quantized_gguf  # noqa: E402
 from llama_tools import llama_bench, requantize, smollm2_files  # noqa: E402
+
+PEERS = {"llama": False, "llama_avx2": True}  # llama-bench builds: native, AVX2 only (llama_bench's avx2)
 from run import Worker, bandwidth_gbs, section, weight_bytes  # noqa: E402
 
 
@@ -120,15 +123,18 @@ def main() -> None:
         workers = {isa: Worker(f"ours {kind} {isa}", "ours", str(path), "--threads", str(a.threads),
                                *(["--isa", isa] if isa != best else []))
                    for isa in isas}
-        samples: dict[str, list[float]] = {f"{who} {what}": [] for who in [*isas, "llama"] for what in ("tg", "pp")}
+        peers = [p for p, avx2 in PEERS.items() if not avx2 or "avx2" in isas]
+        samples: dict[str, list[float]] = {f"{who} {what}": [] for who in [*isas, *peers] for what in ("tg", "pp")}
         n = 16 if big else 64
         for _ in range(1 if big else a.rounds):  # each round: every system, decode then prefill
             for isa, worker in workers.items():
                 samples[f"{isa} tg"].append(worker.ask(cmd="decode", batch=1, n=n)["tok_s"])
-            samples["llama tg"].append(llama_bench(path, a.threads, 0, n))
+            for peer in peers:
+                samples[f"{peer} tg"].append(llama_bench(path, a.threads, 0, n, avx2=PEERS[peer]))
             for isa, worker in workers.items():
                 samples[f"{isa} pp"].append(worker.ask(cmd="prefill", n=512)["tok_s"])
-            samples["llama pp"].append(llama_bench(path, a.threads, 512, 0))
+            for peer in peers:
+                samples[f"{peer} pp"].append(llama_bench(path, a.threads, 512, 0, avx2=PEERS[peer]))
         default = workers[best]
         rss = default.ask(cmd="rss")
         for worker in workers.values():
@@ -147,6 +153,12 @@ def main() -> None:
                       f"{r:.2f}x")
                 if isa == best:  # the targets hold for the default path; the others are shown
                     checks.append((f"{model} {label} >= 1.0x llama-bench", r >= 1, f"{r:.2f}x"))
+                if isa == "avx2" and "llama_avx2" in peers:  # against the peer built for the same instructions
+                    r = ours / med[f"llama_avx2 {what}"]
+                    print(f"{label:<12} ours ({isa:<8}) {ours:8.1f}  llama-bench (AVX2) {med[f'llama_avx2 {what}']:10.1f} "
+                          f"tok/s  {r:.2f}x")
+                    checks.append((f"{model} {label}, AVX2 paths, >= 1.0x llama-bench built for AVX2", r >= 1,
+                                   f"{r:.2f}x"))
         size = path.stat().st_size / 2**30
         print(f"ours: load {med['ours load_s']:.2f} s, peak RSS loading {med['ours load_rss_gib']:.2f} GiB "
               f"({med['ours load_rss_gib'] / size:.2f}x the file), after the runs {med['ours rss_gib']:.2f} GiB", flush=True)

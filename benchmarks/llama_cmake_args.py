@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# An AVX2-only build (no AVX-512, no AVX-VNNI: Haswell to Skylake client, Zen 1-3): the peer of our AVX2
+# path on any CPU, so that a machine with AVX-512 still measures what AVX2-only users get.
+AVX2_ONLY = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_BF16=OFF",
+             "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
 
 def cmake_args() -> list[str]:
     """The cmake options for this CPU: none (a native build) unless it lists AMX."""

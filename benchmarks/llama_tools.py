@@ -6,6 +6,7 @@ The Python binding itself is never the peer: its per-token Python loop flatters 
 
     python benchmarks/llama_tools.py            # build (about 15 minutes on 2 cores) and print the bin folder
     python benchmarks/llama_tools.py --files    # also write the SmolLM2 files in every peer format
+    python benchmarks/llama_tools.py --avx2     # also an AVX2-only llama-bench (no AVX-512, no AVX-VNNI)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from llama_cmake_args import cmake_args  # noqa: E402
+from llama_cmake_args import AVX2_ONLY, cmake_args  # noqa: E402
 
 VERSION = "0.3.36"
 TOOLS = ("llama-bench", "llama-server", "llama-quantize")
@@ -52,25 +53,28 @@ def source_tree() -> Path:
     return tree
 
 
-def build() -> Path:
-    """The folder holding the built tools (built on first call)."""
+def build(avx2: bool = False) -> Path:
+    """The folder holding the built tools (built on first call): native for this CPU, or with `avx2`
+    llama-bench alone built for AVX2 only."""
     tree = source_tree()
-    out = cache_dir() / f"llama.cpp-{VERSION}-build"
+    out = cache_dir() / f"llama.cpp-{VERSION}-build{'-avx2' if avx2 else ''}"
     bin_dir = out / "bin"
-    if all((bin_dir / t).exists() for t in TOOLS):
+    tools = ("llama-bench",) if avx2 else TOOLS
+    if all((bin_dir / t).exists() for t in tools):
         return bin_dir
     jobs = str(os.cpu_count() or 2)
     subprocess.run(["cmake", "-S", str(tree), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", *cmake_args()], check=True)
-    subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", *TOOLS], check=True)
+                    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", *(AVX2_ONLY if avx2 else cmake_args())],
+                   check=True)
+    subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", *tools], check=True)
     return bin_dir
 
 
-def llama_bench(path: Path, threads: int, prompt: int, gen: int) -> float:
+def llama_bench(path: Path, threads: int, prompt: int, gen: int, avx2: bool = False) -> float:
     """tokens/s of one llama-bench test on `path`: prefill of `prompt` tokens (pp) or decode of `gen` (tg),
-    one repetition (the callers interleave their own rounds)."""
-    cmd = [str(build() / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+    one repetition (the callers interleave their own rounds); `avx2`: the AVX2-only build."""
+    cmd = [str(build(avx2) / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
            "-r", "1", "-o", "json"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     return float(out[0]["avg_ts"])
@@ -99,8 +103,11 @@ def smollm2_files(source: Path) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", action="store_true", help="also write the SmolLM2 files in every peer format")
+    parser.add_argument("--avx2", action="store_true", help="also build an AVX2-only llama-bench")
     opts = parser.parse_args()
     print(build())
+    if opts.avx2:
+        print(build(avx2=True))
     if opts.files:
         from tramontane.cli import demo_model_path
 

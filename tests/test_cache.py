@@ -169,3 +169,23 @@ def test_each_cache_kind_builds_its_own_step_meta(tiny_hf) -> None:
     assert packed.spans == ((0, 2), (2, 4))  # training's packed rows: attention within each sequence
     for meta in (rolling, paged, plain, packed):
         assert callable(meta.layer_kv) and callable(meta.attention_mask) and callable(meta.commit)
+
+
+def test_a_chunk_that_attends_to_itself_alone_is_plain_causal_attention() -> None:
+    """No mask where every row's positions run on by one from a real position within the window (SDPA's
+    own causal attention, half the scores of a long prompt); the mask of `visible` elsewhere."""
+    from tramontane.cache.meta import visible, within_chunk
+
+    causal = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8]])
+    assert within_chunk(causal, None) == (None, True) and within_chunk(causal, 4) == (None, True)
+    for positions, window in ((causal, 3), (torch.tensor([[-1, 0, 1, 2]]), None), (torch.tensor([[0, 1, 3, 4]]), None)):
+        mask, is_causal = within_chunk(positions, window)
+        assert not is_causal and mask is not None and torch.equal(mask, visible(positions, positions, window))
+    # a prompt's first chunk into an empty cache row takes that path
+    from tramontane.args import ModelArgs
+    from tramontane.cache import step_meta
+
+    args = ModelArgs(dim=16, n_layers=1, head_dim=8, hidden_dim=32, n_heads=2, n_kv_heads=1, norm_eps=1e-5,
+                     vocab_size=10)
+    fresh = step_meta(torch.arange(20)[None], None, KVCache.create(args, 1, 32))
+    assert fresh.mask is None and fresh.is_causal

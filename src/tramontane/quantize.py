@@ -108,12 +108,16 @@ class QuantLinearBase(nn.Module):
         already 8 or 4 bits lose little more; elsewhere the product stays fp32."""
         policy = kernel_policy()
         dtype, tile = policy.gemm_dtype, policy.prefill_tile
-        out = torch.empty(self.out_features, x.shape[0], dtype=dtype)  # [out, M]: tiles fill rows
-        xt = x.t().to(dtype)
+        xd = x.to(dtype)
+        if self.out_features <= tile:
+            return torch.mm(xd, self.dequantize().to(dtype).t()).float()  # [M, out]
+        # x @ W.T per tile, written into the tile's columns: measured faster (SmolLM2 and 7B shapes, Zen 5)
+        # than W @ x.T into rows of [out, M] and one transposing copy at the end
+        y = torch.empty(x.shape[0], self.out_features)  # [M, out] fp32
         for r0 in range(0, self.out_features, tile):
             r1 = min(r0 + tile, self.out_features)
-            torch.mm(self.dequantize(slice(r0, r1)).to(dtype), xt, out=out[r0:r1])
-        return torch.empty(x.shape[0], self.out_features).copy_(out.t())  # [M, out] fp32, contiguous
+            y[:, r0:r1] = torch.mm(xd, self.dequantize(slice(r0, r1)).to(dtype).t())
+        return y
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):

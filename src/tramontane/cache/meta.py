@@ -97,10 +97,17 @@ def visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) 
     return mask
 
 
-def uncached_meta(positions: torch.Tensor, window: int | None) -> StepMeta:
-    """A step without a cache: plain causal attention when positions run 0..T-1 within the window."""
+def within_chunk(positions: torch.Tensor, window: int | None) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) of a chunk that attends to itself alone: no mask but plain causal attention when
+    every row's positions run on by one from a real one, within the window (SDPA then skips the scores
+    above the diagonal: half a long prompt's attention), else the mask of `visible`."""
     T = positions.shape[1]
-    causal_ok = window is None or T <= window
-    if causal_ok and bool((positions == torch.arange(T, device=positions.device)).all()):
-        return StepMeta(positions, None, True)
-    return StepMeta(positions, visible(positions, positions, window), False)
+    if (window is None or T <= window) and bool((positions[:, 0] >= 0).all()) \
+            and bool((positions.diff(dim=1) == 1).all()):
+        return None, True
+    return visible(positions, positions, window), False
+
+
+def uncached_meta(positions: torch.Tensor, window: int | None) -> StepMeta:
+    """A step without a cache: the chunk attends to itself."""
+    return StepMeta(positions, *within_chunk(positions, window))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..args import ModelArgs
-from .meta import DecodeView, StepMeta, visible
+from .meta import DecodeView, StepMeta, visible, within_chunk
 
 
 class KVCache:
@@ -215,7 +215,7 @@ def rolling_meta(positions: torch.Tensor, window: int | None, cache: KVCache, ro
                                key_positions=key_positions)
     old_positions = cache.positions[:B] if rows is None else cache.positions[rows]  # [B, capacity]
     if int(old_positions.max()) < 0:  # empty rows (a prompt's first chunk): attend within the chunk only
-        return RollingStepMeta(positions, visible(positions, positions, window), False, cache=cache, rows=rows,
+        return RollingStepMeta(positions, *within_chunk(positions, window), cache=cache, rows=rows,
                                batch_index=batch_index, slots=slots, fresh=True)
     mask = visible(torch.cat([old_positions, positions], dim=1), positions, window)
     return RollingStepMeta(positions, mask, False, cache=cache, rows=rows, batch_index=batch_index, slots=slots)

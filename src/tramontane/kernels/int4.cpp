@@ -202,13 +202,7 @@ at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Ten
                            bool interleaved) {
   check_int4(w, scale, mins, group);
   const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
-  if (interleaved) {
-    TORCH_CHECK(N % 8 == 0, "interleaved int4 rows come in eights, got ", N, " rows");
-    // each group of 8 rows back to the natural layout, then as below
-    w = w.view({N / 8, K / 32, 2, 8, 8}).permute({0, 3, 1, 2, 4}).contiguous().view({N, K / 2});
-    scale = scale.view({N / 8, groups, 8}).permute({0, 2, 1}).contiguous().view({N, groups});
-    if (mins) mins = mins->view({N / 8, groups, 8}).permute({0, 2, 1}).contiguous().view({N, groups});
-  }
+  TORCH_CHECK(!interleaved || N % 8 == 0, "interleaved int4 rows come in eights, got ", N, " rows");
   auto out = at::empty({N, K}, at::kFloat);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);
@@ -216,16 +210,26 @@ at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Ten
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const uint8_t* row = wp + o * (K / 2);
+      // where block b of row o and its group's factors are: rows in order, or row o % 8 of its group of
+      // eight, the group's blocks of 128 bytes each holding the row's two halves at 8 (o % 8) and 64 + ...
+      const int64_t i8 = o % 8, group_base = o / 8 * 8;
       float* dst = op + o * K;
       for (int64_t b = 0; b < K / 32; ++b) {
-        const int64_t g = o * groups + b * 32 / group;
+        uint8_t bytes[16];
+        if (interleaved) {
+          const uint8_t* at = wp + group_base * (K / 2) + b * 128 + i8 * 8;
+          std::memcpy(bytes, at, 8);
+          std::memcpy(bytes + 8, at + 64, 8);
+        } else {
+          std::memcpy(bytes, wp + o * (K / 2) + b * 16, 16);
+        }
+        const int64_t g = interleaved ? (group_base * groups + b * 32 / group * 8 + i8) : o * groups + b * 32 / group;
         const float s = half_to_float(sp[g]);
         const float base = mp ? half_to_float(mp[g]) : -8.f * s;  // (q - 8) * s = q * s - 8 s
 #pragma omp simd
         for (int64_t i = 0; i < 16; ++i) {
-          dst[b * 32 + i] = float(row[b * 16 + i] & 15) * s + base;
-          dst[b * 32 + i + 16] = float(row[b * 16 + i] >> 4) * s + base;
+          dst[b * 32 + i] = float(bytes[i] & 15) * s + base;
+          dst[b * 32 + i + 16] = float(bytes[i] >> 4) * s + base;
         }
       }
     }
