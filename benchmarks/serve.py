@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--file", default="Q4_0", choices=["Q4_1", "Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"],
                     help="which SmolLM2 file: the embedded Q4_1 or one llama-quantize writes from it (default "
                          "Q4_0, the issue's file)")
+    ap.add_argument("--out", help="results name under benchmarks/results (default: serve, serve_FILE or serve_7b_FILE), "
+                                  "to keep another CPU's run beside the last")
     a = ap.parse_args()
     if a.mistral_7b:
         from gguf_files import mistral_7b_files
@@ -206,7 +208,7 @@ def main() -> None:
     for label, ratio, target in checks:
         print(f"{'PASS' if ratio >= target else 'MISS'}  {label}: {ratio:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / (f"serve_7b_{a.mistral_7b.lower()}.json" if a.mistral_7b
+    out = RESULTS / (f"{a.out}.json" if a.out else f"serve_7b_{a.mistral_7b.lower()}.json" if a.mistral_7b
                      else "serve.json" if a.file == "Q4_0" else f"serve_{a.file.lower()}.json")
     out.write_text(json.dumps({"machine": info, "rows": rows,
                                "targets": [{"target": t, "ratio": r, "pass": r >= g} for t, r, g in checks]},
