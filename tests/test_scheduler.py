@@ -13,10 +13,10 @@ def step(s: Scheduler, next_token: int = 7, length: dict[int, int] | None = None
     produced logits, finish those that reached `length[id(seq)]`. Returns the sequences finished."""
     plan = s.schedule()
     produced = []
-    if plan.prefill is not None:
-        s.advance(plan.prefill.seq, plan.prefill.length)
-        if plan.prefill.last:
-            produced.append(plan.prefill.seq)
+    for chunk in plan.prefills:
+        s.advance(chunk.seq, chunk.length)
+        if chunk.last:
+            produced.append(chunk.seq)
     for seq in plan.decode:
         s.advance(seq, 1)
         produced.append(seq)
@@ -48,7 +48,8 @@ def test_admission_waits_for_blocks():
     plan = s.schedule()
     assert s.running == seqs[:2] and list(s.waiting) == [seqs[2]]
     assert sorted(plan.new_blocks) == [1, 2, 3, 4]
-    assert plan.prefill is not None and plan.prefill.seq is seqs[0] and plan.prefill.length == 6
+    # both admitted prompts fit the step's 16 prompt tokens
+    assert [(c.seq, c.start, c.length) for c in plan.prefills] == [(seqs[0], 0, 6), (seqs[1], 0, 6)]
     s.finish(seqs[0])
     s.schedule()
     assert s.running == [seqs[1], seqs[2]] and not s.waiting
@@ -70,12 +71,29 @@ def test_prefill_in_chunks_then_decode():
     chunks = []
     for _ in range(3):
         plan = s.schedule()
-        assert plan.prefill is not None and not plan.decode
-        chunks.append((plan.prefill.start, plan.prefill.length, plan.prefill.last))
-        step(s) if plan.prefill.last else s.advance(seq, plan.prefill.length)
+        assert len(plan.prefills) == 1 and not plan.decode
+        chunk = plan.prefills[0]
+        chunks.append((chunk.start, chunk.length, chunk.last))
+        step(s) if chunk.last else s.advance(seq, chunk.length)
     assert chunks == [(0, 4, False), (4, 4, False), (8, 2, True)]
     plan = s.schedule()
-    assert plan.prefill is None and plan.decode == [seq] and seq.computed == 10 and len(seq.tokens) == 11
+    assert not plan.prefills and plan.decode == [seq] and seq.computed == 10 and len(seq.tokens) == 11
+
+
+def test_prompts_share_a_step_up_to_the_chunk_size():
+    """Prompts that arrive together start in one step, in admission order, `chunk_size` tokens in all: the
+    last one that fits in part, the rest in the next steps."""
+    s = Scheduler(BlockManager(64, 4), max_batch=8, chunk_size=10)
+    seqs = [Sequence(list(range(n))) for n in (3, 4, 6, 2)]
+    for seq in seqs:
+        s.add(seq)
+    plan = s.schedule()
+    assert [(c.seq, c.start, c.length, c.last) for c in plan.prefills] == \
+        [(seqs[0], 0, 3, True), (seqs[1], 0, 4, True), (seqs[2], 0, 3, False)]
+    step(s)
+    plan = s.schedule()
+    assert [(c.seq, c.start, c.length) for c in plan.prefills] == [(seqs[2], 3, 3), (seqs[3], 0, 2)]
+    assert plan.decode == seqs[:2]  # the prompts done last step decode beside the new chunks
 
 
 @pytest.mark.parametrize("prefix_caching", [False, True])
@@ -85,9 +103,8 @@ def test_growth_preempts_the_last_admitted_and_recomputes_it(prefix_caching):
     a, b = Sequence([1, 2, 3, 4]), Sequence([5, 6, 7])
     s.add(a)
     s.add(b)
-    step(s)  # prefill a (4 tokens: 1 block); b is admitted too (1 block) and waits for its prefill
-    step(s)
-    assert s.running == [a, b] and len(a.tokens) == 6 and len(b.tokens) == 4
+    step(s)  # prefill a (4 tokens: 1 block) and b (3 tokens: 1 block), in one step
+    assert s.running == [a, b] and len(a.tokens) == 5 and len(b.tokens) == 4
     # a needs its 2nd block at 5 tokens, b at 5 tokens: 3 blocks in all, b must give way eventually
     for _ in range(6):
         step(s)
@@ -101,10 +118,9 @@ def test_growth_preempts_the_last_admitted_and_recomputes_it(prefix_caching):
     plan = s.schedule()
     assert s.running == [b]
     if prefix_caching:  # its full first block outlived the preemption: only the last token is computed
-        assert plan.prefill is None and plan.decode == [b] and b.computed == 4 == len(generated_b) - 1
+        assert not plan.prefills and plan.decode == [b] and b.computed == 4 == len(generated_b) - 1
     else:  # prompt and tokens so far, from position 0
-        assert plan.prefill is not None and plan.prefill.seq is b
-        assert plan.prefill.start == 0 and plan.prefill.length == len(generated_b)
+        assert [(c.seq, c.start, c.length) for c in plan.prefills] == [(b, 0, len(generated_b))]
 
 
 def test_a_long_sequence_alone_never_fails():

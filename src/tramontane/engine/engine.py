@@ -369,7 +369,7 @@ class Engine:
         return live
 
     def _advance(self, plan: Plan) -> None:
-        if (chunk := plan.prefill) is not None:
+        for chunk in plan.prefills:
             self.scheduler.advance(chunk.seq, chunk.length)
             self.metrics.prompt_tokens.inc(chunk.length)
         for seq in plan.decode:

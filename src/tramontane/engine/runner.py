@@ -22,7 +22,7 @@ from ..model import Transformer
 from ..parallel.topology import wait_all
 from ..step_backends import choose_backend
 from .drafters import StepCosts
-from .scheduler import Plan, Sequence
+from .scheduler import Chunk, Plan, Sequence
 
 
 @dataclass(frozen=True)
@@ -51,29 +51,37 @@ class Forward:
 
 @dataclass(frozen=True)
 class StepInputs:
-    """What every rank needs to run one step: blocks to zero first, a prompt chunk (its last position's
-    logits), one decode token per decoding sequence, or, in a step that checks drafts, every decoding
-    sequence's last token and its drafts (none for some), padded to one length by repeating the row's last
-    token (every position's logits)."""
+    """What every rank needs to run one step: blocks to zero first, prompt chunks (one forward per length,
+    a row per chunk of that length: each row's last position's logits), one decode token per decoding
+    sequence, or, in a step that checks drafts, every decoding sequence's last token and its drafts (none
+    for some), padded to one length by repeating the row's last token (every position's logits)."""
 
     new_blocks: list[int]
-    prefill: Forward | None
+    prefills: list[Forward]
     decode: Forward | None
     verify: Forward | None = None
 
 
 @dataclass(frozen=True)
 class StepLogits:
-    """A step's logits: the prompt chunk's last position [1, V], the decode rows [B, V] and the verifying
-    rows at every position [B', T, V] (None for a part the step does not have)."""
+    """A step's logits: per prompt forward its rows' last positions [rows, V], the decode rows [B, V] and
+    the verifying rows at every position [B', T, V] (None for a part the step does not have)."""
 
-    prefill: torch.Tensor | None
+    prefills: list[torch.Tensor]
     decode: torch.Tensor | None
     verify: torch.Tensor | None
 
 
+def chunks_by_length(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """A plan's prompt chunks grouped by length, in order of first appearance: each group is one forward."""
+    groups: dict[int, list[Chunk]] = {}
+    for chunk in chunks:
+        groups.setdefault(chunk.length, []).append(chunk)
+    return list(groups.values())
+
+
 class Runner:
-    """Runs one step: the plan's prompt chunk (if any), then one decode token for each decoding sequence."""
+    """Runs one step: the plan's prompt chunks (if any), then one decode token for each decoding sequence."""
 
     def __init__(self, model: Transformer, pool: PagedKVCache, adapters: AdapterRows | None = None,
                  costs: StepCosts | None = None) -> None:
@@ -85,10 +93,8 @@ class Runner:
 
     @staticmethod
     def inputs(plan: Plan) -> StepInputs:
-        prefill = None
-        if (chunk := plan.prefill) is not None:
-            tokens = chunk.seq.tokens[chunk.start : chunk.start + chunk.length]
-            prefill = Forward.of([chunk.seq], [tokens], [chunk.start])
+        prefills = [Forward.of([c.seq for c in group], [c.seq.tokens[c.start : c.start + c.length] for c in group],
+                               [c.start for c in group]) for group in chunks_by_length(plan.prefills)]
         decode = None
         if plan.decode:
             decode = Forward.of(plan.decode, [[s.tokens[-1]] for s in plan.decode],
@@ -98,11 +104,11 @@ class Runner:
             width = max(len(s.draft) for s in plan.verify)
             verify = Forward.of(plan.verify, [[s.tokens[-1], *s.draft, *(s.draft or s.tokens)[-1:] * (width - len(s.draft))]
                                               for s in plan.verify], [len(s.tokens) - 1 for s in plan.verify])
-        return StepInputs(list(plan.new_blocks), prefill, decode, verify)
+        return StepInputs(list(plan.new_blocks), prefills, decode, verify)
 
     def run(self, inputs: StepInputs) -> StepLogits:
         self.pool.clear(inputs.new_blocks)
-        prefill = None if inputs.prefill is None else self._forward(inputs.prefill, last_only=True)[:, -1]
+        prefills = [self._forward(f, last_only=True)[:, -1] for f in inputs.prefills]
         decode = verify = None
         t0 = time.perf_counter()
         if inputs.decode is not None:
@@ -111,7 +117,7 @@ class Runner:
         elif inputs.verify is not None:
             verify = self._forward(inputs.verify, last_only=False)
             self.costs.observe(len(inputs.verify.tokens) * len(inputs.verify.tokens[0]), time.perf_counter() - t0)
-        return StepLogits(prefill, decode, verify)
+        return StepLogits(prefills, decode, verify)
 
     def _decode(self, f: Forward) -> torch.Tensor:
         """The decode rows' logits [B, vocab]. On a pipeline they run as `ParallelConfig.groups_for(B)`
@@ -145,12 +151,14 @@ class Runner:
         [len(plan.verify), T, vocab] (or None). The caller advances the scheduler. `inputs` are the plan's
         (`inputs(plan)`) when the caller has them already."""
         out = self.run(inputs or self.inputs(plan))
-        prefill, decode = out.prefill, out.decode
+        decode = out.decode
         seqs: list[Sequence] = []
         rows: list[torch.Tensor] = []
-        if plan.prefill is not None and plan.prefill.last and prefill is not None:
-            seqs.append(plan.prefill.seq)
-            rows.append(prefill)
+        for group, logits in zip(chunks_by_length(plan.prefills), out.prefills):
+            for chunk, row in zip(group, logits):
+                if chunk.last:  # a prompt's end: its next token is sampled
+                    seqs.append(chunk.seq)
+                    rows.append(row[None])
         if decode is not None:
             seqs.extend(plan.decode)
             rows.append(decode)

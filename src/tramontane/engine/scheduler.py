@@ -1,8 +1,8 @@
 """The scheduler: which sequences run in the next step, on which KV blocks; it decides, the runner executes.
 
-Each step the scheduler returns a `Plan`: one prompt chunk to prefill (or none) and the sequences to
-decode one token each, with the blocks that are new to them (to be zeroed before the step). It works
-on token ids and block ids only, so it is tested without a model.
+Each step the scheduler returns a `Plan`: the prompt chunks to prefill and the sequences to decode one
+token each, with the blocks that are new to them (to be zeroed before the step). It works on token ids
+and block ids only, so it is tested without a model.
 
 A sequence's tokens are its prompt plus what it has generated; `computed` of them have keys and values
 in the cache, and the next step feeds `tokens[computed:]` (a chunk of them while prefilling, the last
@@ -12,7 +12,11 @@ sampled token while decoding). Rules:
   - a decoding sequence that needs one more block takes it; when none is left, the sequence admitted
     last is preempted: its blocks are released and it goes back to the head of the queue, to be
     recomputed (prompt and tokens so far) when blocks free up. Nothing that fits the context fails;
-  - blocks that fell out of a sliding window are released as the sequence moves on.
+  - blocks that fell out of a sliding window are released as the sequence moves on;
+  - a step prefills up to `chunk_size` prompt tokens, taken from the prefilling sequences in admission
+    order: several short prompts that arrive together start in one step instead of one step each (each
+    step also decodes every running sequence, so under load a prompt's first token waited for as many
+    decode steps as there were prompts ahead of it).
 """
 
 from __future__ import annotations
@@ -59,10 +63,10 @@ class Chunk:
 
 @dataclass
 class Plan:
-    """A step: one prompt chunk (or none), the sequences decoding one token, and those (`verify`) whose last
-    token runs with their drafts, which the engine moves out of `decode` after drafting."""
+    """A step: prompt chunks (of different sequences), the sequences decoding one token, and those (`verify`)
+    whose last token runs with their drafts, which the engine moves out of `decode` after drafting."""
 
-    prefill: Chunk | None
+    prefills: list[Chunk]
     decode: list[Sequence]
     new_blocks: list[int]
     preempted: list[Sequence]
@@ -70,7 +74,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode and not self.verify
+        return not self.prefills and not self.decode and not self.verify
 
 
 class Scheduler:
@@ -103,12 +107,14 @@ class Scheduler:
                     seq.blocks.append(block)
                     new.append(block)
         self._admit(new)
-        prefill = next((s for s in self.running if s.prefilling), None)
-        chunk = None
-        if prefill is not None:
-            chunk = Chunk(prefill, prefill.computed, min(self.chunk_size, len(prefill.tokens) - prefill.computed))
+        chunks: list[Chunk] = []
+        budget = self.chunk_size
+        for seq in self.running:
+            if seq.prefilling and budget > 0:
+                chunks.append(Chunk(seq, seq.computed, min(budget, len(seq.tokens) - seq.computed)))
+                budget -= chunks[-1].length
         decode = [s for s in self.running if not s.prefilling]
-        return Plan(chunk, decode, new, preempted)
+        return Plan(chunks, decode, new, preempted)
 
     def advance(self, seq: Sequence, fed: int) -> None:
         """The runner has written `fed` more tokens of `seq` into its blocks."""
