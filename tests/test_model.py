@@ -103,3 +103,19 @@ def test_model_on_meta_allocates_nothing():
         model = Transformer(preset("mixtral-8x7b"))
     assert model.tok_embeddings.weight.is_meta
     assert sum(p.numel() for p in model.parameters()) == preset("mixtral-8x7b").n_params
+
+
+@pytest.mark.parametrize("T", [65, 130, 300])
+def test_causal_attention_in_blocks_equals_sdpa(T):
+    import torch.nn.functional as F
+
+    from tramontane.layers import CAUSAL_BLOCK, attend, causal_in_blocks
+
+    assert CAUSAL_BLOCK < T
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, 4, T, 16, generator=g)
+    k, v = torch.randn(2, 2, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g)
+    full_k, full_v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    expected = F.scaled_dot_product_attention(q, full_k, full_v, is_causal=True)
+    torch.testing.assert_close(causal_in_blocks(q, full_k, full_v), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, None, True), expected, atol=1e-5, rtol=1e-5)  # grouped heads

@@ -85,6 +85,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        if is_causal and T == k.shape[2] and CAUSAL_BLOCK < T <= CAUSAL_BLOCKS_UP_TO and q.device.type == "cpu" \
+                and not q.requires_grad:  # (measured for inference; training keeps one call)
+            return causal_in_blocks(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     if rep == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -93,6 +96,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         mask = mask.unsqueeze(2).expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, kv, rep * T, D]
     return out.reshape(B, H, T, D)  # a view on the CPU; CUDA's kernels may hand back other strides
+
+
+# Queries per call of `causal_in_blocks`, and the longest chunk it pays for: measured on Zen 5 (2 threads)
+# against PyTorch's causal SDPA, 9 or 32 heads: 1.3x faster at 512 queries, 1.1x at 1024, none at 2048.
+CAUSAL_BLOCK = 64
+CAUSAL_BLOCKS_UP_TO = 1024
+
+
+def causal_in_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q over k, v (all [B, H, T, D]) as one call per block of CAUSAL_BLOCK queries over
+    the keys up to the block's end: PyTorch's CPU flash attention scored every key of a chunk of up to
+    about a thousand even when causal (512 queries took as long causal as full), so the blocks skip what
+    lies above the diagonal."""
+    T = q.shape[2]
+    outs = []
+    for s in range(0, T, CAUSAL_BLOCK):
+        e = min(s + CAUSAL_BLOCK, T)
+        # query s + i sees keys 0..s + i
+        mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(diagonal=s)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask))
+    return torch.cat(outs, dim=2)
 
 
 class FeedForward(nn.Module):
