@@ -123,8 +123,18 @@ void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t*
   }
 }
 
-// Interleaved rows, one at a time: byte i of row i8 of a group's block b is at b * 128 + (i / 8) * 64 +
-// i8 * 8 + i % 8.
+// Where the interleaved layout keeps row o's pieces (the vector tile, int4_r8_tile, reads them whole): its
+// block b's 16 bytes, in natural order, are two halves of 8 at 8 (o % 8) and 64 + 8 (o % 8) in its group's
+// block of 128; its factor of group gi is the (o % 8)-th of that group's 8.
+inline void r8_block_bytes(const uint8_t* w, int64_t K, int64_t o, int64_t b, uint8_t out[16]) {
+  const uint8_t* at = w + o / 8 * 4 * K + b * 128 + o % 8 * 8;
+  std::memcpy(out, at, 8);
+  std::memcpy(out + 8, at + 64, 8);
+}
+
+inline int64_t r8_factor_index(int64_t o, int64_t gi, int64_t groups) { return (o / 8 * groups + gi) * 8 + o % 8; }
+
+// Interleaved rows, one at a time.
 template <int P>
 void int4_r8_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
                       const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
@@ -136,10 +146,10 @@ void int4_r8_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t at = m * nb + b;
           uint8_t row[16];
-          for (int64_t i = 0; i < 16; ++i) row[i] = w[g * 4 * K + b * 128 + i / 8 * 64 + i8 * 8 + i % 8];
+          r8_block_bytes(w, K, 8 * g + i8, b, row);
           int32_t dot = int4_block_dot<P>(row, qx.qp + at * 32, P == 2 ? qx.rp + at * 32 : nullptr, 0);
           if (!wmin) dot += qx.bp[at];
-          const int64_t s = (g * groups + b * 32 / group) * 8 + i8;
+          const int64_t s = r8_factor_index(8 * g + i8, b * 32 / group, groups);
           acc += float(dot) * (half_to_float(wscale[s]) * qx.sp[at]);
           if (wmin) acc += half_to_float(wmin[s]) * qx.sum_p[at];
         }
@@ -210,20 +220,14 @@ at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Ten
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      // where block b of row o and its group's factors are: rows in order, or row o % 8 of its group of
-      // eight, the group's blocks of 128 bytes each holding the row's two halves at 8 (o % 8) and 64 + ...
-      const int64_t i8 = o % 8, group_base = o / 8 * 8;
       float* dst = op + o * K;
       for (int64_t b = 0; b < K / 32; ++b) {
         uint8_t bytes[16];
-        if (interleaved) {
-          const uint8_t* at = wp + group_base * (K / 2) + b * 128 + i8 * 8;
-          std::memcpy(bytes, at, 8);
-          std::memcpy(bytes + 8, at + 64, 8);
-        } else {
+        if (interleaved)
+          r8_block_bytes(wp, K, o, b, bytes);
+        else
           std::memcpy(bytes, wp + o * (K / 2) + b * 16, 16);
-        }
-        const int64_t g = interleaved ? (group_base * groups + b * 32 / group * 8 + i8) : o * groups + b * 32 / group;
+        const int64_t g = interleaved ? r8_factor_index(o, b * 32 / group, groups) : o * groups + b * 32 / group;
         const float s = half_to_float(sp[g]);
         const float base = mp ? half_to_float(mp[g]) : -8.f * s;  // (q - 8) * s = q * s - 8 s
 #pragma omp simd

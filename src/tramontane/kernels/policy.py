@@ -55,8 +55,9 @@ class KernelPolicy:
     # gives one part to those who want it.
     activation_parts: int = 2
     # Int4 weights repacked into rows interleaved by eights when a backend is chosen (kernels/int4.cpp):
-    # with AVX-512 or AVX2 one dot product then serves 8 rows, 1.7-4x faster on SmolLM2's decode products
-    # and no slower on the 7B's (benchmarks/projections.py). Not with AMX: its tiles read rows in order.
+    # with AVX-512 or AVX2 one dot product then serves 8 rows, 1.3-4x faster on SmolLM2's decode products
+    # and 0.9-1.9x on a 7B-shaped one, which waits on memory (benchmarks/projections.py, Zen 5). Not with
+    # AMX: its tiles read rows in order.
     interleave_int4: bool = False
 
     @classmethod
