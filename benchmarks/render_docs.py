@@ -47,13 +47,16 @@ virtual machines whose absolute speeds move from run to run.
 make bench                                        # the GGUF, start-up, run.py, serve and prefix-cache benchmarks; builds llama.cpp's C++ tools once (~15 min)
 make bench BENCH_ARGS="--quick"                   # a smoke run of run.py
 .venv/bin/python benchmarks/llama_tools.py --files                 # build llama-bench/-server/-quantize; SmolLM2 files
+.venv/bin/python benchmarks/llama_tools.py --avx2                  # also an AVX2-only llama-bench (the peer of --isa avx2)
 .venv/bin/python benchmarks/gguf_files.py                          # SmolLM2 and 7B-shape GGUF formats vs llama-bench; quality
-.venv/bin/python benchmarks/gguf_files.py --rounds 3               # more interleaved rounds (--isa avx512,avx2: a row per kernel path)
+.venv/bin/python benchmarks/gguf_files.py --rounds 3               # more interleaved rounds (--isa avx512,avx2: a row per kernel path,
+                                                                   #   avx2 also against llama-bench built for AVX2; --out NAME per CPU)
 .venv/bin/python benchmarks/run.py --sections smollm2,1b,7b,quality   # decode, prefill, RSS, quality vs peers
 .venv/bin/python benchmarks/generation.py --skip-1b                # vs transformers generate; rolling-cache cost
 .venv/bin/python benchmarks/load_memory.py                         # peak RSS while loading a random 1B model
 .venv/bin/python benchmarks/serve.py                               # tramontane serve vs llama-server -np 32
 .venv/bin/python benchmarks/serve.py --mistral-7b Q4_K_M           # the 7B shape at 1 and 8 clients (or Q4_0)
+.venv/bin/python benchmarks/serve.py --out serve_amd_epyc_zen5     # keep another CPU's run beside the last
 .venv/bin/python benchmarks/prefix_cache.py                        # TTFT with a shared system prompt, cache on/off
 .venv/bin/python benchmarks/kv_memory.py                           # paged KV pool: 16 x 512-token conversations, 7B shape
 .venv/bin/python benchmarks/kv_quality.py                          # what each KV cache dtype costs: top-1 agreement, bytes per token
