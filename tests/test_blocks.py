@@ -65,6 +65,9 @@ def test_dequantize_equals_gguf_reference_bit_for_bit(kind, isa):
     w = random_blocks(kind, 24, 512)
     ours = load_kernels().block_dequantize(w, BLOCK_FORMATS[kind])
     assert torch.equal(ours, reference(kind, w))
+    # bf16 (what prefill tiles multiply where the policy's GEMM is bf16): rounded as Tensor.to rounds
+    bf16 = load_kernels().block_dequantize(w, BLOCK_FORMATS[kind], bf16=True)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.view(torch.int16), ours.bfloat16().view(torch.int16))
 
 
 def kernel_product(kind: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -258,6 +258,22 @@ def test_int4_dequantize_kernel_matches_reference(ext):
         torch.testing.assert_close(ext.int4_dequantize(packed, scale, mins, 64), dequantize_int4(packed, scale, mins))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_bf16_dequantize_rounds_as_tensor_to(interleaved, zero_point):
+    # bf16 tiles for prefill come straight from the weights: the same bits as fp32 rounded by Tensor.to,
+    # for every row selection (whole groups of 8, parts of groups, index tensors)
+    layer = Int4Linear.from_float(torch.randn(48, 256), 32, zero_point)
+    if interleaved:
+        layer.interleave()
+    for rows in (slice(None), slice(8, 24), slice(3, 17), torch.tensor([5, 1, 47])):
+        want = layer.dequantize(rows).bfloat16()
+        got = layer.dequantize(rows, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), want.view(torch.int16)), rows
+    nan = torch.full((8, 32), float("nan"))
+    assert Int4Linear.from_float(nan, 32).dequantize(dtype=torch.bfloat16).isnan().all()
+
+
 @pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
 def test_modules_use_kernel_and_fallback_alike(use_policy, gemm, vector_kernels):
     # 40 output rows: big inputs go through 3 tiles; bf16 is what CPUs with AMX use

@@ -67,13 +67,13 @@ class BlockLinear(QuantLinearBase):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
 
-    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         part = self.weight[rows]
         ext = load_kernels() if part.device.type == "cpu" else None
         if ext is not None:
-            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind])
+            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind], bf16=dtype == torch.bfloat16)
         values = gguf_dequantize(part.cpu().numpy(), GGMLQuantizationType[self.kind])
-        return torch.from_numpy(values.astype(np.float32)).to(part.device)
+        return torch.from_numpy(values.astype(np.float32)).to(part.device, dtype)
 
     def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.block_linear(flat, self.weight, BLOCK_FORMATS[self.kind])

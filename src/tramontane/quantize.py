@@ -71,8 +71,8 @@ class QuantLinearBase(nn.Module):
     in_features: int
     out_features: int
 
-    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        """The fp32 weight: of output `rows` only (a slice or index tensor) if given."""
+    def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in `dtype` (fp32 or bf16): of output `rows` only (a slice or index tensor) if given."""
         raise NotImplementedError
 
     def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
@@ -110,13 +110,13 @@ class QuantLinearBase(nn.Module):
         dtype, tile = policy.gemm_dtype, policy.prefill_tile
         xd = x.to(dtype)
         if self.out_features <= tile:
-            return torch.mm(xd, self.dequantize().to(dtype).t()).float()  # [M, out]
+            return torch.mm(xd, self.dequantize(dtype=dtype).t()).float()  # [M, out]
         # x @ W.T per tile, written into the tile's columns: measured faster (SmolLM2 and 7B shapes, Zen 5)
         # than W @ x.T into rows of [out, M] and one transposing copy at the end
         y = torch.empty(x.shape[0], self.out_features)  # [M, out] fp32
         for r0 in range(0, self.out_features, tile):
             r1 = min(r0 + tile, self.out_features)
-            y[:, r0:r1] = torch.mm(xd, self.dequantize(slice(r0, r1)).to(dtype).t())
+            y[:, r0:r1] = torch.mm(xd, self.dequantize(slice(r0, r1), dtype).t())
         return y
 
 
@@ -181,8 +181,8 @@ class Int8Linear(QuantLinearBase):
         m.weight, m.scale = quantize_int8(weight)
         return m
 
-    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        return dequantize_int8(self.weight[rows], self.scale[rows])
+    def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.weight[rows], self.scale[rows]).to(dtype)
 
     def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.int8_linear(flat, self.weight, self.scale)
@@ -321,13 +321,14 @@ class Int4Linear(QuantLinearBase):
             self.weight, self.scale, self.mins = rows_in_order(self.weight, self.scale, self.mins)
             self.interleaved = False
 
-    def dequantize(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ext = load_kernels() if self.weight.device.type == "cpu" else None
+        bf16 = dtype == torch.bfloat16
         if not self.interleaved:
             mins = None if self.mins is None else self.mins[rows]
             if ext is not None:
-                return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size)
-            return dequantize_int4(self.weight[rows], self.scale[rows], mins)
+                return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size, bf16=bf16)
+            return dequantize_int4(self.weight[rows], self.scale[rows], mins).to(dtype)
         # interleaved: whole groups of 8 rows, then the rows asked for among them
         wanted = torch.arange(self.out_features, device=self.weight.device)[rows]  # [n]
         groups: slice | torch.Tensor
@@ -343,9 +344,9 @@ class Int4Linear(QuantLinearBase):
         w, s = w.reshape(n, -1), s.reshape(n, -1)
         m = None if m is None else m.reshape(n, -1)
         if ext is not None:
-            out = ext.int4_dequantize(w, s, m, self.group_size, interleaved=True)
+            out = ext.int4_dequantize(w, s, m, self.group_size, interleaved=True, bf16=bf16)
         else:
-            out = dequantize_int4(*rows_in_order(w, s, m))
+            out = dequantize_int4(*rows_in_order(w, s, m)).to(dtype)
         if take is None:
             return out
         return out.view(-1, 8, self.in_features)[torch.arange(len(take)), take]  # [n, in]

@@ -33,12 +33,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("rot"), py::arg("kcache"), py::arg("vcache"), py::arg("kscale"), py::arg("vscale"),
         py::arg("tables"), py::arg("key_pos"), py::arg("write"), py::arg("q_pos"), py::arg("window"), py::arg("scan"),
         py::arg("n_heads"), py::arg("n_kv_heads"));
-  m.def("int4_dequantize", &int4_dequantize, nogil, "packed int4 rows to fp32 [N, K]", py::arg("w"), py::arg("scale"),
-        py::arg("mins"), py::arg("group"), py::arg("interleaved") = false);
+  m.def("int4_dequantize", &int4_dequantize, nogil, "packed int4 rows to fp32 (or bf16) [N, K]", py::arg("w"),
+        py::arg("scale"), py::arg("mins"), py::arg("group"), py::arg("interleaved") = false, py::arg("bf16") = false);
   m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
   m.def("block_amx_min_rows", &block_amx_min_rows, "rows of x from which a GGUF block format's products run on AMX tiles");
   m.def("block_linear", &block_linear, nogil, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
-  m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 [N, K]");
+  m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 (or bf16) [N, K]",
+        py::arg("w"), py::arg("kind"), py::arg("bf16") = false);
   m.def("mapped_empty", &mapped_empty, "uninitialised uint8 [nbytes] in memory of its own, in 2 MiB pages if asked and Linux allows",
         py::arg("nbytes"), py::arg("huge_pages"));
   m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");

@@ -262,17 +262,14 @@ at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind) {
   });
 }
 
-at::Tensor block_dequantize(at::Tensor w, int64_t kind) {
+at::Tensor block_dequantize(at::Tensor w, int64_t kind, bool bf16) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
-    const int64_t K = check_blocks(f, w), N = w.size(0);
-    auto out = at::empty({N, K}, at::kFloat);
+    const int64_t K = check_blocks(f, w), row_bytes = w.size(1);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      BY_ISA(dequantize_rows<F>(wp, K, op, begin, end), return);
-      dequantize_rows_ref<F>(wp, K, op, begin, end);
+    return dequantized_rows(w.size(0), K, bf16, [&](int64_t o, float* dst) {
+      BY_ISA(dequantize_rows<F>(wp + o * row_bytes, K, dst, 0, 1), return);
+      dequantize_rows_ref<F>(wp + o * row_bytes, K, dst, 0, 1);
     });
-    return out;
   });
 }

@@ -9,4 +9,4 @@
 std::tuple<int64_t, int64_t> block_unit(int64_t kind);
 int64_t block_amx_min_rows(int64_t kind);
 at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind);
-at::Tensor block_dequantize(at::Tensor w, int64_t kind);
+at::Tensor block_dequantize(at::Tensor w, int64_t kind, bool bf16 = false);

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -107,6 +108,41 @@ template <class Fn>
 auto with_parts(Fn fn) {
   if (activation_parts() == 1) return fn(std::integral_constant<int, 1>{});
   return fn(std::integral_constant<int, 2>{});
+}
+
+// fp32 values to bf16 bits, rounded to nearest even as at::BFloat16 rounds (the bits Tensor.to(torch.bfloat16)
+// gives), NaN to its quiet NaN. Cloned per instruction set, chosen when the library loads (measured faster
+// than hand-written AVX-512 and AVX2 loops on Zen 5: 7B prefill's dequantization 1.4 s against 1.8 s).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    const uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    dst[i] = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : rounded;
+  }
+}
+
+// An [N, K] tensor of dequantized rows, fp32 or (`bf16`) bf16, filled in parallel by fill(o, dst), which
+// writes row o as fp32 to dst. Bf16 rows go through one fp32 row in cache: memory sees only the bf16
+// bytes, half of fp32's, and no second pass converts them.
+template <class Fill>
+at::Tensor dequantized_rows(int64_t N, int64_t K, bool bf16, Fill fill) {
+  auto out = at::empty({N, K}, bf16 ? at::kBFloat16 : at::kFloat);
+  float* fp = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* bp = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(bf16 ? K : 0);
+    for (int64_t o = begin; o < end; ++o) {
+      if (!bf16) {
+        fill(o, fp + o * K);
+        continue;
+      }
+      fill(o, row.data());
+      to_bf16(row.data(), bp + o * K, K);
+    }
+  });
+  return out;
 }
 
 inline int64_t grain(int64_t N) {

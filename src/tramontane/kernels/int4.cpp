@@ -208,35 +208,35 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
 
 // Dequantize packed int4 rows (interleaved by eights or not) to fp32 [N, K] (for prefill, where a GEMM on
 // fp32 weights wins).
+// Row o of int4 weights as fp32 into dst (its own function, every argument a value: nothing the stores
+// could alias, so the loop stays vectorised).
+static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, int64_t K, int64_t group,
+                     bool interleaved, int64_t o, float* __restrict dst) {
+  const int64_t groups = K / group;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    uint8_t bytes[16];
+    if (interleaved)
+      r8_block_bytes(wp, K, o, b, bytes);
+    else
+      std::memcpy(bytes, wp + o * (K / 2) + b * 16, 16);
+    const int64_t g = interleaved ? r8_factor_index(o, b * 32 / group, groups) : o * groups + b * 32 / group;
+    const float s = half_to_float(sp[g]);
+    const float base = mp ? half_to_float(mp[g]) : -8.f * s;  // (q - 8) * s = q * s - 8 s
+#pragma omp simd
+    for (int64_t i = 0; i < 16; ++i) {
+      dst[b * 32 + i] = float(bytes[i] & 15) * s + base;
+      dst[b * 32 + i + 16] = float(bytes[i] >> 4) * s + base;
+    }
+  }
+}
+
 at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group,
-                           bool interleaved) {
+                           bool interleaved, bool bf16) {
   check_int4(w, scale, mins, group);
-  const int64_t N = w.size(0), K = w.size(1) * 2, groups = K / group;
+  const int64_t N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(!interleaved || N % 8 == 0, "interleaved int4 rows come in eights, got ", N, " rows");
-  auto out = at::empty({N, K}, at::kFloat);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = half_bits(scale);
   const uint16_t* mp = mins ? half_bits(*mins) : nullptr;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      float* dst = op + o * K;
-      for (int64_t b = 0; b < K / 32; ++b) {
-        uint8_t bytes[16];
-        if (interleaved)
-          r8_block_bytes(wp, K, o, b, bytes);
-        else
-          std::memcpy(bytes, wp + o * (K / 2) + b * 16, 16);
-        const int64_t g = interleaved ? r8_factor_index(o, b * 32 / group, groups) : o * groups + b * 32 / group;
-        const float s = half_to_float(sp[g]);
-        const float base = mp ? half_to_float(mp[g]) : -8.f * s;  // (q - 8) * s = q * s - 8 s
-#pragma omp simd
-        for (int64_t i = 0; i < 16; ++i) {
-          dst[b * 32 + i] = float(bytes[i] & 15) * s + base;
-          dst[b * 32 + i + 16] = float(bytes[i] >> 4) * s + base;
-        }
-      }
-    }
-  });
-  return out;
+  return dequantized_rows(N, K, bf16, [=](int64_t o, float* dst) { int4_row(wp, sp, mp, K, group, interleaved, o, dst); });
 }

@@ -6,4 +6,4 @@
 at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins,
                           int64_t group, bool interleaved = false);
 at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group,
-                           bool interleaved = false);
+                           bool interleaved = false, bool bf16 = false);
