@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 
 import pytest
 import torch
@@ -322,6 +324,24 @@ def test_gemm_dtype_follows_the_measured_bf16_rate(monkeypatch):
     assert KernelPolicy.detect(lambda: 2.5).gemm_dtype == torch.bfloat16
     monkeypatch.setattr(policy_module, "load_kernels", lambda: None)  # no kernels: plain PyTorch, fp32
     assert KernelPolicy.detect(lambda: 2.5).gemm_dtype == torch.float32
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap and Linux's fault counts")
+def test_policy_keeps_freed_memory_for_the_next_step(ext):
+    # a step's big temporaries come back from the heap, not fresh from the system one page fault per 4 KiB:
+    # 64 MiB is past glibc's own largest threshold (32 MiB), which would map and unmap it every time
+    from tramontane.kernels.policy import kernel_policy
+
+    kernel_policy()
+
+    def faults_writing_64_mib() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.ones(16 << 20)
+        del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_writing_64_mib()
+    assert faults_writing_64_mib() < 1024  # from the system: 16384
 
 
 def test_bf16_rate_is_measured_once_per_cpu_and_kept(monkeypatch, tmp_path):

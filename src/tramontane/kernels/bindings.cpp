@@ -18,6 +18,7 @@ std::vector<std::string> isas();
 void set_isa(const std::string& name);
 at::Tensor mapped_empty(int64_t nbytes, bool huge_pages);
 void trim_heap();
+void keep_heap(int64_t mmap_below, int64_t trim_above);
 void release_threads();
 void release_pages(int64_t address, int64_t nbytes);
 void bind_decode_stack(pybind11::module_& m);  // decode.cpp
@@ -43,6 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mapped_empty", &mapped_empty, "uninitialised uint8 [nbytes] in memory of its own, in 2 MiB pages if asked and Linux allows",
         py::arg("nbytes"), py::arg("huge_pages"));
   m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");
+  m.def("keep_heap", &keep_heap, "keep freed memory in the C heap and serve allocations below mmap_below from it (glibc)",
+        py::arg("mmap_below"), py::arg("trim_above"));
   m.def("release_pages", &release_pages, nogil, "hint Linux to reclaim the whole pages of a range of file-mapped memory");
   m.def("release_threads", &release_threads, "end the calling thread's OpenMP workers (before another thread computes)");
   m.def("isa", &isa, "the instruction set in use");

@@ -54,6 +54,17 @@ void trim_heap() {
 #endif
 }
 
+// Keep the C heap's freed memory for the next allocation (up to `trim_above` bytes free at its top) and serve
+// allocations below `mmap_below` bytes from it: a prefill step allocates and frees megabytes of activations,
+// products and weight tiles, and memory fresh from the system costs a page fault per 4 KiB page on first
+// touch. glibc's own thresholds (adaptive, from 128 KiB) gave most of those back after every step.
+void keep_heap(int64_t mmap_below, int64_t trim_above) {
+#if defined(__linux__) && defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, int(std::min<int64_t>(mmap_below, INT32_MAX)));
+  mallopt(M_TRIM_THRESHOLD, int(std::min<int64_t>(trim_above, INT32_MAX)));
+#endif
+}
+
 // End the OpenMP worker threads of the calling thread's team (libgomp frees its pool; a later parallel
 // region on this thread makes a new one). Once a second thread computes, two teams exist, and with more
 // OpenMP threads than cores libgomp stops spinning between parallel regions, and a decode step on the

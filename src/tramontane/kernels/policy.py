@@ -59,6 +59,12 @@ class KernelPolicy:
     # and 0.9-1.9x on a 7B-shaped one, which waits on memory (benchmarks/projections.py, Zen 5). Not with
     # AMX: its tiles read rows in order.
     interleave_int4: bool = False
+    # The C heap keeps freed memory up to `heap_keep` bytes and serves allocations below `heap_mmap_below`
+    # (Kernels.keep_heap): a 512-token prefill of SmolLM2 ran 1.35x faster on Zen 5 (benchmarks/gguf_files.py),
+    # as each step's activations and weight tiles no longer come fresh from the system, page fault by page
+    # fault. The cost: up to `heap_keep` bytes stay resident after the largest step (loading still trims).
+    heap_mmap_below: int = 256 << 20
+    heap_keep: int = 1 << 30
 
     @classmethod
     def detect(cls, speedup: Callable[[], float] | None = None) -> KernelPolicy:
@@ -70,6 +76,7 @@ class KernelPolicy:
         policy = cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32,
                      interleave_int4=kernels.isa() != "amx")
         kernels.set_activation_parts(policy.activation_parts)
+        kernels.keep_heap(policy.heap_mmap_below, policy.heap_keep)
         return policy
 
     def vector_wins(self, rows: int, amx_tiles: bool, in_features: int) -> bool:
