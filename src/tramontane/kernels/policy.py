@@ -60,11 +60,13 @@ class KernelPolicy:
     # AMX: its tiles read rows in order.
     interleave_int4: bool = False
     # The C heap keeps freed memory up to `heap_keep` bytes and serves allocations below `heap_mmap_below`
-    # (Kernels.keep_heap): a 512-token prefill of SmolLM2 ran 1.35x faster on Zen 5 (benchmarks/gguf_files.py),
+    # (Kernels.keep_heap): a 512-token prefill ran 1.2-1.35x faster on Zen 5 (SmolLM2 and the 7B shape, Q4_0),
     # as each step's activations and weight tiles no longer come fresh from the system, page fault by page
-    # fault. The cost: up to `heap_keep` bytes stay resident after the largest step (loading still trims).
-    heap_mmap_below: int = 256 << 20
-    heap_keep: int = 1 << 30
+    # fault. 32 MiB is glibc's own ceiling for its adaptive threshold: bigger blocks are still mapped and
+    # unmapped, as they were, since the heap could not reuse them exactly (aligned blocks need a little more
+    # than a freed one holds) and would only grow. Up to `heap_keep` stays resident (loading still trims).
+    heap_mmap_below: int = 32 << 20
+    heap_keep: int = 256 << 20
 
     @classmethod
     def detect(cls, speedup: Callable[[], float] | None = None) -> KernelPolicy:
