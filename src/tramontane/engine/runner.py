@@ -22,14 +22,13 @@ from ..model import Transformer
 from ..parallel.topology import wait_all
 from ..step_backends import choose_backend
 from .drafters import StepCosts
-from .scheduler import Plan, Sequence
+from .scheduler import Chunk, Plan, Sequence
 
 
 @dataclass(frozen=True)
 class Forward:
     """One forward call: row b feeds `tokens[b]` from position `starts[b]` over block table `tables[b]`
-    (whose first entry is logical block `first_blocks[b]`) with LoRA adapter `adapters[b]`. Rows may differ
-    in length (prompt chunks): see `Runner._forward`."""
+    (whose first entry is logical block `first_blocks[b]`) with LoRA adapter `adapters[b]`."""
 
     tokens: list[list[int]]
     starts: list[int]
@@ -52,25 +51,33 @@ class Forward:
 
 @dataclass(frozen=True)
 class StepInputs:
-    """What every rank needs to run one step: blocks to zero first, prompt chunks (one forward, a row per
-    chunk, whatever their lengths: each row's last position's logits), one decode token per decoding
+    """What every rank needs to run one step: blocks to zero first, prompt chunks (one forward per length,
+    a row per chunk of that length: each row's last position's logits), one decode token per decoding
     sequence, or, in a step that checks drafts, every decoding sequence's last token and its drafts (none
     for some), padded to one length by repeating the row's last token (every position's logits)."""
 
     new_blocks: list[int]
-    prefill: Forward | None
+    prefills: list[Forward]
     decode: Forward | None
     verify: Forward | None = None
 
 
 @dataclass(frozen=True)
 class StepLogits:
-    """A step's logits: the prompt chunks' last positions [chunks, V], the decode rows [B, V] and the
-    verifying rows at every position [B', T, V] (None for a part the step does not have)."""
+    """A step's logits: per prompt forward its rows' last positions [rows, V], the decode rows [B, V] and
+    the verifying rows at every position [B', T, V] (None for a part the step does not have)."""
 
-    prefill: torch.Tensor | None
+    prefills: list[torch.Tensor]
     decode: torch.Tensor | None
     verify: torch.Tensor | None
+
+
+def chunks_by_length(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """A plan's prompt chunks grouped by length, in order of first appearance: each group is one forward."""
+    groups: dict[int, list[Chunk]] = {}
+    for chunk in chunks:
+        groups.setdefault(chunk.length, []).append(chunk)
+    return list(groups.values())
 
 
 class Runner:
@@ -86,11 +93,8 @@ class Runner:
 
     @staticmethod
     def inputs(plan: Plan) -> StepInputs:
-        prefill = None
-        if plan.prefills:
-            prefill = Forward.of([c.seq for c in plan.prefills],
-                                 [c.seq.tokens[c.start : c.start + c.length] for c in plan.prefills],
-                                 [c.start for c in plan.prefills])
+        prefills = [Forward.of([c.seq for c in group], [c.seq.tokens[c.start : c.start + c.length] for c in group],
+                               [c.start for c in group]) for group in chunks_by_length(plan.prefills)]
         decode = None
         if plan.decode:
             decode = Forward.of(plan.decode, [[s.tokens[-1]] for s in plan.decode],
@@ -100,11 +104,11 @@ class Runner:
             width = max(len(s.draft) for s in plan.verify)
             verify = Forward.of(plan.verify, [[s.tokens[-1], *s.draft, *(s.draft or s.tokens)[-1:] * (width - len(s.draft))]
                                               for s in plan.verify], [len(s.tokens) - 1 for s in plan.verify])
-        return StepInputs(list(plan.new_blocks), prefill, decode, verify)
+        return StepInputs(list(plan.new_blocks), prefills, decode, verify)
 
     def run(self, inputs: StepInputs) -> StepLogits:
         self.pool.clear(inputs.new_blocks)
-        prefill = None if inputs.prefill is None else self._forward(inputs.prefill, last_only=True)[:, -1]
+        prefills = [self._forward(f, last_only=True)[:, -1] for f in inputs.prefills]
         decode = verify = None
         t0 = time.perf_counter()
         if inputs.decode is not None:
@@ -113,7 +117,7 @@ class Runner:
         elif inputs.verify is not None:
             verify = self._forward(inputs.verify, last_only=False)
             self.costs.observe(len(inputs.verify.tokens) * len(inputs.verify.tokens[0]), time.perf_counter() - t0)
-        return StepLogits(prefill, decode, verify)
+        return StepLogits(prefills, decode, verify)
 
     def _decode(self, f: Forward) -> torch.Tensor:
         """The decode rows' logits [B, vocab]. On a pipeline they run as `ParallelConfig.groups_for(B)`
@@ -132,17 +136,9 @@ class Runner:
         return torch.cat(outs)
 
     def _forward(self, f: Forward, last_only: bool) -> torch.Tensor:
-        """Rows of different lengths run as one forward: a shorter row repeats its last token at its last
-        position up to the longest, so its padding computes that token again and writes the same key and
-        value into the same slot, which no earlier position sees; its last position's logits are its last
-        token's. One forward instead of one per length: beyond `KernelPolicy.small_batch` rows, each
-        forward dequantizes every weight (the 7B shape: 1.3 s)."""
         device = self.model.device
-        width = max(len(t) for t in f.tokens)
-        tokens = torch.tensor([t + t[-1:] * (width - len(t)) for t in f.tokens], device=device)  # [B, T]
-        steps = torch.arange(width, device=device)
-        last = torch.tensor([len(t) - 1 for t in f.tokens], device=device)[:, None]
-        positions = torch.tensor(f.starts, device=device)[:, None] + torch.minimum(steps, last)
+        tokens = torch.tensor(f.tokens, device=device)  # [B, T]
+        positions = torch.tensor(f.starts, device=device)[:, None] + torch.arange(tokens.shape[1], device=device)
         if self.adapters is not None:
             self.adapters.index = torch.tensor(f.adapters, device=device)
         batch = self.pool.batch(f.tables, f.first_blocks)
@@ -158,8 +154,8 @@ class Runner:
         decode = out.decode
         seqs: list[Sequence] = []
         rows: list[torch.Tensor] = []
-        if out.prefill is not None:
-            for chunk, row in zip(plan.prefills, out.prefill):
+        for group, logits in zip(chunks_by_length(plan.prefills), out.prefills):
+            for chunk, row in zip(group, logits):
                 if chunk.last:  # a prompt's end: its next token is sampled
                     seqs.append(chunk.seq)
                     rows.append(row[None])
