@@ -71,7 +71,7 @@ class BlockLinear(QuantLinearBase):
         part = self.weight[rows]
         ext = load_kernels() if part.device.type == "cpu" else None
         if ext is not None:
-            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind], bf16=dtype == torch.bfloat16)
+            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind], bf16=dtype == torch.bfloat16).to(dtype)
         values = gguf_dequantize(part.cpu().numpy(), GGMLQuantizationType[self.kind])
         return torch.from_numpy(values.astype(np.float32)).to(part.device, dtype)
 

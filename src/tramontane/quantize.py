@@ -327,7 +327,7 @@ class Int4Linear(QuantLinearBase):
         if not self.interleaved:
             mins = None if self.mins is None else self.mins[rows]
             if ext is not None:
-                return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size, bf16=bf16)
+                return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size, bf16=bf16).to(dtype)
             return dequantize_int4(self.weight[rows], self.scale[rows], mins).to(dtype)
         # interleaved: whole groups of 8 rows, then the rows asked for among them
         wanted = torch.arange(self.out_features, device=self.weight.device)[rows]  # [n]
@@ -344,7 +344,7 @@ class Int4Linear(QuantLinearBase):
         w, s = w.reshape(n, -1), s.reshape(n, -1)
         m = None if m is None else m.reshape(n, -1)
         if ext is not None:
-            out = ext.int4_dequantize(w, s, m, self.group_size, interleaved=True, bf16=bf16)
+            out = ext.int4_dequantize(w, s, m, self.group_size, interleaved=True, bf16=bf16).to(dtype)
         else:
             out = dequantize_int4(*rows_in_order(w, s, m)).to(dtype)
         if take is None:

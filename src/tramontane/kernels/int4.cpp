@@ -206,8 +206,6 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   return y;
 }
 
-// Dequantize packed int4 rows (interleaved by eights or not) to fp32 [N, K] (for prefill, where a GEMM on
-// fp32 weights wins).
 // Row o of int4 weights as fp32 into dst (its own function, every argument a value: nothing the stores
 // could alias, so the loop stays vectorised).
 static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, int64_t K, int64_t group,
@@ -230,6 +228,8 @@ static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, 
   }
 }
 
+// Dequantize packed int4 rows (interleaved by eights or not) to fp32 or bf16 [N, K]: the tiles of a prefill
+// product, multiplied in the policy's GEMM dtype.
 at::Tensor int4_dequantize(at::Tensor w, at::Tensor scale, c10::optional<at::Tensor> mins, int64_t group,
                            bool interleaved, bool bf16) {
   check_int4(w, scale, mins, group);
