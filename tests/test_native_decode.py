@@ -18,10 +18,11 @@ def decode_logits(model, prompts: list[list[int]], steps: int, native: bool) -> 
     return [pair[0 if native else 1] for pair in paired_steps(model, prompts, steps)]
 
 
-def paired_steps(model, prompts: list[list[int]], steps: int) -> list[tuple[torch.Tensor, ...]]:
+def paired_steps(model, prompts: list[list[int]], steps: int, capacity: int = 64) -> list[tuple[torch.Tensor, ...]]:
     """Per decode step, (logits, cache keys) of the native stack and of the Python blocks, both from the
-    same cache: the Python blocks' (a copy goes to the native stack), so differences cannot compound."""
-    cache = KVCache.create(model.args, len(prompts), 64, dtype=model.dtype)
+    same cache (of `capacity` positions per row): the Python blocks' (a copy goes to the native stack), so
+    differences cannot compound."""
+    cache = KVCache.create(model.args, len(prompts), capacity, dtype=model.dtype)
     out: list[tuple[torch.Tensor, ...]] = []
     backend = choose_backend(model)
     with torch.inference_mode():
@@ -118,6 +119,39 @@ def test_mixture_of_experts_stays_in_python(tiny_hf):
     model = load_model(folder)
     assert isinstance(choose_backend(model), PythonBlocks)
     decode_logits(model, PROMPTS[:1], 2, True)
+
+
+def test_a_long_context_splits_between_threads_and_equals_python_blocks(tiny_hf, isa):
+    """Past 128 keys a contiguous row's attention runs in parts over its slots (one block of 300 here,
+    so the parts split a block), combined by their largest scores: the same logits as the Python blocks."""
+    _, folder = tiny_hf("llama-tied")
+    model = load_model(folder)
+    prompt = [(11 * i + 5) % model.args.vocab_size for i in range(250)]
+    for native, python, native_k, python_k in paired_steps(model, [prompt], 5, capacity=300):
+        torch.testing.assert_close(native, python, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(native_k, python_k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_long_paged_context_equals_the_torch_gather(tiny_hf, dtype, isa):
+    """A decode step over 250 positions in 16 scattered blocks of a pool in each stored type: the parts
+    split the blocks' slots, four keys at a time and one at a time at a part's edges; the logits equal
+    the Python blocks' over the same pool."""
+    from tramontane.cache import PagedKVCache
+
+    _, folder = tiny_hf("llama-tied")
+    model = load_model(folder)
+    n = 250
+    pool = PagedKVCache.create(model.args, n_blocks=20, block_size=16, dtype=dtype)
+    table = list(range(19, 3, -1))  # 16 blocks, in reverse order
+    pool.clear(table)
+    ids = torch.tensor([[(11 * i + 5) % model.args.vocab_size for i in range(n)]])
+    token, position = torch.tensor([[7]]), torch.tensor([[n]])
+    with torch.inference_mode():
+        model(ids, torch.arange(n)[None], cache=pool.batch([table], [0]))
+        native = choose_backend(model)(token, position, pool.batch([table], [0]))
+        python = model(token, position, cache=pool.batch([table], [0]))
+    torch.testing.assert_close(native, python, atol=1e-4, rtol=1e-4)
 
 
 def native_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -18,6 +18,7 @@
 namespace {
 
 constexpr int64_t kMaxRep = 8;  // query heads per kv head that the vector path takes (attention_tiles.h)
+constexpr int64_t kMinPart = 64;  // slots per part at least: fewer do not pay for combining the parts
 
 #define TRAMONTANE_TILES "attention_tiles.h"
 #include "per_isa.h"
@@ -97,23 +98,27 @@ void rotate(const float* x, const float* r, int64_t D, float scale, float* out) 
   }
 }
 
-// Float32 keys and values on a vector ISA: each (row, kv head) in `parts` parts over its blocks, enough
-// parts for twice as many tasks as threads (a decode step of one sequence has as few tasks as kv heads:
-// 3 on SmolLM2, which left one of two cores idle a third of the time), each part through attend_part,
-// then the parts of a row combined by their largest scores.
-void attend_split(const float* qp, const float* rp, const float* kc, const float* vc, const int64_t* kp,
+// Keys and values stored as T (float, bf16, fp16) on a vector ISA: each (row, kv head) in `parts` parts
+// over its W * scan slots, enough parts for twice as many tasks as threads (a decode step of one sequence
+// has as few tasks as kv heads: 3 on SmolLM2, which left one of two cores idle a third of the time; a
+// contiguous cache is one block per row, so the parts split slots, not blocks), each part through
+// attend_part, then the parts of a row combined by their largest scores.
+template <typename T>
+void attend_split(const float* qp, const float* rp, const T* kc, const T* vc, const int64_t* kp,
                   const int64_t* tp, const int64_t* qpos, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
                   int64_t W, int64_t scan, int64_t window, float scale, float* op) {
   const int64_t rep = H / KV, tasks = B * KV;
-  const int64_t parts = std::max<int64_t>(1, std::min(W, (2 * at::get_num_threads() + tasks - 1) / tasks));
+  const int64_t slots = W * scan;
+  const int64_t parts = std::max<int64_t>(1, std::min(slots / kMinPart, (2 * at::get_num_threads() + tasks - 1) / tasks));
   std::vector<float> ms(tasks * parts * rep), ls(tasks * parts * rep), os(tasks * parts * rep * D);
   at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(rep * D), scores(rep * ((W + parts - 1) / parts) * scan);
+    const int64_t most = (slots + parts - 1) / parts;  // slots of the largest part
+    std::vector<float> q(rep * D), scores(rep * ((most + 15) / 16 * 16));  // (attend_part's score_stride)
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bk = i / parts, c = i % parts, b = bk / KV, g = bk % KV;
       const float* row = qp + b * (H + 2 * KV) * D;
       for (int64_t h = 0; h < rep; ++h) rotate(row + (g * rep + h) * D, rp + b * D, D, scale, q.data() + h * D);
-      BY_ISA(attend_part(q.data(), rep, D, kc, vc, kp, tp + b * W, c * W / parts, (c + 1) * W / parts, S, scan, KV,
+      BY_ISA(attend_part(q.data(), rep, D, kc, vc, kp, tp + b * W, c * slots / parts, (c + 1) * slots / parts, S, scan, KV,
                          g, qpos[b], window, scores.data(), ms.data() + i * rep, ls.data() + i * rep,
                          os.data() + i * rep * D),
              continue);
@@ -215,9 +220,15 @@ at::Tensor decode_attention(at::Tensor qkv, at::Tensor rot, at::Tensor kcache, a
       }
     }
   }
-  if (ks.type == at::kFloat && vs.type == at::kFloat && D % 16 == 0 && rep <= kMaxRep && current_isa() != Isa::kRef) {
-    attend_split(qp, rp, static_cast<const float*>(ks.data), static_cast<const float*>(vs.data), kp, tp, qpos, B, H,
-                 KV, D, S, W, scan, window, scale, op);
+  if (ks.type == vs.type && ks.type != at::kChar && D % 16 == 0 && rep <= kMaxRep && current_isa() != Isa::kRef) {
+    const auto attend = [&](auto* typed) {  // typed: a null pointer of the stored type
+      using T = std::remove_pointer_t<decltype(typed)>;
+      attend_split(qp, rp, static_cast<const T*>(ks.data), static_cast<const T*>(vs.data), kp, tp, qpos, B, H, KV, D,
+                   S, W, scan, window, scale, op);
+    };
+    if (ks.type == at::kFloat) attend(static_cast<float*>(nullptr));
+    else if (ks.type == at::kBFloat16) attend(static_cast<c10::BFloat16*>(nullptr));
+    else attend(static_cast<c10::Half*>(nullptr));
     return out;
   }
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {

@@ -33,6 +33,11 @@ struct V512 {
   T512OPS VEC_INLINE static F zero() { return _mm512_setzero_ps(); }
   T512OPS VEC_INLINE static F set1(float v) { return _mm512_set1_ps(v); }
   T512OPS VEC_INLINE static F load(const float* p) { return _mm512_loadu_ps(p); }
+  // kLanes float16 or bfloat16 values (their bits) at p as floats
+  T512OPS VEC_INLINE static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  T512OPS VEC_INLINE static F load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
   T512OPS VEC_INLINE static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   // lanes [0, n) from p, the others zero (nothing read past p + n)
   T512OPS VEC_INLINE static F load_partial(const float* p, int64_t n) {
@@ -48,6 +53,25 @@ struct V512 {
   T512OPS VEC_INLINE static F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }  // a b - c, one rounding
   T512OPS VEC_INLINE static F abs_max(F m, F v) { return _mm512_max_ps(m, _mm512_andnot_ps(_mm512_set1_ps(-0.f), v)); }
   T512OPS VEC_INLINE static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  // the sums of a, b, c, d in the four lanes of the result (a transposing tree: 4 sums for the shuffles of 1)
+  T512OPS VEC_INLINE static __m128 sum4(F a, F b, F c, F d) {
+    const F ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128: a b a b
+    const F cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const F abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // a b c d
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  }
+  T512OPS VEC_INLINE static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  T512OPS VEC_INLINE static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  // y where x >= lo, else 0
+  T512OPS VEC_INLINE static F zero_below(F y, F x, float lo) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_GE_OQ), y);
+  }
+  // 2^n as a float, for n in the normal range
+  T512OPS VEC_INLINE static F pow2(I n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23)); }
+  T512OPS VEC_INLINE static F clamp(F x, float lo, float hi) {
+    return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+  }
   T512OPS VEC_INLINE static float max(F v) { return _mm512_reduce_max_ps(v); }
   // kLanes int8 at p as floats
   T512OPS VEC_INLINE static F int8_floats(const int8_t* p) {
@@ -132,6 +156,10 @@ struct V256Base {
   T256OPS VEC_INLINE static F zero() { return _mm256_setzero_ps(); }
   T256OPS VEC_INLINE static F set1(float v) { return _mm256_set1_ps(v); }
   T256OPS VEC_INLINE static F load(const float* p) { return _mm256_loadu_ps(p); }
+  T256OPS VEC_INLINE static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  T256OPS VEC_INLINE static F load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
   T256OPS VEC_INLINE static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   T256OPS VEC_INLINE static F load_partial(const float* p, int64_t n) {
     if (n >= kLanes) return _mm256_loadu_ps(p);
@@ -149,6 +177,21 @@ struct V256Base {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  T256OPS VEC_INLINE static __m128 sum4(F a, F b, F c, F d) {
+    const F ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    const F cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    const F abcd = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+  }
+  T256OPS VEC_INLINE static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  T256OPS VEC_INLINE static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  T256OPS VEC_INLINE static F zero_below(F y, F x, float lo) {
+    return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ));
+  }
+  T256OPS VEC_INLINE static F pow2(I n) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23)); }
+  T256OPS VEC_INLINE static F clamp(F x, float lo, float hi) {
+    return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
   }
   T256OPS VEC_INLINE static float max(F v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
