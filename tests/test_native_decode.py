@@ -214,3 +214,28 @@ def test_short_chunks_run_as_rows_of_the_native_stack(tiny_hf, name, quantize, p
     for a, b in zip(native, python):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(native_k, python_k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [40, 250])
+def test_a_rows_logits_do_not_depend_on_the_other_rows_of_its_step(tiny_hf, length, isa):
+    """Speculative decoding's greedy tokens equal plain decoding's only if a row's logits are the same bits
+    whether it runs alone or with other rows (drafts after it, other sequences beside it): the attention
+    parts and the products' tiles must not depend on the step's size."""
+    from tramontane.cache import PagedKVCache
+
+    _, folder = tiny_hf("llama-tied")
+    model = load_model(folder, quantize="int4")
+    pool = PagedKVCache.create(model.args, n_blocks=40, block_size=16)
+    tables = [list(range(1, 20)), list(range(20, 39))]
+    pool.clear(tables[0] + tables[1])
+    backend = choose_backend(model)
+    ids = [[(11 * i + 5 + 3 * s) % model.args.vocab_size for i in range(length)] for s in range(2)]
+    with torch.inference_mode():
+        for table, prompt in zip(tables, ids):
+            model(torch.tensor([prompt]), torch.arange(length)[None], cache=pool.batch([table], [0]))
+        alone = backend(torch.tensor([[7]]), torch.tensor([[length]]), pool.batch(tables[:1], [0]))[0, 0]
+        with_drafts = backend(torch.tensor([[7, 9, 4, 2]]), torch.arange(length, length + 4)[None],
+                              pool.batch(tables[:1], [0]))[0, 0]
+        beside = backend(torch.tensor([[7], [3]]), torch.tensor([[length], [length]]), pool.batch(tables, [0, 0]))[0, 0]
+    assert torch.equal(alone, with_drafts)
+    assert torch.equal(alone, beside)

@@ -18,7 +18,10 @@
 namespace {
 
 constexpr int64_t kMaxRep = 8;  // query heads per kv head that the vector path takes (attention_tiles.h)
-constexpr int64_t kMinPart = 64;  // slots per part at least: fewer do not pay for combining the parts
+// Slots per part of a row's attention. Fixed, never chosen from the step's size: a row's result must be the
+// same bits alone or beside other rows (speculative decoding's greedy tokens equal plain decoding's only
+// so), and 128 slots give a one-sequence step of 3 kv heads enough parts for two cores from 256 positions.
+constexpr int64_t kPartSlots = 128;
 
 #define TRAMONTANE_TILES "attention_tiles.h"
 #include "per_isa.h"
@@ -98,27 +101,26 @@ void rotate(const float* x, const float* r, int64_t D, float scale, float* out) 
   }
 }
 
-// Keys and values stored as T (float, bf16, fp16) on a vector ISA: each (row, kv head) in `parts` parts
-// over its W * scan slots, enough parts for twice as many tasks as threads (a decode step of one sequence
-// has as few tasks as kv heads: 3 on SmolLM2, which left one of two cores idle a third of the time; a
-// contiguous cache is one block per row, so the parts split slots, not blocks), each part through
-// attend_part, then the parts of a row combined by their largest scores.
+// Keys and values stored as T (float, bf16, fp16) on a vector ISA: each (row, kv head) in parts of
+// kPartSlots of its W * scan slots (a decode step of one sequence has as few tasks as kv heads, 3 on
+// SmolLM2, which left one of two cores idle a third of the time; a contiguous cache is one block per row,
+// so the parts split slots, not blocks), each part through attend_part, then the parts of a row combined
+// by their largest scores, in order.
 template <typename T>
 void attend_split(const float* qp, const float* rp, const T* kc, const T* vc, const int64_t* kp,
                   const int64_t* tp, const int64_t* qpos, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t S,
                   int64_t W, int64_t scan, int64_t window, float scale, float* op) {
   const int64_t rep = H / KV, tasks = B * KV;
   const int64_t slots = W * scan;
-  const int64_t parts = std::max<int64_t>(1, std::min(slots / kMinPart, (2 * at::get_num_threads() + tasks - 1) / tasks));
+  const int64_t parts = (slots + kPartSlots - 1) / kPartSlots;
   std::vector<float> ms(tasks * parts * rep), ls(tasks * parts * rep), os(tasks * parts * rep * D);
   at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
-    const int64_t most = (slots + parts - 1) / parts;  // slots of the largest part
-    std::vector<float> q(rep * D), scores(rep * ((most + 15) / 16 * 16));  // (attend_part's score_stride)
+    std::vector<float> q(rep * D), scores(rep * kPartSlots);  // (a multiple of attend_part's score_stride)
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bk = i / parts, c = i % parts, b = bk / KV, g = bk % KV;
       const float* row = qp + b * (H + 2 * KV) * D;
       for (int64_t h = 0; h < rep; ++h) rotate(row + (g * rep + h) * D, rp + b * D, D, scale, q.data() + h * D);
-      BY_ISA(attend_part(q.data(), rep, D, kc, vc, kp, tp + b * W, c * slots / parts, (c + 1) * slots / parts, S, scan, KV,
+      BY_ISA(attend_part(q.data(), rep, D, kc, vc, kp, tp + b * W, c * kPartSlots, std::min(slots, (c + 1) * kPartSlots), S, scan, KV,
                          g, qpos[b], window, scores.data(), ms.data() + i * rep, ls.data() + i * rep,
                          os.data() + i * rep * D),
              continue);

@@ -53,7 +53,9 @@ inline int64_t score_stride(int64_t n) { return (n + V::kLanes - 1) / V::kLanes 
 //  - weights: exp over whole vectors of scores (`scores` holds rep * score_stride(n) floats);
 //  - values: one vector of D per pass, its `rep` sums in registers over every key of the part, so each
 //    weighted value is one fused multiply-add (the keys' weights are broadcast from `scores`).
-// A masked slot gets weight 0 and its value, finite as every stored or cleared slot is, adds nothing.
+// A masked slot gets weight 0 and its value, finite as every stored or cleared slot is, adds nothing; a
+// block with no visible key is skipped. A key's score, and so a row's result, never depends on which
+// other keys share its group of four, nor on the other rows of the step.
 template <typename T>
 inline void attend_part(const float* q, int64_t rep, int64_t D, const T* kc, const T* vc, const int64_t* kp,
                         const int64_t* table, int64_t i0, int64_t i1, int64_t S, int64_t scan, int64_t KV, int64_t g,
@@ -61,11 +63,20 @@ inline void attend_part(const float* q, int64_t rep, int64_t D, const T* kc, con
   const int64_t n = i1 - i0, stride = score_stride(n);
   const int64_t j1 = (i1 + scan - 1) / scan;  // past the last block of the part
   const auto masked = [&](int64_t p) { return p < 0 || p > qn || (window > 0 && p <= qn - window); };
+  bool live[kPartSlots + 1];  // per block of the part: whether any of its keys is visible
   for (int64_t j = i0 / scan; j < j1; ++j) {
     const int64_t* pos = kp + table[j] * S;
     const T* kb = kc + (table[j] * KV + g) * S * D;
     const T* next = j + 1 < j1 ? kc + (table[j + 1] * KV + g) * S * D : nullptr;
     const int64_t t0 = std::max<int64_t>(0, i0 - j * scan), t1 = std::min(scan, i1 - j * scan);
+    bool any = false;
+    for (int64_t t = t0; t < t1 && !any; ++t) any = !masked(pos[t]);
+    live[j - i0 / scan] = any;
+    if (!any) {  // a block wholly outside the window or past the row's position (a shorter row's padding)
+      for (int64_t r = 0; r < rep; ++r)
+        for (int64_t t = t0; t < t1; ++t) scores[r * stride + j * scan + t - i0] = -INFINITY;
+      continue;
+    }
     int64_t t = t0;
     for (; t + 4 <= t1; t += 4) {
       if (next)
@@ -89,7 +100,8 @@ inline void attend_part(const float* q, int64_t rep, int64_t D, const T* kc, con
         const typename V::F kv = load_kv(kb + t * D + d);
         for (int64_t r = 0; r < rep; ++r) acc[r] = V::fmadd(V::load(q + r * D + d), kv, acc[r]);
       }
-      for (int64_t r = 0; r < rep; ++r) scores[r * stride + j * scan + t - i0] = V::sum(acc[r]);
+      for (int64_t r = 0; r < rep; ++r)  // the tree of four keys, so a key's score never depends on its neighbours
+        scores[r * stride + j * scan + t - i0] = _mm_cvtss_f32(V::sum4(acc[r], acc[r], acc[r], acc[r]));
     }
     for (t = t0; t < t1; ++t)
       if (masked(pos[t]))
@@ -101,8 +113,7 @@ inline void attend_part(const float* q, int64_t rep, int64_t D, const T* kc, con
     typename V::F top = V::set1(-INFINITY);
     for (int64_t i = 0; i < stride; i += V::kLanes) top = V::max(top, V::load(sc + i));
     m[r] = V::max(top);
-    if (m[r] == -INFINITY) {  // every key of the part masked: weights 0 (the combination skips the part)
-      for (int64_t i = 0; i < stride; ++i) sc[i] = 0.f;
+    if (m[r] == -INFINITY) {  // every key of the part masked (for every head): the combination skips the part
       l[r] = 0.f;
       continue;
     }
@@ -119,6 +130,7 @@ inline void attend_part(const float* q, int64_t rep, int64_t D, const T* kc, con
     typename V::F acc[kMaxRep];
     for (int64_t r = 0; r < rep; ++r) acc[r] = V::zero();
     for (int64_t j = i0 / scan; j < j1; ++j) {
+      if (!live[j - i0 / scan]) continue;
       const T* vb = vc + (table[j] * KV + g) * S * D + d;
       const T* next = d == 0 && j + 1 < j1 ? vc + (table[j + 1] * KV + g) * S * D : nullptr;
       for (int64_t t = std::max<int64_t>(0, i0 - j * scan); t < std::min(scan, i1 - j * scan); ++t) {
