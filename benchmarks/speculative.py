@@ -24,6 +24,7 @@ Three parts, each alone with --part:
     python benchmarks/speculative.py --quick               # a smoke run: few prompts and tokens, one round
     python benchmarks/speculative.py --part verify --verify-files F.gguf,G.gguf
     python benchmarks/speculative.py --part batch1 --rounds 3 --max-tokens 256
+    python benchmarks/speculative.py --out speculative_amd_epyc_zen5   # keep another CPU's run beside the last
 """
 
 from __future__ import annotations
@@ -357,6 +358,9 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(SPEC_TYPES), help="llama-server n-gram configurations to try")
     ap.add_argument("--serve-type", default="ngram-simple n3 m8",
                     help="llama-server's n-gram configuration for the serve part when batch1 does not pick one")
+    ap.add_argument("--out", default="speculative",
+                    help="results name under benchmarks/results (default speculative), to keep another CPU's run "
+                         "beside the last")
     a = ap.parse_args()
     parts = set(a.part.split(","))
     if parts - {"verify", "batch1", "serve"}:
@@ -393,6 +397,8 @@ def main() -> None:
                             GOALS["free_chat_vs_plain"])]
         checks += [at_least(f"{name}: >= 1.2x llama-server {row['llama_best_type']}", row["vs_llama_ratio"],
                             GOALS["vs_llama"]) for name, row in b1.items()]
+        checks += [at_least(f"{name}: greedy answers with speculation equal plain decoding's (fraction)",
+                            row["same_output"] / row["prompts"], 1.0) for name, row in b1.items()]
         implied = {}
         for k, row in costs.items():
             if row["params"] > 1e9:  # the 7B shape: random weights, so SmolLM2's acceptance
@@ -412,12 +418,13 @@ def main() -> None:
 
     if "batch1" in parts:
         print(f"\n{'set':<12} {'plain':>8} {'ngram':>8} {'x':>6} {'accept':>7} {'tok/step':>8} "
-              f"{'llama':>8} {'best type':<20} {'llama+':>8} {'x':>6}  tokens ours/llama")
+              f"{'llama':>8} {'best type':<20} {'llama+':>8} {'x':>6}  same answers  tokens ours/llama")
         for name, r in result["batch1"].items():
             print(f"{name:<12} {r['ours_plain_tok_s']:8.1f} {r['ours_ngram_tok_s']:8.1f} {r['speedup_ratio']:5.2f}x "
                   f"{r['acceptance']:7.2f} {r['tokens_per_step']:8.2f} {r['llama_plain_tok_s']:8.1f} "
                   f"{r['llama_best_type']:<20} {r['llama_best_tok_s']:8.1f} {r['vs_llama_ratio']:5.2f}x  "
-                  f"{r['ours_tokens']}/{r['llama_tokens']} ({r['same_token_counts']}/{r['prompts']} equal)")
+                  f"{r['same_output']:>5}/{r['prompts']:<6}  "
+                  f"{r['ours_tokens']}/{r['llama_tokens']} ({r['same_token_counts']}/{r['prompts']} of one length)")
     for k, row in result.get("implied_7b_speedup_ratio", {}).items():
         print(f"implied speed-up on {k}: " + ", ".join(f"{n} {v:.2f}x" for n, v in row.items()))
     verdicts = []
@@ -428,7 +435,7 @@ def main() -> None:
     if a.quick:
         print("quick run: nothing saved")
         return
-    print(f"saved {save_result('speculative', result)}")
+    print(f"saved {save_result(a.out, result)}")
 
 
 if __name__ == "__main__":
