@@ -103,6 +103,37 @@ def test_concurrent_requests_match_generation_alone(model):
     assert engine.active == 0 and engine.blocks.used == 0
 
 
+def test_prompts_that_arrive_together_start_in_one_forward(model):
+    """Eight prompts of eight lengths arriving together (103 tokens) run as rows of a single forward in the
+    first step, beside nothing else, and later ones beside the decode rows; each answer is what the
+    prompt gets alone."""
+    engine = Engine(model, IdTokenizer(), max_batch=8, chunk_size=256)
+    calls: list[tuple[int, ...]] = []
+    step = engine.runner.step
+
+    def spy(tokens, *args, **kwargs):
+        calls.append(tuple(tokens.shape))
+        return step(tokens, *args, **kwargs)
+
+    engine.runner.step = spy  # type: ignore[assignment]
+    sink = Collector()
+    reqs = [Request(prompt(20 + i, 9 + i), max_tokens=5, emit=sink) for i in range(8)]
+    for r in reqs[:6]:
+        engine.submit(r)
+    engine.step()
+    assert calls == [(sum(range(9, 15)), 1)]  # one row per prompt token
+    engine.step()
+    engine.step()
+    for r in reqs[6:]:
+        engine.submit(r)
+    engine.step()
+    assert calls[1:] == [(6, 1), (6, 1), (15 + 16 + 6, 1)]  # two prompts' tokens beside the six decode rows
+    while engine.active:
+        engine.step()
+    for r in reqs:
+        assert sink.tokens(r.id) == generate(model, [r.prompt], max_tokens=5)[0].tokens
+
+
 def test_seeded_sampling_is_independent_of_batching(model):
     sink = Collector()
     engine = Engine(model, IdTokenizer(), max_batch=3)

@@ -159,9 +159,9 @@ def native_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     runs: list[int] = []
     real = NativeBlocks.run
 
-    def counted(self, tokens, meta, last_only):
+    def counted(self, tokens, meta, last_only, logits_of=None):
         runs.append(1)
-        return real(self, tokens, meta, last_only)
+        return real(self, tokens, meta, last_only, logits_of)
 
     monkeypatch.setattr(NativeBlocks, "run", counted)
     return runs

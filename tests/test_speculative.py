@@ -189,8 +189,8 @@ def test_a_step_drafts_only_while_its_rows_fit_max_rows(model):
     steps = []
     run = engine.runner.run
 
-    def spy(inputs):
-        decode = inputs.decode or inputs.verify
+    def spy(inputs):  # the verifying rows, or the plain decode rows (not a step of prompt tokens as rows)
+        decode = inputs.verify or (inputs.decode if inputs.logits_of is None else None)
         steps.append((len(decode.tokens), len(decode.tokens[0])) if decode is not None else (0, 0))
         return run(inputs)
 

@@ -126,12 +126,15 @@ class Transformer(nn.Module):
                 h = layer(h, freqs_cis, meta, i)
         return h
 
-    def finish(self, h: torch.Tensor, meta: StepMeta, last_only: bool = False) -> torch.Tensor:
+    def finish(self, h: torch.Tensor, meta: StepMeta, last_only: bool = False,
+               logits_of: torch.Tensor | None = None) -> torch.Tensor:
         """After the blocks: record the step's positions in the cache, and the final norm (of the last
-        position only with `last_only`)."""
+        position only with `last_only`; of the rows `logits_of` [K] only, when given)."""
         meta.commit()
         if last_only:
             h = h[:, -1:]
+        if logits_of is not None:
+            h = h[logits_of]
         return self.norm(h)
 
 

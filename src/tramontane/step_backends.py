@@ -1,7 +1,8 @@
 """Step backends: what runs one step of a model over a KV cache, chosen once by `choose_backend`.
 
-A step is `backend(tokens [B, T], positions [B, T], cache, rows, last_only) -> logits`, as
-`model(tokens, positions, cache=cache, ...)` gives them. Generation (`generate.stream`) and the server's
+A step is `backend(tokens [B, T], positions [B, T], cache, rows, last_only, logits_of) -> logits`, as
+`model(tokens, positions, cache=cache, ...)` gives them (`logits_of` [K]: only those rows' logits, what a
+step of many prompt tokens as rows needs). Generation (`generate.stream`) and the server's
 engine choose a backend when they start, after every load-time transform (fusing, quantizing, GGUF
 formats, LoRA, sharding), and run every step through it; a model changed afterwards gets a new backend
 from the next `choose_backend`. Each backend builds its own step metadata (`cache.step_meta`) with what
@@ -42,13 +43,14 @@ from .rope import rotary_angles
 
 
 class StepBackend(Protocol):
-    """Runs steps of `model`: logits [B, T, vocab] (T = 1 with `last_only`) of `tokens` [B, T] at
-    `positions` [B, T] over `cache` (`rows` pick a KVCache's rows)."""
+    """Runs steps of `model`: logits [B, T, vocab] (T = 1 with `last_only`; K rows, not B, with
+    `logits_of` [K]) of `tokens` [B, T] at `positions` [B, T] over `cache` (`rows` pick a KVCache's rows)."""
 
     model: Transformer
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | PagedBatch,
-                 rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor: ...
+                 rows: torch.Tensor | None = None, last_only: bool = False,
+                 logits_of: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -59,13 +61,15 @@ class PythonBlocks:
     fused: Kernels | None = None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | PagedBatch,
-                 rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                 rows: torch.Tensor | None = None, last_only: bool = False,
+                 logits_of: torch.Tensor | None = None) -> torch.Tensor:
         model = self.model
         positions = step_positions(tokens, positions, cache)
         meta = step_meta(positions, model.args.sliding_window, cache, rows)
-        return self.run(tokens, meta, last_only)
+        return self.run(tokens, meta, last_only, logits_of)
 
-    def run(self, tokens: torch.Tensor, meta: StepMeta, last_only: bool) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, meta: StepMeta, last_only: bool,
+            logits_of: torch.Tensor | None = None) -> torch.Tensor:
         """The step of `tokens` that `meta` describes, through the Python blocks."""
         model = self.model
         freqs_cis = rotary_angles(meta.positions, model.args.head_dim, model.args.rope_theta)
@@ -73,7 +77,7 @@ class PythonBlocks:
             meta.rot = rotary_pairs(freqs_cis)
             meta.fused = self.fused
         h = model.blocks(model.tok_embeddings(tokens), meta, freqs_cis)
-        return model.project(model.finish(h, meta, last_only))
+        return model.project(model.finish(h, meta, last_only, logits_of))
 
 
 @dataclass
@@ -88,18 +92,20 @@ class NativeBlocks:
     small_batch: int
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | PagedBatch,
-                 rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                 rows: torch.Tensor | None = None, last_only: bool = False,
+                 logits_of: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.numel() > self.small_batch or torch.is_grad_enabled():
-            return self.python(tokens, positions, cache, rows, last_only)
+            return self.python(tokens, positions, cache, rows, last_only, logits_of)
         model = self.model
         positions = step_positions(tokens, positions, cache)
         # flat: each of the B * T tokens is a row of the step, all keys written before any row attends
         meta = step_meta(positions, model.args.sliding_window, cache, rows, flat=True)
         if meta.view is None or not native_cache(meta):  # a chunk that wraps a rolling buffer
-            return self.python.run(tokens, meta, last_only)
-        return self.run(tokens, meta, last_only)
+            return self.python.run(tokens, meta, last_only, logits_of)
+        return self.run(tokens, meta, last_only, logits_of)
 
-    def run(self, tokens: torch.Tensor, meta: StepMeta, last_only: bool) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, meta: StepMeta, last_only: bool,
+            logits_of: torch.Tensor | None = None) -> torch.Tensor:
         """The step of `tokens` that `meta` (with a view of the cache) describes, through the native stack."""
         model, view = self.model, meta.view
         assert view is not None  # the caller checked
@@ -111,7 +117,7 @@ class NativeBlocks:
                                view.scan).view(shape)
         if self.send is not None:
             self.send.topology.send_next(h)
-        return model.project(model.finish(h, meta, last_only))
+        return model.project(model.finish(h, meta, last_only, logits_of))
 
 
 @dataclass
@@ -124,15 +130,16 @@ class CompiledDecode:
     compiled: _Compiled
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | PagedBatch,
-                 rows: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        if self.compiled.compiled is not None and tokens.shape[1] == 1 and rows is None:
+                 rows: torch.Tensor | None = None, last_only: bool = False,
+                 logits_of: torch.Tensor | None = None) -> torch.Tensor:
+        if self.compiled.compiled is not None and tokens.shape[1] == 1 and rows is None and logits_of is None:
             try:
                 return self.compiled.compiled(tokens, positions, cache)
             except Exception as e:  # any failure of Dynamo/Inductor or the compiler it calls
                 warnings.warn(f"tramontane: torch.compile of the decode step failed ({type(e).__name__}: "
                               f"{str(e)[:200]}); decoding without it", stacklevel=2)
                 self.compiled.compiled = None
-        return self.inner(tokens, positions, cache, rows, last_only)
+        return self.inner(tokens, positions, cache, rows, last_only, logits_of)
 
 
 @dataclass
