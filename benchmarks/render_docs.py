@@ -64,6 +64,7 @@ make bench BENCH_ARGS="--quick"                   # a smoke run of run.py
 .venv/bin/python benchmarks/finetune.py                            # LoRA training vs transformers+PEFT (--quick: small; --rounds N)
 .venv/bin/python benchmarks/dot_rates.py                           # one core's multiply-adds/s: fp32 FMA, bf16/int8 dots, fp16 FMA
 .venv/bin/python benchmarks/projections.py                         # one decode layer's quantized products alone: ns per row, GB/s
+.venv/bin/python benchmarks/vector_rows.py --mistral-7b          # where dequantize + GEMM starts to beat the vector kernels, per ISA
 .venv/bin/python benchmarks/startup.py                             # serve start-up to the first answer vs llama-server
 .venv/bin/python benchmarks/distributed.py --shape 1b --sequences 16   # tensor and pipeline parallel, 2 ranks (--shape small)
 .venv/bin/python benchmarks/lora_serving.py                        # serving LoRA adapters: none, merged, several together

@@ -277,7 +277,7 @@ def test_bf16_dequantize_rounds_as_tensor_to(interleaved, zero_point):
 @pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
 def test_modules_use_kernel_and_fallback_alike(use_policy, gemm, vector_kernels):
     # 40 output rows: big inputs go through 3 tiles; bf16 is what CPUs with AMX use
-    use_policy(prefill_tile=16, gemm_dtype=gemm)
+    use_policy(prefill_tile=16, gemm_dtype=gemm, small_batch=16)  # 40 rows: beyond the vector kernels
     w = torch.randn(40, 64)
     for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32), Int4Linear.from_float(w, 32, True)):
         small, big = torch.randn(2, 3, 64), torch.randn(40, 64)  # big goes through dequantize + matmul
@@ -336,6 +336,25 @@ def test_policy_keeps_freed_memory_for_the_next_step(ext, monkeypatch):
     policy = KernelPolicy.detect(lambda: 1.0)
     assert calls == [(policy.heap_mmap_below, policy.heap_keep)]
     assert 128 << 10 < policy.heap_mmap_below <= 32 << 20 < policy.heap_keep  # within glibc's own range
+
+
+def test_the_vector_kernels_row_limit_is_the_instruction_sets(ext, monkeypatch):
+    # where the vector kernels stop beating dequantize + GEMM depends on how fast they multiply a row:
+    # with VNNI far later than with AVX2's pair sums (benchmarks/vector_rows.py)
+    import tramontane.kernels.policy as policy_module
+    from tramontane.kernels.policy import SMALL_BATCH, KernelPolicy
+
+    monkeypatch.setattr(policy_module, "load_kernels", lambda: ext)
+    for isa in SMALL_BATCH:
+        monkeypatch.setattr(ext, "isa", lambda isa=isa: isa)
+        monkeypatch.setattr(ext, "set_activation_parts", lambda parts: None)
+        monkeypatch.setattr(ext, "keep_heap", lambda below, keep: None)
+        assert KernelPolicy.detect(lambda: 1.0).small_batch == SMALL_BATCH[isa]
+    assert SMALL_BATCH["avx2"] < SMALL_BATCH["avx_vnni"] == SMALL_BATCH["avx512"]
+    monkeypatch.setattr(ext, "isa", lambda: "avx512")
+    policy = KernelPolicy.detect(lambda: 1.0)
+    assert policy.vector_wins(rows=64, amx_tiles=False, in_features=64)
+    assert not policy.vector_wins(rows=65, amx_tiles=False, in_features=64)
 
 
 def test_bf16_rate_is_measured_once_per_cpu_and_kept(monkeypatch, tmp_path):

@@ -47,13 +47,13 @@ class Drafter(Protocol):
 @dataclass
 class Speculation:
     """An engine's speculative decoding: `drafter` proposes up to `max_draft` tokens per sequence and step,
-    while the step's rows (every decoding sequence's token plus its drafts) stay within `max_rows` (None:
-    the kernel policy's small-batch limit, the most rows a step runs for about the price of one). Larger
-    batches are compute-bound already: they decode plainly."""
+    while the step's rows (every decoding sequence's token plus its drafts) stay within `max_rows`: a step
+    of 16 rows costs a few one-row steps on the vector kernels (benchmarks/speculative.py's verify part),
+    and larger batches are compute-bound already: they decode plainly."""
 
     drafter: Drafter
     max_draft: int = 8
-    max_rows: int | None = None
+    max_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.max_draft < 1:

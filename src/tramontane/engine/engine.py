@@ -34,7 +34,6 @@ import torch
 
 from ..cache import PagedKVCache
 from ..kernels import release_threads
-from ..kernels.policy import kernel_policy
 from ..loading.validate import available_memory
 from ..lora.serving import AdapterRows
 from ..model import Transformer
@@ -404,7 +403,7 @@ class Engine:
         acceptance so far against what steps of so many rows cost), with at most `max_rows` rows in all
         (so a large batch decodes plainly)."""
         rows = len(plan.decode)
-        widest = min(spec.max_draft, (spec.max_rows or kernel_policy().small_batch) // rows - 1)
+        widest = min(spec.max_draft, spec.max_rows // rows - 1)
         if widest < 1:
             return
         lives: list[_Live] = [seq.owner for seq in plan.decode]

@@ -1,8 +1,9 @@
 """Which kernel runs what: decided once per process, from the CPU's features and one measured rate.
 
 Quantized and fp32 layers, and the native decode stack, ask the one `KernelPolicy` instead of each
-deciding for itself: up to `small_batch` rows of activations (decode) the vector kernels win; beyond,
-weights are dequantized `prefill_tile` output rows at a time and multiplied in `gemm_dtype`. Training
+deciding for itself: up to `small_batch` rows of activations (decode, short prompt chunks, a step's
+prompt tokens as rows) the vector kernels win; beyond, weights are dequantized `prefill_tile` output
+rows at a time and multiplied in `gemm_dtype`. The limit is the instruction set's (`SMALL_BATCH`). Training
 keeps its frozen float products in the same `gemm_dtype`. The instruction set is the kernels' own
 choice (the best the CPU has, `Kernels.isa()`), which tests lower with `set_isa`.
 
@@ -36,11 +37,21 @@ from . import Kernels, load_kernels
 # bf16 operands round activations and weights to 8 bits of mantissa: worth it only for a clear win.
 BF16_MIN_SPEEDUP = 1.25
 
+# Rows of activations up to which the vector kernels beat dequantize + GEMM, per instruction set: short
+# of where a row costs the vector kernels as much as the GEMM's row plus its share of dequantizing every
+# weight. benchmarks/vector_rows.py on Zen 5, three runs: with AVX-512 VNNI the 7B shape crossed between 64
+# and 128 rows and SmolLM2 at 128 or later; with AVX-VNNI SmolLM2 between 64 and 192; with AVX2 alone
+# between 48 and 96. The GEMM's side moved by a fifth between runs (this VM's memory speed), so the limits
+# sit at the last row count where the vector kernels won in all. One limit serves every shape: the
+# smallest crossing bounds it. AMX tiles take any number of rows for the formats they read
+# (`vector_wins`); its limit stays the one measured before on a Xeon.
+SMALL_BATCH = {"amx": 16, "avx512": 64, "avx_vnni": 64, "avx2": 32}
+
 
 @dataclass(frozen=True)
 class KernelPolicy:
     kernels: Kernels | None  # the compiled kernels; None: plain PyTorch everywhere
-    # Up to this many rows of activations the kernels win; beyond, dequantize and use a GEMM.
+    # Up to this many rows of activations the kernels win; beyond, dequantize and use a GEMM (SMALL_BATCH).
     small_batch: int = 16
     # Output rows dequantized at a time for a GEMM (1024 rows beat dequantizing whole matrices on the
     # 1B shape, 512 rows: smaller tiles pay for more, smaller GEMMs; benchmarks/run.py's prefill).
@@ -75,8 +86,8 @@ class KernelPolicy:
         if kernels is None:
             return cls(None)
         fast = (speedup or bf16_speedup)() >= BF16_MIN_SPEEDUP
-        policy = cls(kernels, gemm_dtype=torch.bfloat16 if fast else torch.float32,
-                     interleave_int4=kernels.isa() != "amx")
+        policy = cls(kernels, small_batch=SMALL_BATCH.get(kernels.isa(), cls.small_batch),
+                     gemm_dtype=torch.bfloat16 if fast else torch.float32, interleave_int4=kernels.isa() != "amx")
         kernels.set_activation_parts(policy.activation_parts)
         kernels.keep_heap(policy.heap_mmap_below, policy.heap_keep)
         return policy
