@@ -14,11 +14,11 @@ def prompt(seed: int, n: int = LENGTH) -> torch.Tensor:
     return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def run_incremental(model, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Feed `tokens` [1, T] through the cache in chunks of `chunk`, then one by one; logits [1, T, V]."""
+def run_incremental(model, tokens: torch.Tensor, chunk: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Feed `tokens` [1, T] through a cache of `dtype` in chunks of `chunk`, then one by one; logits [1, T, V]."""
     args = model.args
     capacity = args.sliding_window or tokens.shape[1]
-    cache = KVCache.create(args, batch_size=1, capacity=capacity)
+    cache = KVCache.create(args, batch_size=1, capacity=capacity, dtype=dtype)
     out = []
     T = tokens.shape[1]
     prefill = T // 2
@@ -40,6 +40,17 @@ def test_incremental_matches_full_forward(tiny_name, tiny_hf, chunk):
     tokens = prompt(2)
     full = model(tokens)
     torch.testing.assert_close(run_incremental(model, tokens, chunk), full, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_cache_of_an_fp32_model_stays_close(tiny_name, tiny_hf, dtype):
+    # keys and values stored rounded, read back widened to the model's dtype, on the Python blocks (the
+    # native kernels read such a cache themselves: test_native_decode)
+    _, folder = tiny_hf(tiny_name)
+    model = load_model(folder)
+    tokens = prompt(5)
+    torch.testing.assert_close(run_incremental(model, tokens, 3, dtype), model(tokens), atol=0.1, rtol=0.05)
 
 
 @torch.no_grad()

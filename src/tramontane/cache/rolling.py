@@ -155,17 +155,17 @@ class RollingStepMeta(StepMeta):
         if self.decode:
             _write(ck, cv, self.batch_index, self.slots, k, v)
             if self.rows is None:
-                return ck[: k.shape[0], :, : self.kv_len], cv[: k.shape[0], :, : self.kv_len]
-            return (ck.index_select(0, self.rows)[:, :, : self.kv_len],
-                    cv.index_select(0, self.rows)[:, :, : self.kv_len])
+                return ck[: k.shape[0], :, : self.kv_len].to(k.dtype), cv[: k.shape[0], :, : self.kv_len].to(v.dtype)
+            return (ck.index_select(0, self.rows)[:, :, : self.kv_len].to(k.dtype),
+                    cv.index_select(0, self.rows)[:, :, : self.kv_len].to(v.dtype))
         if self.fresh:
             keys, values = k, v
         elif self.rows is None:
-            keys = torch.cat([ck[: k.shape[0]], k], dim=2)  # [B, kv_heads, capacity + T, head_dim]
-            values = torch.cat([cv[: k.shape[0]], v], dim=2)
+            keys = torch.cat([ck[: k.shape[0]].to(k.dtype), k], dim=2)  # [B, kv_heads, capacity + T, head_dim]
+            values = torch.cat([cv[: k.shape[0]].to(v.dtype), v], dim=2)
         else:
-            keys = torch.cat([ck.index_select(0, self.rows), k], dim=2)
-            values = torch.cat([cv.index_select(0, self.rows), v], dim=2)
+            keys = torch.cat([ck.index_select(0, self.rows).to(k.dtype), k], dim=2)
+            values = torch.cat([cv.index_select(0, self.rows).to(v.dtype), v], dim=2)
         _write(ck, cv, self.batch_index, self.slots, k[:, :, -written:], v[:, :, -written:])
         return keys, values
 
@@ -179,9 +179,10 @@ class RollingStepMeta(StepMeta):
 
 def _write(ck: torch.Tensor, cv: torch.Tensor, batch_index: torch.Tensor, slots: torch.Tensor,
            k: torch.Tensor, v: torch.Tensor) -> None:
-    # ck[b, :, slot] for index tensors [B, T] selects [B, T, kv_heads, head_dim]
-    ck[batch_index, :, slots] = k.transpose(1, 2)
-    cv[batch_index, :, slots] = v.transpose(1, 2)
+    # ck[b, :, slot] for index tensors [B, T] selects [B, T, kv_heads, head_dim]; a cache may store another
+    # dtype than the model computes in (bf16 keys of an fp32 model): stored rounded, read back widened
+    ck[batch_index, :, slots] = k.transpose(1, 2).to(ck.dtype)
+    cv[batch_index, :, slots] = v.transpose(1, 2).to(cv.dtype)
 
 
 def rolling_meta(positions: torch.Tensor, window: int | None, cache: KVCache, rows: torch.Tensor | None,
