@@ -40,6 +40,27 @@ VEC_INLINE typename V::F exp_of(typename V::F x) {
   return V::zero_below(V::mul(p, V::pow2(n)), x, kLow);
 }
 
+// The scores of the U keys at k (U = 4, or 1 at a part's edges) for the `rep` heads, written at out, one head
+// `stride` after another: each key's sum goes through the same transposing tree (V::sum4), so a key's score
+// never depends on which keys share its group.
+template <int U, typename T>
+VEC_INLINE void score_keys(const float* q, int64_t rep, int64_t D, const T* k, float* out, int64_t stride) {
+  static_assert(U == 1 || U == 4, "keys come four at a time, or one");
+  typename V::F acc[kMaxRep][U];
+  for (int64_t r = 0; r < rep; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+  for (int64_t d = 0; d < D; d += V::kLanes)
+    for (int u = 0; u < U; ++u) {
+      const typename V::F kv = load_kv(k + u * D + d);
+      for (int64_t r = 0; r < rep; ++r) acc[r][u] = V::fmadd(V::load(q + r * D + d), kv, acc[r][u]);
+    }
+  for (int64_t r = 0; r < rep; ++r) {
+    const __m128 sums = V::sum4(acc[r][0], acc[r][std::min(1, U - 1)], acc[r][std::min(2, U - 1)], acc[r][U - 1]);
+    if constexpr (U == 4) _mm_storeu_ps(out + r * stride, sums);
+    else out[r * stride] = _mm_cvtss_f32(sums);
+  }
+}
+
 // Scores per head are kept `stride` apart: the part's slot count rounded up to whole vectors.
 inline int64_t score_stride(int64_t n) { return (n + V::kLanes - 1) / V::kLanes * V::kLanes; }
 
@@ -49,7 +70,7 @@ inline int64_t score_stride(int64_t n) { return (n + V::kLanes - 1) / V::kLanes 
 // sum l of exp(score - m), and o = sum of exp(score - m) * value, unnormalised: parts of one row are
 // combined afterwards (the split that keeps both cores busy when a step has few kv heads).
 //  - scores: each key vector is loaded once for all the heads that share it, four keys at a time so that
-//    one transposing tree (V::sum4) gives their four sums per head;
+//    one transposing tree gives their four sums per head (score_keys);
 //  - weights: exp over whole vectors of scores (`scores` holds rep * score_stride(n) floats);
 //  - values: one vector of D per pass, its `rep` sums in registers over every key of the part, so each
 //    weighted value is one fused multiply-add (the keys' weights are broadcast from `scores`).
@@ -81,27 +102,11 @@ inline void attend_part(const float* q, int64_t rep, int64_t D, const T* kc, con
     for (; t + 4 <= t1; t += 4) {
       if (next)
         for (int u = 0; u < 4; ++u) prefetch_kv(next + (t + u) * D, D);
-      typename V::F acc[kMaxRep][4];
-      for (int64_t r = 0; r < rep; ++r)
-        for (int u = 0; u < 4; ++u) acc[r][u] = V::zero();
-      for (int64_t d = 0; d < D; d += V::kLanes)
-        for (int u = 0; u < 4; ++u) {
-          const typename V::F kv = load_kv(kb + (t + u) * D + d);
-          for (int64_t r = 0; r < rep; ++r) acc[r][u] = V::fmadd(V::load(q + r * D + d), kv, acc[r][u]);
-        }
-      const int64_t at = j * scan + t - i0;
-      for (int64_t r = 0; r < rep; ++r) _mm_storeu_ps(scores + r * stride + at, V::sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+      score_keys<4>(q, rep, D, kb + t * D, scores + j * scan + t - i0, stride);
     }
     for (; t < t1; ++t) {
       if (next) prefetch_kv(next + t * D, D);
-      typename V::F acc[kMaxRep];
-      for (int64_t r = 0; r < rep; ++r) acc[r] = V::zero();
-      for (int64_t d = 0; d < D; d += V::kLanes) {
-        const typename V::F kv = load_kv(kb + t * D + d);
-        for (int64_t r = 0; r < rep; ++r) acc[r] = V::fmadd(V::load(q + r * D + d), kv, acc[r]);
-      }
-      for (int64_t r = 0; r < rep; ++r)  // the tree of four keys, so a key's score never depends on its neighbours
-        scores[r * stride + j * scan + t - i0] = _mm_cvtss_f32(V::sum4(acc[r], acc[r], acc[r], acc[r]));
+      score_keys<1>(q, rep, D, kb + t * D, scores + j * scan + t - i0, stride);
     }
     for (t = t0; t < t1; ++t)
       if (masked(pos[t]))
