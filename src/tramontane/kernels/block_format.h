@@ -1,6 +1,6 @@
 // What every GGUF block format (blocks.cpp) is and shares. A format is one small struct in its own header
-// (q8_0.h, q5.h, qk45.h, q6_k.h): kUnit elements in kBytes bytes, codes of kCodeBits bits; scales(u, sc,
-// off) fills kUnit / 16 entries; code(u, i) is element i's code. For the vector kernels: codes32(u, j), elements
+// (q8_0.h, q5.h, qk45.h, q6_k.h): kUnit elements in kBytes bytes, codes of kCodeBits bits, one scale per
+// kScaleSpan elements (16 or 32); scales(u, sc, off) fills kUnit / 16 entries (a scale of 32 twice); code(u, i) is element i's code. For the vector kernels: codes32(u, j), elements
 // [32j, 32j + 32) of the unit as bytes, and scales16(u, n, sc, off), the scales and offsets of n units
 // (256 elements at most), 16 of each (zero past the units) in two registers of 8. Optionally codes64(u, j),
 // elements [64j, 64j + 64) with AVX-512 instructions, where that is faster than two codes32: the

@@ -42,9 +42,10 @@ using namespace blockfmt;  // the formats and what they share (block_format.h)
 // elements the block's step (part_step) and x's sum as the parts hold it.
 template <int P>
 struct Act {
-  at::Tensor q, r, dx, xs;  // int8 [M, K] (r: P = 2 only); float [M, K / 16] twice
+  at::Tensor q, r, wide, dx, xs;  // int8 [M, K] (r: P = 2 only); int16 [M, K] (kWide, simd.h); float [M, K / 16] twice
   const int8_t* qp;
   const int8_t* rp;
+  const int16_t* wp;
   const float* dxp;
   const float* xsp;
 };
@@ -111,21 +112,26 @@ Act<P> quantize_act(const float* x, int64_t M, int64_t K) {
   Act<P> a;
   a.q = at::empty({M, K}, at::kChar);
   a.r = at::empty({P == 2 ? M : 0, K}, at::kChar);
+  bool wide = false;
+  BY_ISA(takes_wide(wide), break);
+  a.wide = at::empty({P == 2 && wide ? M : 0, K}, at::kShort);
   a.dx = at::empty({M, K / 16}, at::kFloat);
   a.xs = at::empty({M, K / 16}, at::kFloat);
   int8_t* q = a.q.template data_ptr<int8_t>();
   int8_t* r = P == 2 ? a.r.template data_ptr<int8_t>() : nullptr;
   float* dx = a.dx.template data_ptr<float>();
   float* xs = a.xs.template data_ptr<float>();
+  int16_t* wd = a.wide.numel() ? a.wide.template data_ptr<int16_t>() : nullptr;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     int8_t *qm = q + m * K, *rm = r ? r + m * K : nullptr;
     float *dxm = dx + m * (K / 16), *xsm = xs + m * (K / 16);
-    BY_ISA(quantize_row<P>(xm, K, qm, rm, dxm, xsm), continue);
+    BY_ISA(quantize_row<P>(xm, K, qm, rm, wd ? wd + m * K : nullptr, dxm, xsm), continue);
     quantize_row_ref<P>(xm, K, qm, rm, dxm, xsm);
   }
   a.qp = q;
   a.rp = r;
+  a.wp = wd;
   a.dxp = dx;
   a.xsp = xs;
   return a;

@@ -2,15 +2,20 @@
 // compiles this file once per instruction set. Includes nothing: blocks.cpp has what it needs in scope,
 // per_isa.h the activations' split (split_tiles.h).
 
-// One row of x in P int8 parts per element (split_block, split_tiles.h), in natural order, with per 16
-// elements the block's step (part_step) and x's sum as the parts hold it.
+// Whether block_tile reads two-part activations whole, as int16 (V::kWide)
+inline void takes_wide(bool& wide) { wide = V::kWide; }
+
+// One row of x in P int8 parts per element (split_block, split_tiles.h), in natural order (and whole in
+// `wide`, where V takes them so), with per 16 elements the block's step (part_step) and x's sum as the
+// parts hold it.
 template <int P>
-inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* dx, float* xs) {
+inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, int16_t* wide, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
     int8_t* const qs[2] = {q + 32 * b, q + 32 * b + 16};
     int8_t* const rs[2] = {r ? r + 32 * b : nullptr, r ? r + 32 * b + 16 : nullptr};
     int32_t totals[2];
     const float d = split_block<P>(x + 32 * b, qs, rs, totals);
+    if constexpr (P == 2 && V::kWide) V::widen32(q + 32 * b, r + 32 * b, wide + 32 * b);
     for (int h = 0; h < 2; ++h) {
       dx[2 * b + h] = part_step<P>(d);
       xs[2 * b + h] = part_step<P>(d) * float(totals[h]);
@@ -47,24 +52,32 @@ inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* 
         }
       }
     }
-    for (int64_t c = 0; c < n * kChunks; ++c) {  // elements [c * kBytes, (c + 1) * kBytes) of the step
-      const uint8_t* unit = w + (u0 + c / kChunks) * Fm::kBytes;
-      typename V::I codes[R];
-      for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, c % kChunks);
-      for (int t = 0; t < T; ++t) {
-        const int64_t at = (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes;
-        const typename V::I xq = V::loadi(a.qp + at);
-        if constexpr (P == 2) {
-          const typename V::I xr = V::loadi(a.rp + at);
-          for (int r = 0; r < R; ++r) {
-            const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
-            const typename V::I dot = V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr);
-            acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
-          }
-        } else {
-          for (int r = 0; r < R; ++r) {
-            const typename V::I dot = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
-            acc[r][t] = V::fmadd(V::to_float(dot), V::by_group(gs[r][t], c), acc[r][t]);
+    for (int64_t u = 0; u < n; ++u) {
+      const uint8_t* unit = w + (u0 + u) * Fm::kBytes;
+#pragma GCC unroll 8
+      for (int j = 0; j < kChunks; ++j) {  // elements [j * kBytes, (j + 1) * kBytes) of the unit, the step's chunk c
+        const int64_t c = u * kChunks + j;
+        typename V::I codes[R];
+        for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, j);
+        for (int t = 0; t < T; ++t) {
+          const int64_t at = (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes;
+          if constexpr (P == 2 && V::kWide) {
+            const typename V::I xw[2] = {V::loadi(a.wp + at), V::loadi(a.wp + at + V::kBytes / 2)};
+            for (int r = 0; r < R; ++r)
+              acc[r][t] = V::fmadd(V::to_float(V::dot_wide(codes[r], xw)), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
+          } else if constexpr (P == 2) {
+            const typename V::I xq = V::loadi(a.qp + at), xr = V::loadi(a.rp + at);
+            for (int r = 0; r < R; ++r) {
+              const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
+              const typename V::I dot = V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr);
+              acc[r][t] = V::fmadd(V::to_float(dot), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
+            }
+          } else {
+            const typename V::I xq = V::loadi(a.qp + at);
+            for (int r = 0; r < R; ++r) {
+              const typename V::I dot = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
+              acc[r][t] = V::fmadd(V::to_float(dot), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
+            }
           }
         }
       }

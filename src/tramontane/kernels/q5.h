@@ -10,7 +10,7 @@ namespace blockfmt {
 template <bool kMin>
 struct Q5 {
   static constexpr int64_t kBlock = kMin ? 24 : 22, kHead = kMin ? 4 : 2;
-  static constexpr int64_t kUnit = 64, kBytes = 2 * kBlock, kCodeBits = 5;
+  static constexpr int64_t kUnit = 64, kBytes = 2 * kBlock, kCodeBits = 5, kScaleSpan = 32;
   static void scales(const uint8_t* u, float* sc, float* off) {
     for (int b = 0; b < 2; ++b) {
       const float d = half_at(u + kBlock * b);

@@ -10,7 +10,7 @@ namespace blockfmt {
 // element 32p + l takes the low (p = 0, 1) or high (p = 2, 3) nibble of ql[l + 32 (p % 2)] and bits
 // 2p, 2p + 1 of qh[l].
 struct Q6_K {
-  static constexpr int64_t kUnit = 256, kBytes = 210, kCodeBits = 6;
+  static constexpr int64_t kUnit = 256, kBytes = 210, kCodeBits = 6, kScaleSpan = 16;
   static void scales(const uint8_t* u, float* sc, float* off) {
     const float d = half_at(u + 208);
     for (int g = 0; g < 16; ++g) {

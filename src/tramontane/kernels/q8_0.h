@@ -7,7 +7,7 @@ namespace blockfmt {
 
 // Q8_0: blocks of 32: float16 d, 32 x int8; value = d * q.
 struct Q8_0 {
-  static constexpr int64_t kUnit = 64, kBytes = 68, kCodeBits = 8;
+  static constexpr int64_t kUnit = 64, kBytes = 68, kCodeBits = 8, kScaleSpan = 32;
   static void scales(const uint8_t* u, float* sc, float* off) {
     for (int b = 0; b < 2; ++b) {
       const float d = half_at(u + 34 * b);

@@ -22,7 +22,7 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
 // sub-block 2c in their low nibbles and 2c + 1 in their high ones. value = d * sc * q - dmin * m.
 template <bool kHigh>
 struct QK45 {
-  static constexpr int64_t kUnit = 256, kBytes = kHigh ? 176 : 144, kQs = kHigh ? 48 : 16, kCodeBits = kHigh ? 5 : 4;
+  static constexpr int64_t kUnit = 256, kBytes = kHigh ? 176 : 144, kQs = kHigh ? 48 : 16, kCodeBits = kHigh ? 5 : 4, kScaleSpan = 32;
   static void scales(const uint8_t* u, float* sc, float* off) {
     const float d = half_at(u), dmin = half_at(u + 2);
     for (int j = 0; j < 8; ++j) {

@@ -29,6 +29,11 @@ struct V512 {
   using F = __m512;
   using I = __m512i;
   static constexpr int kLanes = 16, kBytes = 64;
+  // Whether the integer tiles take two-part activations whole, as int16 (V256Madd says why); where not,
+  // dot_wide and widen32 are declared only, for the branches that never run
+  static constexpr bool kWide = false;
+  static I dot_wide(I a, const I x[2]);
+  static void widen32(const int8_t* q, const int8_t* r, int16_t* w);
 
   T512OPS VEC_INLINE static F zero() { return _mm512_setzero_ps(); }
   T512OPS VEC_INLINE static F set1(float v) { return _mm512_set1_ps(v); }
@@ -109,8 +114,11 @@ struct V512 {
     else return _mm512_inserti64x4(_mm512_castsi256_si512(Fm::codes32(unit, 2 * j)), Fm::codes32(unit, 2 * j + 1), 1);
   }
 
-  // Per dot lane (4 elements), the factor of its group of 16 in chunk c: g[4c + lane / 4].
+  // Per dot lane (4 elements), the factor of its group of 16 in chunk c: g[4c + lane / 4]; with one
+  // factor per 32 elements (kSpan 32, g[2i] = g[2i + 1]), two broadcasts do.
+  template <int kSpan>
   T512OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
+    if constexpr (kSpan == 32) return _mm512_insertf32x8(_mm512_set1_ps(g[4 * c]), _mm256_set1_ps(g[4 * c + 2]), 1);
     const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(4 * c)),
                                         _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
     return _mm512_permutexvar_ps(at, _mm512_loadu_ps(g));
@@ -152,6 +160,9 @@ struct V256Base {
   using F = __m256;
   using I = __m256i;
   static constexpr int kLanes = 8, kBytes = 32;
+  static constexpr bool kWide = false;
+  static I dot_wide(I a, const I x[2]);
+  static void widen32(const int8_t* q, const int8_t* r, int16_t* w);
 
   T256OPS VEC_INLINE static F zero() { return _mm256_setzero_ps(); }
   T256OPS VEC_INLINE static F set1(float v) { return _mm256_set1_ps(v); }
@@ -231,8 +242,10 @@ struct V256Base {
   template <class Fm>
   T256OPS VEC_INLINE static I codes(const uint8_t* unit, int64_t j) { return Fm::codes32(unit, j); }
 
-  // g[2c + lane / 4]
+  // g[2c + lane / 4]; with one factor per 32 elements (kSpan 32), g[2c] in every lane
+  template <int kSpan>
   T256OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
+    if constexpr (kSpan == 32) return _mm256_broadcast_ss(g + 2 * c);
     const __m128 pair = _mm_castpd_ps(_mm_load_sd((const double*)(g + 2 * c)));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
   }
@@ -266,7 +279,14 @@ struct V256Vnni : V256Base {
 
 // AVX2 alone: maddubs sums pairs into int16, which saturates unless 2 * 255 * 128 fits; codes of up to
 // 6 bits always fit (2 * 63 * 128), wider codes go as two nibbles.
+//
+// Two-part activations go whole (kWide): x = 256 q + r as int16, multiplied by the codes widened to int16
+// with madd (2 * 255 * 32639 fits int32). Per 32 codes that is two unpacks and two madds, where the parts
+// take two maddubs, two madds and a shift, four of each for 8-bit codes. A wide vector pair holds a block
+// of 32 as the unpacks order the codes: elements [0, 8) and [16, 24), then [8, 16) and [24, 32).
 struct V256Madd : V256Base {
+  static constexpr bool kWide = true;
+
   template <int kBits>
   T256OPS VEC_INLINE static I dot(I acc, I a, I b) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -279,6 +299,22 @@ struct V256Madd : V256Base {
       const __m256i high = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), _mm256_set1_epi16(16));
       return _mm256_add_epi32(_mm256_add_epi32(acc, low), high);
     }
+  }
+
+  // the sums of each 4 products of 32 unsigned codes a and a block's wide activations x[0..1]
+  T256OPS VEC_INLINE static I dot_wide(I a, const I x[2]) {
+    const __m256i zero = _mm256_setzero_si256();
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(a, zero), x[0]),
+                            _mm256_madd_epi16(_mm256_unpackhi_epi8(a, zero), x[1]));
+  }
+
+  // a block of 32 parts q, r as wide activations 256 q + r, in dot_wide's order
+  T256OPS VEC_INLINE static void widen32(const int8_t* q, const int8_t* r, int16_t* w) {
+    const __m256i qv = _mm256_loadu_si256((const __m256i*)q), rv = _mm256_loadu_si256((const __m256i*)r);
+    const __m256i zero = _mm256_setzero_si256(), rsign = _mm256_cmpgt_epi8(zero, rv);
+    _mm256_storeu_si256((__m256i*)w, _mm256_add_epi16(_mm256_unpacklo_epi8(zero, qv), _mm256_unpacklo_epi8(rv, rsign)));
+    _mm256_storeu_si256((__m256i*)(w + 16),
+                        _mm256_add_epi16(_mm256_unpackhi_epi8(zero, qv), _mm256_unpackhi_epi8(rv, rsign)));
   }
 };
 #endif  // TRAMONTANE_X86
