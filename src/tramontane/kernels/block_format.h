@@ -1,10 +1,12 @@
 // What every GGUF block format (blocks.cpp) is and shares. A format is one small struct in its own header
-// (q8_0.h, q5.h, qk45.h, q6_k.h): kUnit elements in kBytes bytes, codes of kCodeBits bits, one scale per
-// kScaleSpan elements (16 or 32); scales(u, sc, off) fills kUnit / 16 entries (a scale of 32 twice); code(u, i) is element i's code. For the vector kernels: codes32(u, j), elements
-// [32j, 32j + 32) of the unit as bytes, and scales16(u, n, sc, off), the scales and offsets of n units
-// (256 elements at most), 16 of each (zero past the units) in two registers of 8. Optionally codes64(u, j),
-// elements [64j, 64j + 64) with AVX-512 instructions, where that is faster than two codes32: the
-// AVX-512 kernels then use it.
+// (q8_0.h, q5.h, qk45.h, q6_k.h): kUnit elements in kBytes bytes, codes of kCodeBits bits, one scale and
+// one offset per kScaleSpan elements (16 or 32); scales(u, sc, off) fills kUnit / 16 entries (a scale of
+// 32 elements twice); code(u, i) is element i's code. For the vector kernels: codes32(u, j), elements
+// [32j, 32j + 32) of the unit as bytes; and the scales and offsets of n units (256 elements at most, zero
+// past the units): with kScaleSpan 16, scales16(u, n, sc, off), 16 of each in two registers of 8; with
+// kScaleSpan 32, scales8(u, n, sc, off), 8 of each in one register (scales16_of gives either as 16).
+// Optionally codes64(u, j), elements [64j, 64j + 64) with AVX-512 instructions, where that is faster than
+// two codes32: the AVX-512 kernels then use it.
 // A new format: a header with its struct, its ggml type number in blocks.cpp's `with_format`, and its
 // rows in the tests (tests/test_blocks.py): the kernels, dequantization and dispatch are written once.
 #pragma once
@@ -27,19 +29,60 @@ inline uint32_t u32_at(const uint8_t* p) {
 
 
 #ifdef TRAMONTANE_X86
-// The float16 values at p, p + stride, ... (n <= 8 of them) as fp32, each twice (a block of 32 is two
-// groups of 16): lanes [2i, 2i + 1] of sc hold value i; lanes from 2n on are zero. One gather of 32-bit
-// words (each block has bytes to spare after its value, so none is read past the row), packed to 16 bits.
-T256 inline void halves_twice(const uint8_t* p, int64_t stride, int64_t n, __m256 sc[2]) {
+// The float16 values at p, p + stride, ... (n <= 8 of them) as fp32, zero from lane n on. One gather of
+// 32-bit words (each block has bytes to spare after its value, so none is read past the row), packed to
+// 16 bits.
+T256 inline __m256 halves(const uint8_t* p, int64_t stride, int64_t n) {
   const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
   const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   const __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int*)p, at, live, 1);
   const __m256i low = _mm256_shuffle_epi8(  // each 128-bit lane's four low halves into its low 8 bytes
       words, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1,
                               -1, -1, -1, -1, -1, -1, -1));
-  const __m256 v = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(low, 0x08)));  // qwords 0, 2
-  sc[0] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-  sc[1] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(low, 0x08)));  // qwords 0, 2
+}
+
+// 8 values, each twice: lanes [2i, 2i + 1] of out hold v's lane i (a scale of 32 as two groups of 16)
+T256 inline void twice(__m256 v, __m256 out[2]) {
+  out[0] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  out[1] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+}
+
+// Lanes [0, n) of the 8 floats at p, the others zero (nothing read past p + n)
+T256 inline __m256 floats8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(n, 0))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, live);
+}
+
+// The even lanes of 16 floats (a then b), in order
+T256 inline __m256 evens(__m256 a, __m256 b) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+}
+
+// The sums of lanes 2i and 2i + 1 of 16 floats (a then b), in order
+T256 inline __m256 pair_sums(__m256 a, __m256 b) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(a, b)), 0xD8));
+}
+
+T256 inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// A format's scales and offsets per 16 elements, whichever span it stores them in
+template <class Fm>
+T256 inline void scales16_of(const uint8_t* u, int64_t n, __m256 sc[2], __m256 off[2]) {
+  if constexpr (Fm::kScaleSpan == 32) {
+    __m256 s, f;
+    Fm::scales8(u, n, s, f);
+    twice(s, sc);
+    twice(f, off);
+  } else {
+    Fm::scales16(u, n, sc, off);
+  }
 }
 
 // dst = src * k, 16 floats in two registers each

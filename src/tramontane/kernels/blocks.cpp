@@ -155,7 +155,7 @@ struct BlockRows {
     const int64_t u = b / (F::kUnit / 32);
     for (int64_t r = 0; r < rows; ++r) {
       __m256 s[2], f[2];
-      F::scales16(w + (o + r) * row_bytes + u * F::kBytes, 1, s, f);
+      scales16_of<F>(w + (o + r) * row_bytes + u * F::kBytes, 1, s, f);
       for (int i = 0; i < 2; ++i) {
         _mm256_store_ps(sc[g][r] + 8 * i, s[i]);
         _mm256_store_ps(off[g][r] + 8 * i, f[i]);

@@ -25,9 +25,10 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, int16_
 
 // A tile of R weight rows x T rows of x, in steps of 256 elements (16 groups of 16: one K-quant unit,
 // or four units of the formats in blocks of 32; a row's last step may be shorter). Per step: each
-// row's scales and offsets; the scales combined with x's into one factor per group (spread over the 4
-// lanes of the dot sums that cover it), the offsets straight into the accumulators. Per chunk of
-// V::kBytes elements: codes decoded once, used for every row of x.
+// row's scales and offsets; the scales combined with x's into one factor per scale (per group of 16,
+// or per 32 where the format's scales span 32: x's steps are alike in a block's two halves), spread
+// over the lanes of the dot sums that it covers, the offsets straight into the accumulators. Per chunk
+// of V::kBytes elements: codes decoded once, used for every row of x.
 template <int R, int T, class Fm, int P>
 inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* y, int64_t N, int64_t o, int64_t m0) {
   constexpr int64_t kStep = 256 / Fm::kUnit, kChunks = Fm::kUnit / V::kBytes;  // units per step, chunks per unit
@@ -35,20 +36,38 @@ inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* 
   const NextTile<R> next(w, row_bytes, o, N, m0);
   alignas(64) float gs[R][T][16];
   typename V::F acc[R][T];
+  __m256 offsets[R][T];  // the offsets' share, where scales span 32
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = V::zero();
+    for (int t = 0; t < T; ++t) acc[r][t] = V::zero(), offsets[r][t] = _mm256_setzero_ps();
   for (int64_t u0 = 0; u0 < units; u0 += kStep) {
     const int64_t n = std::min(kStep, units - u0), groups = n * Fm::kUnit / 16;
     for (int64_t b = (u0 * Fm::kBytes) & ~int64_t(63); b < (u0 + n) * Fm::kBytes; b += 64) next.at(b);
-    for (int r = 0; r < R; ++r) {
-      __m256 sc[2], off[2];
-      Fm::scales16(w + (o + r) * row_bytes + u0 * Fm::kBytes, n, sc, off);
+    if constexpr (Fm::kScaleSpan == 32) {
+      __m256 dx[T], xs[T];  // per 32 elements: x's step, x's sum
       for (int t = 0; t < T; ++t) {
         const int64_t g0 = (m0 + t) * K16 + u0 * Fm::kUnit / 16;
-        for (int i = 0; i < 16 / V::kLanes; ++i) {
-          const int64_t left = groups - i * V::kLanes;
-          V::store(gs[r][t] + i * V::kLanes, V::mul(V::of16(sc, i), V::load_partial(a.dxp + g0 + i * V::kLanes, left)));
-          acc[r][t] = V::fmadd(V::of16(off, i), V::load_partial(a.xsp + g0 + i * V::kLanes, left), acc[r][t]);
+        dx[t] = evens(floats8(a.dxp + g0, groups), floats8(a.dxp + g0 + 8, groups - 8));
+        xs[t] = pair_sums(floats8(a.xsp + g0, groups), floats8(a.xsp + g0 + 8, groups - 8));
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256 sc, off;
+        Fm::scales8(w + (o + r) * row_bytes + u0 * Fm::kBytes, n, sc, off);
+        for (int t = 0; t < T; ++t) {
+          _mm256_store_ps(gs[r][t], _mm256_mul_ps(sc, dx[t]));
+          offsets[r][t] = _mm256_fmadd_ps(off, xs[t], offsets[r][t]);
+        }
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        __m256 sc[2], off[2];
+        Fm::scales16(w + (o + r) * row_bytes + u0 * Fm::kBytes, n, sc, off);
+        for (int t = 0; t < T; ++t) {
+          const int64_t g0 = (m0 + t) * K16 + u0 * Fm::kUnit / 16;
+          for (int i = 0; i < 16 / V::kLanes; ++i) {
+            const int64_t left = groups - i * V::kLanes;
+            V::store(gs[r][t] + i * V::kLanes, V::mul(V::of16(sc, i), V::load_partial(a.dxp + g0 + i * V::kLanes, left)));
+            acc[r][t] = V::fmadd(V::of16(off, i), V::load_partial(a.xsp + g0 + i * V::kLanes, left), acc[r][t]);
+          }
         }
       }
     }
@@ -84,7 +103,7 @@ inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]);
+    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]) + sum8(offsets[r][t]);
 }
 
 template <class Fm, int P>
@@ -104,7 +123,7 @@ void dequantize_rows(const uint8_t* w, int64_t K, float* out, int64_t begin, int
   for (int64_t o = begin; o < end; ++o)
     for (int64_t u = 0; u < units; ++u) {
       const uint8_t* unit = w + o * row_bytes + u * Fm::kBytes;
-      Fm::scales16(unit, 1, s, f);
+      scales16_of<Fm>(unit, 1, s, f);
       for (int i = 0; i < 2; ++i) {
         _mm256_store_ps(sc + 8 * i, s[i]);
         _mm256_store_ps(off + 8 * i, f[i]);

@@ -25,10 +25,9 @@ struct Q5 {
     return nib | int((u32_at(blk + kHead) >> e) & 1) << 4;
   }
 #ifdef TRAMONTANE_X86
-  T256 static void scales16(const uint8_t* u, int64_t n, __m256 sc[2], __m256 off[2]) {
-    halves_twice(u, kBlock, 2 * n, sc);
-    if (kMin) halves_twice(u + 2, kBlock, 2 * n, off);
-    else scaled16(sc, -16.f, off);
+  T256 static void scales8(const uint8_t* u, int64_t n, __m256& sc, __m256& off) {
+    sc = halves(u, kBlock, 2 * n);
+    off = kMin ? halves(u + 2, kBlock, 2 * n) : _mm256_mul_ps(sc, _mm256_set1_ps(-16.f));
   }
   T256 static __m256i codes32(const uint8_t* u, int64_t j) {
     const uint8_t* blk = u + kBlock * j;

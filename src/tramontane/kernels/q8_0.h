@@ -17,9 +17,9 @@ struct Q8_0 {
   }
   static int code(const uint8_t* u, int64_t i) { return (u[34 * (i / 32) + 2 + i % 32] ^ 0x80); }
 #ifdef TRAMONTANE_X86
-  T256 static void scales16(const uint8_t* u, int64_t n, __m256 sc[2], __m256 off[2]) {
-    halves_twice(u, 34, 2 * n, sc);
-    scaled16(sc, -128.f, off);
+  T256 static void scales8(const uint8_t* u, int64_t n, __m256& sc, __m256& off) {
+    sc = halves(u, 34, 2 * n);
+    off = _mm256_mul_ps(sc, _mm256_set1_ps(-128.f));
   }
   T256 static __m256i codes32(const uint8_t* u, int64_t j) {
     return _mm256_xor_si256(load32(u + 34 * j + 2), _mm256_set1_epi8(char(0x80)));

@@ -40,7 +40,7 @@ struct QK45 {
     return nib | ((u[16 + l] >> (2 * c + hi)) & 1) << 4;
   }
 #ifdef TRAMONTANE_X86
-  T256 static void scales16(const uint8_t* u, int64_t, __m256 sc[2], __m256 off[2]) {
+  T256 static void scales8(const uint8_t* u, int64_t, __m256& sc, __m256& off) {
     // the 12 bytes as 8 scales then 8 minimums, a byte each (what scale_min_k4 reads, 4 at a time)
     // (built in a register: four 32-bit stores read back as one load would stall it)
     uint32_t q[3];
@@ -48,17 +48,9 @@ struct QK45 {
     const __m128i v = _mm_setr_epi32(int(q[0] & 0x3f3f3f3f), int((q[2] & 0x0f0f0f0f) | (((q[0] >> 6) & 0x03030303) << 4)),
                                      int(q[1] & 0x3f3f3f3f),
                                      int(((q[2] >> 4) & 0x0f0f0f0f) | (((q[1] >> 6) & 0x03030303) << 4)));
-    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // a sub-block of 32: 2 groups
     const float d = _cvtsh_ss(uint16_t(u[0] | u[1] << 8)), dmin = _cvtsh_ss(uint16_t(u[2] | u[3] << 8));
-    for (int half = 0; half < 2; ++half) {  // scales, then minimums
-      const __m128i bytes = _mm_shuffle_epi8(v, _mm_add_epi8(twice, _mm_set1_epi8(char(8 * half))));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
-      __m256* dst = half ? off : sc;
-      const __m256 k = _mm256_set1_ps(half ? -dmin : d);
-      dst[0] = _mm256_mul_ps(lo, k);
-      dst[1] = _mm256_mul_ps(hi, k);
-    }
+    sc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_set1_ps(d));
+    off = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), _mm256_set1_ps(-dmin));
   }
   T256 static __m256i codes32(const uint8_t* u, int64_t j) {
     // sub-block j: the low (j even) or high nibbles of bytes [32 (j / 2), + 32); Q5_K's fifth bit is bit

@@ -114,11 +114,11 @@ struct V512 {
     else return _mm512_inserti64x4(_mm512_castsi256_si512(Fm::codes32(unit, 2 * j)), Fm::codes32(unit, 2 * j + 1), 1);
   }
 
-  // Per dot lane (4 elements), the factor of its group of 16 in chunk c: g[4c + lane / 4]; with one
-  // factor per 32 elements (kSpan 32, g[2i] = g[2i + 1]), two broadcasts do.
+  // Per dot lane (4 elements), the factor of its group of 16 in chunk c: g[4c + lane / 4]; where g holds
+  // one factor per 32 elements (kSpan 32), g[2c + lane / 8].
   template <int kSpan>
   T512OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
-    if constexpr (kSpan == 32) return _mm512_insertf32x8(_mm512_set1_ps(g[4 * c]), _mm256_set1_ps(g[4 * c + 2]), 1);
+    if constexpr (kSpan == 32) return _mm512_insertf32x8(_mm512_set1_ps(g[2 * c]), _mm256_set1_ps(g[2 * c + 1]), 1);
     const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(4 * c)),
                                         _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
     return _mm512_permutexvar_ps(at, _mm512_loadu_ps(g));
@@ -242,10 +242,10 @@ struct V256Base {
   template <class Fm>
   T256OPS VEC_INLINE static I codes(const uint8_t* unit, int64_t j) { return Fm::codes32(unit, j); }
 
-  // g[2c + lane / 4]; with one factor per 32 elements (kSpan 32), g[2c] in every lane
+  // g[2c + lane / 4]; where g holds one factor per 32 elements (kSpan 32), g[c] in every lane
   template <int kSpan>
   T256OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
-    if constexpr (kSpan == 32) return _mm256_broadcast_ss(g + 2 * c);
+    if constexpr (kSpan == 32) return _mm256_broadcast_ss(g + c);
     const __m128 pair = _mm_castpd_ps(_mm_load_sd((const double*)(g + 2 * c)));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
   }
