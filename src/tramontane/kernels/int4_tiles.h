@@ -136,8 +136,7 @@ VEC_INLINE void r8_dot(const typename V::I lo[kVecs], const typename V::I hi[kVe
                        typename V::I d[V::kR8Slots]) {
   for (int v = 0; v < kVecs; ++v) {
     const int half = v / V::kR8Slots, slot = v % V::kR8Slots;
-    d[slot] = V::template dot<4>(d[slot], lo[v], V::bcast8(xp + 8 * half));
-    d[slot] = V::template dot<4>(d[slot], hi[v], V::bcast8(xp + 16 + 8 * half));
+    d[slot] = V::template dot_pair<4>(d[slot], lo[v], V::bcast8(xp + 8 * half), hi[v], V::bcast8(xp + 16 + 8 * half));
   }
 }
 

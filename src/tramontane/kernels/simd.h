@@ -105,6 +105,11 @@ struct V512 {
   // acc + the sums of each 4 products of unsigned a and signed b (codes of kBits bits: any up to 8)
   template <int kBits>
   T512OPS VEC_INLINE static I dot(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  // acc + dot(a0, b0) + dot(a1, b1) (V256Madd says why it is one operation)
+  template <int kBits>
+  T512OPS VEC_INLINE static I dot_pair(I acc, I a0, I b0, I a1, I b1) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, a0, b0), a1, b1);
+  }
 
   // elements [64j, 64j + 64) of a unit of format Fm: its own codes64 where it has one, else its two
   // 32-byte pieces
@@ -275,6 +280,10 @@ struct V256Base {
 struct V256Vnni : V256Base {
   template <int kBits>
   T256VNNIOPS VEC_INLINE static I dot(I acc, I a, I b) { return _mm256_dpbusd_avx_epi32(acc, a, b); }
+  template <int kBits>
+  T256VNNIOPS VEC_INLINE static I dot_pair(I acc, I a0, I b0, I a1, I b1) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, a0, b0), a1, b1);
+  }
 };
 
 // AVX2 alone: maddubs sums pairs into int16, which saturates unless 2 * 255 * 128 fits; codes of up to
@@ -298,6 +307,18 @@ struct V256Madd : V256Base {
       const __m256i low = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, b), ones);
       const __m256i high = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), _mm256_set1_epi16(16));
       return _mm256_add_epi32(_mm256_add_epi32(acc, low), high);
+    }
+  }
+
+  // acc + dot(a0, b0) + dot(a1, b1): codes of up to 6 bits sum their two maddubs in int16 (2 * 2 * 63 *
+  // 128 fits) and widen once, 4 operations where two dots take 6
+  template <int kBits>
+  T256OPS VEC_INLINE static I dot_pair(I acc, I a0, I b0, I a1, I b1) {
+    if constexpr (kBits <= 6) {
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a0, b0), _mm256_maddubs_epi16(a1, b1));
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    } else {
+      return dot<kBits>(dot<kBits>(acc, a0, b0), a1, b1);
     }
   }
 
