@@ -66,6 +66,8 @@ class Server:
 
     def stop(self) -> None:
         stop_server(self.proc)
+        if self.log_path.stat().st_size == 0:  # nothing went wrong: no log to keep
+            self.log_path.unlink()
 
 
 async def one_request(client: httpx.AsyncClient, port: int, model: str, prompt: str,
@@ -125,6 +127,8 @@ async def load(server: Server, clients: int, requests: int, max_tokens: int, str
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--clients", help="client counts to run, comma-separated (default 1,4,16,32; --quick 1,4,16; "
+                                      "the 7B shape 1,8)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the checks take their medians")
     ap.add_argument("--quantize", default="none",
                     help="tramontane's weights: none (default: the file's own blocks), int4, int8")
@@ -148,6 +152,8 @@ def main() -> None:
     else:
         gguf, name, slots = str(smollm2_files(demo_model_path())[a.file]), f"SmolLM2-135M {a.file}", 32
         levels = [1, 4, 16] if a.quick else [1, 4, 16, 32]
+    if a.clients:
+        levels = [int(c) for c in a.clients.split(",")]
         tokens, requests = 64, None
     tokens = a.max_tokens or tokens
     threads = str(os.cpu_count() or 1)
@@ -198,13 +204,16 @@ def main() -> None:
         checks = [(f"{name}, {c} client(s): >= 1.2x llama-server ({mode})", mine[c]["tok_s"] / theirs[c]["tok_s"], 1.2)
                   for c in levels for mode, mine, theirs in (("streamed", ours, peer), ("whole answers", whole, whole_peer))]
     else:
-        checks = [
-            ("1 client: >= 1.0x llama-server (streamed)", ours[1]["tok_s"] / peer[1]["tok_s"], 1.0),
-            ("16 clients: >= 1.5x llama-server (streamed)", ours[16]["tok_s"] / peer[16]["tok_s"], 1.5),
-            ("1 client: >= 1.0x llama-server (whole answers)", whole[1]["tok_s"] / whole_peer[1]["tok_s"], 1.0),
-            ("16 clients: >= 1.5x llama-server (whole answers)", whole[16]["tok_s"] / whole_peer[16]["tok_s"], 1.5),
-            ("1 client: TTFT p50 <= llama-server's", peer[1]["ttft_p50"] / ours[1]["ttft_p50"], 1.0),
-        ]
+        checks = []
+        for c, goal in ((1, 1.0), (16, 1.5)):
+            if c in levels:
+                checks += [(f"{c} client(s): >= {goal}x llama-server ({mode})", mine[c]["tok_s"] / theirs[c]["tok_s"], goal)
+                           for mode, mine, theirs in (("streamed", ours, peer), ("whole answers", whole, whole_peer))]
+        if 1 in levels:
+            checks.append(("1 client: TTFT p50 <= llama-server's", peer[1]["ttft_p50"] / ours[1]["ttft_p50"], 1.0))
+        # under load, the CPU issue's: prompts share steps with the running decodes
+        checks += [(f"{c} clients: TTFT p99 <= llama-server's (llama-server's over ours)",
+                    peer[c]["ttft_p99"] / ours[c]["ttft_p99"], 1.0) for c in (16, 32) if c in levels]
     for label, ratio, target in checks:
         print(f"{'PASS' if ratio >= target else 'MISS'}  {label}: {ratio:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import TINY, save_hf  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def policy_of_this_cpu() -> None:
+    """The process's kernel policy, decided before any test lowers the instruction set with `set_isa`: it
+    is decided once (its row limit is the instruction set's), and a test that happened to make the first
+    call under a lowered one would leave every later test another CPU's policy."""
+    from tramontane.kernels.policy import kernel_policy
+
+    kernel_policy()
+
+
 @pytest.fixture
 def use_policy(monkeypatch: pytest.MonkeyPatch):
     """use_policy(small_batch=0, ...): every layer and the decode backend see this process's kernel policy
