@@ -114,7 +114,7 @@ void attend_split(const float* qp, const float* rp, const T* kc, const T* vc, co
   const int64_t slots = W * scan;
   const int64_t parts = (slots + kPartSlots - 1) / kPartSlots;
   std::vector<float> ms(tasks * parts * rep), ls(tasks * parts * rep), os(tasks * parts * rep * D);
-  at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(tasks * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(rep * D), scores(rep * kPartSlots);  // (a multiple of attend_part's score_stride)
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bk = i / parts, c = i % parts, b = bk / KV, g = bk % KV;
@@ -233,7 +233,7 @@ at::Tensor decode_attention(at::Tensor qkv, at::Tensor rot, at::Tensor kcache, a
     else attend(static_cast<c10::Half*>(nullptr));
     return out;
   }
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+  parallel_pieces(B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(W * scan), q(D);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / KV, g = bk % KV;

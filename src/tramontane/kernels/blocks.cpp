@@ -259,7 +259,7 @@ at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind) {
     with_parts([&](auto parts) {
       constexpr int P = decltype(parts)::value;
       const Act<P> a = quantize_act<P>(x.data_ptr<float>(), M, K);
-      at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+      parallel_pieces(N, grain(N), [&](int64_t begin, int64_t end) {
         BY_ISA(block_rows<F>(a, M, K, wp, yp, N, begin, end), return);
         rows_ref<F>(a, M, K, wp, yp, N, begin, end);
       });

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -145,10 +146,27 @@ at::Tensor dequantized_rows(int64_t N, int64_t K, bool bf16, Fill fill) {
   return out;
 }
 
+// fn(begin, end) over [0, n) in pieces of `piece`, each thread taking the next piece as it comes free.
+// ATen's parallel_for gives each thread one fixed share; when a thread loses its core for a while (to the
+// server's event loop, or any other process on a small machine) the others then wait for its whole share,
+// here for its one piece. Which thread computes a piece never changes its result.
+template <class Fn>
+void parallel_pieces(int64_t n, int64_t piece, const Fn& fn) {
+  const int64_t pieces = (n + piece - 1) / piece;
+  if (pieces <= 1) {
+    if (n > 0) fn(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(pieces, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t p = next++; p < pieces; p = next++) fn(p * piece, std::min(n, (p + 1) * piece));
+  });
+}
+
 inline int64_t grain(int64_t N) {
-  // Enough rows per task to amortise scheduling, few enough to balance the threads.
+  // Enough rows per piece to amortise scheduling, few enough to balance the threads; whole register tiles.
   const int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(16, N / (threads * 8));
+  return std::max<int64_t>(16, (N / (threads * 8) + 7) / 8 * 8);
 }
 
 inline void check_x(const at::Tensor& x, int64_t K) {

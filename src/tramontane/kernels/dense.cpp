@@ -49,7 +49,7 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scale) {
     int8_linear_amx(xp, M, K, wp, sp, yp, N);
     return y;
   }
-  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+  parallel_pieces(N, grain(N), [&](int64_t begin, int64_t end) {
     BY_ISA(dense_rows(xp, M, K, wp, sp, yp, N, begin, end), return);
     int8_rows_ref(xp, M, K, wp, sp, yp, N, begin, end);
   });
@@ -65,7 +65,7 @@ at::Tensor f32_linear(at::Tensor x, at::Tensor w) {
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (current_isa() == Isa::kRef) return at::matmul(x, w.t());
-  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+  parallel_pieces(N, grain(N), [&](int64_t begin, int64_t end) {
     BY_ISA(dense_rows(xp, M, K, wp, static_cast<const float*>(nullptr), yp, N, begin, end), return);
   });
   return y;

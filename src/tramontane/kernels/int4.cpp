@@ -192,13 +192,13 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
     constexpr int P = decltype(parts)::value;
     const QuantizedX<P> qx = quantize_x<P>(x.data_ptr<float>(), M, K, interleaved);
     if (interleaved) {  // groups of 8 rows
-      at::parallel_for(0, N / 8, std::max<int64_t>(1, grain(N) / 8), [&](int64_t begin, int64_t end) {
+      parallel_pieces(N / 8, std::max<int64_t>(1, grain(N) / 8), [&](int64_t begin, int64_t end) {
         BY_ISA(int4_r8_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
         int4_r8_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
       });
       return;
     }
-    at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+    parallel_pieces(N, grain(N), [&](int64_t begin, int64_t end) {
       BY_ISA(int4_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
       int4_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
     });
