@@ -496,3 +496,19 @@ def test_what_cannot_be_enforced_is_a_400(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, "Hi", extra_body=extra)
     assert e.value.body["param"] == param
+
+
+def test_the_objects_alive_at_startup_leave_the_collectors_sight():
+    import gc
+
+    from tramontane.server.serve import freeze_startup_objects
+
+    startup = [1.0]
+    startup.append(startup)  # a container the collector tracks
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is startup for o in gc.get_objects(generation=2))  # a full collection no longer walks it
+    finally:
+        gc.unfreeze()
+    assert any(o is startup for o in gc.get_objects(generation=2))
