@@ -65,13 +65,6 @@ T256 inline __m256 pair_sums(__m256 a, __m256 b) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(a, b)), 0xD8));
 }
 
-T256 inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // A format's scales and offsets per 16 elements, whichever span it stores them in
 template <class Fm>
 T256 inline void scales16_of(const uint8_t* u, int64_t n, __m256 sc[2], __m256 off[2]) {

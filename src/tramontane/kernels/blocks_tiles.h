@@ -102,8 +102,14 @@ inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* 
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]) + sum8(offsets[r][t]);
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) acc[r][t] = V::add(acc[r][t], V::of8(offsets[r][t]));
+    if constexpr (R == 4) {  // four rows' sums through one transposing tree (a row's tile never depends on timing)
+      _mm_storeu_ps(y + (m0 + t) * N + o, V::sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+    } else {
+      for (int r = 0; r < R; ++r) y[(m0 + t) * N + o + r] = V::sum(acc[r][t]);
+    }
+  }
 }
 
 template <class Fm, int P>

@@ -146,20 +146,19 @@ at::Tensor dequantized_rows(int64_t N, int64_t K, bool bf16, Fill fill) {
   return out;
 }
 
-// A range [front, back) of pieces that its owner takes from the front and others from the back, in one
-// atomic word (front in the high 32 bits).
-class SharedRange {
+// A run [front, back) of pieces that its owner takes from the front and others from the back, one at a
+// time, in one atomic word (front in the high 32 bits).
+class SharedPieces {
  public:
   void reset(int64_t front, int64_t back) { v_.store(uint64_t(front) << 32 | uint64_t(back)); }
-  // Up to `count` from the front (or the back), into [begin, end); false once the range is empty.
-  bool take(int64_t count, bool from_back, int64_t& begin, int64_t& end) {
+  // The next piece from the front (or the back) into p; false once none is left.
+  bool take(bool from_back, int64_t& p) {
     uint64_t v = v_.load();
     for (;;) {
       const int64_t front = int64_t(v >> 32), back = int64_t(v & 0xFFFFFFFFu);
       if (front >= back) return false;
-      begin = from_back ? std::max(front, back - count) : front;
-      end = from_back ? back : std::min(back, front + count);
-      const uint64_t next = from_back ? uint64_t(front) << 32 | uint64_t(begin) : uint64_t(end) << 32 | uint64_t(back);
+      p = from_back ? back - 1 : front;
+      const uint64_t next = from_back ? uint64_t(front) << 32 | uint64_t(p) : uint64_t(p + 1) << 32 | uint64_t(back);
       if (v_.compare_exchange_weak(v, next)) return true;
     }
   }
@@ -168,26 +167,26 @@ class SharedRange {
   std::atomic<uint64_t> v_{0};
 };
 
-// fn(begin, end) over [0, n) in pieces of `piece`: each thread walks its own share of the range from the
-// front, then takes what is left of the others' from their back. Fixed shares alone (ATen's parallel_for)
-// let a thread that loses its core for a while (to the server's event loop, or any other process on a
-// small machine) hold up the whole step at each of its ~180 parallel regions; pieces handed out in turn
-// instead break each thread's stream through the weights (15% slower decoding of SmolLM2, the hardware
-// prefetcher restarting at every piece). Which thread computes a piece never changes its result.
+// fn(begin, end) over [0, n) in pieces [p * piece, (p + 1) * piece): each thread walks its own run of
+// pieces from the front, then takes what is left of the others' runs from their back. Fixed shares alone
+// (ATen's parallel_for) let a thread that loses its core for a while (to the server's event loop, or any
+// other process on a small machine) hold up the whole step at each of its ~180 parallel regions; pieces
+// handed out in turn instead break each thread's stream through the weights (15% slower decoding of
+// SmolLM2, the hardware prefetcher restarting at every piece). The pieces never depend on timing, so
+// neither do the register tiles a row falls in, nor its bits.
 template <class Fn>
 void parallel_pieces(int64_t n, int64_t piece, const Fn& fn) {
-  const int64_t threads = std::min<int64_t>((n + piece - 1) / piece, at::get_num_threads());
+  const int64_t pieces = (n + piece - 1) / piece, threads = std::min<int64_t>(pieces, at::get_num_threads());
   if (threads <= 1) {
     if (n > 0) fn(int64_t(0), n);
     return;
   }
-  std::vector<SharedRange> shares(threads);
-  for (int64_t t = 0; t < threads; ++t) shares[t].reset(n * t / threads, n * (t + 1) / threads);
+  std::vector<SharedPieces> runs(threads);
+  for (int64_t t = 0; t < threads; ++t) runs[t].reset(pieces * t / threads, pieces * (t + 1) / threads);
   at::parallel_for(0, threads, 1, [&](int64_t t, int64_t) {
-    int64_t begin, end;
-    while (shares[t].take(piece, false, begin, end)) fn(begin, end);
-    for (int64_t i = 1; i < threads; ++i)
-      while (shares[(t + i) % threads].take(piece, true, begin, end)) fn(begin, end);
+    int64_t p;
+    for (int64_t i = 0; i < threads; ++i)  // its own run first (i = 0), then the others' from their back
+      while (runs[(t + i) % threads].take(i > 0, p)) fn(p * piece, std::min(n, (p + 1) * piece));
   });
 }
 

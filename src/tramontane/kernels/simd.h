@@ -67,6 +67,8 @@ struct V512 {
     return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
   }
   T512OPS VEC_INLINE static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  // 8 floats in the low lanes, zero above
+  T512OPS VEC_INLINE static F of8(__m256 v) { return _mm512_zextps256_ps512(v); }
   T512OPS VEC_INLINE static F add(F a, F b) { return _mm512_add_ps(a, b); }
   // y where x >= lo, else 0
   T512OPS VEC_INLINE static F zero_below(F y, F x, float lo) {
@@ -201,6 +203,7 @@ struct V256Base {
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
   }
   T256OPS VEC_INLINE static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  T256OPS VEC_INLINE static F of8(__m256 v) { return v; }
   T256OPS VEC_INLINE static F add(F a, F b) { return _mm256_add_ps(a, b); }
   T256OPS VEC_INLINE static F zero_below(F y, F x, float lo) {
     return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_GE_OQ));
