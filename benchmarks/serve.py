@@ -152,9 +152,9 @@ def main() -> None:
     else:
         gguf, name, slots = str(smollm2_files(demo_model_path())[a.file]), f"SmolLM2-135M {a.file}", 32
         levels = [1, 4, 16] if a.quick else [1, 4, 16, 32]
+        tokens, requests = 64, None
     if a.clients:
         levels = [int(c) for c in a.clients.split(",")]
-        tokens, requests = 64, None
     tokens = a.max_tokens or tokens
     threads = str(os.cpu_count() or 1)
     ours_port, llama_port = free_port(), free_port()
