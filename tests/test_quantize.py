@@ -36,6 +36,17 @@ def ext():
     module.set_isa(best)
 
 
+@pytest.fixture(autouse=True)
+def isa_restored():
+    """Each test leaves the instruction set it found (the CPU's best), whatever `available` chose in it: the
+    kernel policy's checks below read the instruction set in use."""
+    module = load_kernels()
+    found = module.isa() if module is not None else None
+    yield
+    if module is not None and found is not None:
+        module.set_isa(found)
+
+
 @pytest.fixture
 def vector_kernels(ext):
     """The vector kernels at every batch size: without AMX, whose bf16 products the tests of fp32 (int8)
