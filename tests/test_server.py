@@ -512,3 +512,25 @@ def test_the_objects_alive_at_startup_leave_the_collectors_sight():
     finally:
         gc.unfreeze()
     assert any(o is startup for o in gc.get_objects(generation=2))
+
+
+def test_a_short_prompt_is_tokenized_on_the_event_loop_a_long_one_in_a_thread(served, monkeypatch):
+    import asyncio
+
+    import tramontane.server.app as app_module
+
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    short = post(served, "/v1/completions", body)
+    assert short.status_code == 200 and hops == []  # no trip to a thread, for the prompt or a grammar
+    monkeypatch.setattr(app_module, "INLINE_CHARS", 10)  # the same prompt, now "long"
+    long = post(served, "/v1/completions", body)
+    assert long.status_code == 200 and hops == ["_completion_prompts"]
+    assert long.json()["choices"][0]["text"] == short.json()["choices"][0]["text"]
