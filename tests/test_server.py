@@ -514,10 +514,9 @@ def test_the_objects_alive_at_startup_leave_the_collectors_sight():
     assert any(o is startup for o in gc.get_objects(generation=2))
 
 
-def test_a_short_prompt_is_tokenized_on_the_event_loop_a_long_one_in_a_thread(served, monkeypatch):
-    import asyncio
 
-    import tramontane.server.app as app_module
+def test_a_completion_without_response_format_takes_no_thread_trip_for_a_grammar(served, monkeypatch):
+    import asyncio
 
     hops: list[str] = []
     to_thread = asyncio.to_thread
@@ -528,9 +527,8 @@ def test_a_short_prompt_is_tokenized_on_the_event_loop_a_long_one_in_a_thread(se
 
     monkeypatch.setattr(asyncio, "to_thread", counted)
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
-    short = post(served, "/v1/completions", body)
-    assert short.status_code == 200 and hops == []  # no trip to a thread, for the prompt or a grammar
-    monkeypatch.setattr(app_module, "INLINE_CHARS", 10)  # the same prompt, now "long"
-    long = post(served, "/v1/completions", body)
-    assert long.status_code == 200 and hops == ["_completion_prompts"]
-    assert long.json()["choices"][0]["text"] == short.json()["choices"][0]["text"]
+    assert post(served, "/v1/completions", body).status_code == 200
+    assert hops == ["_completion_prompts"]  # the prompt's tokens, off the event loop; no grammar to build
+    hops.clear()
+    assert post(served, "/v1/completions", {**body, "response_format": {"type": "json_object"}}).status_code == 200
+    assert hops == ["_completion_prompts", "checked"]

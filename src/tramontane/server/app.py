@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -200,7 +200,7 @@ class OpenAIServer:
         if body.best_of is not None and body.best_of != body.n:
             raise bad_request("best_of: only best_of == n is supported", "best_of")
         self._check_fits(_prompt_count(body.prompt), body.n, "prompt")
-        prompts, echoes = await off_loop_if_long(_prompt_size(body.prompt), self._completion_prompts, body)
+        prompts, echoes = await asyncio.to_thread(self._completion_prompts, body)
         grammar = await self._format_grammar(body.response_format)
         job = self._job(body, body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs is not None,
                         body.logprobs or 0, grammar, continuation=True)
@@ -480,7 +480,7 @@ class OpenAIServer:
     async def _encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         messages = _text_only(messages)
         try:
-            return await off_loop_if_long(_chat_size(messages, tools), self.tokenizer.encode_chat, messages, tools)
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, tools)
         except TokenizerError as e:
             raise bad_request(f"messages: this model has no chat format ({e}); use /v1/completions",
                               "messages") from e
@@ -565,32 +565,6 @@ class OpenAIServer:
         if failure is not None:
             raise failure
         return choices
-
-
-# A request's text is tokenized on the event loop when it is short, in a worker thread when it is long: the
-# trip to a thread and back (two wake-ups) costs more than tokenizing a sentence, in a first token of ~10 ms
-# at one client (benchmarks/serve.py), while a long text must not stall every other stream meanwhile.
-INLINE_CHARS = 4096
-T = TypeVar("T")
-
-
-async def off_loop_if_long(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) for a request whose text is `size` characters: here when short, in a thread when long."""
-    if size <= INLINE_CHARS:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
-
-def _prompt_size(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
-    """A completion prompt's characters (ids count as one each)."""
-    if isinstance(prompt, str):
-        return len(prompt)
-    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
-
-
-def _chat_size(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """A conversation's characters, its tools' included, about as the chat template will see them."""
-    return sum(len(str(m.get("content") or "")) for m in messages) + (len(str(tools)) if tools else 0)
 
 
 def _prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
