@@ -48,13 +48,6 @@ T256 inline void twice(__m256 v, __m256 out[2]) {
   out[1] = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
 }
 
-// Lanes [0, n) of the 8 floats at p, the others zero (nothing read past p + n)
-T256 inline __m256 floats8(const float* p, int64_t n) {
-  if (n >= 8) return _mm256_loadu_ps(p);
-  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(n, 0))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_maskload_ps(p, live);
-}
-
 // The even lanes of 16 floats (a then b), in order
 T256 inline __m256 evens(__m256 a, __m256 b) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));

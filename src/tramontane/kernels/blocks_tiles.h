@@ -80,23 +80,21 @@ inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* 
         for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, j);
         for (int t = 0; t < T; ++t) {
           const int64_t at = (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes;
+          const auto add = [&](int r, typename V::I dot) {  // the chunk's integer dot, scaled, into row r's sum
+            acc[r][t] = V::fmadd(V::to_float(dot), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
+          };
           if constexpr (P == 2 && V::kWide) {
             const typename V::I xw[2] = {V::loadi(a.wp + at), V::loadi(a.wp + at + V::kBytes / 2)};
-            for (int r = 0; r < R; ++r)
-              acc[r][t] = V::fmadd(V::to_float(V::dot_wide(codes[r], xw)), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
+            for (int r = 0; r < R; ++r) add(r, V::dot_wide(codes[r], xw));
           } else if constexpr (P == 2) {
             const typename V::I xq = V::loadi(a.qp + at), xr = V::loadi(a.rp + at);
             for (int r = 0; r < R; ++r) {
               const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
-              const typename V::I dot = V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr);
-              acc[r][t] = V::fmadd(V::to_float(dot), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
+              add(r, V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr));
             }
           } else {
             const typename V::I xq = V::loadi(a.qp + at);
-            for (int r = 0; r < R; ++r) {
-              const typename V::I dot = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
-              acc[r][t] = V::fmadd(V::to_float(dot), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
-            }
+            for (int r = 0; r < R; ++r) add(r, V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq));
           }
         }
       }

@@ -243,6 +243,13 @@ struct NextTile {
 // The float16 values (scales or minimums, one per group of `group` elements) of blocks [b, b + n) of
 // one weight row (n <= 16), one per block, as 16 fp32 in two registers, zero past n; `row` points at the
 // row's groups. (In registers: a buffer written as two halves and read back whole stalls the read.)
+// Lanes [0, n) of the 8 floats at p, the others zero (nothing read past p + n)
+T256 inline __m256 floats8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(n, 0))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, live);
+}
+
 T256 inline void block_halves(const uint16_t* row, int64_t b, int64_t n, int64_t group, __m256 out[2]) {
   if (group == 32) {  // consecutive values: whole loads where 8 remain (no buffer: see above)
     for (int i = 0; i < 2; ++i) {

@@ -179,12 +179,7 @@ struct V256Base {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
   T256OPS VEC_INLINE static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  T256OPS VEC_INLINE static F load_partial(const float* p, int64_t n) {
-    if (n >= kLanes) return _mm256_loadu_ps(p);
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(n, 0))),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return _mm256_maskload_ps(p, mask);
-  }
+  T256OPS VEC_INLINE static F load_partial(const float* p, int64_t n) { return floats8(p, n); }
   T256OPS VEC_INLINE static F of16(const __m256 h[2], int i) { return h[i]; }
   T256OPS VEC_INLINE static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   T256OPS VEC_INLINE static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
