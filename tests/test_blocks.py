@@ -15,7 +15,14 @@ from test_quantize import quantize_activations
 
 from tramontane import generate, load_model
 from tramontane.args import ModelArgs
-from tramontane.gguf_linear import BLOCK_FORMATS, BlockLinear, block_formats
+from tramontane.gguf_linear import (
+    BLOCK_FORMATS,
+    INTERLEAVED_FORMATS,
+    BlockLinear,
+    block_formats,
+    q5_order,
+    row_bytes,
+)
 from tramontane.kernels import load_kernels
 from tramontane.kernels.policy import kernel_policy
 from tramontane.loading import save_model
@@ -119,6 +126,68 @@ def test_products_with_one_activation_part(kind, rows, isa):
         ext.set_activation_parts(before)
     if not (ext.isa() == "amx" and rows >= ext.block_amx_min_rows(BLOCK_FORMATS[kind])):
         assert not torch.allclose(one, two, rtol=1e-5, atol=1e-5), "expected the one-part product"
+
+
+def interleaved(kind: str, w: torch.Tensor) -> torch.Tensor:
+    """Rows of Q5_0 / Q5_1 blocks interleaved by eights, as BlockLinear.interleave repacks them."""
+    return w.view(w.shape[0] // 8, -1)[:, q5_order(kind, w.shape[1] // row_bytes(kind, 32) * 32)].reshape(w.shape)
+
+
+@pytest.mark.parametrize("kind", INTERLEAVED_FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_interleaved_q5_products_equal_dequantize_then_matmul(kind, rows, parts, isa):
+    """Q5 rows interleaved by eights run the interleaved int4 kernels with fifth bits (kernels/int4.cpp):
+    on every instruction set (AMX's too: the policy interleaves none there, but the kernel must still be
+    right), both activation precisions, widths of one block pair and SmolLM2's 576."""
+    ext = load_kernels()
+    before = ext.activation_parts()
+    ext.set_activation_parts(parts)
+    try:
+        for K in (64, 576):
+            w = random_blocks(kind, 40, K, seed=rows + K)
+            x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+            want = quantize_activations(x, parts).double() @ reference(kind, w).double().T
+            got = ext.block_linear(x, interleaved(kind, w), BLOCK_FORMATS[kind], interleaved=True)
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    finally:
+        ext.set_activation_parts(before)
+
+
+def test_interleaving_is_only_for_q5_rows_in_eights():
+    ext = load_kernels()
+    with pytest.raises(RuntimeError, match="Q5_0 or Q5_1 only"):
+        ext.block_linear(torch.randn(1, 64), random_blocks("Q8_0", 8, 64), BLOCK_FORMATS["Q8_0"], interleaved=True)
+    with pytest.raises(RuntimeError, match="rows come in eights"):
+        ext.block_linear(torch.randn(1, 64), random_blocks("Q5_0", 12, 64), BLOCK_FORMATS["Q5_0"], interleaved=True)
+    with pytest.raises(ValueError, match="Q8_0: rows of this format are not interleaved"):
+        BlockLinear.from_blocks(random_blocks("Q8_0", 8, 64), 64, "Q8_0").interleave()
+    with pytest.raises(ValueError, match="Q5_1: 12 output rows cannot be interleaved"):
+        BlockLinear.from_blocks(random_blocks("Q5_1", 12, 64), 64, "Q5_1").interleave()
+    assert not BlockLinear.from_blocks(random_blocks("Q8_0", 8, 64), 64, "Q8_0").interleaves()
+
+
+@pytest.mark.parametrize("kind", INTERLEAVED_FORMATS)
+def test_interleaved_layer_keeps_its_outputs_rows_and_state_dict(kind, isa):
+    w = random_blocks(kind, 48, 576)
+    layer = BlockLinear.from_blocks(w.clone(), 576, kind)
+    x, big = torch.randn(3, 576), torch.randn(80, 576)
+    before = layer(x), layer(big), layer.dequantize(), {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.interleave()
+    assert layer.interleaved and "interleaved=True" in repr(layer) and not torch.equal(layer.weight, w)
+    torch.testing.assert_close(layer(x), before[0], rtol=1e-5, atol=1e-5)  # the interleaved kernel
+    if isa != "amx":  # (on AMX the rows in order take the tiles at any row count, interleaved ones never)
+        assert torch.equal(layer(big), before[1])  # dequantize + GEMM: rows put back in order first
+    assert torch.equal(layer.dequantize(), before[2])
+    for rows in (slice(8, 24), slice(3, 20), torch.tensor([47, 0, 9, 9])):  # whole groups, or some rows of them
+        assert torch.equal(layer.dequantize(rows), reference(kind, w)[rows])
+    assert layer.state_dict().keys() == before[3].keys() and torch.equal(layer.state_dict()["weight"], w)
+    other = BlockLinear.from_blocks(torch.zeros_like(w), 576, kind)
+    other.interleave()
+    other.load_state_dict(before[3])  # rows in order in, interleaved kept
+    assert other.interleaved and torch.equal(other.weight, layer.weight)
+    layer.in_order()
+    assert not layer.interleaved and torch.equal(layer.weight, w)
 
 
 @pytest.mark.skipif(load_kernels() is None or load_kernels().isa() != "amx", reason="this CPU has no AMX")
@@ -237,6 +306,26 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, use_policy):
     ours = generate(blocks, [[1, 2, 3, 4]], max_tokens=8)[0].tokens
     theirs = generate(floats, [[1, 2, 3, 4]], max_tokens=8)[0].tokens
     assert ours[:2] == theirs[:2]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("interleave", [False, True])
+def test_choosing_a_backend_interleaves_q5_rows_as_the_policy_says(mixed_file, use_policy, interleave):
+    from tramontane import KVCache
+    from tramontane.generate import prefill
+    from tramontane.step_backends import PythonBlocks, choose_backend
+
+    model = load_model(mixed_file)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    want = prefill(PythonBlocks(model), tokens, KVCache.create(model.args, 1, 32), 0, chunk_size=4)
+    use_policy(interleave_rows=interleave)
+    step = choose_backend(model)
+    q5 = [m for m in model.modules() if isinstance(m, BlockLinear) and m.kind in INTERLEAVED_FORMATS]
+    assert len(q5) == 3 and all(m.interleaved == interleave for m in q5)  # two wo (Q5_0), the head (Q5_1)
+    assert not any(m.interleaved for m in model.modules() if isinstance(m, BlockLinear) and m not in q5)
+    # chunks of 4 rows in the native stack: the interleaved kernels where the rows are
+    got = prefill(step, tokens, KVCache.create(model.args, 1, 32), 0, chunk_size=4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_mixed_file_saves_only_when_converted(mixed_file, tmp_path):

@@ -19,7 +19,7 @@ from .kernels import weight_empty
 from .kernels.policy import kernel_policy
 from .layers import Attention, FeedForward
 from .model import Transformer
-from .quantize import Int4Linear, Int8Linear, QuantLinearBase
+from .quantize import Int4Linear, Int8Linear, InterleavedRows, QuantLinearBase
 
 # fused name -> the projections stacked into it, in row order
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
@@ -71,7 +71,7 @@ def _adjacent(pieces: list[torch.Tensor]) -> torch.Tensor | None:
 def split_rows(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
     """The inverse of `concat_rows`: linears whose outputs are `fused`'s rows in pieces of `sizes`
     (views of its tensors, no copy)."""
-    if isinstance(fused, Int4Linear) and any(n % 8 for n in sizes):
+    if isinstance(fused, InterleavedRows) and any(n % 8 for n in sizes):
         fused.in_order()  # groups of 8 rows would straddle the parts
     parts = [_empty_like(fused, n) for n in sizes]
     for name, tensor in list(fused.named_parameters()) + list(fused.named_buffers()):
@@ -90,7 +90,7 @@ def _empty_like(first: nn.Module, out_features: int) -> nn.Module:
         if isinstance(first, Int4Linear):
             return Int4Linear(first.in_features, out_features, first.group_size, first.zero_point, first.interleaved)
         if isinstance(first, BlockLinear):
-            return BlockLinear(first.in_features, out_features, first.kind)
+            return BlockLinear(first.in_features, out_features, first.kind, first.interleaved)
     raise TypeError(f"cannot fuse {type(first).__name__}")
 
 

@@ -264,15 +264,78 @@ def rows_in_order(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor 
     return w.contiguous().view(N, half), by_row(scale), None if mins is None else by_row(mins)
 
 
-class Int4Linear(QuantLinearBase):
-    """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte; symmetric, or with a
-    minimum per group (`zero_point`).
+class InterleavedRows(QuantLinearBase):
+    """A quantized linear whose buffers may hold rows interleaved by eights (`interleave`, kernels/int4.cpp),
+    the layout the kernels read fastest without AMX; outputs, `dequantize` and the state dict (rows in
+    order, as checkpoints keep them) are the same in both layouts. A subclass says how its buffers repack
+    (`_repacked`) and whether its format can (`interleaves`)."""
 
-    `interleaved`: the buffers hold rows interleaved by eights (`interleave`, kernels/int4.cpp), the
-    layout the kernels read fastest without AMX; outputs, `dequantize` and the state dict (rows in
-    order, as checkpoints keep them) are the same in both layouts."""
+    interleaved = False
+    format_name: str  # for messages
+    weight: torch.Tensor
+
+    def interleaves(self) -> bool:
+        """Whether these rows can be interleaved (whole groups of 8, in a format that has the layout)."""
+        return self.out_features % 8 == 0
+
+    def _repacked(self, interleave: bool) -> dict[str, torch.Tensor | None]:
+        """The buffers by name, repacked into rows interleaved by eights, or back into rows in order."""
+        raise NotImplementedError
+
+    def interleave(self) -> None:
+        """Repack the buffers, in place, into rows interleaved by eights (a no-op when they are)."""
+        if not self.interleaved:
+            if self.out_features % 8:
+                raise ValueError(f"{self.format_name}: {self.out_features} output rows cannot be interleaved by eights")
+            for name, tensor in self._repacked(True).items():
+                setattr(self, name, tensor)
+            self.interleaved = True
+
+    def in_order(self) -> None:
+        """Repack the buffers, in place, into rows in order (a no-op when they are)."""
+        if self.interleaved:
+            for name, tensor in self._repacked(False).items():
+                setattr(self, name, tensor)
+            self.interleaved = False
+
+    def _groups(self, rows: slice | torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
+        """The groups of 8 interleaved rows that hold output `rows`, and which row of each to take (None:
+        all 8, the rows being whole groups in order)."""
+        wanted = torch.arange(self.out_features, device=self.weight.device)[rows]  # [n]
+        if isinstance(rows, slice) and len(wanted) and wanted[0] % 8 == 0 and len(wanted) % 8 == 0 \
+                and rows.step in (None, 1):
+            return slice(int(wanted[0]) // 8, int(wanted[0]) // 8 + len(wanted) // 8), None
+        return wanted // 8, wanted % 8
+
+    @staticmethod
+    def _taken(out: torch.Tensor, take: torch.Tensor | None) -> torch.Tensor:
+        """Rows of whole groups dequantized [8 n, in] -> the rows asked for (`_groups`' take)."""
+        if take is None:
+            return out
+        return out.view(-1, 8, out.shape[1])[torch.arange(len(take)), take]  # [n, in]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        if not self.interleaved:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, tensor in self._repacked(False).items():
+            if tensor is not None:
+                destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # the state dict holds rows in order: load them so, then repack as before
+        interleaved = self.interleaved
+        self.in_order()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if interleaved:
+            self.interleave()
+
+
+class Int4Linear(InterleavedRows):
+    """y = x @ dequant(w).T with group-wise int4 weights, packed two per byte; symmetric, or with a
+    minimum per group (`zero_point`); rows in order or interleaved by eights (`InterleavedRows`)."""
 
     amx_tiles = True
+    format_name = "int4"
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -307,19 +370,9 @@ class Int4Linear(QuantLinearBase):
             m.mins = mins
         return m
 
-    def interleave(self) -> None:
-        """Repack the buffers, in place, into rows interleaved by eights (a no-op when they are)."""
-        if not self.interleaved:
-            if self.out_features % 8:
-                raise ValueError(f"int4: {self.out_features} output rows cannot be interleaved by eights")
-            self.weight, self.scale, self.mins = interleave_int4(self.weight, self.scale, self.mins)
-            self.interleaved = True
-
-    def in_order(self) -> None:
-        """Repack the buffers, in place, into rows in order (a no-op when they are)."""
-        if self.interleaved:
-            self.weight, self.scale, self.mins = rows_in_order(self.weight, self.scale, self.mins)
-            self.interleaved = False
+    def _repacked(self, interleave: bool) -> dict[str, torch.Tensor | None]:
+        w, s, m = (interleave_int4 if interleave else rows_in_order)(self.weight, self.scale, self.mins)
+        return {"weight": w, "scale": s, "mins": m}
 
     def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ext = load_kernels() if self.weight.device.type == "cpu" else None
@@ -329,17 +382,10 @@ class Int4Linear(QuantLinearBase):
             if ext is not None:
                 return ext.int4_dequantize(self.weight[rows], self.scale[rows], mins, self.group_size, bf16=bf16).to(dtype)
             return dequantize_int4(self.weight[rows], self.scale[rows], mins).to(dtype)
-        # interleaved: whole groups of 8 rows, then the rows asked for among them
-        wanted = torch.arange(self.out_features, device=self.weight.device)[rows]  # [n]
-        groups: slice | torch.Tensor
-        if isinstance(rows, slice) and len(wanted) and wanted[0] % 8 == 0 and len(wanted) % 8 == 0 \
-                and rows.step in (None, 1):
-            groups = slice(int(wanted[0]) // 8, int(wanted[0]) // 8 + len(wanted) // 8)
-            take = None
-        else:
-            groups, take = wanted // 8, wanted % 8
-        w, s = self.weight.view(self.out_features // 8, -1)[groups], self.scale.view(self.out_features // 8, -1)[groups]
-        m = None if self.mins is None else self.mins.view(self.out_features // 8, -1)[groups]
+        groups, take = self._groups(rows)
+        by_group = lambda t: t.view(self.out_features // 8, -1)[groups]  # noqa: E731
+        w, s = by_group(self.weight), by_group(self.scale)
+        m = None if self.mins is None else by_group(self.mins)
         n = w.shape[0] * 8
         w, s = w.reshape(n, -1), s.reshape(n, -1)
         m = None if m is None else m.reshape(n, -1)
@@ -347,33 +393,14 @@ class Int4Linear(QuantLinearBase):
             out = ext.int4_dequantize(w, s, m, self.group_size, interleaved=True, bf16=bf16).to(dtype)
         else:
             out = dequantize_int4(*rows_in_order(w, s, m)).to(dtype)
-        if take is None:
-            return out
-        return out.view(-1, 8, self.in_features)[torch.arange(len(take)), take]  # [n, in]
+        return self._taken(out, take)
 
     def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.int4_linear(flat, self.weight, self.scale, self.mins, self.group_size, self.interleaved)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        if not self.interleaved:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
-        w, s, m = rows_in_order(self.weight, self.scale, self.mins)
-        destination[prefix + "weight"], destination[prefix + "scale"] = w, s
-        if m is not None:
-            destination[prefix + "mins"] = m
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # the state dict holds rows in order: load them so, then repack as before
-        interleaved = self.interleaved
-        self.in_order()
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if interleaved:
-            self.interleave()
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"zero_point={self.zero_point}" + (", interleaved=True" if self.interleaved else ""))
-
 
 
 QuantLinear = Int8Linear | Int4Linear

@@ -38,7 +38,7 @@ from .kernels.policy import kernel_policy
 from .layers import Block, FeedForward
 from .model import Transformer, step_positions
 from .parallel.modules import SendAfter
-from .quantize import Int4Linear, Int8Linear
+from .quantize import Int4Linear, Int8Linear, InterleavedRows
 from .rope import rotary_angles
 
 
@@ -176,7 +176,7 @@ def choose_backend(model: Transformer) -> PythonBlocks | NativeBlocks | Compiled
     model is not a tensor-parallel share; else the Python blocks (with the native decode attention on
     an fp32 CPU model). After `compile_decode(model)`, decode steps run compiled. Choose again after
     changing the model's modules or weights. On CPU, choosing repacks int4 weights into the layout the
-    kernel policy gives them (`repack_int4`), once.
+    kernel policy gives them (`repack_rows`), once.
 
     Example:
         >>> step = choose_backend(model)
@@ -191,7 +191,7 @@ def _eager_backend(model: Transformer) -> PythonBlocks | NativeBlocks:
     ext = kernel_policy().kernels
     if ext is None or model.dtype != torch.float32 or model.device.type != "cpu":
         return PythonBlocks(model)
-    repack_int4(model)
+    repack_rows(model)
     python = PythonBlocks(model, ext)
     if model.parallel is not None and model.parallel.config.tp > 1:
         return python  # its blocks end in collectives, which the native stack has not
@@ -203,13 +203,13 @@ def _eager_backend(model: Transformer) -> PythonBlocks | NativeBlocks:
                         kernel_policy().small_batch)
 
 
-def repack_int4(model: Transformer) -> None:
-    """Int4 weights, in place, in the layout the kernel policy gives them (rows interleaved by eights
-    where it pays); outputs and state dicts do not change."""
-    if not kernel_policy().interleave_int4:
+def repack_rows(model: Transformer) -> None:
+    """Quantized weights, in place, in the layout the kernel policy gives them (int4, Q5_0 and Q5_1 rows
+    interleaved by eights where it pays); outputs and state dicts do not change."""
+    if not kernel_policy().interleave_rows:
         return
     for module in model.modules():
-        if isinstance(module, Int4Linear) and module.out_features % 8 == 0 and module.weight.device.type == "cpu":
+        if isinstance(module, InterleavedRows) and module.interleaves() and module.weight.device.type == "cpu":
             module.interleave()
 
 
@@ -257,7 +257,8 @@ def _projection(ext: Kernels, module: nn.Module | list[nn.Module]) -> Projection
         whole = [p for p in parts if p is not None]
         return ext.Projection.side_by_side(whole) if len(whole) == len(parts) else None
     if isinstance(module, BlockLinear):
-        return ext.Projection(kind.GGUF, module.weight, torch.empty(0), BLOCK_FORMATS[module.kind])
+        return ext.Projection(kind.GGUF_INTERLEAVED if module.interleaved else kind.GGUF, module.weight, torch.empty(0),
+                              BLOCK_FORMATS[module.kind])
     if isinstance(module, Int4Linear):
         return ext.Projection(kind.INT4_INTERLEAVED if module.interleaved else kind.INT4, module.weight, module.scale,
                               module.group_size, module.mins)

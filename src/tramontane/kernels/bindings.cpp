@@ -38,7 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("mins"), py::arg("group"), py::arg("interleaved") = false, py::arg("bf16") = false);
   m.def("block_unit", &block_unit, "(elements, bytes) of one unit of a GGUF block format, by ggml type number");
   m.def("block_amx_min_rows", &block_amx_min_rows, "rows of x from which a GGUF block format's products run on AMX tiles");
-  m.def("block_linear", &block_linear, nogil, "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them");
+  m.def("block_linear", &block_linear, nogil,
+        "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them (or Q5 rows interleaved by eights)",
+        py::arg("x"), py::arg("w"), py::arg("kind"), py::arg("interleaved") = false);
   m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 (or bf16) [N, K]",
         py::arg("w"), py::arg("kind"), py::arg("bf16") = false);
   m.def("mapped_empty", &mapped_empty, "uninitialised uint8 [nbytes] in memory of its own, in 2 MiB pages if asked and Linux allows",

@@ -77,14 +77,6 @@ T256 inline void scaled16(const __m256 src[2], float k, __m256 dst[2]) {
   dst[1] = _mm256_mul_ps(src[1], _mm256_set1_ps(k));
 }
 
-// 32 bytes: 16 where bit i of the 32-bit word `bits` is set (byte i), else 0.
-T256 inline __m256i bit16(uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(  // byte i = byte i / 8 of bits
-      _mm256_set1_epi32(int(bits)), _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
-  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
-}
-
 // Bytes of v shifted right by `shift` bits (within 16-bit lanes), masked to `mask`.
 T256 inline __m256i bits_of(__m256i v, int shift, int mask) {
   return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(char(mask)));

@@ -24,6 +24,7 @@
 
 #include "amx.h"
 #include "blocks.h"
+#include "int4.h"
 #include "q5.h"
 #include "q6_k.h"
 #include "q8_0.h"
@@ -242,11 +243,15 @@ int64_t block_amx_min_rows(int64_t kind) {
   return with_format(kind, [](auto f) { return amx_min_rows<decltype(f)>(); });
 }
 
-at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind) {
+at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind, bool interleaved) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
     const int64_t K = check_blocks(f, w), N = w.size(0), M = x.size(0);
     check_x(x, K);
+    if (interleaved) {  // rows interleaved by eights (int4.cpp), on every path
+      TORCH_CHECK(kind == kQ5_0 || kind == kQ5_1, "rows interleaved by eights: Q5_0 or Q5_1 only, got ggml type ", kind);
+      return q5_r8_linear(x, w, K, kind == kQ5_1);
+    }
     auto y = at::empty({M, N}, x.options());
 #ifdef TRAMONTANE_AMX
     if (M >= amx_min_rows<F>() && amx_in_use()) {

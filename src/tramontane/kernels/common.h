@@ -240,9 +240,14 @@ struct NextTile {
 };
 
 #ifdef TRAMONTANE_X86
-// The float16 values (scales or minimums, one per group of `group` elements) of blocks [b, b + n) of
-// one weight row (n <= 16), one per block, as 16 fp32 in two registers, zero past n; `row` points at the
-// row's groups. (In registers: a buffer written as two halves and read back whole stalls the read.)
+// 32 bytes: 16 where bit i of the 32-bit word `bits` is set (byte i), else 0.
+T256 inline __m256i bit16(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i = byte i / 8 of bits
+      _mm256_set1_epi32(int(bits)), _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+}
+
 // Lanes [0, n) of the 8 floats at p, the others zero (nothing read past p + n)
 T256 inline __m256 floats8(const float* p, int64_t n) {
   if (n >= 8) return _mm256_loadu_ps(p);
@@ -250,6 +255,9 @@ T256 inline __m256 floats8(const float* p, int64_t n) {
   return _mm256_maskload_ps(p, live);
 }
 
+// The float16 values (scales or minimums, one per group of `group` elements) of blocks [b, b + n) of
+// one weight row (n <= 16), one per block, as 16 fp32 in two registers, zero past n; `row` points at the
+// row's groups. (In registers: a buffer written as two halves and read back whole stalls the read.)
 T256 inline void block_halves(const uint16_t* row, int64_t b, int64_t n, int64_t group, __m256 out[2]) {
   if (group == 32) {  // consecutive values: whole loads where 8 remain (no buffer: see above)
     for (int i = 0; i < 2; ++i) {

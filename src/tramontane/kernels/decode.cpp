@@ -22,8 +22,9 @@ namespace {
 
 // How a projection's weights are stored (bound as ProjectionKind; kernels/__init__.py mirrors it): fp32,
 // int8 per output channel, int4 in groups (with or without minimums; rows in order, or interleaved by
-// eights as int4.cpp describes), or a GGUF block format (`group` holding its ggml type number).
-enum class ProjectionKind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kGguf = 3, kInt4Interleaved = 4 };
+// eights as int4.cpp describes), or a GGUF block format (`group` holding its ggml type number; Q5_0 / Q5_1
+// rows may be interleaved by eights too).
+enum class ProjectionKind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kGguf = 3, kInt4Interleaved = 4, kGgufInterleaved = 5 };
 
 // One projection of a kind, or the outputs of `parts` side by side (projections a checkpoint keeps in
 // different formats, which cannot be stacked into one matrix).
@@ -43,7 +44,8 @@ struct Projection {
     if (kind == ProjectionKind::kInt8) return int8_linear(x, w, scale);
     if (kind == ProjectionKind::kInt4 || kind == ProjectionKind::kInt4Interleaved)
       return int4_linear(x, w, scale, mins, group, kind == ProjectionKind::kInt4Interleaved);
-    if (kind == ProjectionKind::kGguf) return block_linear(x, w, group);
+    if (kind == ProjectionKind::kGguf || kind == ProjectionKind::kGgufInterleaved)
+      return block_linear(x, w, group, kind == ProjectionKind::kGgufInterleaved);
     // one row: PyTorch's matrix-vector product reads fp32 weights at full speed; more: the tiled kernel
     return x.size(0) == 1 ? at::linear(x, w) : f32_linear(x, w);
   }
@@ -143,6 +145,7 @@ void bind_decode_stack(pybind11::module_& m) {
       .value("INT8", ProjectionKind::kInt8)
       .value("INT4", ProjectionKind::kInt4)
       .value("INT4_INTERLEAVED", ProjectionKind::kInt4Interleaved)
+      .value("GGUF_INTERLEAVED", ProjectionKind::kGgufInterleaved)
       .value("GGUF", ProjectionKind::kGguf);
   py::class_<Projection>(m, "Projection")
       .def(py::init([](ProjectionKind kind, at::Tensor w, at::Tensor scale, int64_t group,

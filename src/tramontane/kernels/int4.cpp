@@ -20,8 +20,11 @@
 // same bytes and scales, permuted within each group of 8 rows. Per block of 32, 128 bytes: for half
 // p = 0, 1 (bytes 8p..8p+7 of a row's 16) the 8 rows' 8 bytes one after another ([block][half][row][8]);
 // the scales and minimums of the 8 rows side by side per group ([group][row]). A dot product then gives
-// lanes per row (int4_r8_tile), where the row layout pays a factor set-up per row and a horizontal sum:
+// lanes per row (r8_tile), where the row layout pays a factor set-up per row and a horizontal sum:
 // on SmolLM2's 576-wide rows that fixed cost was most of the kernel (benchmarks/projections.py).
+// GGUF's Q5_0 and Q5_1 rows (5-bit codes: a nibble and a fifth bit, one float16 scale per block, and
+// for Q5_1 a minimum) interleave the same way (gguf_linear.py repacks them; r8_linear reads them), every
+// piece of a block of 8 rows in one run: nibbles as above, the fifth bits, the scales, the minimums (R8Rows).
 
 #include "amx.h"
 #include "int4.h"
@@ -35,8 +38,8 @@ template <int P>
 struct QuantizedX {
   at::Tensor q, r;   // int8 [M, K]: the parts (r: P = 2 only)
   at::Tensor scale;  // float [M, K / 32]: the step per block (part_step)
-  // int32 -8 times the parts' value (256 q + r, or q): [M, K / 4] over each 4 elements (rows in order),
-  // [M, K / 32] over each block (interleaved)
+  // int32: -8 times the parts' value (256 q + r, or q) over each 4 elements, [M, K / 4] (rows in order);
+  // the parts' value over each block, [M, K / 32] (interleaved: r8_quantize_row)
   at::Tensor bias;
   at::Tensor sum;    // float [M, K / 32]: x's sum per block as the parts hold it (for a minimum's term)
   const int8_t* qp;
@@ -47,15 +50,58 @@ struct QuantizedX {
 };
 
 // The dot of one block's 32 codes (16 bytes, element i in the low nibble of byte i and i + 16 in its
-// high one), less `offset`, with 32 elements of x in P int8 parts (256 q + r, or q), in natural order.
+// high one; bit i of `fifth` adds 16 to element i's), less `offset`, with 32 elements of x in P int8
+// parts (256 q + r, or q), in natural order.
 template <int P>
-inline int32_t int4_block_dot(const uint8_t* row, const int8_t* xq, const int8_t* xr, int32_t offset) {
+inline int32_t int4_block_dot(const uint8_t* row, uint32_t fifth, const int8_t* xq, const int8_t* xr, int32_t offset) {
   int32_t dot = 0;
   for (int i = 0; i < 16; ++i) {
     const int32_t lo = P == 2 ? 256 * xq[i] + xr[i] : xq[i], hi = P == 2 ? 256 * xq[i + 16] + xr[i + 16] : xq[i + 16];
-    dot += (int32_t(row[i] & 15) - offset) * lo + (int32_t(row[i] >> 4) - offset) * hi;
+    const int32_t c_lo = (row[i] & 15) | ((fifth >> i) & 1) << 4, c_hi = (row[i] >> 4) | ((fifth >> (i + 16)) & 1) << 4;
+    dot += (c_lo - offset) * lo + (c_hi - offset) * hi;
   }
   return dot;
+}
+
+// Rows interleaved by eights, as the kernels read them: where the pieces of group g's block b are
+// (nibbles [half][row][8]; for Q5, fifth bits [byte][row], byte k of each row's 32-bit word; the 8 rows'
+// scales and minimums as float16). Int4 keeps its scales and minimums apart, per group of `group`
+// elements ([N / 8][groups][8]); Q5_0 and Q5_1 keep every piece of a block of 8 rows in one run of
+// `q5_block` bytes (176 or 192, 8 blocks of the format): nibbles, bits, scales, minimums.
+struct R8Rows {
+  const uint8_t* w;
+  const uint16_t* scale = nullptr;  // int4's
+  const uint16_t* mins = nullptr;   // int4's, with minimums
+  int64_t K = 0, group = 32;        // group: int4's
+  int64_t q5_block = 0;             // 0 for int4
+  int32_t offset = 0;               // the codes' offset: 8 (Q4_0), 16 (Q5_0), 0 (with minimums)
+
+  struct Block {
+    const uint8_t* nibbles;
+    const uint8_t* fifth;   // Q5 only
+    const uint16_t* scales;
+    const uint16_t* mins;   // null without minimums
+  };
+  Block at(int64_t g, int64_t b) const {
+    if (q5_block) {
+      const uint8_t* p = w + (g * (K / 32) + b) * q5_block;
+      return {p, p + 128, (const uint16_t*)(p + 160), offset ? nullptr : (const uint16_t*)(p + 176)};
+    }
+    const int64_t f = (g * (K / group) + b * 32 / group) * 8;
+    return {w + g * 4 * K + b * 128, nullptr, scale + f, mins ? mins + f : nullptr};
+  }
+  int64_t block_bytes() const { return q5_block ? q5_block : 128; }
+};
+
+// Row i (0..7) of a block of 8 interleaved rows: its 16 bytes of nibbles in natural order; returns its
+// fifth bits (0 for int4).
+inline uint32_t r8_row(const R8Rows::Block& blk, int64_t i, uint8_t bytes[16]) {
+  std::memcpy(bytes, blk.nibbles + 8 * i, 8);
+  std::memcpy(bytes + 8, blk.nibbles + 64 + 8 * i, 8);
+  uint32_t fifth = 0;
+  if (blk.fifth)
+    for (int k = 0; k < 4; ++k) fifth |= uint32_t(blk.fifth[8 * k + i]) << (8 * k);
+  return fifth;
 }
 
 #define TRAMONTANE_TILES "int4_tiles.h"
@@ -88,7 +134,7 @@ QuantizedX<P> quantize_x(const float* x, int64_t M, int64_t K, bool interleaved)
       const float d = split_block_ref<P>(xm + 32 * b, qm + 32 * b, rm ? rm + 32 * b : nullptr, totals);
       s[m * nb + b] = part_step<P>(d);
       sums[m * nb + b] = part_step<P>(d) * float(totals[0] + totals[1]);
-      if (interleaved) bias[m * biases + b] = -8 * (totals[0] + totals[1]);
+      if (interleaved) bias[m * biases + b] = totals[0] + totals[1];
     }
   }
   out.qp = q;
@@ -113,7 +159,7 @@ void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t*
       const int8_t *xq = qx.qp + m * K, *xr = qx.rp ? qx.rp + m * K : nullptr;
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int32_t dot = int4_block_dot<P>(row + b * 16, xq + b * 32, xr ? xr + b * 32 : nullptr, offset);
+        const int32_t dot = int4_block_dot<P>(row + b * 16, 0, xq + b * 32, xr ? xr + b * 32 : nullptr, offset);
         const int64_t g = o * groups + b * 32 / group;
         acc += float(dot) * half_to_float(wscale[g]) * qx.sp[m * nb + b];
         if (wmin) acc += half_to_float(wmin[g]) * qx.sum_p[m * nb + b];
@@ -123,38 +169,35 @@ void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t*
   }
 }
 
-// Where the interleaved layout keeps row o's pieces (the vector tile, int4_r8_tile, reads them whole): its
-// block b's 16 bytes, in natural order, are two halves of 8 at 8 (o % 8) and 64 + 8 (o % 8) in its group's
-// block of 128; its factor of group gi is the (o % 8)-th of that group's 8.
-inline void r8_block_bytes(const uint8_t* w, int64_t K, int64_t o, int64_t b, uint8_t out[16]) {
-  const uint8_t* at = w + o / 8 * 4 * K + b * 128 + o % 8 * 8;
-  std::memcpy(out, at, 8);
-  std::memcpy(out + 8, at + 64, 8);
-}
-
-inline int64_t r8_factor_index(int64_t o, int64_t gi, int64_t groups) { return (o / 8 * groups + gi) * 8 + o % 8; }
-
 // Interleaved rows, one at a time.
 template <int P>
-void int4_r8_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                      const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
-  const int64_t nb = K / 32, groups = K / group;
+void r8_rows_ref(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, float* y, int64_t N, int64_t begin, int64_t end) {
+  const int64_t K = rows.K, nb = K / 32;
   for (int64_t g = begin; g < end; ++g)
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t i8 = 0; i8 < 8; ++i8) {
+      for (int64_t i = 0; i < 8; ++i) {
         float acc = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t at = m * nb + b;
+          const R8Rows::Block blk = rows.at(g, b);
           uint8_t row[16];
-          r8_block_bytes(w, K, 8 * g + i8, b, row);
-          int32_t dot = int4_block_dot<P>(row, qx.qp + at * 32, P == 2 ? qx.rp + at * 32 : nullptr, 0);
-          if (!wmin) dot += qx.bp[at];
-          const int64_t s = r8_factor_index(8 * g + i8, b * 32 / group, groups);
-          acc += float(dot) * (half_to_float(wscale[s]) * qx.sp[at]);
-          if (wmin) acc += half_to_float(wmin[s]) * qx.sum_p[at];
+          const uint32_t fifth = r8_row(blk, i, row);
+          const int32_t dot = int4_block_dot<P>(row, fifth, qx.qp + at * 32, P == 2 ? qx.rp + at * 32 : nullptr, 0);
+          acc += float(dot - rows.offset * qx.bp[at]) * (half_to_float(blk.scales[i]) * qx.sp[at]);
+          if (blk.mins) acc += half_to_float(blk.mins[i]) * qx.sum_p[at];
         }
-        y[m * N + 8 * g + i8] = acc;
+        y[m * N + 8 * g + i] = acc;
       }
+}
+
+// y = x @ dequant(W).T for rows interleaved by eights (N of them).
+template <int P>
+void r8_products(const float* x, int64_t M, const R8Rows& rows, float* y, int64_t N) {
+  const QuantizedX<P> qx = quantize_x<P>(x, M, rows.K, true);
+  parallel_pieces(N / 8, std::max<int64_t>(1, grain(N) / 8), [&](int64_t begin, int64_t end) {
+    BY_ISA(r8_rows(qx, M, rows, y, N, begin, end), return);
+    r8_rows_ref(qx, M, rows, y, N, begin, end);
+  });
 }
 
 void check_int4(const at::Tensor& w, const at::Tensor& scale, const c10::optional<at::Tensor>& mins,
@@ -190,14 +233,12 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   }
   with_parts([&](auto parts) {
     constexpr int P = decltype(parts)::value;
-    const QuantizedX<P> qx = quantize_x<P>(x.data_ptr<float>(), M, K, interleaved);
     if (interleaved) {  // groups of 8 rows
-      parallel_pieces(N / 8, std::max<int64_t>(1, grain(N) / 8), [&](int64_t begin, int64_t end) {
-        BY_ISA(int4_r8_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
-        int4_r8_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
-      });
+      const R8Rows rows{wp, sp, mp, K, group, 0, mp ? 0 : 8};
+      r8_products<P>(x.data_ptr<float>(), M, rows, yp, N);
       return;
     }
+    const QuantizedX<P> qx = quantize_x<P>(x.data_ptr<float>(), M, K, false);
     parallel_pieces(N, grain(N), [&](int64_t begin, int64_t end) {
       BY_ISA(int4_rows(qx, M, K, wp, sp, mp, group, yp, N, begin, end), return);
       int4_rows_ref(qx, M, K, wp, sp, mp, group, yp, N, begin, end);
@@ -206,20 +247,36 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   return y;
 }
 
+at::Tensor q5_r8_linear(at::Tensor x, at::Tensor w, int64_t K, bool with_mins) {
+  const int64_t N = w.size(0), M = x.size(0);
+  TORCH_CHECK(N % 8 == 0, "interleaved Q5 rows come in eights, got ", N, " rows");
+  auto y = at::empty({M, N}, x.options());
+  const R8Rows rows{w.data_ptr<uint8_t>(), nullptr, nullptr, K, 32, with_mins ? 192 : 176, with_mins ? 0 : 16};
+  with_parts([&](auto parts) { r8_products<decltype(parts)::value>(x.data_ptr<float>(), M, rows, y.data_ptr<float>(), N); });
+  return y;
+}
+
 // Row o of int4 weights as fp32 into dst (its own function, every argument a value: nothing the stores
 // could alias, so the loop stays vectorised).
 static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, int64_t K, int64_t group,
                      bool interleaved, int64_t o, float* __restrict dst) {
   const int64_t groups = K / group;
+  const R8Rows rows{wp, sp, mp, K, group};
   for (int64_t b = 0; b < K / 32; ++b) {
     uint8_t bytes[16];
-    if (interleaved)
-      r8_block_bytes(wp, K, o, b, bytes);
-    else
+    uint16_t s16, m16 = 0;
+    if (interleaved) {
+      const R8Rows::Block blk = rows.at(o / 8, b);
+      r8_row(blk, o % 8, bytes);
+      s16 = blk.scales[o % 8];
+      if (mp) m16 = blk.mins[o % 8];
+    } else {
       std::memcpy(bytes, wp + o * (K / 2) + b * 16, 16);
-    const int64_t g = interleaved ? r8_factor_index(o, b * 32 / group, groups) : o * groups + b * 32 / group;
-    const float s = half_to_float(sp[g]);
-    const float base = mp ? half_to_float(mp[g]) : -8.f * s;  // (q - 8) * s = q * s - 8 s
+      s16 = sp[o * groups + b * 32 / group];
+      if (mp) m16 = mp[o * groups + b * 32 / group];
+    }
+    const float s = half_to_float(s16);
+    const float base = mp ? half_to_float(m16) : -8.f * s;  // (q - 8) * s = q * s - 8 s
 #pragma omp simd
     for (int64_t i = 0; i < 16; ++i) {
       dst[b * 32 + i] = float(bytes[i] & 15) * s + base;

@@ -88,7 +88,7 @@ inline void int4_tile(const QuantizedX<P>& qx, int64_t K, const uint8_t* w, cons
     for (int64_t b = grouped_end; b < c0 + cn; ++b)  // at most one block, in natural order
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t)
-          lone[r][t] += float(int4_block_dot<P>(w + (o + r) * row_bytes + b * 16, qx.qp + (m0 + t) * K + b * 32,
+          lone[r][t] += float(int4_block_dot<P>(w + (o + r) * row_bytes + b * 16, 0, qx.qp + (m0 + t) * K + b * 32,
                                                 P == 2 ? qx.rp + (m0 + t) * K + b * 32 : nullptr, wmin ? 0 : 8)) *
                         cs[r][t][b - c0];
   }
@@ -103,25 +103,25 @@ inline void int4_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8
 }
 
 // ------------------------------------------------------------------------ rows interleaved by eights
-// The same products over weights repacked at load (int4.cpp's interleaved layout, as llama.cpp's Q4_0
-// 8x8 repack and ik_llama.cpp's _R8 formats): per group of 8 rows and block of 32, 128 bytes, bytes
-// 8p..8p+7 (half p) of each of the 8 rows one after another. A vector of codes then holds all 8 rows
-// (two 256-bit vectors: four each), and its 64-bit lanes pair with 8 elements of x repeated (a
-// broadcast load, x in natural order), so a dot product gives two int32 lanes per row: no per-row factor
-// set-up and no horizontal sums, where the row layout pays both per row. The 8 rows' sums, factors and
-// outputs are one 256-bit float vector.
+// The same products over weights repacked at load (int4.cpp's interleaved layout, R8Rows, as llama.cpp's
+// Q4_0 8x8 repack and ik_llama.cpp's _R8 formats): per group of 8 rows and block of 32, 128 bytes of
+// nibbles, bytes 8p..8p+7 (half p) of each of the 8 rows one after another, and for Q5_0 / Q5_1 the 8
+// rows' fifth bits. A vector of codes then holds all 8 rows (two 256-bit vectors: four each), and its
+// 64-bit lanes pair with 8 elements of x repeated (a broadcast load, x in natural order), so a dot
+// product gives two int32 lanes per row: no per-row factor set-up and no horizontal sums, where the row
+// layout pays both per row. The 8 rows' sums, factors and outputs are one 256-bit float vector.
 
-// One row of x: per block its P parts in natural order, the step, -8 times the parts' sum (the symmetric
-// codes' offset) and x's sum as the parts hold it.
+// One row of x: per block its P parts in natural order, the step, the parts' sum (256 q + r, or q: times
+// a symmetric format's code offset, what its codes' dot must lose) and x's sum as the parts hold it.
 template <int P>
-inline void r8_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* s, int32_t* bias, float* sums) {
+inline void r8_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, float* s, int32_t* parts_sum, float* sums) {
   for (int64_t b = 0; b < K / 32; ++b) {
     int8_t* const qs[2] = {q + 32 * b, q + 32 * b + 16};
     int8_t* const rs[2] = {r ? r + 32 * b : nullptr, r ? r + 32 * b + 16 : nullptr};
     int32_t totals[2];
     const float d = split_block<P>(x + 32 * b, qs, rs, totals);
     s[b] = part_step<P>(d);
-    bias[b] = -8 * (totals[0] + totals[1]);
+    parts_sum[b] = totals[0] + totals[1];
     sums[b] = part_step<P>(d) * float(totals[0] + totals[1]);
   }
 }
@@ -131,69 +131,75 @@ inline void r8_quantize_row(const float* x, int64_t K, int8_t* q, int8_t* r, flo
 constexpr int64_t kR8Ahead = 48;
 
 // The dot of one block's codes (kVecs vectors of 8 rows' halves) with x's 32 parts at xp, per slot.
-template <int kVecs>
+template <int kVecs, int kBits>
 VEC_INLINE void r8_dot(const typename V::I lo[kVecs], const typename V::I hi[kVecs], const int8_t* xp,
                        typename V::I d[V::kR8Slots]) {
   for (int v = 0; v < kVecs; ++v) {
     const int half = v / V::kR8Slots, slot = v % V::kR8Slots;
-    d[slot] = V::template dot_pair<4>(d[slot], lo[v], V::bcast8(xp + 8 * half), hi[v], V::bcast8(xp + 16 + 8 * half));
+    d[slot] = V::template dot_pair<kBits>(d[slot], lo[v], V::bcast8(xp + 8 * half), hi[v], V::bcast8(xp + 16 + 8 * half));
   }
 }
 
-// Eight interleaved weight rows [8 g, 8 g + 8) x T rows of x from m0.
-template <int T, int P>
-inline void int4_r8_tile(const QuantizedX<P>& qx, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                         const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t g, int64_t m0) {
-  constexpr int kVecs = 128 / V::kBytes;
-  const int64_t nb = K / 32, groups = K / group, per = group / 32;
-  const uint8_t* wg = w + g * 4 * K;  // 8 rows of K / 2 bytes
-  const uint16_t* sg = wscale + g * 8 * groups;
-  const uint16_t* mg = wmin ? wmin + g * 8 * groups : nullptr;
+// Eight interleaved weight rows [8 g, 8 g + 8) x T rows of x from m0; kFifth: Q5 rows, with fifth bits.
+template <int T, int P, bool kFifth>
+inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64_t N, int64_t g, int64_t m0) {
+  constexpr int kVecs = 128 / V::kBytes, kBits = kFifth ? 5 : 4;
+  const int64_t nb = rows.K / 32, block_bytes = rows.block_bytes();
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    if (m0 == 0) {
-      _mm_prefetch((const char*)(wg + (b + kR8Ahead) * 128), _MM_HINT_T0);
-      _mm_prefetch((const char*)(wg + (b + kR8Ahead) * 128 + 64), _MM_HINT_T0);
-    }
+    const R8Rows::Block blk = rows.at(g, b);
+    if (m0 == 0)  // a group's blocks, and the next group's, are one stream
+      for (int64_t at = 0; at < block_bytes; at += 64)
+        _mm_prefetch((const char*)blk.nibbles + kR8Ahead * block_bytes + at, _MM_HINT_T0);
     typename V::I lo[kVecs], hi[kVecs];
     for (int v = 0; v < kVecs; ++v) {
-      const typename V::I packed = V::loadi(wg + b * 128 + v * V::kBytes);
+      const typename V::I packed = V::loadi(blk.nibbles + v * V::kBytes);
       lo[v] = V::low_nibbles(packed);
       hi[v] = V::high_nibbles(packed);
+      if constexpr (kFifth) {  // its rows' bytes `half` (low nibbles) and 2 + half (high) of the bits [byte][row]
+        lo[v] = V::with_fifth_bits(lo[v], blk.fifth + v * (V::kBytes / 8));
+        hi[v] = V::with_fifth_bits(hi[v], blk.fifth + 16 + v * (V::kBytes / 8));
+      }
     }
-    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sg + b / per * 8)));
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk.scales));
     for (int t = 0; t < T; ++t) {
       const int64_t at = (m0 + t) * nb + b;
       typename V::I d[V::kR8Slots];
       for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::zero_int();
-      r8_dot<kVecs>(lo, hi, qx.qp + at * 32, d);
+      r8_dot<kVecs, kBits>(lo, hi, qx.qp + at * 32, d);
       if constexpr (P == 2) {
         for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::times256(d[i]);
-        r8_dot<kVecs>(lo, hi, qx.rp + at * 32, d);
+        r8_dot<kVecs, kBits>(lo, hi, qx.rp + at * 32, d);
       }
       __m256i d8 = V::fold8(d);
-      if (!wmin) d8 = _mm256_add_epi32(d8, _mm256_set1_epi32(qx.bp[at]));
+      if (rows.offset) d8 = _mm256_add_epi32(d8, _mm256_set1_epi32(-rows.offset * qx.bp[at]));
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d8), _mm256_mul_ps(scale, _mm256_set1_ps(qx.sp[at])), acc[t]);
-      if (wmin) {
-        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mg + b / per * 8)));
-        acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(qx.sum_p[at]), acc[t]);
-      }
+      if (blk.mins)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk.mins)), _mm256_set1_ps(qx.sum_p[at]),
+                                 acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (m0 + t) * N + 8 * g, acc[t]);
 }
 
-template <int P>
-inline void int4_r8_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t* w, const uint16_t* wscale,
-                         const uint16_t* wmin, int64_t group, float* y, int64_t N, int64_t begin, int64_t end) {
+template <int P, bool kFifth>
+inline void r8_groups(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, float* y, int64_t N, int64_t begin,
+                      int64_t end) {
   for (int64_t g = begin; g < end; ++g)
     for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
       switch (std::min(kTileM, M - m0)) {
-        case 1: int4_r8_tile<1, P>(qx, K, w, wscale, wmin, group, y, N, g, m0); break;
-        case 2: int4_r8_tile<2, P>(qx, K, w, wscale, wmin, group, y, N, g, m0); break;
-        case 3: int4_r8_tile<3, P>(qx, K, w, wscale, wmin, group, y, N, g, m0); break;
-        default: int4_r8_tile<4, P>(qx, K, w, wscale, wmin, group, y, N, g, m0);
+        case 1: r8_tile<1, P, kFifth>(qx, rows, y, N, g, m0); break;
+        case 2: r8_tile<2, P, kFifth>(qx, rows, y, N, g, m0); break;
+        case 3: r8_tile<3, P, kFifth>(qx, rows, y, N, g, m0); break;
+        default: r8_tile<4, P, kFifth>(qx, rows, y, N, g, m0);
       }
     }
+}
+
+// Groups of 8 rows [begin, end).
+template <int P>
+inline void r8_rows(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, float* y, int64_t N, int64_t begin, int64_t end) {
+  if (rows.q5_block) r8_groups<P, true>(qx, M, rows, y, N, begin, end);
+  else r8_groups<P, false>(qx, M, rows, y, N, begin, end);
 }

@@ -145,7 +145,7 @@ struct V512 {
                                  _mm512_castps128_ps512(pair));
   }
 
-  // int4 rows interleaved by eights (int4_r8_tile): a vector's low and high nibbles; 8 bytes repeated
+  // rows interleaved by eights (r8_tile): a vector's low and high nibbles; 8 bytes repeated
   // in every 64-bit lane; and the 8 rows' sums (two int32 lanes each, 2r and 2r + 1) from kR8Slots
   // vectors (one here, 8 rows in one)
   static constexpr int kR8Slots = 1;
@@ -158,6 +158,12 @@ struct V512 {
   }
   T512OPS VEC_INLINE static __m256i fold8(const I* d) {
     return _mm512_cvtepi64_epi32(_mm512_add_epi32(d[0], _mm512_srli_epi64(d[0], 32)));
+  }
+  // codes + 16 in byte i where bit i of the kBytes / 8 bytes at p is set (Q5's fifth bits)
+  T512OPS VEC_INLINE static I with_fifth_bits(I codes, const uint8_t* p) {
+    uint64_t bits;
+    std::memcpy(&bits, p, 8);
+    return _mm512_mask_add_epi8(codes, __mmask64(bits), codes, _mm512_set1_epi8(16));
   }
 };
 
@@ -271,6 +277,11 @@ struct V256Base {
   // hadd gives rows 0 1 4 5 | 2 3 6 7; the 64-bit lanes in order 0 2 1 3 put them right
   T256OPS VEC_INLINE static __m256i fold8(const I* d) {
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(d[0], d[1]), 0xD8);
+  }
+  T256OPS VEC_INLINE static I with_fifth_bits(I codes, const uint8_t* p) {
+    uint32_t bits;
+    std::memcpy(&bits, p, 4);
+    return _mm256_or_si256(codes, bit16(bits));
   }
 };
 
