@@ -20,7 +20,7 @@ from tramontane.gguf_linear import (
     INTERLEAVED_FORMATS,
     BlockLinear,
     block_formats,
-    q5_order,
+    r8_order,
     row_bytes,
 )
 from tramontane.kernels import load_kernels
@@ -129,15 +129,15 @@ def test_products_with_one_activation_part(kind, rows, isa):
 
 
 def interleaved(kind: str, w: torch.Tensor) -> torch.Tensor:
-    """Rows of Q5_0 / Q5_1 blocks interleaved by eights, as BlockLinear.interleave repacks them."""
-    return w.view(w.shape[0] // 8, -1)[:, q5_order(kind, w.shape[1] // row_bytes(kind, 32) * 32)].reshape(w.shape)
+    """Rows of Q5_0, Q5_1 or Q8_0 blocks interleaved by eights, as BlockLinear.interleave repacks them."""
+    return w.view(w.shape[0] // 8, -1)[:, r8_order(kind, w.shape[1] // row_bytes(kind, 32) * 32)].reshape(w.shape)
 
 
 @pytest.mark.parametrize("kind", INTERLEAVED_FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 5, 16])
 @pytest.mark.parametrize("parts", [1, 2])
-def test_interleaved_q5_products_equal_dequantize_then_matmul(kind, rows, parts, isa):
-    """Q5 rows interleaved by eights run the interleaved int4 kernels with fifth bits (kernels/int4.cpp):
+def test_interleaved_products_equal_dequantize_then_matmul(kind, rows, parts, isa):
+    """Q5 and Q8_0 rows interleaved by eights run the interleaved int4 kernels (kernels/int4.cpp; Q5 with fifth bits):
     on every instruction set (AMX's too: the policy interleaves none there, but the kernel must still be
     right), both activation precisions, widths of one block pair and SmolLM2's 576."""
     ext = load_kernels()
@@ -154,17 +154,17 @@ def test_interleaved_q5_products_equal_dequantize_then_matmul(kind, rows, parts,
         ext.set_activation_parts(before)
 
 
-def test_interleaving_is_only_for_q5_rows_in_eights():
+def test_interleaving_is_for_some_formats_and_rows_in_eights():
     ext = load_kernels()
-    with pytest.raises(RuntimeError, match="Q5_0 or Q5_1 only"):
-        ext.block_linear(torch.randn(1, 64), random_blocks("Q8_0", 8, 64), BLOCK_FORMATS["Q8_0"], interleaved=True)
+    with pytest.raises(RuntimeError, match="Q5_0, Q5_1 or Q8_0 only"):
+        ext.block_linear(torch.randn(1, 256), random_blocks("Q4_K", 8, 256), BLOCK_FORMATS["Q4_K"], interleaved=True)
     with pytest.raises(RuntimeError, match="rows come in eights"):
         ext.block_linear(torch.randn(1, 64), random_blocks("Q5_0", 12, 64), BLOCK_FORMATS["Q5_0"], interleaved=True)
-    with pytest.raises(ValueError, match="Q8_0: rows of this format are not interleaved"):
-        BlockLinear.from_blocks(random_blocks("Q8_0", 8, 64), 64, "Q8_0").interleave()
+    with pytest.raises(ValueError, match="Q6_K: rows of this format are not interleaved"):
+        BlockLinear.from_blocks(random_blocks("Q6_K", 8, 256), 256, "Q6_K").interleave()
     with pytest.raises(ValueError, match="Q5_1: 12 output rows cannot be interleaved"):
         BlockLinear.from_blocks(random_blocks("Q5_1", 12, 64), 64, "Q5_1").interleave()
-    assert not BlockLinear.from_blocks(random_blocks("Q8_0", 8, 64), 64, "Q8_0").interleaves()
+    assert not BlockLinear.from_blocks(random_blocks("Q6_K", 8, 256), 256, "Q6_K").interleaves()
 
 
 @pytest.mark.parametrize("kind", INTERLEAVED_FORMATS)
@@ -310,7 +310,7 @@ def test_mixed_file_logits_equal_the_dequantized_model(mixed_file, use_policy):
 
 @torch.no_grad()
 @pytest.mark.parametrize("interleave", [False, True])
-def test_choosing_a_backend_interleaves_q5_rows_as_the_policy_says(mixed_file, use_policy, interleave):
+def test_choosing_a_backend_interleaves_rows_as_the_policy_says(mixed_file, use_policy, interleave):
     from tramontane import KVCache
     from tramontane.generate import prefill
     from tramontane.step_backends import PythonBlocks, choose_backend
@@ -318,11 +318,12 @@ def test_choosing_a_backend_interleaves_q5_rows_as_the_policy_says(mixed_file, u
     model = load_model(mixed_file)
     tokens = [1, 2, 3, 4, 5, 6, 7, 8]
     want = prefill(PythonBlocks(model), tokens, KVCache.create(model.args, 1, 32), 0, chunk_size=4)
-    use_policy(interleave_rows=interleave)
+    use_policy(interleaved=frozenset(INTERLEAVED_FORMATS if interleave else ()))
     step = choose_backend(model)
-    q5 = [m for m in model.modules() if isinstance(m, BlockLinear) and m.kind in INTERLEAVED_FORMATS]
-    assert len(q5) == 3 and all(m.interleaved == interleave for m in q5)  # two wo (Q5_0), the head (Q5_1)
-    assert not any(m.interleaved for m in model.modules() if isinstance(m, BlockLinear) and m not in q5)
+    # two wo (Q5_0), the head (Q5_1), the embedding table and layer 1's wk (Q8_0)
+    eights = [m for m in model.modules() if isinstance(m, BlockLinear) and m.kind in INTERLEAVED_FORMATS]
+    assert len(eights) == 5 and all(m.interleaved == interleave for m in eights)
+    assert not any(m.interleaved for m in model.modules() if isinstance(m, BlockLinear) and m not in eights)
     # chunks of 4 rows in the native stack: the interleaved kernels where the rows are
     got = prefill(step, tokens, KVCache.create(model.args, 1, 32), 0, chunk_size=4)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -103,7 +103,7 @@ def test_choosing_a_backend_repacks_int4_as_the_policy_says(tiny_hf, use_policy,
     x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     before = model(x)
     chunked = prefill(PythonBlocks(model), x[0].tolist(), KVCache.create(model.args, 1, 32), 0, chunk_size=4)
-    use_policy(interleave_rows=interleave)
+    use_policy(interleaved=frozenset({"int4"} if interleave else ()))
     step = choose_backend(model)
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert int4 and all(m.interleaved == (interleave and m.out_features % 8 == 0) for m in int4)

@@ -487,3 +487,21 @@ def test_quantizing_in_row_chunks_changes_nothing(monkeypatch):
     for a, b in zip(whole, chunked):
         for x, y in zip(a, b):
             assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_the_interleaved_formats_are_the_instruction_sets(ext, monkeypatch):
+    # rows interleaved by eights where they multiply faster: never with AMX (its tiles read rows in order),
+    # Q8_0 only with VNNI (AVX2 alone multiplies its 8-bit codes as nibbles there: policy.INTERLEAVED)
+    import tramontane.kernels.policy as policy_module
+    from tramontane.kernels.policy import KernelPolicy
+
+    monkeypatch.setattr(policy_module, "load_kernels", lambda: ext)
+    monkeypatch.setattr(ext, "set_activation_parts", lambda parts: None)
+    monkeypatch.setattr(ext, "keep_heap", lambda below, keep: None)
+    formats = {}
+    for isa in ("amx", "avx512", "avx_vnni", "avx2", "portable"):
+        monkeypatch.setattr(ext, "isa", lambda isa=isa: isa)
+        formats[isa] = KernelPolicy.detect(lambda: 1.0).interleaved
+    assert formats["amx"] == frozenset()
+    assert formats["avx512"] == formats["avx_vnni"] == {"int4", "Q5_0", "Q5_1", "Q8_0"}
+    assert formats["avx2"] == formats["portable"] == {"int4", "Q5_0", "Q5_1"}

@@ -4,9 +4,8 @@ or Q6_K blocks, the bytes unchanged (Q4_0 and Q4_1 are `Int4Linear`'s own layout
 Decode-sized inputs run the native integer kernels of `kernels/blocks.cpp` (on AMX CPUs its AMX tiles
 instead, from 6 rows for the K-quants and 9 for the others, and for every larger input); larger ones
 dequantize tiles and multiply, like every quantized layer (`QuantLinearBase`). Without the kernels the rows are dequantized by gguf-py's
-reference code. Q5_0 and Q5_1 rows can be interleaved by eights where the kernel policy says
-(`interleave`, `q5_order`): the kernels of int4 rows so interleaved then read them, several times faster
-on narrow rows.
+reference code. Q5_0, Q5_1 and Q8_0 rows can be interleaved by eights where the kernel policy says
+(`interleave`, `r8_order`): the kernels of int4 rows so interleaved then read them, faster on narrow rows.
 
 Example:
     >>> layer = BlockLinear.from_blocks(rows, in_features=4096, kind="Q4_K")  # rows: uint8 [out, row bytes]
@@ -32,8 +31,8 @@ from .quantize import Int4Linear, InterleavedRows, QuantEmbedding, QuantLinearBa
 BLOCK_FORMATS = {name: int(GGMLQuantizationType[name]) for name in ("Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")}
 # elements per unit of each format: the kernels work on two 32-element blocks, or one K-quant super-block
 UNIT = {"Q8_0": 64, "Q5_0": 64, "Q5_1": 64, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-# the formats whose rows can be interleaved by eights (`q5_order`)
-INTERLEAVED_FORMATS = ("Q5_0", "Q5_1")
+# the formats whose rows can be interleaved by eights (`r8_order`)
+INTERLEAVED_FORMATS = ("Q5_0", "Q5_1", "Q8_0")
 
 
 def row_bytes(kind: str, in_features: int) -> int:
@@ -48,23 +47,27 @@ def fits(kind: str, in_features: int) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def q5_order(kind: str, in_features: int) -> torch.Tensor:
-    """How 8 rows of Q5_0 or Q5_1 blocks interleave (kernels/int4.cpp's R8Rows): byte i of the group
-    interleaved is byte order[i] of the 8 rows in order. Per block of 32, its 8 rows' nibbles [half][row][8],
-    fifth bits [byte][row], scales [row] (2 bytes each) and, Q5_1, minimums [row]. A block in the file: its
-    scale, (its minimum,) 4 bytes of fifth bits and 16 of nibbles."""
+def r8_order(kind: str, in_features: int) -> torch.Tensor:
+    """How 8 rows of Q5_0, Q5_1 or Q8_0 blocks interleave (kernels/int4.cpp's R8Rows): byte i of the group
+    interleaved is byte order[i] of the 8 rows in order. Per block of 32, the 8 rows' codes (Q5: nibbles
+    [half][row][8], then fifth bits [byte][row]; Q8_0: elements [0, 16) as [half][row][8], then [16, 32)),
+    scales [row] (2 bytes each) and, Q5_1, minimums [row]. A block in the file: its scale, (its minimum,)
+    (4 bytes of fifth bits,) its codes."""
     head = 4 if kind == "Q5_1" else 2  # float16 scale (and minimum)
-    block, blocks = head + 20, in_features // 32
+    block, blocks = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][1], in_features // 32
     at = torch.arange(8 * blocks * block).view(8, blocks, block)  # [row, block, byte] in order
-    nibbles = at[:, :, head + 4 :].reshape(8, blocks, 2, 8).permute(1, 2, 0, 3)  # [block, half, row, 8]
-    bits = at[:, :, head : head + 4].permute(1, 2, 0)  # [block, byte, row]
-    fields = [nibbles, bits] + [at[:, :, f : f + 2].permute(1, 0, 2) for f in range(0, head, 2)]  # [block, row, 2]
-    return torch.cat([f.reshape(blocks, -1) for f in fields], 1).reshape(-1)
+    if kind == "Q8_0":
+        codes = [at[:, :, head:].reshape(8, blocks, 2, 2, 8).permute(1, 2, 3, 0, 4)]  # [block, 16s, half, row, 8]
+    else:
+        nibbles = at[:, :, head + 4 :].reshape(8, blocks, 2, 8).permute(1, 2, 0, 3)  # [block, half, row, 8]
+        codes = [nibbles, at[:, :, head : head + 4].permute(1, 2, 0)]  # bits: [block, byte, row]
+    halves = [at[:, :, f : f + 2].permute(1, 0, 2) for f in range(0, head, 2)]  # [block, row, 2]
+    return torch.cat([f.reshape(blocks, -1) for f in codes + halves], 1).reshape(-1)
 
 
 class BlockLinear(InterleavedRows):
-    """y = x @ dequant(W).T with W's rows in a GGUF block format (uint8 [out, row bytes]); Q5_0 and Q5_1
-    rows in order or interleaved by eights (`InterleavedRows`)."""
+    """y = x @ dequant(W).T with W's rows in a GGUF block format (uint8 [out, row bytes]); Q5_0, Q5_1 and
+    Q8_0 rows in order or interleaved by eights (`InterleavedRows`)."""
 
     weight: torch.Tensor
     amx_tiles = True
@@ -100,7 +103,7 @@ class BlockLinear(InterleavedRows):
     def _repacked(self, interleave: bool) -> dict[str, torch.Tensor | None]:
         if self.kind not in INTERLEAVED_FORMATS:
             raise ValueError(f"{self.kind}: rows of this format are not interleaved (only {', '.join(INTERLEAVED_FORMATS)})")
-        order = q5_order(self.kind, self.in_features).to(self.weight.device)
+        order = r8_order(self.kind, self.in_features).to(self.weight.device)
         if not interleave:
             order = torch.argsort(order)
         groups = self.weight.view(self.out_features // 8, -1)
@@ -109,7 +112,7 @@ class BlockLinear(InterleavedRows):
     def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.interleaved:  # whole groups of 8 rows put back in order, then the rows asked for among them
             groups, take = self._groups(rows)
-            order = torch.argsort(q5_order(self.kind, self.in_features)).to(self.weight.device)
+            order = torch.argsort(r8_order(self.kind, self.in_features)).to(self.weight.device)
             part = self.weight.view(self.out_features // 8, -1)[groups][:, order].view(-1, self.weight.shape[1])
             return self._taken(self._dequantize(part, dtype), take)
         return self._dequantize(self.weight[rows], dtype)

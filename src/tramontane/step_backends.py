@@ -204,12 +204,12 @@ def _eager_backend(model: Transformer) -> PythonBlocks | NativeBlocks:
 
 
 def repack_rows(model: Transformer) -> None:
-    """Quantized weights, in place, in the layout the kernel policy gives them (int4, Q5_0 and Q5_1 rows
-    interleaved by eights where it pays); outputs and state dicts do not change."""
-    if not kernel_policy().interleave_rows:
-        return
+    """Quantized weights, in place, in the layout the kernel policy gives them (rows interleaved by eights
+    for the formats where it pays); outputs and state dicts do not change."""
+    formats = kernel_policy().interleaved
     for module in model.modules():
-        if isinstance(module, InterleavedRows) and module.interleaves() and module.weight.device.type == "cpu":
+        if isinstance(module, InterleavedRows) and module.format_name in formats and module.interleaves() \
+                and module.weight.device.type == "cpu":
             module.interleave()
 
 

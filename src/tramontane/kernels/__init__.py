@@ -33,7 +33,7 @@ class ProjectionKinds(Protocol):
     INT4: ProjectionKind  # int4 in groups, with or without minimums
     INT4_INTERLEAVED: ProjectionKind  # the same, rows interleaved by eights (Int4Linear.interleave)
     GGUF: ProjectionKind  # a GGUF quantization format, `group` holding its ggml type number
-    GGUF_INTERLEAVED: ProjectionKind  # Q5_0 / Q5_1 rows interleaved by eights (BlockLinear.interleave)
+    GGUF_INTERLEAVED: ProjectionKind  # Q5_0, Q5_1 or Q8_0 rows interleaved by eights (BlockLinear.interleave)
 
 
 class ProjectionKind(Protocol):

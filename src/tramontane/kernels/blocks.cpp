@@ -249,8 +249,9 @@ at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind, bool interleav
     const int64_t K = check_blocks(f, w), N = w.size(0), M = x.size(0);
     check_x(x, K);
     if (interleaved) {  // rows interleaved by eights (int4.cpp), on every path
-      TORCH_CHECK(kind == kQ5_0 || kind == kQ5_1, "rows interleaved by eights: Q5_0 or Q5_1 only, got ggml type ", kind);
-      return q5_r8_linear(x, w, K, kind == kQ5_1);
+      TORCH_CHECK(kind == kQ5_0 || kind == kQ5_1 || kind == kQ8_0,
+                  "rows interleaved by eights: Q5_0, Q5_1 or Q8_0 only, got ggml type ", kind);
+      return r8_block_linear(x, w, K, kind == kQ8_0 ? 8 : 5, kind == kQ5_1);
     }
     auto y = at::empty({M, N}, x.options());
 #ifdef TRAMONTANE_AMX

@@ -22,8 +22,8 @@ namespace {
 
 // How a projection's weights are stored (bound as ProjectionKind; kernels/__init__.py mirrors it): fp32,
 // int8 per output channel, int4 in groups (with or without minimums; rows in order, or interleaved by
-// eights as int4.cpp describes), or a GGUF block format (`group` holding its ggml type number; Q5_0 / Q5_1
-// rows may be interleaved by eights too).
+// eights as int4.cpp describes), or a GGUF block format (`group` holding its ggml type number; Q5_0, Q5_1
+// and Q8_0 rows may be interleaved by eights too).
 enum class ProjectionKind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kGguf = 3, kInt4Interleaved = 4, kGgufInterleaved = 5 };
 
 // One projection of a kind, or the outputs of `parts` side by side (projections a checkpoint keeps in

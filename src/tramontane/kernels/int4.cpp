@@ -22,9 +22,9 @@
 // the scales and minimums of the 8 rows side by side per group ([group][row]). A dot product then gives
 // lanes per row (r8_tile), where the row layout pays a factor set-up per row and a horizontal sum:
 // on SmolLM2's 576-wide rows that fixed cost was most of the kernel (benchmarks/projections.py).
-// GGUF's Q5_0 and Q5_1 rows (5-bit codes: a nibble and a fifth bit, one float16 scale per block, and
-// for Q5_1 a minimum) interleave the same way (gguf_linear.py repacks them; r8_linear reads them), every
-// piece of a block of 8 rows in one run: nibbles as above, the fifth bits, the scales, the minimums (R8Rows).
+// GGUF's Q5_0, Q5_1 and Q8_0 rows (5-bit codes: a nibble and a fifth bit; 8-bit codes; one float16 scale
+// per block, and for Q5_1 a minimum) interleave alike (gguf_linear.py repacks them; r8_block_linear reads
+// them), every piece of a block of 8 rows in one run (R8Rows).
 
 #include "amx.h"
 #include "int4.h"
@@ -50,58 +50,65 @@ struct QuantizedX {
 };
 
 // The dot of one block's 32 codes (16 bytes, element i in the low nibble of byte i and i + 16 in its
-// high one; bit i of `fifth` adds 16 to element i's), less `offset`, with 32 elements of x in P int8
-// parts (256 q + r, or q), in natural order.
+// high one), less `offset`, with 32 elements of x in P int8 parts (256 q + r, or q), in natural order.
 template <int P>
-inline int32_t int4_block_dot(const uint8_t* row, uint32_t fifth, const int8_t* xq, const int8_t* xr, int32_t offset) {
+inline int32_t int4_block_dot(const uint8_t* row, const int8_t* xq, const int8_t* xr, int32_t offset) {
   int32_t dot = 0;
   for (int i = 0; i < 16; ++i) {
     const int32_t lo = P == 2 ? 256 * xq[i] + xr[i] : xq[i], hi = P == 2 ? 256 * xq[i + 16] + xr[i + 16] : xq[i + 16];
-    const int32_t c_lo = (row[i] & 15) | ((fifth >> i) & 1) << 4, c_hi = (row[i] >> 4) | ((fifth >> (i + 16)) & 1) << 4;
-    dot += (c_lo - offset) * lo + (c_hi - offset) * hi;
+    dot += (int32_t(row[i] & 15) - offset) * lo + (int32_t(row[i] >> 4) - offset) * hi;
   }
   return dot;
 }
 
-// Rows interleaved by eights, as the kernels read them: where the pieces of group g's block b are
-// (nibbles [half][row][8]; for Q5, fifth bits [byte][row], byte k of each row's 32-bit word; the 8 rows'
-// scales and minimums as float16). Int4 keeps its scales and minimums apart, per group of `group`
-// elements ([N / 8][groups][8]); Q5_0 and Q5_1 keep every piece of a block of 8 rows in one run of
-// `q5_block` bytes (176 or 192, 8 blocks of the format): nibbles, bits, scales, minimums.
+// Rows interleaved by eights, as the kernels read them: where the pieces of group g's block b are. Codes
+// of 4 and 5 bits: nibbles [half][row][8] (byte i of a row: element i low, i + 16 high), and for Q5 the
+// fifth bits [byte][row] (byte k of each row's 32-bit word); 8-bit codes (Q8_0's int8): elements [0, 16)
+// as [half][row][8], then [16, 32) alike; the 8 rows' scales (and minimums) as float16. Int4 keeps its
+// scales and minimums apart, per group of `group` elements ([N / 8][groups][8]); Q5_0, Q5_1 and Q8_0 keep
+// every piece of a block of 8 rows in one run of 8 blocks of the format: codes, bits, scales, minimums
+// (gguf_linear.r8_order).
 struct R8Rows {
   const uint8_t* w;
   const uint16_t* scale = nullptr;  // int4's
   const uint16_t* mins = nullptr;   // int4's, with minimums
   int64_t K = 0, group = 32;        // group: int4's
-  int64_t q5_block = 0;             // 0 for int4
-  int32_t offset = 0;               // the codes' offset: 8 (Q4_0), 16 (Q5_0), 0 (with minimums)
+  int bits = 4;                     // the codes' bits: 4, 5 or 8
+  int64_t run = 0;                  // bytes of a block of 8 rows kept in one run (Q5, Q8_0); 0 for int4
+  int32_t offset = 0;               // the codes' offset: 8 (Q4_0), 16 (Q5_0), 128 (Q8_0 as unsigned), 0 (minimums)
 
   struct Block {
-    const uint8_t* nibbles;
+    const uint8_t* codes;
     const uint8_t* fifth;   // Q5 only
     const uint16_t* scales;
     const uint16_t* mins;   // null without minimums
   };
   Block at(int64_t g, int64_t b) const {
-    if (q5_block) {
-      const uint8_t* p = w + (g * (K / 32) + b) * q5_block;
-      return {p, p + 128, (const uint16_t*)(p + 160), offset ? nullptr : (const uint16_t*)(p + 176)};
+    if (run) {
+      const uint8_t* p = w + (g * (K / 32) + b) * run;
+      const int64_t codes = bits == 8 ? 256 : 128, fifth = bits == 5 ? 32 : 0;
+      return {p, bits == 5 ? p + 128 : nullptr, (const uint16_t*)(p + codes + fifth),
+              offset ? nullptr : (const uint16_t*)(p + codes + fifth + 16)};
     }
     const int64_t f = (g * (K / group) + b * 32 / group) * 8;
     return {w + g * 4 * K + b * 128, nullptr, scale + f, mins ? mins + f : nullptr};
   }
-  int64_t block_bytes() const { return q5_block ? q5_block : 128; }
+  int64_t block_bytes() const { return run ? run : 128; }
 };
 
-// Row i (0..7) of a block of 8 interleaved rows: its 16 bytes of nibbles in natural order; returns its
-// fifth bits (0 for int4).
-inline uint32_t r8_row(const R8Rows::Block& blk, int64_t i, uint8_t bytes[16]) {
-  std::memcpy(bytes, blk.nibbles + 8 * i, 8);
-  std::memcpy(bytes + 8, blk.nibbles + 64 + 8 * i, 8);
-  uint32_t fifth = 0;
-  if (blk.fifth)
-    for (int k = 0; k < 4; ++k) fifth |= uint32_t(blk.fifth[8 * k + i]) << (8 * k);
-  return fifth;
+// Row i (0..7) of a block of 8 interleaved rows: its 32 codes in natural order, unsigned (Q8_0's int8
+// plus 128).
+inline void r8_codes(const R8Rows::Block& blk, int bits, int64_t i, int32_t codes[32]) {
+  for (int e = 0; e < 32; ++e) {
+    const int64_t half = e % 16 / 8, j = e % 8;
+    if (bits == 8) {
+      codes[e] = int8_t(blk.codes[e / 16 * 128 + half * 64 + 8 * i + j]) + 128;
+      continue;
+    }
+    const uint8_t byte = blk.codes[half * 64 + 8 * i + j];
+    codes[e] = e < 16 ? byte & 15 : byte >> 4;
+    if (blk.fifth) codes[e] |= ((blk.fifth[8 * (e / 8) + i] >> j) & 1) << 4;
+  }
 }
 
 #define TRAMONTANE_TILES "int4_tiles.h"
@@ -159,7 +166,7 @@ void int4_rows_ref(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8_t*
       const int8_t *xq = qx.qp + m * K, *xr = qx.rp ? qx.rp + m * K : nullptr;
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int32_t dot = int4_block_dot<P>(row + b * 16, 0, xq + b * 32, xr ? xr + b * 32 : nullptr, offset);
+        const int32_t dot = int4_block_dot<P>(row + b * 16, xq + b * 32, xr ? xr + b * 32 : nullptr, offset);
         const int64_t g = o * groups + b * 32 / group;
         acc += float(dot) * half_to_float(wscale[g]) * qx.sp[m * nb + b];
         if (wmin) acc += half_to_float(wmin[g]) * qx.sum_p[m * nb + b];
@@ -180,10 +187,11 @@ void r8_rows_ref(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, float* 
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t at = m * nb + b;
           const R8Rows::Block blk = rows.at(g, b);
-          uint8_t row[16];
-          const uint32_t fifth = r8_row(blk, i, row);
-          const int32_t dot = int4_block_dot<P>(row, fifth, qx.qp + at * 32, P == 2 ? qx.rp + at * 32 : nullptr, 0);
-          acc += float(dot - rows.offset * qx.bp[at]) * (half_to_float(blk.scales[i]) * qx.sp[at]);
+          int32_t codes[32], dot = 0;
+          r8_codes(blk, rows.bits, i, codes);
+          for (int e = 0; e < 32; ++e)
+            dot += (codes[e] - rows.offset) * (P == 2 ? 256 * qx.qp[at * 32 + e] + qx.rp[at * 32 + e] : qx.qp[at * 32 + e]);
+          acc += float(dot) * (half_to_float(blk.scales[i]) * qx.sp[at]);
           if (blk.mins) acc += half_to_float(blk.mins[i]) * qx.sum_p[at];
         }
         y[m * N + 8 * g + i] = acc;
@@ -234,7 +242,7 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   with_parts([&](auto parts) {
     constexpr int P = decltype(parts)::value;
     if (interleaved) {  // groups of 8 rows
-      const R8Rows rows{wp, sp, mp, K, group, 0, mp ? 0 : 8};
+      const R8Rows rows{wp, sp, mp, K, group, 4, 0, mp ? 0 : 8};
       r8_products<P>(x.data_ptr<float>(), M, rows, yp, N);
       return;
     }
@@ -247,11 +255,14 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   return y;
 }
 
-at::Tensor q5_r8_linear(at::Tensor x, at::Tensor w, int64_t K, bool with_mins) {
+at::Tensor r8_block_linear(at::Tensor x, at::Tensor w, int64_t K, int bits, bool with_mins) {
   const int64_t N = w.size(0), M = x.size(0);
-  TORCH_CHECK(N % 8 == 0, "interleaved Q5 rows come in eights, got ", N, " rows");
+  TORCH_CHECK(N % 8 == 0, "interleaved rows come in eights, got ", N, " rows");
   auto y = at::empty({M, N}, x.options());
-  const R8Rows rows{w.data_ptr<uint8_t>(), nullptr, nullptr, K, 32, with_mins ? 192 : 176, with_mins ? 0 : 16};
+  // a block of 32 per row: codes (16 or 32 bytes), Q5's fifth bits (4), a float16 scale (and minimum)
+  const int64_t run = 8 * ((bits == 8 ? 32 : 16) + (bits == 5 ? 4 : 0) + (with_mins ? 4 : 2));
+  const int32_t offset = with_mins ? 0 : bits == 8 ? 128 : 1 << (bits - 1);
+  const R8Rows rows{w.data_ptr<uint8_t>(), nullptr, nullptr, K, 32, bits, run, offset};
   with_parts([&](auto parts) { r8_products<decltype(parts)::value>(x.data_ptr<float>(), M, rows, y.data_ptr<float>(), N); });
   return y;
 }
@@ -263,25 +274,23 @@ static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, 
   const int64_t groups = K / group;
   const R8Rows rows{wp, sp, mp, K, group};
   for (int64_t b = 0; b < K / 32; ++b) {
-    uint8_t bytes[16];
+    int32_t codes[32];
     uint16_t s16, m16 = 0;
     if (interleaved) {
       const R8Rows::Block blk = rows.at(o / 8, b);
-      r8_row(blk, o % 8, bytes);
+      r8_codes(blk, 4, o % 8, codes);
       s16 = blk.scales[o % 8];
       if (mp) m16 = blk.mins[o % 8];
     } else {
-      std::memcpy(bytes, wp + o * (K / 2) + b * 16, 16);
+      const uint8_t* bytes = wp + o * (K / 2) + b * 16;
+      for (int64_t i = 0; i < 16; ++i) codes[i] = bytes[i] & 15, codes[i + 16] = bytes[i] >> 4;
       s16 = sp[o * groups + b * 32 / group];
       if (mp) m16 = mp[o * groups + b * 32 / group];
     }
     const float s = half_to_float(s16);
     const float base = mp ? half_to_float(m16) : -8.f * s;  // (q - 8) * s = q * s - 8 s
 #pragma omp simd
-    for (int64_t i = 0; i < 16; ++i) {
-      dst[b * 32 + i] = float(bytes[i] & 15) * s + base;
-      dst[b * 32 + i + 16] = float(bytes[i] >> 4) * s + base;
-    }
+    for (int64_t i = 0; i < 32; ++i) dst[b * 32 + i] = float(codes[i]) * s + base;
   }
 }
 

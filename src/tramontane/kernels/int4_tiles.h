@@ -88,7 +88,7 @@ inline void int4_tile(const QuantizedX<P>& qx, int64_t K, const uint8_t* w, cons
     for (int64_t b = grouped_end; b < c0 + cn; ++b)  // at most one block, in natural order
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t)
-          lone[r][t] += float(int4_block_dot<P>(w + (o + r) * row_bytes + b * 16, 0, qx.qp + (m0 + t) * K + b * 32,
+          lone[r][t] += float(int4_block_dot<P>(w + (o + r) * row_bytes + b * 16, qx.qp + (m0 + t) * K + b * 32,
                                                 P == 2 ? qx.rp + (m0 + t) * K + b * 32 : nullptr, wmin ? 0 : 8)) *
                         cs[r][t][b - c0];
   }
@@ -106,7 +106,7 @@ inline void int4_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8
 // The same products over weights repacked at load (int4.cpp's interleaved layout, R8Rows, as llama.cpp's
 // Q4_0 8x8 repack and ik_llama.cpp's _R8 formats): per group of 8 rows and block of 32, 128 bytes of
 // nibbles, bytes 8p..8p+7 (half p) of each of the 8 rows one after another, and for Q5_0 / Q5_1 the 8
-// rows' fifth bits. A vector of codes then holds all 8 rows (two 256-bit vectors: four each), and its
+// rows' fifth bits (Q8_0: its codes, elements [0, 16) then [16, 32) alike). A vector of codes then holds all 8 rows (two 256-bit vectors: four each), and its
 // 64-bit lanes pair with 8 elements of x repeated (a broadcast load, x in natural order), so a dot
 // product gives two int32 lanes per row: no per-row factor set-up and no horizontal sums, where the row
 // layout pays both per row. The 8 rows' sums, factors and outputs are one 256-bit float vector.
@@ -140,10 +140,10 @@ VEC_INLINE void r8_dot(const typename V::I lo[kVecs], const typename V::I hi[kVe
   }
 }
 
-// Eight interleaved weight rows [8 g, 8 g + 8) x T rows of x from m0; kFifth: Q5 rows, with fifth bits.
-template <int T, int P, bool kFifth>
+// Eight interleaved weight rows [8 g, 8 g + 8) x T rows of x from m0, codes of kBits bits (R8Rows).
+template <int T, int P, int kBits>
 inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64_t N, int64_t g, int64_t m0) {
-  constexpr int kVecs = 128 / V::kBytes, kBits = kFifth ? 5 : 4;
+  constexpr int kVecs = 128 / V::kBytes;
   const int64_t nb = rows.K / 32, block_bytes = rows.block_bytes();
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
@@ -151,13 +151,18 @@ inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64
     const R8Rows::Block blk = rows.at(g, b);
     if (m0 == 0)  // a group's blocks, and the next group's, are one stream
       for (int64_t at = 0; at < block_bytes; at += 64)
-        _mm_prefetch((const char*)blk.nibbles + kR8Ahead * block_bytes + at, _MM_HINT_T0);
-    typename V::I lo[kVecs], hi[kVecs];
+        _mm_prefetch((const char*)blk.codes + kR8Ahead * block_bytes + at, _MM_HINT_T0);
+    typename V::I lo[kVecs], hi[kVecs];  // elements [8 half, + 8) and [16 + 8 half, + 8) of the rows
     for (int v = 0; v < kVecs; ++v) {
-      const typename V::I packed = V::loadi(blk.nibbles + v * V::kBytes);
+      if constexpr (kBits == 8) {  // int8 codes, made unsigned (the offset takes the 128 back)
+        lo[v] = V::flip_signs(V::loadi(blk.codes + v * V::kBytes));
+        hi[v] = V::flip_signs(V::loadi(blk.codes + 128 + v * V::kBytes));
+        continue;
+      }
+      const typename V::I packed = V::loadi(blk.codes + v * V::kBytes);
       lo[v] = V::low_nibbles(packed);
       hi[v] = V::high_nibbles(packed);
-      if constexpr (kFifth) {  // its rows' bytes `half` (low nibbles) and 2 + half (high) of the bits [byte][row]
+      if constexpr (kBits == 5) {  // its rows' bytes `half` (low nibbles) and 2 + half (high) of the bits [byte][row]
         lo[v] = V::with_fifth_bits(lo[v], blk.fifth + v * (V::kBytes / 8));
         hi[v] = V::with_fifth_bits(hi[v], blk.fifth + 16 + v * (V::kBytes / 8));
       }
@@ -183,16 +188,16 @@ inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64
   for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (m0 + t) * N + 8 * g, acc[t]);
 }
 
-template <int P, bool kFifth>
+template <int P, int kBits>
 inline void r8_groups(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, float* y, int64_t N, int64_t begin,
                       int64_t end) {
   for (int64_t g = begin; g < end; ++g)
     for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
       switch (std::min(kTileM, M - m0)) {
-        case 1: r8_tile<1, P, kFifth>(qx, rows, y, N, g, m0); break;
-        case 2: r8_tile<2, P, kFifth>(qx, rows, y, N, g, m0); break;
-        case 3: r8_tile<3, P, kFifth>(qx, rows, y, N, g, m0); break;
-        default: r8_tile<4, P, kFifth>(qx, rows, y, N, g, m0);
+        case 1: r8_tile<1, P, kBits>(qx, rows, y, N, g, m0); break;
+        case 2: r8_tile<2, P, kBits>(qx, rows, y, N, g, m0); break;
+        case 3: r8_tile<3, P, kBits>(qx, rows, y, N, g, m0); break;
+        default: r8_tile<4, P, kBits>(qx, rows, y, N, g, m0);
       }
     }
 }
@@ -200,6 +205,9 @@ inline void r8_groups(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, fl
 // Groups of 8 rows [begin, end).
 template <int P>
 inline void r8_rows(const QuantizedX<P>& qx, int64_t M, const R8Rows& rows, float* y, int64_t N, int64_t begin, int64_t end) {
-  if (rows.q5_block) r8_groups<P, true>(qx, M, rows, y, N, begin, end);
-  else r8_groups<P, false>(qx, M, rows, y, N, begin, end);
+  switch (rows.bits) {
+    case 8: return r8_groups<P, 8>(qx, M, rows, y, N, begin, end);
+    case 5: return r8_groups<P, 5>(qx, M, rows, y, N, begin, end);
+    default: return r8_groups<P, 4>(qx, M, rows, y, N, begin, end);
+  }
 }

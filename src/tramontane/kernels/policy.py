@@ -47,6 +47,14 @@ BF16_MIN_SPEEDUP = 1.25
 # (`vector_wins`); its limit stays the one measured before on a Xeon.
 SMALL_BATCH = {"amx": 16, "avx512": 64, "avx_vnni": 64, "avx2": 32}
 
+# Formats interleaved by eights per instruction set (KernelPolicy.interleaved). In cache on Zen 5, one row
+# of SmolLM2's 576-wide products: int4 2.6-3.5x faster so, Q5_0 1.3-1.7x, Q8_0 1.45-1.55x with VNNI; with
+# AVX2 alone Q8_0 runs slower so (26 against 18 ns a row: its 8-bit codes multiply as two nibbles there,
+# where rows in order multiply them whole in int16), so it keeps its rows in order.
+INTERLEAVED = {"amx": frozenset(), "avx512": frozenset({"int4", "Q5_0", "Q5_1", "Q8_0"}),
+               "avx_vnni": frozenset({"int4", "Q5_0", "Q5_1", "Q8_0"})}
+INTERLEAVED_ELSEWHERE = frozenset({"int4", "Q5_0", "Q5_1"})
+
 
 @dataclass(frozen=True)
 class KernelPolicy:
@@ -65,11 +73,11 @@ class KernelPolicy:
     # product of the 7B shape ran no faster on Zen 4 (it waits on memory there). Kernels.set_activation_parts
     # gives one part to those who want it.
     activation_parts: int = 2
-    # Int4, Q5_0 and Q5_1 weights repacked into rows interleaved by eights when a backend is chosen
-    # (kernels/int4.cpp): with AVX-512 or AVX2 one dot product then serves 8 rows, 1.3-4x faster on SmolLM2's
-    # int4 decode products and 0.9-1.9x on a 7B-shaped one, which waits on memory (benchmarks/projections.py,
-    # Zen 5). Not with AMX: its tiles read rows in order.
-    interleave_rows: bool = False
+    # The formats whose weights are repacked into rows interleaved by eights when a backend is chosen
+    # (kernels/int4.cpp; InterleavedRows.format_name): one dot product then serves 8 rows, 1.3-4x faster on
+    # SmolLM2's int4 decode products and 0.9-1.9x on a 7B-shaped one, which waits on memory
+    # (benchmarks/projections.py, Zen 5). None with AMX: its tiles read rows in order (INTERLEAVED).
+    interleaved: frozenset[str] = frozenset()
     # The C heap keeps freed memory up to `heap_keep` bytes and serves allocations below `heap_mmap_below`
     # (Kernels.keep_heap): a 512-token prefill ran 1.2-1.35x faster on Zen 5 (SmolLM2 and the 7B shape, Q4_0),
     # as each step's activations and weight tiles no longer come fresh from the system, page fault by page
@@ -87,7 +95,8 @@ class KernelPolicy:
             return cls(None)
         fast = (speedup or bf16_speedup)() >= BF16_MIN_SPEEDUP
         policy = cls(kernels, small_batch=SMALL_BATCH.get(kernels.isa(), cls.small_batch),
-                     gemm_dtype=torch.bfloat16 if fast else torch.float32, interleave_rows=kernels.isa() != "amx")
+                     gemm_dtype=torch.bfloat16 if fast else torch.float32,
+                     interleaved=INTERLEAVED.get(kernels.isa(), INTERLEAVED_ELSEWHERE))
         kernels.set_activation_parts(policy.activation_parts)
         kernels.keep_heap(policy.heap_mmap_below, policy.heap_keep)
         return policy

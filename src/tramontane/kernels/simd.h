@@ -159,6 +159,8 @@ struct V512 {
   T512OPS VEC_INLINE static __m256i fold8(const I* d) {
     return _mm512_cvtepi64_epi32(_mm512_add_epi32(d[0], _mm512_srli_epi64(d[0], 32)));
   }
+  // int8 codes as unsigned ones (plus 128)
+  T512OPS VEC_INLINE static I flip_signs(I v) { return _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))); }
   // codes + 16 in byte i where bit i of the kBytes / 8 bytes at p is set (Q5's fifth bits)
   T512OPS VEC_INLINE static I with_fifth_bits(I codes, const uint8_t* p) {
     uint64_t bits;
@@ -278,6 +280,7 @@ struct V256Base {
   T256OPS VEC_INLINE static __m256i fold8(const I* d) {
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(d[0], d[1]), 0xD8);
   }
+  T256OPS VEC_INLINE static I flip_signs(I v) { return _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))); }
   T256OPS VEC_INLINE static I with_fifth_bits(I codes, const uint8_t* p) {
     uint32_t bits;
     std::memcpy(&bits, p, 4);
