@@ -110,20 +110,25 @@ class BlockLinear(InterleavedRows):
         return {"weight": groups[:, order].view(self.out_features, -1)}
 
     def dequantize(self, rows: slice | torch.Tensor = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.interleaved:  # whole groups of 8 rows put back in order, then the rows asked for among them
+        ext = load_kernels() if self.weight.device.type == "cpu" else None
+        bf16 = dtype == torch.bfloat16
+        if not self.interleaved:
+            part = self.weight[rows]
+        else:  # whole groups of 8 rows, then the rows asked for among them
             groups, take = self._groups(rows)
-            order = torch.argsort(r8_order(self.kind, self.in_features)).to(self.weight.device)
-            part = self.weight.view(self.out_features // 8, -1)[groups][:, order].view(-1, self.weight.shape[1])
-            return self._taken(self._dequantize(part, dtype), take)
-        return self._dequantize(self.weight[rows], dtype)
+            part = self.weight.view(self.out_features // 8, -1)[groups].view(-1, self.weight.shape[1])
+            if ext is not None:
+                return self._taken(ext.block_dequantize(part, BLOCK_FORMATS[self.kind], bf16, interleaved=True).to(dtype), take)
+            order = torch.argsort(r8_order(self.kind, self.in_features)).to(part.device)
+            return self._taken(self._dequantize(part.view(-1, order.numel())[:, order], dtype), take)
+        if ext is not None:
+            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind], bf16=bf16).to(dtype)
+        return self._dequantize(part, dtype)
 
     def _dequantize(self, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows in order of this format -> fp32 or bf16."""
-        ext = load_kernels() if part.device.type == "cpu" else None
-        if ext is not None:
-            return ext.block_dequantize(part.contiguous(), BLOCK_FORMATS[self.kind], bf16=dtype == torch.bfloat16).to(dtype)
+        """Rows in order of this format -> fp32 or bf16, by gguf-py's reference."""
         values = gguf_dequantize(part.cpu().numpy(), GGMLQuantizationType[self.kind])
-        return torch.from_numpy(values.astype(np.float32)).to(part.device, dtype)
+        return torch.from_numpy(values.astype(np.float32)).to(part.device, dtype).view(-1, self.in_features)
 
     def _fused(self, ext: Kernels, flat: torch.Tensor) -> torch.Tensor:
         return ext.block_linear(flat, self.weight, BLOCK_FORMATS[self.kind], self.interleaved)

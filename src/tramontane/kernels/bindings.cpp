@@ -42,7 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ dequant(w).T for w in a GGUF block format, its rows as the file has them (or Q5 rows interleaved by eights)",
         py::arg("x"), py::arg("w"), py::arg("kind"), py::arg("interleaved") = false);
   m.def("block_dequantize", &block_dequantize, nogil, "rows of a GGUF block format to fp32 (or bf16) [N, K]",
-        py::arg("w"), py::arg("kind"), py::arg("bf16") = false);
+        py::arg("w"), py::arg("kind"), py::arg("bf16") = false, py::arg("interleaved") = false);
   m.def("mapped_empty", &mapped_empty, "uninitialised uint8 [nbytes] in memory of its own, in 2 MiB pages if asked and Linux allows",
         py::arg("nbytes"), py::arg("huge_pages"));
   m.def("trim_heap", &trim_heap, "return the C heap's free memory to the system (glibc)");

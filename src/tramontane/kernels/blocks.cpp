@@ -243,14 +243,20 @@ int64_t block_amx_min_rows(int64_t kind) {
   return with_format(kind, [](auto f) { return amx_min_rows<decltype(f)>(); });
 }
 
+// Rows of `kind` interleaved by eights (int4.cpp's R8Rows): Q5_0, Q5_1 or Q8_0, whole groups of 8.
+static void check_interleaved(int64_t kind, int64_t N) {
+  TORCH_CHECK(kind == kQ5_0 || kind == kQ5_1 || kind == kQ8_0,
+              "rows interleaved by eights: Q5_0, Q5_1 or Q8_0 only, got ggml type ", kind);
+  TORCH_CHECK(N % 8 == 0, "interleaved rows come in eights, got ", N, " rows");
+}
+
 at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind, bool interleaved) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
     const int64_t K = check_blocks(f, w), N = w.size(0), M = x.size(0);
     check_x(x, K);
     if (interleaved) {  // rows interleaved by eights (int4.cpp), on every path
-      TORCH_CHECK(kind == kQ5_0 || kind == kQ5_1 || kind == kQ8_0,
-                  "rows interleaved by eights: Q5_0, Q5_1 or Q8_0 only, got ggml type ", kind);
+      check_interleaved(kind, N);
       return r8_block_linear(x, w, K, kind == kQ8_0 ? 8 : 5, kind == kQ5_1);
     }
     auto y = at::empty({M, N}, x.options());
@@ -274,11 +280,21 @@ at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind, bool interleav
   });
 }
 
-at::Tensor block_dequantize(at::Tensor w, int64_t kind, bool bf16) {
+at::Tensor block_dequantize(at::Tensor w, int64_t kind, bool bf16, bool interleaved) {
   return with_format(kind, [&](auto f) {
     using F = decltype(f);
     const int64_t K = check_blocks(f, w), row_bytes = w.size(1);
     const uint8_t* wp = w.data_ptr<uint8_t>();
+    if (interleaved) {  // each row put back in order (int4.cpp), then as below
+      check_interleaved(kind, w.size(0));
+      return dequantized_rows(w.size(0), K, bf16, [&](int64_t o, float* dst) {
+        thread_local std::vector<uint8_t> row;
+        row.resize(row_bytes);
+        r8_row_in_order(wp, K, kind == kQ8_0 ? 8 : 5, kind == kQ5_1, o, row.data());
+        BY_ISA(dequantize_rows<F>(row.data(), K, dst, 0, 1), return);
+        dequantize_rows_ref<F>(row.data(), K, dst, 0, 1);
+      });
+    }
     return dequantized_rows(w.size(0), K, bf16, [&](int64_t o, float* dst) {
       BY_ISA(dequantize_rows<F>(wp + o * row_bytes, K, dst, 0, 1), return);
       dequantize_rows_ref<F>(wp + o * row_bytes, K, dst, 0, 1);

@@ -255,14 +255,33 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor w, at::Tensor scale, c10::option
   return y;
 }
 
+// GGUF rows of K elements interleaved by eights: Q5_0 (bits 5), Q5_1 (5, with_mins) or Q8_0 (8).
+static R8Rows gguf_r8_rows(const uint8_t* w, int64_t K, int bits, bool with_mins) {
+  // a block of 32 per row: codes (16 or 32 bytes), Q5's fifth bits (4), a float16 scale (and minimum)
+  const int64_t run = 8 * ((bits == 8 ? 32 : 16) + (bits == 5 ? 4 : 0) + (with_mins ? 4 : 2));
+  const int32_t offset = with_mins ? 0 : bits == 8 ? 128 : 1 << (bits - 1);
+  return R8Rows{w, nullptr, nullptr, K, 32, bits, run, offset};
+}
+
+void r8_row_in_order(const uint8_t* w, int64_t K, int bits, bool with_mins, int64_t o, uint8_t* out) {
+  const R8Rows rows = gguf_r8_rows(w, K, bits, with_mins);
+  const int64_t i = o % 8, head = with_mins ? 4 : 2, pieces = bits == 8 ? 4 : 2;  // pieces: 8 bytes of codes
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const R8Rows::Block blk = rows.at(o / 8, b);
+    std::memcpy(out, blk.scales + i, 2);
+    if (with_mins) std::memcpy(out + 2, blk.mins + i, 2);
+    out += head;
+    if (bits == 5)
+      for (int k = 0; k < 4; ++k) *out++ = blk.fifth[8 * k + i];
+    for (int64_t p = 0; p < pieces; ++p, out += 8) std::memcpy(out, blk.codes + p / 2 * 128 + p % 2 * 64 + 8 * i, 8);
+  }
+}
+
 at::Tensor r8_block_linear(at::Tensor x, at::Tensor w, int64_t K, int bits, bool with_mins) {
   const int64_t N = w.size(0), M = x.size(0);
   TORCH_CHECK(N % 8 == 0, "interleaved rows come in eights, got ", N, " rows");
   auto y = at::empty({M, N}, x.options());
-  // a block of 32 per row: codes (16 or 32 bytes), Q5's fifth bits (4), a float16 scale (and minimum)
-  const int64_t run = 8 * ((bits == 8 ? 32 : 16) + (bits == 5 ? 4 : 0) + (with_mins ? 4 : 2));
-  const int32_t offset = with_mins ? 0 : bits == 8 ? 128 : 1 << (bits - 1);
-  const R8Rows rows{w.data_ptr<uint8_t>(), nullptr, nullptr, K, 32, bits, run, offset};
+  const R8Rows rows = gguf_r8_rows(w.data_ptr<uint8_t>(), K, bits, with_mins);
   with_parts([&](auto parts) { r8_products<decltype(parts)::value>(x.data_ptr<float>(), M, rows, y.data_ptr<float>(), N); });
   return y;
 }
