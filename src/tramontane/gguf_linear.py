@@ -80,9 +80,8 @@ class BlockLinear(InterleavedRows):
         self.format_name = kind
         self.register_buffer("weight", torch.empty(out_features, row_bytes(kind, in_features), dtype=torch.uint8))
         if interleaved:
-            if not self.interleaves():
-                raise ValueError(f"{kind}: {out_features} output rows cannot be interleaved by eights")
-            self.interleaved = True
+            self._check_interleaves()
+        self.interleaved = interleaved
 
     def interleaves(self) -> bool:
         return self.kind in INTERLEAVED_FORMATS and super().interleaves()
@@ -101,8 +100,6 @@ class BlockLinear(InterleavedRows):
                 + (", interleaved=True" if self.interleaved else ""))
 
     def _repacked(self, interleave: bool) -> dict[str, torch.Tensor | None]:
-        if self.kind not in INTERLEAVED_FORMATS:
-            raise ValueError(f"{self.kind}: rows of this format are not interleaved (only {', '.join(INTERLEAVED_FORMATS)})")
         order = r8_order(self.kind, self.in_features).to(self.weight.device)
         if not interleave:
             order = torch.argsort(order)

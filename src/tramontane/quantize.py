@@ -282,11 +282,17 @@ class InterleavedRows(QuantLinearBase):
         """The buffers by name, repacked into rows interleaved by eights, or back into rows in order."""
         raise NotImplementedError
 
+    def _check_interleaves(self) -> None:
+        """Raises ValueError, naming the format, unless these rows can be interleaved."""
+        if self.out_features % 8:
+            raise ValueError(f"{self.format_name}: {self.out_features} output rows cannot be interleaved by eights")
+        if not self.interleaves():
+            raise ValueError(f"{self.format_name}: rows of this format are not interleaved")
+
     def interleave(self) -> None:
         """Repack the buffers, in place, into rows interleaved by eights (a no-op when they are)."""
         if not self.interleaved:
-            if self.out_features % 8:
-                raise ValueError(f"{self.format_name}: {self.out_features} output rows cannot be interleaved by eights")
+            self._check_interleaves()
             for name, tensor in self._repacked(True).items():
                 setattr(self, name, tensor)
             self.interleaved = True
@@ -346,9 +352,9 @@ class Int4Linear(InterleavedRows):
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"int4: input size {in_features} is not a multiple of group_size {group_size}")
-        if interleaved and out_features % 8:
-            raise ValueError(f"int4: {out_features} output rows cannot be interleaved by eights")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        if interleaved:
+            self._check_interleaves()
         self.interleaved = interleaved
         groups = in_features // group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
