@@ -6,7 +6,8 @@
 // past the units): with kScaleSpan 16, scales16(u, n, sc, off), 16 of each in two registers of 8; with
 // kScaleSpan 32, scales8(u, n, sc, off), 8 of each in one register (scales16_of gives either as 16).
 // Optionally codes64(u, j), elements [64j, 64j + 64) with AVX-512 instructions, where that is faster than
-// two codes32: the AVX-512 kernels then use it.
+// two codes32: the AVX-512 kernels then use it; and codes_wide(u, j, out), codes32's as 16-bit codes, even
+// elements then odd ones, where that is cheaper than splitting codes32's bytes: AVX2 alone then uses it.
 // A new format: a header with its struct, its ggml type number in blocks.cpp's `with_format`, and its
 // rows in the tests (tests/test_blocks.py): the kernels, dequantization and dispatch are written once.
 #pragma once

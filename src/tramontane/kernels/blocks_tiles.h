@@ -76,25 +76,29 @@ inline void block_tile(Fm, const Act<P>& a, int64_t K, const uint8_t* w, float* 
 #pragma GCC unroll 8
       for (int j = 0; j < kChunks; ++j) {  // elements [j * kBytes, (j + 1) * kBytes) of the unit, the step's chunk c
         const int64_t c = u * kChunks + j;
-        typename V::I codes[R];
-        for (int r = 0; r < R; ++r) codes[r] = V::template codes<Fm>(unit + (o + r) * row_bytes, j);
+        constexpr bool kWide = P == 2 && V::kWide;
+        typename V::I codes[R][kWide ? 2 : 1];  // wide: as 16-bit codes, even elements then odd ones
+        for (int r = 0; r < R; ++r) {
+          if constexpr (kWide) V::template wide_codes<Fm>(unit + (o + r) * row_bytes, j, codes[r]);
+          else codes[r][0] = V::template codes<Fm>(unit + (o + r) * row_bytes, j);
+        }
         for (int t = 0; t < T; ++t) {
           const int64_t at = (m0 + t) * K + u0 * Fm::kUnit + c * V::kBytes;
           const auto add = [&](int r, typename V::I dot) {  // the chunk's integer dot, scaled, into row r's sum
             acc[r][t] = V::fmadd(V::to_float(dot), V::template by_group<Fm::kScaleSpan>(gs[r][t], c), acc[r][t]);
           };
-          if constexpr (P == 2 && V::kWide) {
+          if constexpr (kWide) {
             const typename V::I xw[2] = {V::loadi(a.wp + at), V::loadi(a.wp + at + V::kBytes / 2)};
             for (int r = 0; r < R; ++r) add(r, V::dot_wide(codes[r], xw));
           } else if constexpr (P == 2) {
             const typename V::I xq = V::loadi(a.qp + at), xr = V::loadi(a.rp + at);
             for (int r = 0; r < R; ++r) {
-              const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq);
-              add(r, V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r], xr));
+              const typename V::I whole = V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r][0], xq);
+              add(r, V::template dot<Fm::kCodeBits>(V::times256(whole), codes[r][0], xr));
             }
           } else {
             const typename V::I xq = V::loadi(a.qp + at);
-            for (int r = 0; r < R; ++r) add(r, V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r], xq));
+            for (int r = 0; r < R; ++r) add(r, V::template dot<Fm::kCodeBits>(V::zero_int(), codes[r][0], xq));
           }
         }
       }

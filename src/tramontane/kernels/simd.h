@@ -24,16 +24,22 @@ template <class, class = void>
 struct HasCodes64 : std::false_type {};
 template <class Fm>
 struct HasCodes64<Fm, std::void_t<decltype(&Fm::codes64)>> : std::true_type {};
+template <class, class = void>
+struct HasCodesWide : std::false_type {};
+template <class Fm>
+struct HasCodesWide<Fm, std::void_t<decltype(&Fm::codes_wide)>> : std::true_type {};
 
 struct V512 {
   using F = __m512;
   using I = __m512i;
   static constexpr int kLanes = 16, kBytes = 64;
   // Whether the integer tiles take two-part activations whole, as int16 (V256Madd says why); where not,
-  // dot_wide and widen32 are declared only, for the branches that never run
+  // dot_wide, widen32 and wide_codes are declared only, for the branches that never run
   static constexpr bool kWide = false;
-  static I dot_wide(I a, const I x[2]);
+  static I dot_wide(const I a[2], const I x[2]);
   static void widen32(const int8_t* q, const int8_t* r, int16_t* w);
+  template <class Fm>
+  static void wide_codes(const uint8_t* unit, int64_t j, I out[2]);
 
   T512OPS VEC_INLINE static F zero() { return _mm512_setzero_ps(); }
   T512OPS VEC_INLINE static F set1(float v) { return _mm512_set1_ps(v); }
@@ -125,7 +131,12 @@ struct V512 {
   // one factor per 32 elements (kSpan 32), g[2c + lane / 8].
   template <int kSpan>
   T512OPS VEC_INLINE static F by_group(const float* g, int64_t c) {
-    if constexpr (kSpan == 32) return _mm512_insertf32x8(_mm512_set1_ps(g[2 * c]), _mm256_set1_ps(g[2 * c + 1]), 1);
+    // one permute of the factors, where broadcasts and an insert took three shuffles
+    if constexpr (kSpan == 32) {
+      const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(2 * c)),
+                                          _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+      return _mm512_permutexvar_ps(at, _mm512_castps256_ps512(_mm256_load_ps(g)));
+    }
     const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int(4 * c)),
                                         _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
     return _mm512_permutexvar_ps(at, _mm512_loadu_ps(g));
@@ -176,8 +187,10 @@ struct V256Base {
   using I = __m256i;
   static constexpr int kLanes = 8, kBytes = 32;
   static constexpr bool kWide = false;
-  static I dot_wide(I a, const I x[2]);
+  static I dot_wide(const I a[2], const I x[2]);
   static void widen32(const int8_t* q, const int8_t* r, int16_t* w);
+  template <class Fm>
+  static void wide_codes(const uint8_t* unit, int64_t j, I out[2]);
 
   T256OPS VEC_INLINE static F zero() { return _mm256_setzero_ps(); }
   T256OPS VEC_INLINE static F set1(float v) { return _mm256_set1_ps(v); }
@@ -302,9 +315,11 @@ struct V256Vnni : V256Base {
 // 6 bits always fit (2 * 63 * 128), wider codes go as two nibbles.
 //
 // Two-part activations go whole (kWide): x = 256 q + r as int16, multiplied by the codes widened to int16
-// with madd (2 * 255 * 32639 fits int32). Per 32 codes that is two unpacks and two madds, where the parts
-// take two maddubs, two madds and a shift, four of each for 8-bit codes. A wide vector pair holds a block
-// of 32 as the unpacks order the codes: elements [0, 8) and [16, 24), then [8, 16) and [24, 32).
+// with madd (2 * 255 * 32639 fits int32). Per 32 codes that is two madds and two or three shifts and ands
+// (wide_codes), where the parts take two maddubs, two madds and a shift, four of each for 8-bit codes. A
+// wide vector pair holds a block of 32 as its even elements, then its odd ones: 16-bit lanes of the
+// codes' bytes give them with shifts and masks, no shuffles (Q4_K's nibbles as well: QK45::codes_wide),
+// and a dot lane's four elements stay within one group of 16.
 struct V256Madd : V256Base {
   static constexpr bool kWide = true;
 
@@ -334,20 +349,32 @@ struct V256Madd : V256Base {
     }
   }
 
-  // the sums of each 4 products of 32 unsigned codes a and a block's wide activations x[0..1]
-  T256OPS VEC_INLINE static I dot_wide(I a, const I x[2]) {
-    const __m256i zero = _mm256_setzero_si256();
-    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(a, zero), x[0]),
-                            _mm256_madd_epi16(_mm256_unpackhi_epi8(a, zero), x[1]));
+  // elements [32j, 32j + 32) of a unit of format Fm as 16-bit codes, even elements then odd ones: its own
+  // codes_wide where it has one, else its codes32's bytes split
+  template <class Fm>
+  T256OPS VEC_INLINE static void wide_codes(const uint8_t* unit, int64_t j, I out[2]) {
+    if constexpr (HasCodesWide<Fm>::value) {
+      Fm::codes_wide(unit, j, out);
+    } else {
+      const __m256i v = Fm::codes32(unit, j);
+      out[0] = _mm256_and_si256(v, _mm256_set1_epi16(0xFF));
+      out[1] = _mm256_srli_epi16(v, 8);
+    }
   }
 
-  // a block of 32 parts q, r as wide activations 256 q + r, in dot_wide's order
+  // the sums of each 4 products of a block's 32 wide codes a[0..1] and wide activations x[0..1]
+  T256OPS VEC_INLINE static I dot_wide(const I a[2], const I x[2]) {
+    return _mm256_add_epi32(_mm256_madd_epi16(a[0], x[0]), _mm256_madd_epi16(a[1], x[1]));
+  }
+
+  // a block of 32 parts q, r as wide activations 256 q + r, even elements then odd ones
   T256OPS VEC_INLINE static void widen32(const int8_t* q, const int8_t* r, int16_t* w) {
     const __m256i qv = _mm256_loadu_si256((const __m256i*)q), rv = _mm256_loadu_si256((const __m256i*)r);
-    const __m256i zero = _mm256_setzero_si256(), rsign = _mm256_cmpgt_epi8(zero, rv);
-    _mm256_storeu_si256((__m256i*)w, _mm256_add_epi16(_mm256_unpacklo_epi8(zero, qv), _mm256_unpacklo_epi8(rv, rsign)));
-    _mm256_storeu_si256((__m256i*)(w + 16),
-                        _mm256_add_epi16(_mm256_unpackhi_epi8(zero, qv), _mm256_unpackhi_epi8(rv, rsign)));
+    // an even element is its 16-bit lane's low byte, an odd one its high byte
+    const __m256i even = _mm256_add_epi16(_mm256_slli_epi16(qv, 8), _mm256_srai_epi16(_mm256_slli_epi16(rv, 8), 8));
+    const __m256i odd = _mm256_add_epi16(_mm256_and_si256(qv, _mm256_set1_epi16(short(0xFF00))), _mm256_srai_epi16(rv, 8));
+    _mm256_storeu_si256((__m256i*)w, even);
+    _mm256_storeu_si256((__m256i*)(w + 16), odd);
   }
 };
 #endif  // TRAMONTANE_X86
