@@ -173,9 +173,11 @@ inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64
       typename V::I d[V::kR8Slots];
       for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::zero_int();
       r8_dot<kVecs, kBits>(lo, hi, qx.qp + at * 32, d);
-      if constexpr (P == 2) {
-        for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::times256(d[i]);
-        r8_dot<kVecs, kBits>(lo, hi, qx.rp + at * 32, d);
+      if constexpr (P == 2) {  // the second part's dots in a chain of their own, beside the first's
+        typename V::I e[V::kR8Slots];
+        for (int i = 0; i < V::kR8Slots; ++i) e[i] = V::zero_int();
+        r8_dot<kVecs, kBits>(lo, hi, qx.rp + at * 32, e);
+        for (int i = 0; i < V::kR8Slots; ++i) d[i] = V::add(V::times256(d[i]), e[i]);
       }
       __m256i d8 = V::fold8(d);
       if (rows.offset) d8 = _mm256_add_epi32(d8, _mm256_set1_epi32(-rows.offset * qx.bp[at]));
