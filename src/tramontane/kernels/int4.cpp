@@ -295,19 +295,22 @@ static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, 
   const int64_t groups = K / group;
   const R8Rows rows{wp, sp, mp, K, group};
   for (int64_t b = 0; b < K / 32; ++b) {
-    int32_t codes[32];
+    uint8_t joined[16];  // an interleaved row's block as rows in order keep it: its two 8-byte halves
+    const uint8_t* bytes = joined;
     uint16_t s16, m16 = 0;
     if (interleaved) {
       const R8Rows::Block blk = rows.at(o / 8, b);
-      r8_codes(blk, 4, o % 8, codes);
+      std::memcpy(joined, blk.codes + 8 * (o % 8), 8);
+      std::memcpy(joined + 8, blk.codes + 64 + 8 * (o % 8), 8);
       s16 = blk.scales[o % 8];
       if (mp) m16 = blk.mins[o % 8];
     } else {
-      const uint8_t* bytes = wp + o * (K / 2) + b * 16;
-      for (int64_t i = 0; i < 16; ++i) codes[i] = bytes[i] & 15, codes[i + 16] = bytes[i] >> 4;
+      bytes = wp + o * (K / 2) + b * 16;
       s16 = sp[o * groups + b * 32 / group];
       if (mp) m16 = mp[o * groups + b * 32 / group];
     }
+    int32_t codes[32];
+    for (int64_t i = 0; i < 16; ++i) codes[i] = bytes[i] & 15, codes[i + 16] = bytes[i] >> 4;
     const float s = half_to_float(s16);
     const float base = mp ? half_to_float(m16) : -8.f * s;  // (q - 8) * s = q * s - 8 s
 #pragma omp simd
