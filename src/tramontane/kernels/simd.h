@@ -167,9 +167,17 @@ struct V512 {
     std::memcpy(&v, p, 8);
     return _mm512_set1_epi64(v);
   }
-  T512OPS VEC_INLINE static __m256i fold8(const I* d) {
-    return _mm512_cvtepi64_epi32(_mm512_add_epi32(d[0], _mm512_srli_epi64(d[0], 32)));
+  // the 8 rows' float sums from kR8Slots vectors of two lanes per row
+  T512OPS VEC_INLINE static __m256 fold8(const F* s) {
+    const __m512 pairs = _mm512_add_ps(s[0], _mm512_permute_ps(s[0], 0xB1));  // lanes 2r, 2r + 1: row r's sum
+    return _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0), pairs));
   }
+  // row r's value of v (8 rows) in lanes 2r and 2r + 1 (one slot holds the 8 rows here)
+  T512OPS VEC_INLINE static F row_pairs(__m256 v, int) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), _mm512_castps256_ps512(v));
+  }
+  T512OPS VEC_INLINE static I set1_int(int32_t v) { return _mm512_set1_epi32(v); }
   // int8 codes as unsigned ones (plus 128)
   T512OPS VEC_INLINE static I flip_signs(I v) { return _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))); }
   // codes + 16 in byte i where bit i of the kBytes / 8 bytes at p is set (Q5's fifth bits)
@@ -290,9 +298,14 @@ struct V256Base {
     return _mm256_set1_epi64x(v);
   }
   // hadd gives rows 0 1 4 5 | 2 3 6 7; the 64-bit lanes in order 0 2 1 3 put them right
-  T256OPS VEC_INLINE static __m256i fold8(const I* d) {
-    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(d[0], d[1]), 0xD8);
+  T256OPS VEC_INLINE static __m256 fold8(const F* s) {
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(s[0], s[1])), 0xD8));
   }
+  // row r's value of v (8 rows) in lanes 2r and 2r + 1 of slot i (rows 4i..4i + 3)
+  T256OPS VEC_INLINE static F row_pairs(__m256 v, int i) {
+    return _mm256_permutevar8x32_ps(v, i ? _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7) : _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  }
+  T256OPS VEC_INLINE static I set1_int(int32_t v) { return _mm256_set1_epi32(v); }
   T256OPS VEC_INLINE static I flip_signs(I v) { return _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))); }
   T256OPS VEC_INLINE static I with_fifth_bits(I codes, const uint8_t* p) {
     uint32_t bits;
