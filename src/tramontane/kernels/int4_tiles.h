@@ -109,7 +109,8 @@ inline void int4_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8
 // rows' fifth bits (Q8_0: its codes, elements [0, 16) then [16, 32) alike). A vector of codes then holds all 8 rows (two 256-bit vectors: four each), and its
 // 64-bit lanes pair with 8 elements of x repeated (a broadcast load, x in natural order), so a dot
 // product gives two int32 lanes per row: no per-row factor set-up and no horizontal sums, where the row
-// layout pays both per row. The 8 rows' sums, factors and outputs are one 256-bit float vector.
+// layout pays both per row. Each row's dots keep their two lanes, scaled in place, until the tile's end
+// folds them into the 8 rows' outputs, one 256-bit float vector.
 
 // One row of x: per block its P parts in natural order, the step, the parts' sum (256 q + r, or q: times
 // a symmetric format's code offset, what its codes' dot must lose) and x's sum as the parts hold it.
@@ -145,10 +146,10 @@ template <int T, int P, int kBits>
 inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64_t N, int64_t g, int64_t m0) {
   constexpr int kVecs = 128 / V::kBytes;
   const int64_t nb = rows.K / 32, block_bytes = rows.block_bytes();
-  __m256 acc[T];                       // per row: the minimums' terms
+  __m256 min_terms[T];                 // per row: the minimums' terms
   typename V::F sums[T][V::kR8Slots];  // per row's two dot lanes (V::row_pairs): the scaled dots
   for (int t = 0; t < T; ++t) {
-    acc[t] = _mm256_setzero_ps();
+    min_terms[t] = _mm256_setzero_ps();
     for (int i = 0; i < V::kR8Slots; ++i) sums[t][i] = V::zero();
   }
   for (int64_t b = 0; b < nb; ++b) {
@@ -193,11 +194,11 @@ inline void r8_tile(const QuantizedX<P>& qx, const R8Rows& rows, float* y, int64
       const typename V::F step = V::set1(qx.sp[at]);
       for (int i = 0; i < V::kR8Slots; ++i) sums[t][i] = V::fmadd(V::to_float(d[i]), V::mul(scales[i], step), sums[t][i]);
       if (blk.mins)
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk.mins)), _mm256_set1_ps(qx.sum_p[at]),
-                                 acc[t]);
+        min_terms[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)blk.mins)),
+                                       _mm256_set1_ps(qx.sum_p[at]), min_terms[t]);
     }
   }
-  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (m0 + t) * N + 8 * g, _mm256_add_ps(acc[t], V::fold8(sums[t])));
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (m0 + t) * N + 8 * g, _mm256_add_ps(min_terms[t], V::fold8(sums[t])));
 }
 
 template <int P, int kBits>
