@@ -99,18 +99,25 @@ struct R8Rows {
   int64_t block_bytes() const { return run ? run : 128; }
 };
 
+// Row i (0..7) of a block of 8 interleaved rows: its code bytes as rows in order keep them, 8 at a time
+// from the pieces R8Rows describes. 16 bytes of nibbles (byte j: element j low, j + 16 high) for codes of
+// 4 and 5 bits, 32 of int8 in natural order for 8. The one place the pieces' positions are spelled out.
+inline void r8_row_bytes(const R8Rows::Block& blk, int bits, int64_t i, uint8_t* out) {
+  for (int64_t p = 0; p < (bits == 8 ? 4 : 2); ++p) std::memcpy(out + 8 * p, blk.codes + p / 2 * 128 + p % 2 * 64 + 8 * i, 8);
+}
+
 // Row i (0..7) of a block of 8 interleaved rows: its 32 codes in natural order, unsigned (Q8_0's int8
 // plus 128).
 inline void r8_codes(const R8Rows::Block& blk, int bits, int64_t i, int32_t codes[32]) {
+  uint8_t bytes[32];
+  r8_row_bytes(blk, bits, i, bytes);
   for (int e = 0; e < 32; ++e) {
-    const int64_t half = e % 16 / 8, j = e % 8;
     if (bits == 8) {
-      codes[e] = int8_t(blk.codes[e / 16 * 128 + half * 64 + 8 * i + j]) + 128;
+      codes[e] = int8_t(bytes[e]) + 128;
       continue;
     }
-    const uint8_t byte = blk.codes[half * 64 + 8 * i + j];
-    codes[e] = e < 16 ? byte & 15 : byte >> 4;
-    if (blk.fifth) codes[e] |= ((blk.fifth[8 * (e / 8) + i] >> j) & 1) << 4;
+    codes[e] = e < 16 ? bytes[e] & 15 : bytes[e - 16] >> 4;
+    if (blk.fifth) codes[e] |= ((blk.fifth[8 * (e / 8) + i] >> (e % 8)) & 1) << 4;
   }
 }
 
@@ -268,7 +275,7 @@ static R8Rows gguf_r8_rows(const uint8_t* w, int64_t K, int bits, bool with_mins
 
 void r8_row_in_order(const uint8_t* w, int64_t K, int bits, bool with_mins, int64_t o, uint8_t* out) {
   const R8Rows rows = gguf_r8_rows(w, K, bits, with_mins);
-  const int64_t i = o % 8, head = with_mins ? 4 : 2, pieces = bits == 8 ? 4 : 2;  // pieces: 8 bytes of codes
+  const int64_t i = o % 8, head = with_mins ? 4 : 2;
   for (int64_t b = 0; b < K / 32; ++b) {
     const R8Rows::Block blk = rows.at(o / 8, b);
     std::memcpy(out, blk.scales + i, 2);
@@ -276,7 +283,8 @@ void r8_row_in_order(const uint8_t* w, int64_t K, int bits, bool with_mins, int6
     out += head;
     if (bits == 5)
       for (int k = 0; k < 4; ++k) *out++ = blk.fifth[8 * k + i];
-    for (int64_t p = 0; p < pieces; ++p, out += 8) std::memcpy(out, blk.codes + p / 2 * 128 + p % 2 * 64 + 8 * i, 8);
+    r8_row_bytes(blk, bits, i, out);
+    out += bits == 8 ? 32 : 16;
   }
 }
 
@@ -295,13 +303,12 @@ static void int4_row(const uint8_t* wp, const uint16_t* sp, const uint16_t* mp, 
   const int64_t groups = K / group;
   const R8Rows rows{wp, sp, mp, K, group};
   for (int64_t b = 0; b < K / 32; ++b) {
-    uint8_t joined[16];  // an interleaved row's block as rows in order keep it: its two 8-byte halves
+    uint8_t joined[16];  // an interleaved row's block as rows in order keep it
     const uint8_t* bytes = joined;
     uint16_t s16, m16 = 0;
     if (interleaved) {
       const R8Rows::Block blk = rows.at(o / 8, b);
-      std::memcpy(joined, blk.codes + 8 * (o % 8), 8);
-      std::memcpy(joined + 8, blk.codes + 64 + 8 * (o % 8), 8);
+      r8_row_bytes(blk, 4, o % 8, joined);
       s16 = blk.scales[o % 8];
       if (mp) m16 = blk.mins[o % 8];
     } else {

@@ -106,10 +106,10 @@ inline void int4_rows(const QuantizedX<P>& qx, int64_t M, int64_t K, const uint8
 // The same products over weights repacked at load (int4.cpp's interleaved layout, R8Rows, as llama.cpp's
 // Q4_0 8x8 repack and ik_llama.cpp's _R8 formats): per group of 8 rows and block of 32, 128 bytes of
 // nibbles, bytes 8p..8p+7 (half p) of each of the 8 rows one after another, and for Q5_0 / Q5_1 the 8
-// rows' fifth bits (Q8_0: its codes, elements [0, 16) then [16, 32) alike). A vector of codes then holds all 8 rows (two 256-bit vectors: four each), and its
-// 64-bit lanes pair with 8 elements of x repeated (a broadcast load, x in natural order), so a dot
-// product gives two int32 lanes per row: no per-row factor set-up and no horizontal sums, where the row
-// layout pays both per row. Each row's dots keep their two lanes, scaled in place, until the tile's end
+// rows' fifth bits (Q8_0: its codes, elements [0, 16) then [16, 32) alike). A vector of codes then holds
+// all 8 rows (two 256-bit vectors: four each), and its 64-bit lanes pair with 8 elements of x repeated (a
+// broadcast load, x in natural order), so a dot product gives two int32 lanes per row: no per-row factor
+// set-up and no horizontal sums, where the row layout pays both per row. Each row's dots keep their two lanes, scaled in place, until the tile's end
 // folds them into the 8 rows' outputs, one 256-bit float vector.
 
 // One row of x: per block its P parts in natural order, the step, the parts' sum (256 q + r, or q: times
