@@ -257,7 +257,7 @@ at::Tensor block_linear(at::Tensor x, at::Tensor w, int64_t kind, bool interleav
     check_x(x, K);
     if (interleaved) {  // rows interleaved by eights (int4.cpp), on every path
       check_interleaved(kind, N);
-      return r8_block_linear(x, w, K, kind == kQ8_0 ? 8 : 5, kind == kQ5_1);
+      return r8_block_linear(x, w, K, int(F::kCodeBits), kind == kQ5_1);
     }
     auto y = at::empty({M, N}, x.options());
 #ifdef TRAMONTANE_AMX
@@ -290,7 +290,7 @@ at::Tensor block_dequantize(at::Tensor w, int64_t kind, bool bf16, bool interlea
       return dequantized_rows(w.size(0), K, bf16, [&](int64_t o, float* dst) {
         thread_local std::vector<uint8_t> row;
         row.resize(row_bytes);
-        r8_row_in_order(wp, K, kind == kQ8_0 ? 8 : 5, kind == kQ5_1, o, row.data());
+        r8_row_in_order(wp, K, int(F::kCodeBits), kind == kQ5_1, o, row.data());
         BY_ISA(dequantize_rows<F>(row.data(), K, dst, 0, 1), return);
         dequantize_rows_ref<F>(row.data(), K, dst, 0, 1);
       });
